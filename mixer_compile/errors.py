@@ -1,0 +1,34 @@
+"""The exception types a user can see.
+
+Every error caused by user input (a spec, a checkpoint, a target, an artifact) is a
+MixerCompileError; the CLI prints it as one line and exits non-zero. Anything else that
+escapes is a bug in mixer-compile and keeps its traceback.
+"""
+
+
+class MixerCompileError(Exception):
+    """Base class: a one-line message that names the problem and, where possible, the fix."""
+
+
+class SpecError(MixerCompileError):
+    """An invalid model spec (unknown preset, bad field, image not divisible by patch...)."""
+
+
+class WeightsError(MixerCompileError):
+    """A checkpoint that cannot be mapped onto the spec (missing, extra or mis-shaped keys)."""
+
+
+class TargetError(MixerCompileError):
+    """An unknown or unsupported compilation target."""
+
+
+class ValidationError(MixerCompileError):
+    """A compiled module whose output disagrees with the reference forward pass."""
+
+
+class ArtifactError(MixerCompileError):
+    """An artifact directory that is missing, incomplete or cannot be loaded here."""
+
+
+class TuningError(MixerCompileError):
+    """A tuning database or tuning run that cannot be used (corrupt file, no tasks...)."""

@@ -1,0 +1,87 @@
+"""timm `MlpMixer` state dicts (.pth via torch.load(weights_only=True), or .safetensors).
+
+torch Linear weights are (out, in) and the stem conv is OIHW; the canonical layout is the
+JAX one, so every Dense kernel is transposed and the conv kernel permuted to HWIO.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+
+from mixer_compile.errors import WeightsError
+
+_BLOCK = re.compile(r"blocks\.(\d+)\.(norm1|norm2|mlp_tokens|mlp_channels)\.(?:(fc1|fc2)\.)?(weight|bias)$")
+_MLP = {"mlp_tokens": "token_mixing", "mlp_channels": "channel_mixing"}
+_NORM = {"norm1": "LayerNorm_0", "norm2": "LayerNorm_1"}
+_TOP = {
+    "stem.proj.weight": "stem/kernel", "stem.proj.bias": "stem/bias",
+    "norm.weight": "pre_head_layer_norm/scale", "norm.bias": "pre_head_layer_norm/bias",
+    "head.weight": "head/kernel", "head.bias": "head/bias",
+}
+
+
+def _read_state_dict(path: Path) -> dict[str, np.ndarray]:
+    if path.suffix.lower() == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.numpy import load_file
+
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise WeightsError(f"weights file '{path}' is not a readable safetensors file ({exc})") from None
+    import pickle
+
+    import torch
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise WeightsError(f"weights file '{path}' was refused: it is not a plain tensor state dict "
+                           f"(torch weights_only load: {first})") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+        raise WeightsError(f"weights file '{path}' is not a readable torch checkpoint ({exc})") from None
+    for wrapper in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
+            state = state[wrapper]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise WeightsError(f"weights file '{path}' does not hold a state dict of tensors")
+    return {k: v.detach().float().numpy() for k, v in state.items()}
+
+
+def _canonical_key(key: str) -> str | None:
+    if key in _TOP:
+        return _TOP[key]
+    m = _BLOCK.match(key)
+    if not m:
+        return None
+    i, part, fc, kind = m.groups()
+    if part in _NORM:
+        return f"MixerBlock_{i}/{_NORM[part]}/{'scale' if kind == 'weight' else 'bias'}"
+    if fc is None:
+        return None
+    dense = "Dense_0" if fc == "fc1" else "Dense_1"
+    return f"MixerBlock_{i}/{_MLP[part]}/{dense}/{'kernel' if kind == 'weight' else 'bias'}"
+
+
+def read(path: Path) -> dict[str, np.ndarray]:
+    """Canonical weights; keys that are not a Mixer's are kept as-is so the check names them."""
+    out: dict[str, np.ndarray] = {}
+    for key, value in _read_state_dict(path).items():
+        name = _canonical_key(key.removeprefix("module."))
+        if name is None:
+            out[key] = value
+        elif name == "stem/kernel":
+            if value.ndim != 4:
+                raise WeightsError(f"weights in {path}: '{key}' has shape {value.shape}; expected a 4-D conv kernel")
+            out[name] = value.transpose(2, 3, 1, 0)  # OIHW -> HWIO
+        elif name.endswith("/kernel"):
+            if value.ndim != 2:
+                raise WeightsError(f"weights in {path}: '{key}' has shape {value.shape}; expected a 2-D matrix")
+            out[name] = value.T
+        else:
+            out[name] = value
+    return out
