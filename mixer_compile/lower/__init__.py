@@ -1,0 +1,1 @@
+"""Lowerings of the graph IR to executable forms (TVM Relax; ONNX)."""

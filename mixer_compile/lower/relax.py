@@ -1,0 +1,104 @@
+"""Graph -> TVM Relax IRModule, built op by op with a BlockBuilder.
+
+The module's `main(image, *params)` takes the weights as inputs (in `graph.params` order),
+so one compiled library serves any checkpoint of the spec; `embed` binds them as constants
+instead. Ops are emitted as plain Relax ops inside one dataflow block: the matmul + bias +
+GELU + residual of a fused IR op become adjacent Relax ops that FuseOps turns into one
+kernel, which is what MetaSchedule then tunes.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import tvm
+from tvm import relax
+from tvm.relax import op as R
+
+from mixer_compile.ir.graph import Graph, Op
+
+
+def _broadcast(bias: relax.Expr, ndim: int, axes: tuple[int, ...], shape: tuple[int, ...]) -> relax.Expr:
+    target = [1] * ndim
+    for axis in axes:
+        target[axis] = shape[axis]
+    return R.reshape(bias, target)
+
+
+def _epilogue(bb: relax.BlockBuilder, op: Op, y: relax.Expr, extra: list[relax.Expr], axis: int) -> relax.Expr:
+    a, shape = op.attrs, op.output.shape
+    if a.get("bias"):
+        y = bb.emit(R.add(y, _broadcast(extra.pop(0), len(shape), (axis,), shape)))
+    if a.get("activation") == "gelu_tanh":
+        y = bb.emit(R.nn.gelu_tanh(y))
+    elif a.get("activation") == "gelu_erf":
+        y = bb.emit(R.nn.gelu(y))
+    if a.get("residual"):
+        y = bb.emit(R.add(y, extra.pop(0)))
+    return y
+
+
+def _dense(bb: relax.BlockBuilder, op: Op, x: relax.Expr, kernel: relax.Expr) -> relax.Expr:
+    axis, ndim = op.attrs["axis"], len(op.output.shape)
+    kn = op.attrs["kernel_layout"] == "KN"
+    if axis == ndim - 1:  # right product X . W
+        return bb.emit(R.matmul(x, kernel if kn else R.permute_dims(kernel)))
+    if axis == ndim - 2:  # left product W . X (tokens-major token mixing)
+        return bb.emit(R.matmul(R.permute_dims(kernel) if kn else kernel, x))
+    perm = [i for i in range(ndim) if i != axis] + [axis]
+    inverse = list(np.argsort(perm))
+    y = bb.emit(R.matmul(R.permute_dims(x, perm), kernel if kn else R.permute_dims(kernel)))
+    return bb.emit(R.permute_dims(y, inverse))
+
+
+def _emit(bb: relax.BlockBuilder, graph: Graph, op: Op, args: list[relax.Expr]) -> relax.Expr:
+    a = op.attrs
+    x, rest = args[0], list(args[1:])
+    if op.kind == "patchify":
+        b, c, h, w = graph.tensor(op.inputs[0]).shape
+        p = a["patch"]
+        y = R.reshape(x, (b, c, h // p, p, w // p, p))
+        y = R.permute_dims(y, (0, 2, 4, 3, 5, 1))
+        return bb.emit(R.reshape(y, op.output.shape))
+    if op.kind == "dense":
+        y = _dense(bb, op, x, rest.pop(0))
+        return _epilogue(bb, op, y, rest, a["axis"])
+    if op.kind == "bias_add":
+        return bb.emit(R.add(x, _broadcast(rest[0], len(op.output.shape), a["axes"], op.output.shape)))
+    if op.kind == "gelu":
+        return bb.emit(R.nn.gelu_tanh(x) if a["flavour"] == "tanh" else R.nn.gelu(x))
+    if op.kind == "add":
+        return bb.emit(R.add(x, rest[0]))
+    if op.kind == "layer_norm":
+        return bb.emit(R.nn.layer_norm(x, rest[0], rest[1], axes=[a["axis"]], epsilon=a["eps"]))
+    if op.kind == "mean":
+        return bb.emit(R.mean(x, axis=[a["axis"]]))
+    if op.kind == "transpose":
+        return bb.emit(R.permute_dims(x, a["perm"]))
+    if op.kind == "reshape":
+        return bb.emit(R.reshape(x, a["shape"]))
+    if op.kind == "conv2d":
+        y = bb.emit(R.nn.conv2d(x, rest.pop(0), strides=a["stride"], groups=a["groups"]))
+        return _epilogue(bb, op, y, rest, 1)
+    if op.kind == "conv2d_transpose":
+        return bb.emit(R.nn.conv2d_transpose(x, rest[0], strides=a["stride"], groups=a["groups"]))
+    raise NotImplementedError(op.kind)
+
+
+def to_relax(graph: Graph, embed: dict[str, np.ndarray] | None = None) -> tvm.IRModule:
+    """The Relax module of `graph`; with `embed`, the weights become constants."""
+    bb = relax.BlockBuilder()
+    image = relax.Var(graph.input.name, relax.TensorType(graph.input.shape, graph.input.dtype))
+    params = {n: relax.Var(n, relax.TensorType(p.tensor.shape, p.tensor.dtype)) for n, p in graph.params.items()}
+    with bb.function("main", [image, *params.values()]):
+        with bb.dataflow():
+            env: dict[str, relax.Expr] = {graph.input.name: image, **params}
+            for op in graph.ops:
+                env[op.output.name] = _emit(bb, graph, op, [env[i] for i in op.inputs])
+            out = bb.emit_output(env[graph.output])
+        bb.emit_func_output(out)
+    mod = bb.get()
+    mod["main"] = mod["main"].with_attr("num_input", 1)
+    if embed is not None:
+        constants = {n: tvm.runtime.tensor(embed[n]) for n in graph.params}
+        mod = relax.transform.BindParams("main", constants)(mod)
+    return mod

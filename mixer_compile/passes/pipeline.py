@@ -1,0 +1,69 @@
+"""The pass pipelines: which rewrites run, in which order, for each form of the model.
+
+- "matmul": tokens-major, transpose-free; every MLP layer a matmul with a fused epilogue.
+  The fast form on CPUs and GPUs.
+- "conv": token mixing as a tied full-receptive-field depthwise conv and its mirror,
+  channel mixing as 1x1 convs (paper, section 2): the form for conv-only runtimes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+from mixer_compile.errors import MixerCompileError
+from mixer_compile.ir.graph import Graph
+from mixer_compile.passes import channel_mixing_as_conv1x1, fuse, layout, token_mixing_as_conv
+
+PassFn = Callable[[Graph], tuple[Graph, list[str]]]
+
+PASSES: dict[str, PassFn] = {
+    "token_mixing_as_conv": token_mixing_as_conv.run,
+    "channel_mixing_as_conv1x1": channel_mixing_as_conv1x1.run,
+    "tokens_major": layout.run,
+    "fuse_epilogues": fuse.run,
+}
+
+FORMS: dict[str, tuple[str, ...]] = {
+    "matmul": ("tokens_major", "fuse_epilogues"),
+    "conv": ("token_mixing_as_conv", "channel_mixing_as_conv1x1", "fuse_epilogues"),
+}
+
+
+@dataclass
+class PassReport:
+    name: str
+    changes: list[str]
+    ops_before: dict[str, int] = field(default_factory=dict)
+    ops_after: dict[str, int] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        before, after = sum(self.ops_before.values()), sum(self.ops_after.values())
+        what = "; ".join(self.changes[:3]) + (f"; +{len(self.changes) - 3} more" if len(self.changes) > 3 else "")
+        return f"{self.name}: {before} -> {after} ops" + (f" ({what})" if what else " (no change)")
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "changes": self.changes,
+                "ops_before": self.ops_before, "ops_after": self.ops_after}
+
+
+def passes_for(form: str, after: str | None = None) -> tuple[str, ...]:
+    """The passes of `form`, stopping after `after` if given."""
+    if form not in FORMS:
+        raise MixerCompileError(f"unknown form '{form}'; choose one of {', '.join(FORMS)}")
+    names = FORMS[form]
+    if after is None:
+        return names
+    if after not in names:
+        raise MixerCompileError(f"pass '{after}' is not in the {form} pipeline ({', '.join(names)})")
+    return names[: names.index(after) + 1]
+
+
+def run_passes(graph: Graph, names: tuple[str, ...]) -> tuple[Graph, list[PassReport]]:
+    reports = []
+    for name in names:
+        before = graph.op_counts()
+        graph, changes = PASSES[name](graph)
+        graph.remove_unused_params()
+        reports.append(PassReport(name, changes, before, graph.op_counts()))
+    return graph, reports
