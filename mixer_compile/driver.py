@@ -1,0 +1,104 @@
+"""The compile pipeline end to end: spec -> weights -> IR -> passes -> Relax -> build ->
+validate -> artifact. Each stage is one call into the module that owns it; this file only
+orders them and records what happened, for the metadata and the progress lines.
+"""
+
+from __future__ import annotations
+
+import datetime
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mixer_compile import __version__
+from mixer_compile.ir import build_graph
+from mixer_compile.passes.pipeline import PassReport, passes_for, run_passes
+from mixer_compile.progress import Progress
+from mixer_compile.spec import MixerSpec
+from mixer_compile.targets import get_target
+from mixer_compile.validate import Validation, validate
+from mixer_compile.weights import load_weights, random_weights
+
+
+@dataclass
+class CompileOptions:
+    spec: MixerSpec
+    target: str = "llvm"
+    weights: Path | None = None
+    seed: int = 0
+    form: str = "matmul"
+    embed_weights: bool = False
+    out_dir: Path | None = None
+    validation_seed: int = 1234
+
+
+@dataclass
+class CompileResult:
+    spec: MixerSpec
+    validation: Validation
+    passes: list[PassReport]
+    timings: dict[str, float]
+    metadata: dict[str, Any]
+    artifact: Path | None = None
+
+
+def compile_model(opts: CompileOptions, progress: Progress | None = None) -> CompileResult:
+    import tvm
+
+    from mixer_compile.artifact import write_artifact
+    from mixer_compile.build import compile_module
+    from mixer_compile.lower.relax import to_relax
+
+    progress = progress or Progress(7 if opts.out_dir is not None else 6)
+    spec = opts.spec
+    with progress.stage("target", opts.target):
+        target = get_target(opts.target)
+    with progress.stage("weights", str(opts.weights) if opts.weights else f"random init, seed {opts.seed}"):
+        if opts.weights is not None:
+            weights, origin = load_weights(opts.weights, spec)
+            source = {"origin": origin, "file": str(opts.weights)}
+        else:
+            weights, origin = random_weights(spec, opts.seed), "random"
+            source = {"origin": "random", "seed": opts.seed}
+        spec = spec.with_gelu_for(origin)
+        progress.say(f"      GELU flavour: {spec.resolved_gelu} "
+                     + ("(set by the spec)" if opts.spec.gelu else f"(from the {origin} weights)"))
+    with progress.stage("graph", f"{spec.fingerprint()}, form {opts.form}"):
+        graph, reports = run_passes(build_graph(spec), passes_for(opts.form))
+        for report in reports:
+            progress.say("      " + report.summary())
+        params = graph.materialize_params(weights)
+    with progress.stage("lower", "IR -> Relax"):
+        mod = to_relax(graph, embed=params if opts.embed_weights else None)
+    with progress.stage("build", f"{target.name}: {target.config}"):
+        executable = compile_module(mod, target)
+    with progress.stage("validate", f"batch {spec.batch} vs float64 reference"):
+        vm = tvm.relax.VirtualMachine(executable, tvm.cpu())
+        args = [] if opts.embed_weights else [tvm.runtime.tensor(v) for v in params.values()]
+        result = validate(lambda x: vm["main"](tvm.runtime.tensor(x), *args).numpy(),
+                          spec, weights, seed=opts.validation_seed)
+        progress.say("      " + result.summary())
+    metadata = {
+        "mixer_compile_version": __version__,
+        "tvm_version": tvm.__version__,
+        "built_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "built_on": {"machine": platform.machine(), "python": platform.python_version()},
+        "spec": spec.to_dict(),
+        "target": {"name": target.name, "kind": target.kind, "config": target.config},
+        "form": opts.form,
+        "passes": [r.to_dict() for r in reports],
+        "weights": {**source, "embedded": opts.embed_weights},
+        "params": list(graph.params),
+        "input": {"name": graph.input.name, "shape": list(graph.input.shape), "dtype": graph.input.dtype,
+                  "layout": "NCHW"},
+        "output": {"shape": [spec.batch, spec.num_classes], "dtype": "float32"},
+        "validation": result.to_dict(),
+    }
+    artifact = None
+    if opts.out_dir is not None:
+        with progress.stage("write", str(opts.out_dir)):
+            metadata["timings_s"] = dict(progress.timings)
+            artifact = write_artifact(opts.out_dir, executable, None if opts.embed_weights else params, metadata)
+    return CompileResult(spec, result, reports, dict(progress.timings), metadata, artifact)
+

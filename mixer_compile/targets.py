@@ -1,0 +1,89 @@
+"""Named targets: the JSON files in targets/ turned into tvm Targets.
+
+TVM 0.27 takes targets as dicts, not CLI strings; a name on our command line maps to one
+file, so a target is reviewed and versioned like code. The value "host" in a CPU target
+stands for what this machine has (its LLVM CPU name, its core count), resolved at build time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mixer_compile.errors import TargetError
+
+TARGETS_DIR = Path(__file__).resolve().parent.parent / "targets"
+
+
+@dataclass(frozen=True)
+class TargetInfo:
+    name: str
+    description: str
+    config: dict[str, Any]  # the tvm Target dict, "host" placeholders resolved
+
+    @property
+    def kind(self) -> str:
+        return "cuda" if "tag" in self.config or self.config.get("kind") == "cuda" else self.config["kind"]
+
+    @property
+    def is_gpu(self) -> bool:
+        return self.kind == "cuda"
+
+    def tvm_target(self) -> Any:
+        import tvm
+
+        return tvm.target.Target(self.config)
+
+
+def _host_cores() -> int:
+    try:
+        import psutil
+
+        return psutil.cpu_count(logical=False) or os.cpu_count() or 1
+    except ImportError:
+        return os.cpu_count() or 1
+
+
+def _resolve_host(config: dict[str, Any]) -> dict[str, Any]:
+    config = dict(config)
+    if config.get("mcpu") == "host":
+        import tvm
+
+        config["mcpu"] = tvm.target.codegen.llvm_get_system_cpu()
+    if config.get("num-cores") == "host":
+        config["num-cores"] = _host_cores()
+    if isinstance(config.get("host"), dict):
+        config["host"] = _resolve_host(config["host"])
+    return config
+
+
+def _read(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise TargetError(f"target file '{path}' is not valid JSON: {exc}") from None
+    if not isinstance(data, dict) or not isinstance(data.get("target"), dict):
+        raise TargetError(f"target file '{path}' must hold an object with a 'target' object")
+    return data
+
+
+def known_targets() -> dict[str, dict[str, Any]]:
+    """Every target file by name (aliases not included)."""
+    return {p.stem: _read(p) for p in sorted(TARGETS_DIR.glob("*.json"))}
+
+
+def get_target(name: str) -> TargetInfo:
+    """A target by name or alias, or from a JSON file path."""
+    path = Path(name)
+    if path.suffix == ".json" and path.is_file():
+        data = _read(path)
+        return TargetInfo(path.stem, data.get("description", ""), _resolve_host(data["target"]))
+    targets = known_targets()
+    for stem, data in targets.items():
+        if name == stem or name in data.get("aliases", []):
+            return TargetInfo(stem, data.get("description", ""), _resolve_host(data["target"]))
+    names = ", ".join(sorted(targets))
+    raise TargetError(f"unknown target '{name}' (known: {names}; or a path to a target .json file)")
