@@ -67,6 +67,31 @@ def _canonical_key(key: str) -> str | None:
     return f"MixerBlock_{i}/{_MLP[part]}/{dense}/{'kernel' if kind == 'weight' else 'bias'}"
 
 
+def to_state_dict(weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The timm `MlpMixer` state dict of canonical weights (the inverse of `read`)."""
+    inverse = {v: k for k, v in _TOP.items()}
+    out = {}
+    for name, value in weights.items():
+        if name in inverse:
+            key = inverse[name]
+        else:
+            block, part, *rest = name.split("/")
+            i = block.removeprefix("MixerBlock_")
+            if part.startswith("LayerNorm"):
+                norm = {v: k for k, v in _NORM.items()}[part]
+                key = f"blocks.{i}.{norm}.{'weight' if rest[0] == 'scale' else 'bias'}"
+            else:
+                mlp = {v: k for k, v in _MLP.items()}[part]
+                fc = "fc1" if rest[0] == "Dense_0" else "fc2"
+                key = f"blocks.{i}.{mlp}.{fc}.{'weight' if rest[1] == 'kernel' else 'bias'}"
+        if name == "stem/kernel":
+            value = value.transpose(3, 2, 0, 1)  # HWIO -> OIHW
+        elif name.endswith("/kernel"):
+            value = value.T
+        out[key] = np.ascontiguousarray(value)
+    return out
+
+
 def read(path: Path) -> dict[str, np.ndarray]:
     """Canonical weights; keys that are not a Mixer's are kept as-is so the check names them."""
     out: dict[str, np.ndarray] = {}
