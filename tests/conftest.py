@@ -38,6 +38,9 @@ def testdata_spec(name: str, batch: int = 2) -> MixerSpec:
     return spec_from_dict(config, name=name).replace(batch=batch)
 
 
+testdata_spec.__test__ = False  # a helper, not a test, when a test module imports it
+
+
 @pytest.fixture(scope="session")
 def testdata() -> Path:
     assert TESTDATA.is_dir(), f"the shared test data is missing: {TESTDATA}"

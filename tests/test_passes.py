@@ -1,0 +1,96 @@
+"""Each pass preserves the model's function (checked through the NumPy interpreter) and
+makes the structural change it claims."""
+
+import numpy as np
+import pytest
+
+from mixer_compile import reference
+from mixer_compile.ir import build_graph, interpret, to_text
+from mixer_compile.passes.pipeline import FORMS, PASSES, passes_for, run_passes
+from mixer_compile.weights import random_weights
+from tests.conftest import rel_error
+
+# The interpreter runs in float64, so a correct rewrite agrees to rounding error.
+BOUND = 1e-10
+
+
+@pytest.fixture(params=["tiny_spec", "wide_spec"])
+def case(request):
+    spec = request.getfixturevalue(request.param).replace(gelu="erf")
+    weights = random_weights(spec, seed=7)
+    images = np.random.default_rng(1).standard_normal((spec.batch, 3, *spec.image_size))
+    return spec, weights, images
+
+
+def _run(graph, weights, images):
+    return interpret(graph, graph.materialize_params(weights), images)
+
+
+def test_literal_graph_matches_reference(case):
+    spec, weights, images = case
+    assert rel_error(_run(build_graph(spec), weights, images), reference.forward(spec, weights, images)) < BOUND
+
+
+@pytest.mark.parametrize("name", list(PASSES))
+def test_each_pass_alone_is_equivalent(case, name):
+    spec, weights, images = case
+    before = build_graph(spec)
+    after, reports = run_passes(before, (name,))
+    assert reports[0].changes, f"{name} changed nothing on the literal graph"
+    assert rel_error(_run(after, weights, images), _run(before, weights, images)) < BOUND
+
+
+@pytest.mark.parametrize("form", list(FORMS))
+def test_each_form_is_equivalent(case, form):
+    spec, weights, images = case
+    graph, _ = run_passes(build_graph(spec), passes_for(form))
+    assert rel_error(_run(graph, weights, images), reference.forward(spec, weights, images)) < BOUND
+
+
+def test_token_mixing_is_one_tied_full_receptive_field_conv(wide_spec):
+    graph, _ = run_passes(build_graph(wide_spec), ("token_mixing_as_conv",))
+    gh, gw = wide_spec.grid
+    convs = [op for op in graph.ops if op.kind == "conv2d"]
+    mirrors = [op for op in graph.ops if op.kind == "conv2d_transpose"]
+    assert len(convs) == len(mirrors) == wide_spec.num_blocks
+    for conv in convs:
+        kernel = graph.params[conv.inputs[1]].tensor
+        # One kernel of D_S maps covering the whole (gh, gw) grid, applied to each channel.
+        assert kernel.shape == (wide_spec.tokens_mlp_dim, 1, gh, gw)
+        assert graph.tensor(conv.inputs[0]).shape == (wide_spec.batch * wide_spec.hidden_dim, 1, gh, gw)
+    assert not any(op.kind == "dense" and op.output.layout == "BCS" for op in graph.ops)
+
+
+def test_channel_mixing_is_1x1_conv(tiny_spec):
+    graph, _ = run_passes(build_graph(tiny_spec), ("channel_mixing_as_conv1x1",))
+    kernels = [graph.params[op.inputs[1]].tensor.shape for op in graph.ops if op.kind == "conv2d"]
+    assert kernels == [(128, 32, 1, 1), (32, 128, 1, 1)] * tiny_spec.num_blocks
+
+
+def test_tokens_major_removes_every_transpose(wide_spec):
+    before = build_graph(wide_spec)
+    assert sum(op.kind == "transpose" for op in before.ops) == 2 * wide_spec.num_blocks
+    graph, reports = run_passes(before, ("tokens_major",))
+    assert not any(op.kind == "transpose" for op in graph.ops)
+    left = [op for op in graph.ops if op.kind == "dense" and op.attrs["axis"] == 1 and len(op.output.shape) == 3]
+    assert len(left) == 2 * wide_spec.num_blocks
+    assert all(op.attrs["kernel_layout"] == "NK" for op in left)
+    assert "0 transposes remain" in reports[0].changes[-1]
+
+
+def test_fusion_leaves_one_op_per_mlp_layer(tiny_spec):
+    graph, _ = run_passes(build_graph(tiny_spec), passes_for("matmul"))
+    assert graph.op_counts() == {"patchify": 1, "dense": 2 + 4 * tiny_spec.num_blocks,
+                                 "layer_norm": 1 + 2 * tiny_spec.num_blocks, "mean": 1}
+    fc1 = [op for op in graph.ops if op.attrs.get("activation")]
+    assert len(fc1) == 2 * tiny_spec.num_blocks and all(op.attrs["activation"] == "gelu_tanh" for op in fc1)
+    assert sum(bool(op.attrs.get("residual")) for op in graph.ops) == 2 * tiny_spec.num_blocks
+
+
+def test_text_form_and_pass_selection(tiny_spec):
+    text = to_text(run_passes(build_graph(tiny_spec), passes_for("matmul"))[0])
+    assert "dense(%b0.ln0, %b0.tok.fc1.w, %b0.tok.fc1.b; axis=1, kernel_layout=NK" in text
+    assert "param %b0.tok.fc1.w: f32[16,16] NK = transpose(MixerBlock_0/token_mixing/Dense_0/kernel, (1,0))" in text
+    assert passes_for("conv", "token_mixing_as_conv") == ("token_mixing_as_conv",)
+    with pytest.raises(Exception, match="pass 'tokens_major' is not in the conv pipeline"):
+        passes_for("conv", "tokens_major")
