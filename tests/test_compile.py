@@ -1,0 +1,121 @@
+"""End to end on the host CPU: compile, validate, write the artifact, load it elsewhere.
+
+Bounds: validation uses 1e-4 (validate.py says why). Against timm's own float32 logits we
+ask for 2e-5, tight enough that the wrong GELU flavour (2e-4 away) would fail.
+"""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from mixer_compile import runtime
+from mixer_compile.driver import CompileOptions, compile_model
+from mixer_compile.errors import ArtifactError, MixerCompileError, ValidationError
+from mixer_compile.progress import Progress
+from tests.conftest import rel_error, testdata_spec
+
+
+
+def _compile(spec, out=None, **kw):
+    return compile_model(CompileOptions(spec=spec, out_dir=out, **kw), Progress(7, quiet=True))
+
+
+@pytest.mark.parametrize("ext, flavour", [("pth", "erf"), ("npz", "tanh")])
+def test_checkpoint_compiles_to_timms_output_in_a_fresh_process(tmp_path, testdata, ext, flavour):
+    spec = testdata_spec("tiny_wide")
+    result = _compile(spec, tmp_path / "art", weights=testdata / f"tiny_wide.{ext}")
+    assert result.spec.gelu == flavour and result.validation.passed
+    assert result.validation.max_rel_error < 1e-5
+    # torch made unimportable: loading must need neither torch nor the compiler stack.
+    code = ("import sys; sys.modules['torch'] = None; import numpy as np; from mixer_compile import runtime; "
+            "m = runtime.load(sys.argv[1]); np.save(sys.argv[3], m(np.load(sys.argv[2]))); "
+            "print(sorted(k for k in ('scipy', 'mixer_compile.driver', 'mixer_compile.ir') if k in sys.modules))")
+    out_file = tmp_path / "logits.npy"
+    proc = subprocess.run([sys.executable, "-c", code, str(result.artifact), str(testdata / "tiny_wide_input.npy"),
+                           str(out_file)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
+    assert rel_error(np.load(out_file), np.load(testdata / f"tiny_wide_logits_{flavour}.npy")) < 2e-5
+
+
+def test_artifact_contents_and_metadata(tmp_path, tiny_spec):
+    result = _compile(tiny_spec, tmp_path / "art", seed=4)
+    files = sorted(p.name for p in (tmp_path / "art").iterdir())
+    assert files == ["metadata.json", "model.so", "weights.params"]
+    meta = json.loads((tmp_path / "art" / "metadata.json").read_text())
+    assert meta["spec"]["hidden_dim"] == 32 and meta["weights"] == {"origin": "random", "seed": 4, "embedded": False}
+    assert meta["validation"]["passed"] and meta["validation"]["max_rel_error"] < 1e-4
+    assert [p["name"] for p in meta["passes"]] == ["tokens_major", "fuse_epilogues"]
+    assert meta["input"]["shape"] == [2, 3, 32, 32] and meta["target"]["kind"] == "llvm"
+    assert set(meta["timings_s"]) >= {"build", "validate"}
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp dirs left
+    assert result.artifact == tmp_path / "art"
+
+
+@pytest.mark.parametrize("form, embed", [("conv", False), ("matmul", True)])
+def test_conv_form_and_embedded_weights(tmp_path, wide_spec, form, embed):
+    result = _compile(wide_spec, tmp_path / "art", form=form, embed_weights=embed, seed=2)
+    assert result.validation.max_rel_error < 1e-4
+    assert (tmp_path / "art" / "weights.params").exists() != embed
+    model = runtime.load(tmp_path / "art")
+    images = np.random.default_rng(0).standard_normal((2, 3, 32, 48)).astype(np.float32)
+    from mixer_compile import reference
+    from mixer_compile.weights import random_weights
+    ref = reference.forward(wide_spec.replace(gelu="tanh"), random_weights(wide_spec, 2), images)
+    assert rel_error(model(images), ref) < 1e-4
+
+
+def test_failed_validation_leaves_no_artifact(tmp_path, tiny_spec, monkeypatch):
+    from mixer_compile import validate
+
+    real = validate.reference.forward
+    monkeypatch.setattr(validate.reference, "forward", lambda *a: real(*a) + 1.0)
+    with pytest.raises(ValidationError, match="disagrees with the reference: FAILED.*no artifact was marked good"):
+        _compile(tiny_spec, tmp_path / "art")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_runtime_inputs_and_refusals(tmp_path, tiny_spec):
+    _compile(tiny_spec, tmp_path / "art")
+    model = runtime.load(tmp_path / "art")
+    x = np.random.default_rng(0).standard_normal((2, 3, 32, 32)).astype(np.float32)
+    out = model(x)
+    assert isinstance(out, np.ndarray) and out.shape == (2, 10)
+    out_t = model(torch.from_numpy(x))
+    assert isinstance(out_t, torch.Tensor) and np.allclose(out_t.numpy(), out, rtol=0, atol=0)
+    with pytest.raises(MixerCompileError, match=r"input has shape \(1, 3, 32, 32\); this module was built for \(2, 3, 32, 32\)"):
+        model(x[:1])
+    with pytest.raises(MixerCompileError, match="input has dtype float64; this module takes float32"):
+        model(x.astype(np.float64))
+    weights = tmp_path / "art" / "weights.params"
+    weights.write_bytes(weights.read_bytes()[:-16])
+    with pytest.raises(ArtifactError, match="weights.params does not match the hash .*truncated or altered"):
+        runtime.load(tmp_path / "art")
+    with pytest.raises(ArtifactError, match="is not an artifact: metadata.json is missing"):
+        runtime.load(tmp_path)
+
+
+def test_rebuild_replaces_artifact_atomically(tmp_path, tiny_spec):
+    _compile(tiny_spec, tmp_path / "art", seed=1)
+    _compile(tiny_spec, tmp_path / "art", seed=2)
+    meta = json.loads((tmp_path / "art" / "metadata.json").read_text())
+    assert meta["weights"]["seed"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["art"]
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(ArtifactError, match="exists and is not a mixer-compile artifact"):
+        _compile(tiny_spec, tmp_path / "other")
+    assert (tmp_path / "other" / "notes.txt").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["art", "other"]
+
+
+@pytest.mark.slow
+def test_mixer_b16_compiles_and_validates(tmp_path):
+    from mixer_compile.spec import PRESETS
+
+    result = _compile(PRESETS["mixer_b16"], tmp_path / "b16")
+    assert result.validation.max_rel_error < 1e-4
