@@ -7,7 +7,7 @@ C -> D_C, GELU, and a 1x1 convolution D_C -> C: the form conv-only runtimes and 
 from __future__ import annotations
 
 from mixer_compile.ir.graph import Graph, Op, Tensor
-from mixer_compile.passes.match import chain, replace_ops
+from mixer_compile.passes.match import find_chains, replace_ops
 
 PATTERN = ("dense", "bias_add", "gelu", "dense", "bias_add")
 
@@ -16,10 +16,7 @@ def run(graph: Graph) -> tuple[Graph, list[str]]:
     g = graph.copy()
     gh, gw = g.meta["grid"]
     changes = []
-    for first in list(g.ops):
-        ops = chain(g, first, PATTERN) if first in g.ops else None
-        if not ops or ops[0].output.layout != "BSC" or ops[0].attrs["axis"] != 2:
-            continue
+    for ops in find_chains(g, PATTERN, lambda ops: ops[0].output.layout == "BSC" and ops[0].attrs["axis"] == 2):
         fc1, b1, act, fc2, b2 = ops
         x = fc1.inputs[0]
         B, S, C = g.tensor(x).shape

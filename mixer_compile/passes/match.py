@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Callable, Iterator
+
 from mixer_compile.ir.graph import Graph, Op
 
 
@@ -24,3 +26,10 @@ def replace_ops(graph: Graph, old: list[Op], new: list[Op]) -> None:
     for op in old:
         graph.ops.remove(op)
     graph.ops[at:at] = new
+
+
+def find_chains(graph: Graph, kinds: tuple[str, ...], accept: Callable[[list[Op]], bool]) -> Iterator[list[Op]]:
+    """Every chain of `kinds` that `accept` takes; safe to rewrite each one as it is yielded."""
+    for first in list(graph.ops):
+        if first in graph.ops and (ops := chain(graph, first, kinds)) and accept(ops):
+            yield ops

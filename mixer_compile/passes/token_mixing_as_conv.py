@@ -11,7 +11,7 @@ this pass writes it: no C-fold copy of the kernel is ever made.
 from __future__ import annotations
 
 from mixer_compile.ir.graph import Graph, Op, Tensor
-from mixer_compile.passes.match import chain, replace_ops
+from mixer_compile.passes.match import find_chains, replace_ops
 
 PATTERN = ("transpose", "dense", "bias_add", "gelu", "dense", "bias_add", "transpose")
 
@@ -20,10 +20,7 @@ def run(graph: Graph) -> tuple[Graph, list[str]]:
     g = graph.copy()
     gh, gw = g.meta["grid"]
     changes = []
-    for first in list(g.ops):
-        ops = chain(g, first, PATTERN) if first in g.ops else None
-        if not ops or ops[0].output.layout != "BCS":
-            continue
+    for ops in find_chains(g, PATTERN, lambda ops: ops[0].output.layout == "BCS"):
         t_in, fc1, b1, act, fc2, b2, t_out = ops
         B, C, S = t_in.output.shape
         ds = fc1.output.shape[2]
