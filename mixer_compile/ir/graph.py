@@ -108,13 +108,12 @@ class Graph:
         raise KeyError(name)
 
     def consumers(self, name: str) -> list[Op]:
-        users = [op for op in self.ops if name in op.inputs]
-        return users + ([] if name != self.output else [None])  # type: ignore[list-item]
+        return [op for op in self.ops if name in op.inputs]
 
     def only_consumer(self, name: str) -> Op | None:
         """The single op reading `name`, or None if it is read by several or is the output."""
         users = self.consumers(name)
-        return users[0] if len(users) == 1 else None
+        return users[0] if len(users) == 1 and name != self.output else None
 
     def replace_uses(self, old: str, new: str) -> None:
         for op in self.ops:

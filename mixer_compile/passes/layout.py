@@ -62,7 +62,7 @@ def _cancel_pair(g: Graph) -> str | None:
             continue
         g.replace_uses(t2.output.name, t1.inputs[0])
         g.ops.remove(t2)
-        if not [o for o in g.ops if t1.output.name in o.inputs]:
+        if not g.consumers(t1.output.name):
             g.ops.remove(t1)
         return f"cancelled transpose pair at %{t2.output.name}"
     return None
