@@ -55,7 +55,8 @@ def write_artifact(out_dir: str | Path, executable: Any, params: dict[str, np.nd
             tensors = {k: tvm.runtime.tensor(v) for k, v in params.items()}
             tvm.runtime.save_param_dict_to_file(tensors, str(tmp / WEIGHTS))
             files[WEIGHTS] = sha256(tmp / WEIGHTS)
-        meta = {"format_version": FORMAT_VERSION, **metadata, "files": files}
+        sizes = {name: (tmp / name).stat().st_size for name in files}
+        meta = {"format_version": FORMAT_VERSION, **metadata, "files": files, "file_sizes": sizes}
         (tmp / METADATA).write_text(json.dumps(meta, indent=2, default=_json_default) + "\n")
         _swap_into_place(tmp, out)
     except OSError as exc:

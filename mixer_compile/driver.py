@@ -48,6 +48,7 @@ def compile_model(opts: CompileOptions, progress: Progress | None = None) -> Com
 
     from mixer_compile.artifact import write_artifact
     from mixer_compile.build import compile_module
+    from mixer_compile.compat import build_requirements
     from mixer_compile.lower.relax import to_relax
 
     progress = progress or Progress(7 if opts.out_dir is not None else 6)
@@ -85,7 +86,8 @@ def compile_model(opts: CompileOptions, progress: Progress | None = None) -> Com
         "built_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "built_on": {"machine": platform.machine(), "python": platform.python_version()},
         "spec": spec.to_dict(),
-        "target": {"name": target.name, "kind": target.kind, "config": target.config},
+        "target": {"name": target.name, "kind": target.kind, "config": target.config,
+                   "requires": build_requirements(target.tvm_target())},
         "form": opts.form,
         "passes": [r.to_dict() for r in reports],
         "weights": {**source, "embedded": opts.embed_weights},

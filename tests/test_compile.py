@@ -87,13 +87,13 @@ def test_runtime_inputs_and_refusals(tmp_path, tiny_spec):
     assert isinstance(out, np.ndarray) and out.shape == (2, 10)
     out_t = model(torch.from_numpy(x))
     assert isinstance(out_t, torch.Tensor) and np.allclose(out_t.numpy(), out, rtol=0, atol=0)
-    with pytest.raises(MixerCompileError, match=r"input has shape \(1, 3, 32, 32\); this module was built for \(2, 3, 32, 32\)"):
+    with pytest.raises(MixerCompileError, match=r"input has batch 1; this module was built for batch 2"):
         model(x[:1])
     with pytest.raises(MixerCompileError, match="input has dtype float64; this module takes float32"):
         model(x.astype(np.float64))
     weights = tmp_path / "art" / "weights.params"
     weights.write_bytes(weights.read_bytes()[:-16])
-    with pytest.raises(ArtifactError, match="weights.params does not match the hash .*truncated or altered"):
+    with pytest.raises(ArtifactError, match=r"weights.params is truncated \(\d+ of \d+ bytes\)"):
         runtime.load(tmp_path / "art")
     with pytest.raises(ArtifactError, match="is not an artifact: metadata.json is missing"):
         runtime.load(tmp_path)

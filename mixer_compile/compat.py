@@ -1,0 +1,137 @@
+"""What a build requires of the machine that loads it, and whether this machine has it.
+
+A library compiled for one CPU (say `-mcpu=znver4`, AVX-512) dies with SIGILL on a machine
+without those instructions, and a CUDA build for sm_90 fails deep inside the driver on an
+sm_80 GPU. The build records its requirements in the artifact's metadata; the runtime checks
+them against the host before it runs a single instruction of the library.
+
+Only instruction-set features are checked. LLVM's feature list for a CPU name also holds
+tuning flags (`fast-lzcnt`, `macrofusion`) and system features that hypervisors commonly hide
+(`rdseed`, `shstk`, `movdir64b`): an artifact built with `mcpu` detected on a VM would be
+refused on that very VM if those counted. The host's side comes from /proc/cpuinfo, so the
+check needs neither LLVM nor the TVM compiler.
+"""
+
+from __future__ import annotations
+
+import platform
+import re
+from pathlib import Path
+from typing import Any
+
+from mixer_compile.errors import ArtifactError
+
+# LLVM feature name -> /proc/cpuinfo flag, for the features generated code may use.
+X86_FEATURES = {
+    "sse3": "pni", "ssse3": "ssse3", "sse4.1": "sse4_1", "sse4.2": "sse4_2", "popcnt": "popcnt",
+    "avx": "avx", "avx2": "avx2", "fma": "fma", "f16c": "f16c", "bmi": "bmi1", "bmi2": "bmi2",
+    "lzcnt": "abm", "movbe": "movbe", "avx512f": "avx512f", "avx512cd": "avx512cd",
+    "avx512bw": "avx512bw", "avx512dq": "avx512dq", "avx512vl": "avx512vl",
+    "avx512ifma": "avx512ifma", "avx512vbmi": "avx512vbmi", "avx512vbmi2": "avx512_vbmi2",
+    "avx512vnni": "avx512_vnni", "avx512bf16": "avx512_bf16", "avx512fp16": "avx512_fp16",
+    "avx512bitalg": "avx512_bitalg", "avx512vpopcntdq": "avx512_vpopcntdq",
+    "avx512vp2intersect": "avx512_vp2intersect", "avxvnni": "avx_vnni", "gfni": "gfni",
+    "vaes": "vaes", "vpclmulqdq": "vpclmulqdq", "amx-tile": "amx_tile", "amx-int8": "amx_int8",
+    "amx-bf16": "amx_bf16",
+}
+AARCH64_FEATURES = {
+    "neon": "asimd", "fullfp16": "asimdhp", "dotprod": "asimddp", "fp16fml": "asimdfhm",
+    "i8mm": "i8mm", "bf16": "bf16", "sve": "sve", "sve2": "sve2",
+}
+FEATURES = {"x86_64": X86_FEATURES, "aarch64": AARCH64_FEATURES}
+_ARCH_ALIASES = {"amd64": "x86_64", "x64": "x86_64", "arm64": "aarch64"}
+
+
+def normalize_arch(name: str) -> str:
+    name = name.lower()
+    return _ARCH_ALIASES.get(name, name)
+
+
+def build_requirements(tvm_target: Any) -> dict[str, Any]:
+    """What code built for `tvm_target` needs from the loading machine (recorded at build time).
+
+    Uses LLVM (the TVM compiler library), so it runs at build time only.
+    """
+    from tvm.target import codegen
+
+    host = tvm_target.host if tvm_target.kind.name == "cuda" else tvm_target
+    req: dict[str, Any] = {}
+    if tvm_target.kind.name == "cuda":
+        req["gpu_arch"] = str(tvm_target.attrs.get("arch", ""))
+    if host is not None and host.kind.name == "llvm":
+        triple = str(host.attrs.get("mtriple") or codegen.llvm_get_system_triple())
+        arch = normalize_arch(triple.split("-")[0])
+        llvm_features = {str(f) for f in codegen.llvm_get_cpu_features(host)}
+        req["cpu"] = {"arch": arch, "mcpu": str(host.attrs.get("mcpu") or "generic"),
+                      "features": sorted(llvm_features & set(FEATURES.get(arch, {})))}
+    return req
+
+
+def host_cpu_features(cpuinfo: str | None = None) -> set[str] | None:
+    """This machine's CPU features in LLVM's names, or None where /proc/cpuinfo is unreadable."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return None
+    match = re.search(r"^(?:flags|Features)\s*:(.*)$", cpuinfo, re.MULTILINE)
+    if match is None:
+        return None
+    flags = set(match.group(1).split())
+    table = FEATURES.get(host_arch(), {})
+    return {llvm for llvm, flag in table.items() if flag in flags}
+
+
+def host_arch() -> str:
+    return normalize_arch(platform.machine())
+
+
+def check_cpu(cpu: dict[str, Any], where: str, host_features: set[str] | None = None,
+              arch: str | None = None) -> None:
+    """Refuses a build whose CPU requirements this machine does not meet."""
+    arch = arch or host_arch()
+    if cpu["arch"] != arch:
+        raise ArtifactError(f"{where} was built for {cpu['arch']} CPUs and this machine is {arch}; "
+                            f"rebuild it here (--target llvm)")
+    have = host_cpu_features() if host_features is None else host_features
+    if have is None:  # no /proc/cpuinfo: nothing to check against, the loader will find out
+        return
+    missing = [f for f in cpu["features"] if f not in have]
+    if missing:
+        raise ArtifactError(f"{where} was built for mcpu={cpu['mcpu']} and needs CPU features this "
+                            f"machine lacks: {', '.join(missing)}; rebuild it for this CPU "
+                            f"(--target llvm) or for a common baseline (--target avx2)")
+
+
+def check_gpu(required: str, local: str | None, where: str) -> None:
+    """Refuses a CUDA build for another GPU architecture.
+
+    A cubin for sm_XY runs on GPUs of the same major version with a minor >= Y; the
+    architecture-specific variants (sm_90a) run on that exact architecture only.
+    """
+    if local is None:
+        raise ArtifactError(f"{where} was built for a CUDA GPU ({required}) and no CUDA GPU is visible here")
+    want, have = _sm(required), _sm(local)
+    if want is None or have is None:
+        raise ArtifactError(f"{where}: cannot compare GPU architectures '{required}' and '{local}'")
+    exact = required.endswith("a")
+    if want[0] != have[0] or have[1] < want[1] or (exact and have != want):
+        raise ArtifactError(f"{where} was built for {required} and this GPU is {local}; "
+                            f"rebuild it with a target for {local}")
+
+
+def _sm(arch: str) -> tuple[int, int] | None:
+    match = re.fullmatch(r"sm_(\d+)(\d)a?", arch)
+    return (int(match.group(1)), int(match.group(2))) if match else None
+
+
+def check_tvm_version(built: str, local: str, where: str) -> None:
+    """TVM's runtime ABI and VM bytecode change between minor versions: major.minor must match."""
+    if _major_minor(built) != _major_minor(local):
+        raise ArtifactError(f"{where} was built with TVM {built} and this runtime is TVM {local}; "
+                            f"install apache-tvm=={built} or rebuild the artifact with this TVM")
+
+
+def _major_minor(version: str) -> tuple[int, int] | None:
+    match = re.match(r"(\d+)\.(\d+)", version)
+    return (int(match.group(1)), int(match.group(2))) if match else None

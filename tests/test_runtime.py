@@ -1,0 +1,221 @@
+"""Production loading: what the runtime imports, what it refuses, inputs, threads.
+
+Numerical bound: the compiled module against the float64 reference, 1e-4 (validate.py's);
+everything else compares the runtime with itself and must be bit-identical.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from mixer_compile import reference, runtime
+from mixer_compile.compat import build_requirements, check_cpu, check_gpu, host_cpu_features
+from mixer_compile.driver import CompileOptions, compile_model
+from mixer_compile.errors import ArtifactError, MixerCompileError
+from mixer_compile.progress import Progress
+from mixer_compile.spec import MixerSpec
+from mixer_compile.weights import random_weights
+from tests.conftest import rel_error
+
+SPEC = MixerSpec("tiny", (32, 32), 8, 32, 16, 128, 2, num_classes=10, batch=2)
+# /proc/cpuinfo flags of an AVX2 machine without AVX-512 (Intel Haswell).
+HASWELL = ("flags\t\t: fpu vme de pse tsc msr pae mce cx8 apic sep mtrr pge mca cmov pat pse36 clflush mmx fxsr "
+           "sse sse2 ss ht syscall nx pdpe1gb rdtscp lm pni pclmulqdq ssse3 fma cx16 pcid sse4_1 sse4_2 x2apic "
+           "movbe popcnt aes xsave avx f16c rdrand lahf_lm abm bmi1 avx2 smep bmi2 erms invpcid\n")
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory):
+    out = tmp_path_factory.mktemp("rt") / "art"
+    compile_model(CompileOptions(spec=SPEC, seed=3, out_dir=out), Progress(7, quiet=True))
+    return out
+
+
+@pytest.fixture
+def copy(artifact, tmp_path):
+    """A private copy of the artifact that a test may damage."""
+    return shutil.copytree(artifact, tmp_path / "art")
+
+
+def _edit_metadata(art, change):
+    meta = json.loads((art / "metadata.json").read_text())
+    change(meta)
+    (art / "metadata.json").write_text(json.dumps(meta))
+
+
+def _images(seed=0, batch=2):
+    return np.random.default_rng(seed).standard_normal((batch, 3, 32, 32)).astype(np.float32)
+
+
+def test_output_matches_reference(artifact):
+    x = _images()
+    ref = reference.forward(SPEC.replace(gelu="tanh"), random_weights(SPEC, 3), x)
+    assert rel_error(runtime.load(artifact)(x), ref) < 1e-4
+
+
+def test_serving_process_needs_only_tvm_runtime_and_numpy(artifact, tmp_path):
+    """A serving image without torch or scipy, TVM's runtime library alone (no LLVM)."""
+    code = """
+import json, sys
+import numpy as np
+class NotInstalled:
+    def find_spec(self, name, path=None, target=None):
+        if name.split('.')[0] in ('torch', 'scipy', 'xgboost', 'matplotlib', 'onnx'):
+            raise ImportError(f'{name} is not installed here')
+sys.meta_path.insert(0, NotInstalled())
+import mixer_compile.runtime as rt
+m = rt.load(sys.argv[1])
+np.save(sys.argv[3], m(np.load(sys.argv[2])))
+import tvm
+print(json.dumps({"libs": sorted(tvm.base._LOADED_LIBS),
+                  "mixer": sorted(k for k in sys.modules if k.startswith('mixer_compile')),
+                  "heavy": sorted(k for k in sys.modules if k.split('.')[0] in ('torch', 'scipy', 'xgboost'))
+                           + sorted(k for k in sys.modules if k.startswith(('tvm.relax', 'tvm.s_tir')))}))
+"""
+    x = _images(1)
+    np.save(tmp_path / "x.npy", x)
+    env = {**os.environ, "TVM_USE_RUNTIME_LIB": "1"}
+    proc = subprocess.run([sys.executable, "-c", code, str(artifact), str(tmp_path / "x.npy"), str(tmp_path / "y.npy")],
+                          capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stderr
+    seen = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert seen["libs"] == ["tvm_runtime"]
+    assert seen["heavy"] == []
+    assert set(seen["mixer"]) <= {"mixer_compile", "mixer_compile.errors", "mixer_compile.spec",
+                                  "mixer_compile.artifact", "mixer_compile.compat", "mixer_compile.runtime"}
+    np.testing.assert_array_equal(np.load(tmp_path / "y.npy"), runtime.load(artifact)(x))
+
+
+def test_torch_in_torch_out_and_awkward_arrays(artifact):
+    model = runtime.load(artifact)
+    x = _images(2)
+    out = model(x)
+    assert isinstance(out, np.ndarray) and out.shape == (2, 10) and out.dtype == np.float32
+    out_t = model(torch.from_numpy(x))
+    assert isinstance(out_t, torch.Tensor) and out_t.shape == (2, 10)
+    np.testing.assert_array_equal(out_t.numpy(), out)
+    # copies are taken where zero-copy is impossible: a transposed view, a misaligned or read-only array
+    nhwc = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 2, 3, 1)))
+    np.testing.assert_array_equal(model(nhwc.permute(0, 3, 1, 2)).numpy(), out)
+    buf = np.empty(x.size + 1, np.float32)
+    shifted = buf[1:].reshape(x.shape)
+    shifted[...] = x
+    np.testing.assert_array_equal(model(shifted), out)
+    frozen = x.copy()
+    frozen.flags.writeable = False
+    np.testing.assert_array_equal(model(frozen), out)
+    # logits of one call are not overwritten by the next
+    other = model(_images(3))
+    np.testing.assert_array_equal(out, model(x))
+    assert not np.array_equal(other, out)
+
+
+def test_bad_inputs_are_refused_by_message(artifact):
+    model = runtime.load(artifact)
+    with pytest.raises(MixerCompileError, match=r"input has batch 1; this module was built for batch 2 "
+                                                r"\(rebuild with --batch 1\)"):
+        model(_images(batch=1))
+    with pytest.raises(MixerCompileError, match=r"input has shape \(2, 32, 32, 3\); this module takes \(2, 3, 32, 32\)"):
+        model(_images().transpose(0, 2, 3, 1))
+    with pytest.raises(MixerCompileError, match="input has dtype float64; this module takes float32"):
+        model(torch.zeros(2, 3, 32, 32, dtype=torch.float64))
+
+
+def test_threads_calling_at_once_match_single_threaded(artifact):
+    model = runtime.load(artifact)
+    inputs = [_images(10 + i) for i in range(6)]
+    expected = [model(x).copy() for x in inputs]
+    n_threads, rounds = 6, 8
+    start = threading.Barrier(n_threads)
+    results: dict[int, list[np.ndarray]] = {}
+
+    def worker(i):
+        start.wait()
+        results[i] = [model(inputs[(i + r) % len(inputs)]) for r in range(rounds)]
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(n_threads)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(results) == list(range(n_threads))
+    for i, outs in results.items():
+        for r, out in enumerate(outs):
+            np.testing.assert_array_equal(out, expected[(i + r) % len(inputs)])
+
+
+def test_metadata_records_cpu_requirements(artifact):
+    requires = json.loads((artifact / "metadata.json").read_text())["target"]["requires"]
+    assert requires["cpu"]["arch"] == "x86_64" and "avx2" in requires["cpu"]["features"]
+    check_cpu(requires["cpu"], "it")  # built here, so this machine qualifies
+
+
+def test_avx512_build_is_refused_on_an_avx2_machine():
+    from mixer_compile.targets import get_target
+
+    avx512 = build_requirements(get_target("znver4").tvm_target())["cpu"]
+    avx2 = build_requirements(get_target("avx2").tvm_target())["cpu"]
+    assert {"avx512f", "avx512bw", "avx512vl"} <= set(avx512["features"])
+    assert "avx2" in avx2["features"] and not [f for f in avx2["features"] if f.startswith("avx512")]
+    haswell = host_cpu_features(HASWELL)
+    check_cpu(avx2, "the avx2 build", haswell, "x86_64")
+    with pytest.raises(ArtifactError, match=r"the znver4 build was built for mcpu=znver4 and needs CPU features "
+                                            r"this machine lacks: .*avx512bw.*avx512f.*; rebuild it for this CPU"):
+        check_cpu(avx512, "the znver4 build", haswell, "x86_64")
+
+
+def test_refusals_happen_before_loading(copy):
+    (copy / "model.so").write_bytes(b"not a library" * 10)  # would fail to load, if it got that far
+    _edit_metadata(copy, lambda m: m["target"]["requires"]["cpu"]["features"].append("amx-tile"))
+    with pytest.raises(ArtifactError, match=r"needs CPU features this machine lacks: amx-tile;"):
+        runtime.load(copy)
+    _edit_metadata(copy, lambda m: m["target"]["requires"]["cpu"].update(arch="aarch64"))
+    with pytest.raises(ArtifactError, match=r"was built for aarch64 CPUs and this machine is x86_64"):
+        runtime.load(copy)
+    _edit_metadata(copy, lambda m: m.update(tvm_version="0.26.0"))
+    with pytest.raises(ArtifactError, match=r"was built with TVM 0.26.0 and this runtime is TVM 0.27.\S*; "
+                                            r"install apache-tvm==0.26.0 or rebuild"):
+        runtime.load(copy)
+
+
+def test_cuda_build_is_refused_without_its_gpu(copy):
+    _edit_metadata(copy, lambda m: m["target"].update(kind="cuda", requires={"gpu_arch": "sm_90"}))
+    with pytest.raises(ArtifactError, match=r"was built for a CUDA GPU \(sm_90\) and no CUDA GPU is visible here"):
+        runtime.load(copy)
+    with pytest.raises(ArtifactError, match="it was built for sm_90 and this GPU is sm_80; rebuild it with a target for sm_80"):
+        check_gpu("sm_90", "sm_80", "it")
+    with pytest.raises(ArtifactError, match="built for sm_86 and this GPU is sm_80"):
+        check_gpu("sm_86", "sm_80", "it")
+    with pytest.raises(ArtifactError, match="built for sm_90a and this GPU is sm_100"):
+        check_gpu("sm_90a", "sm_100", "it")
+    check_gpu("sm_80", "sm_86", "it")  # same major, newer minor: the cubin runs
+    check_gpu("sm_90a", "sm_90", "it")
+
+
+@pytest.mark.parametrize("name", ["model.so", "weights.params"])
+def test_damaged_files_are_refused_by_message(copy, name):
+    f = copy / name
+    data = f.read_bytes()
+    f.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ArtifactError, match=rf"{name} is truncated \({len(data) // 2} of {len(data)} bytes\); "
+                                            "copy the whole directory again or rebuild it"):
+        runtime.load(copy)
+    f.write_bytes(data[:100] + bytes([data[100] ^ 1]) + data[101:])
+    with pytest.raises(ArtifactError, match=rf"{name} does not match the SHA-256 recorded in metadata.json "
+                                            r"\(altered, or from another build\)"):
+        runtime.load(copy)
+    f.unlink()
+    with pytest.raises(ArtifactError, match=rf"is incomplete: {name} is missing"):
+        runtime.load(copy)
+    (copy / "metadata.json").unlink()
+    with pytest.raises(ArtifactError, match="is not an artifact: metadata.json is missing"):
+        runtime.load(copy)
