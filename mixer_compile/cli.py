@@ -13,7 +13,7 @@ from pathlib import Path
 from mixer_compile.errors import MixerCompileError
 
 DEFAULT_SPEC = "mixer_b16"
-SUBCOMMANDS = ("compile", "specs", "show", "targets")
+SUBCOMMANDS = ("compile", "specs", "show", "targets", "export-onnx", "import-onnx", "resize-weights", "viz")
 
 
 def _spec_args(p: argparse.ArgumentParser, default: str | None = DEFAULT_SPEC) -> None:
@@ -82,6 +82,71 @@ def cmd_targets(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export_onnx(args: argparse.Namespace) -> int:
+    from mixer_compile.export_onnx import export_onnx
+
+    r = export_onnx(_load_spec(args), Path(args.output), Path(args.weights) if args.weights else None,
+                    seed=args.seed, form=args.form)
+    print(f"exported {r.spec.fingerprint()} ({r.form} form, dynamic batch) to {r.path}")
+    print("  nodes      " + ", ".join(f"{k} {v}" for k, v in sorted(r.node_counts.items())))
+    for v in r.validations:
+        print(f"  onnxruntime batch {v.batch}: {v.summary()}")
+    return 0
+
+
+def cmd_import_onnx(args: argparse.Namespace) -> int:
+    from mixer_compile.compile_onnx import compile_onnx
+
+    r = compile_onnx(Path(args.model), Path(args.output), target=args.target, form=args.form, batch=args.batch)
+    s = r.imported.spec
+    print(f"imported {args.model}: {s.num_blocks} blocks, {s.image_size[0]}x{s.image_size[1]}, patch {s.patch_size}, "
+          f"C {s.hidden_dim}, D_S {s.tokens_mlp_dim}, D_C {s.channels_mlp_dim}, {s.num_classes} classes, "
+          f"{s.resolved_gelu} GELU")
+    print(f"  checkpoint {r.checkpoint}  spec {r.spec_file}")
+    print(f"  recognised model vs onnxruntime: {r.recognition.summary()}")
+    print(f"  compiled vs reference:           {r.compiled.validation.summary()}")
+    print(f"  compiled vs onnxruntime:         {r.against_onnx.summary()}")
+    print(f"  artifact   {r.compiled.artifact}")
+    return 0
+
+
+def _image_size(text: str) -> tuple[int, int]:
+    from mixer_compile.errors import SpecError
+
+    parts = text.lower().split("x")
+    if len(parts) not in (1, 2) or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise SpecError(f"--image-size must be N or HxW (e.g. 448 or 448x672), got '{text}'")
+    return int(parts[0]), int(parts[-1])
+
+
+def cmd_resize_weights(args: argparse.Namespace) -> int:
+    from mixer_compile.weights.resize import resize_checkpoint
+
+    spec = _load_spec(args)
+    large, spec_file = resize_checkpoint(Path(args.weights), spec, _image_size(args.image_size), Path(args.output))
+    k = large.tokens // spec.tokens
+    print(f"resized {args.weights} from {spec.image_size[0]}x{spec.image_size[1]} to "
+          f"{large.image_size[0]}x{large.image_size[1]}: S {spec.tokens} -> {large.tokens}, "
+          f"D_S {spec.tokens_mlp_dim} -> {large.tokens_mlp_dim} ({k} block-diagonal copies)")
+    print(f"  weights {args.output}  spec {spec_file}")
+    return 0
+
+
+def cmd_viz(args: argparse.Namespace) -> int:
+    from mixer_compile.viz import assemble, save_picture, token_mixing_units
+    from mixer_compile.weights import load_weights
+
+    spec = _load_spec(args)
+    weights, _ = load_weights(Path(args.weights), spec)
+    units = token_mixing_units(weights, spec, args.block, args.units)
+    picture, _, columns = assemble(units, spec.grid, args.columns)
+    height, width = save_picture(picture, args.output, args.scale)
+    rows = -(-units.shape[1] // columns)
+    print(f"drew {units.shape[1]} token-mixing units of block {args.block} ({spec.grid[0]}x{spec.grid[1]} each, "
+          f"{rows}x{columns} tiles, {width}x{height} px) to {args.output}")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     from mixer_compile.passes.pipeline import FORMS
 
@@ -109,6 +174,40 @@ def parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("targets", help="list the named targets")
     p.set_defaults(fn=cmd_targets)
+
+    p = sub.add_parser("export-onnx", help="export the (conv or matmul) IR form to ONNX, validated in ONNX Runtime")
+    _spec_args(p)
+    p.add_argument("--weights", help="checkpoint: official .npz, or timm .pth/.safetensors (default: random init)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random init when no --weights (default 0)")
+    p.add_argument("--form", choices=list(FORMS), default="conv", help="IR form to export (default conv)")
+    p.add_argument("-o", "--output", required=True, help="the .onnx file to write")
+    p.set_defaults(fn=cmd_export_onnx)
+
+    p = sub.add_parser("import-onnx", help="compile a Mixer given as an ONNX file (recognised into spec + weights)")
+    p.add_argument("model", help="the .onnx file (e.g. a timm MlpMixer exported with torch.onnx.export)")
+    p.add_argument("--target", default="llvm", help="target name (see `mixer-compile targets`), default llvm")
+    p.add_argument("--form", choices=list(FORMS), default="matmul", help="IR form to lower (default matmul)")
+    p.add_argument("--batch", type=int, help="batch to build for when the file's batch is dynamic (default 1)")
+    p.add_argument("-o", "--output", required=True,
+                   help="artifact directory; the recognised checkpoint and spec go beside it as DIR.npz, DIR.json")
+    p.set_defaults(fn=cmd_import_onnx)
+
+    p = sub.add_parser("resize-weights", help="expand a checkpoint to a higher resolution (paper, Appendix C)")
+    _spec_args(p)
+    p.add_argument("--weights", required=True, help="checkpoint: official .npz, or timm .pth/.safetensors")
+    p.add_argument("--image-size", required=True, help="new image size, N or HxW, an integer multiple of the spec's")
+    p.add_argument("-o", "--output", required=True, help="new checkpoint (same format); its spec goes beside as .json")
+    p.set_defaults(fn=cmd_resize_weights)
+
+    p = sub.add_parser("viz", help="draw the first token-mixing units' input weights (paper, section 3.4)")
+    _spec_args(p)
+    p.add_argument("--weights", required=True, help="checkpoint: official .npz, or timm .pth/.safetensors")
+    p.add_argument("--block", type=int, default=0, help="which block's token-mixing MLP (default 0)")
+    p.add_argument("--units", type=int, default=64, help="how many units, from the first (default 64)")
+    p.add_argument("--columns", type=int, help="tiles per row (even; default about square)")
+    p.add_argument("--scale", type=int, default=8, help="pixels per weight (default 8)")
+    p.add_argument("-o", "--output", required=True, help="the .png file to write")
+    p.set_defaults(fn=cmd_viz)
     return top
 
 

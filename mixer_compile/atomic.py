@@ -1,0 +1,46 @@
+"""Atomic single-file outputs: written to a temporary sibling and renamed into place.
+
+A crash, an interrupt or an error mid-write leaves the previous file (or none) where the
+output is expected, never a truncated one.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from mixer_compile.errors import MixerCompileError
+
+
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yields a temporary path (same suffix, same folder) that becomes `path` if the block succeeds."""
+    out = Path(path).resolve()
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=f".{out.stem}.", suffix=out.suffix, dir=out.parent)
+        os.close(fd)
+    except OSError as exc:
+        raise MixerCompileError(f"cannot write '{out}': {exc.strerror or exc}") from None
+    tmp = Path(name)
+    try:
+        yield tmp
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would make the output private
+        os.replace(tmp, out)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise MixerCompileError(f"cannot write '{out}': {exc.strerror or exc}") from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_bytes(path: str | Path, data: bytes) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)

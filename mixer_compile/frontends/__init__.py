@@ -1,0 +1,1 @@
+"""Frontends: models given in other formats (ONNX) recognised into a MixerSpec + canonical weights."""

@@ -1,0 +1,167 @@
+"""ONNX export of the IR forms and ONNX import (recognition, compile, validation against ORT)."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from mixer_compile import ort, reference
+from mixer_compile.cli import main
+from mixer_compile.errors import MixerCompileError, ValidationError
+from mixer_compile.export_onnx import export_onnx
+from mixer_compile.frontends.onnx_import import import_onnx
+from mixer_compile.spec import MixerSpec, load_spec
+from mixer_compile.torch_model import torch_mixer
+from mixer_compile.validate import random_images
+from mixer_compile.weights import load_weights, random_weights
+from tests.conftest import rel_error
+
+
+@pytest.fixture
+def spec() -> MixerSpec:
+    """Non-square 32x48 image, patch 8 (4x6 grid), C=32, 2 blocks: raster-order mistakes show."""
+    return MixerSpec("tiny", (32, 48), 8, 32, 16, 64, 2, num_classes=10, batch=2)
+
+
+def _torch_onnx(spec: MixerSpec, weights: dict, path, dynamic: bool = True, model=None) -> None:
+    """Our timm-named PyTorch Mixer exported by torch.onnx (the TorchScript exporter, opset 17)."""
+    model = model or torch_mixer(spec, weights)
+    h, w = spec.image_size
+    torch.onnx.export(model, (torch.zeros(spec.batch, 3, h, w),), str(path), dynamo=False, opset_version=17,
+                      input_names=["image"], output_names=["logits"],
+                      dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}} if dynamic else None)
+
+
+def _same_weights(got: dict, expected: dict) -> None:
+    assert sorted(got) == sorted(expected)
+    for key in expected:
+        np.testing.assert_allclose(got[key], expected[key], rtol=0, atol=1e-7, err_msg=key)
+
+
+def test_conv_form_exports_to_conv_nodes_with_dynamic_batch(spec, tmp_path):
+    w = random_weights(spec, seed=1)
+    ckpt = tmp_path / "w.npz"
+    np.savez(ckpt, **w)
+    result = export_onnx(spec, tmp_path / "m.onnx", ckpt, form="conv")
+    model = onnx.load(str(tmp_path / "m.onnx"))
+    onnx.checker.check_model(model, full_check=True)
+    counts = Counter(n.op_type for n in model.graph.node)
+    # stem + per block one full-grid token conv and two 1x1 channel convs; one mirror per block
+    assert counts["Conv"] == 1 + 3 * spec.num_blocks and counts["ConvTranspose"] == spec.num_blocks
+    assert counts["MatMul"] + counts["Gemm"] == 1  # only the head
+    assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
+    token_conv = next(n for n in model.graph.node if n.op_type == "Conv"
+                      and numpy_helper.to_array(next(i for i in model.graph.initializer
+                                                     if i.name == n.input[1])).shape == (16, 1, 4, 6))
+    assert token_conv is not None
+    sess = ort.session(tmp_path / "m.onnx")
+    for b in (1, 3):
+        images = random_images(spec.replace(batch=b), seed=b)
+        assert rel_error(ort.run(sess, images), reference.forward(spec.with_gelu_for("jax"), w, images)) < 1e-5
+    assert [v.batch for v in result.validations] == [2, 3] and all(v.max_rel_error < 1e-5 for v in result.validations)
+
+
+def test_cli_exports_matmul_form_and_prints_the_figure(spec, tmp_path, capsys):
+    spec_file = tmp_path / "tiny.json"
+    spec_file.write_text(json.dumps(spec.to_dict()))
+    out = tmp_path / "mm.onnx"
+    rc = main(["export-onnx", "--spec", str(spec_file), "--form", "matmul", "--gelu", "erf", "-o", str(out)])
+    text = capsys.readouterr().out
+    assert rc == 0 and out.is_file()
+    assert "onnxruntime batch 2: ok: max |out-ref|/max|ref| = " in text
+    assert "ConvTranspose" not in text and "MatMul" in text
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_export_that_disagrees_writes_nothing(spec, tmp_path, monkeypatch):
+    monkeypatch.setattr(reference, "forward", lambda s, w, x: np.ones((x.shape[0], s.num_classes)))
+    with pytest.raises(ValidationError, match="the ONNX model disagrees with the reference at batch 2"):
+        export_onnx(spec, tmp_path / "bad.onnx")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("gelu", ["erf", "tanh"])
+def test_import_torch_export(spec, tmp_path, gelu):
+    s = spec.replace(gelu=gelu)
+    w = random_weights(s, seed=2)
+    _torch_onnx(s, w, tmp_path / "timm.onnx")
+    imported = import_onnx(tmp_path / "timm.onnx")
+    assert imported.spec == s.replace(name="timm", batch=1)
+    _same_weights(imported.weights, w)
+
+
+def test_import_fixed_batch_one_export(spec, tmp_path):
+    s = spec.replace(batch=1, gelu="erf")
+    w = random_weights(s, seed=3)
+    _torch_onnx(s, w, tmp_path / "b1.onnx", dynamic=False)
+    imported = import_onnx(tmp_path / "b1.onnx", batch=4)
+    assert imported.spec.batch == 1 and imported.batch_fixed  # the file's batch wins
+    _same_weights(imported.weights, w)
+
+
+@pytest.mark.parametrize("form", ["conv", "matmul"])
+def test_import_reads_our_own_export_back(spec, tmp_path, form):
+    w = random_weights(spec, seed=4)
+    np.savez(tmp_path / "w.npz", **w)
+    export_onnx(spec, tmp_path / "ours.onnx", tmp_path / "w.npz", form=form)
+    imported = import_onnx(tmp_path / "ours.onnx")
+    assert imported.spec == spec.replace(name="ours", batch=1, gelu="tanh")
+    _same_weights(imported.weights, w)
+
+
+def test_cli_import_compiles_and_validates_against_onnxruntime(spec, tmp_path, capsys):
+    s = spec.replace(gelu="erf")
+    w = random_weights(s, seed=5)
+    _torch_onnx(s, w, tmp_path / "timm.onnx")
+    art = tmp_path / "art"
+    rc = main(["import-onnx", str(tmp_path / "timm.onnx"), "--batch", "3", "-o", str(art)])
+    text = capsys.readouterr().out
+    assert rc == 0, text
+    assert "compiled vs onnxruntime:         ok: max |out-ref|/max|ref| = " in text
+    meta = json.loads((art / "metadata.json").read_text())
+    assert meta["spec"]["batch"] == 3 and meta["spec"]["gelu"] == "erf"
+    assert meta["validation"]["passed"] and meta["weights"]["file"] == str(tmp_path / "art.npz")
+    assert load_spec(tmp_path / "art.json") == s.replace(name="timm", batch=3)
+    _same_weights(load_weights(tmp_path / "art.npz", s)[0], w)
+
+
+def _strided_stem(path) -> None:
+    k = numpy_helper.from_array(np.zeros((8, 3, 8, 8), np.float32), "k")
+    node = helper.make_node("Conv", ["image", "k"], ["y"], kernel_shape=[8, 8], strides=[4, 4])
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("image", TensorProto.FLOAT, [1, 3, 32, 32])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 7, 7])], [k])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+
+
+def test_not_a_mixer_names_what_did_not_match(spec, tmp_path):
+    _strided_stem(tmp_path / "strided.onnx")
+    with pytest.raises(MixerCompileError, match=r"expected a Conv stem with stride == kernel .*found Conv .*"
+                                                r"strides=\[4, 4\]"):
+        import_onnx(tmp_path / "strided.onnx")
+    s = spec.replace(gelu="erf")
+    w = random_weights(s)
+    relu = torch_mixer(s, w)
+    relu.blocks[1].mlp_channels.act = torch.nn.ReLU()
+    _torch_onnx(s, w, tmp_path / "relu.onnx", model=relu)
+    with pytest.raises(MixerCompileError, match="expected a GELU in block 1 channel mixing, found Relu"):
+        import_onnx(tmp_path / "relu.onnx")
+    no_norm = torch_mixer(s, w)
+    no_norm.blocks[0].norm1 = torch.nn.Identity()
+    _torch_onnx(s, w, tmp_path / "nonorm.onnx", model=no_norm)
+    with pytest.raises(MixerCompileError, match="expected a LayerNormalization"):
+        import_onnx(tmp_path / "nonorm.onnx")
+
+
+def test_cli_import_error_is_one_line(tmp_path, capsys):
+    (tmp_path / "junk.onnx").write_bytes(b"not a protobuf at all")
+    rc = main(["import-onnx", str(tmp_path / "junk.onnx"), "-o", str(tmp_path / "a")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err
+    assert err.splitlines()[-1].startswith("error: ") and "is not a readable ONNX file" in err
+    assert not (tmp_path / "a").exists()
