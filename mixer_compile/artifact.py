@@ -95,9 +95,62 @@ def read_metadata(artifact_dir: str | Path) -> dict[str, Any]:
         raise ArtifactError(f"'{artifact_dir}' is not an artifact: {METADATA} is missing")
     try:
         meta = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:  # ValueError: bad JSON or bad UTF-8
         raise ArtifactError(f"'{path}' is not valid JSON ({exc}); rebuild the artifact") from None
     if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
-        raise ArtifactError(f"'{path}' has format version {meta.get('format_version') if isinstance(meta, dict) else None}; "
+        raise ArtifactError(f"'{path}' has format version {meta.get('format_version') if isinstance(meta, dict) else None!r}; "
                             f"this mixer-compile reads version {FORMAT_VERSION}")
+    _check_fields(meta, path)
     return meta
+
+
+def _is_list_of(kind: type) -> Any:
+    return lambda v: isinstance(v, list) and all(isinstance(x, kind) and not isinstance(x, bool) for x in v)
+
+
+def _is_dict_of(kind: type) -> Any:
+    return lambda v: isinstance(v, dict) and all(isinstance(x, kind) and not isinstance(x, bool) for x in v.values())
+
+
+# The fields a loader acts on, with the test each must pass (dotted paths into the JSON).
+_FIELDS: dict[str, tuple[Any, str]] = {
+    "tvm_version": (lambda v: isinstance(v, str), "a string"),
+    "target": (lambda v: isinstance(v, dict), "an object"),
+    "target.kind": (lambda v: isinstance(v, str), "a string"),
+    "target.requires": (lambda v: v is None or isinstance(v, dict), "an object"),
+    "files": (_is_dict_of(str), "an object of SHA-256 strings"),
+    "file_sizes": (lambda v: v is None or _is_dict_of(int)(v), "an object of byte counts"),
+    "input": (lambda v: isinstance(v, dict), "an object"),
+    "input.shape": (lambda v: _is_list_of(int)(v) and len(v) == 4 and min(v) > 0, "4 positive integers (NCHW)"),
+    "input.dtype": (lambda v: isinstance(v, str), "a string"),
+    "params": (_is_list_of(str), "a list of parameter names"),
+    "weights": (lambda v: isinstance(v, dict) and isinstance(v.get("embedded"), bool), "an object with 'embedded'"),
+    "spec": (lambda v: isinstance(v, dict), "an object"),
+}
+
+
+def _check_fields(meta: dict[str, Any], path: Path) -> None:
+    """An edited or damaged metadata.json is refused here, by field, rather than surfacing as a
+    KeyError in the loader or a shape mismatch inside TVM on the first call."""
+    def field(dotted: str) -> Any:
+        value: Any = meta
+        for key in dotted.split("."):
+            value = value.get(key) if isinstance(value, dict) else None
+        return value
+
+    def refuse(problem: str) -> None:
+        raise ArtifactError(f"'{path}': {problem}; the file was edited or damaged, rebuild the artifact")
+
+    for dotted, (ok, want) in _FIELDS.items():
+        if not ok(field(dotted)):
+            refuse(f"field '{dotted}' must be {want}, got {field(dotted)!r}"[:300])
+    needed = {LIBRARY} | (set() if meta["weights"]["embedded"] else {WEIGHTS})
+    if not needed <= set(meta["files"]):
+        refuse(f"'files' lacks {', '.join(sorted(needed - set(meta['files'])))}")
+    spec = meta["spec"]
+    size = spec.get("image_size")
+    expected = [spec.get("batch"), spec.get("in_channels"), *(size if isinstance(size, list) else [size])]
+    if meta["input"]["shape"] != expected:
+        refuse(f"input shape {meta['input']['shape']} does not match the spec's {expected}")
+    if meta["target"]["kind"] == "cuda" and "gpu_arch" not in (meta["target"].get("requires") or {}):
+        refuse("a CUDA build without 'target.requires.gpu_arch'")

@@ -56,7 +56,11 @@ class CompiledMixer:
         self._vm_class = VirtualMachine
         self._params: list[Any] = []
         if WEIGHTS in self.metadata["files"]:
-            loaded = tvm.runtime.load_param_dict_from_file(str(self.path / WEIGHTS))
+            try:
+                loaded = tvm.runtime.load_param_dict_from_file(str(self.path / WEIGHTS))
+            except Exception as exc:  # TVM raises its own error types for a malformed file
+                raise ArtifactError(f"cannot load '{self.path / WEIGHTS}': {str(exc).splitlines()[0]}; "
+                                    "rebuild the artifact") from None
             order = self.metadata["params"]
             if sorted(loaded) != sorted(order):
                 raise ArtifactError(f"'{self.path / WEIGHTS}' does not hold the parameters the module takes")

@@ -168,6 +168,8 @@ def spec_from_dict(data: dict[str, Any], name: str = "custom") -> MixerSpec:
         size = data["image_size"]
         data["image_size"] = (size, size) if isinstance(size, int) else tuple(size) if isinstance(size, list) else size
     if base is not None:
+        if not isinstance(base, str):
+            raise SpecError(f"spec key 'base' must be a preset name (a string), got {base!r}")
         return dataclasses.replace(get_preset(base), **data)
     data.setdefault("name", name)
     missing = [f.name for f in dataclasses.fields(MixerSpec)
@@ -193,13 +195,17 @@ def load_spec(name_or_path: str | Path, **overrides: Any) -> MixerSpec:
         spec = get_preset(text)
     else:
         if not path.is_file():
-            raise SpecError(f"spec file '{path}' does not exist")
+            raise SpecError(f"spec file '{path}' " + ("is not a file" if path.exists() else "does not exist"))
         try:
             raw = path.read_text()
             data = tomllib.loads(raw) if path.suffix.lower() == ".toml" else json.loads(raw)
+        except OSError as exc:
+            raise SpecError(f"cannot read spec file '{path}': {exc.strerror or exc}") from None
         except (tomllib.TOMLDecodeError, json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise SpecError(f"spec file '{path}' is not valid {path.suffix[1:].upper()}: "
                             f"{str(exc).splitlines()[0]}") from None
+        except RecursionError:  # both parsers recurse per nesting level
+            raise SpecError(f"spec file '{path}' is nested too deeply to be a spec") from None
         if not isinstance(data, dict):
             raise SpecError(f"spec file '{path}' must hold a table/object of spec fields")
         spec = spec_from_dict(data, name=path.stem)

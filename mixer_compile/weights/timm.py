@@ -29,27 +29,37 @@ def _read_state_dict(path: Path) -> dict[str, np.ndarray]:
         from safetensors.numpy import load_file
 
         try:
-            return load_file(str(path))
+            state = load_file(str(path))
         except (SafetensorError, OSError, ValueError) as exc:
             raise WeightsError(f"weights file '{path}' is not a readable safetensors file ({exc})") from None
+        # bfloat16 (common on the Hub) arrives as ml_dtypes' type, which NumPy does not call floating
+        return {k: v.astype(np.float32) if v.dtype.name == "bfloat16" else v for k, v in state.items()}
     import pickle
+    import warnings
 
     import torch
 
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about the pickle protocol of files it then refuses
+            warnings.simplefilter("ignore", UserWarning)
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise WeightsError(f"weights file '{path}' was refused: it is not a plain tensor state dict "
-                           f"(torch weights_only load: {first})") from None
+                           f"(torch weights_only load: {_first_line(exc)})") from None
     except (RuntimeError, EOFError, OSError, ValueError) as exc:
-        raise WeightsError(f"weights file '{path}' is not a readable torch checkpoint ({exc})") from None
+        raise WeightsError(f"weights file '{path}' is not a readable torch checkpoint "
+                           f"({_first_line(exc)})") from None
     for wrapper in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
             state = state[wrapper]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise WeightsError(f"weights file '{path}' does not hold a state dict of tensors")
     return {k: v.detach().float().numpy() for k, v in state.items()}
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _canonical_key(key: str) -> str | None:
