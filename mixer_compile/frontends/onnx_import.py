@@ -20,6 +20,7 @@ import math
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 import onnx
@@ -80,7 +81,7 @@ class _Walk:
         self.eps: list[float] = []
 
     # -- helpers ---------------------------------------------------------------------------
-    def fail(self, expected: str, found: onnx.NodeProto | None | str) -> None:
+    def fail(self, expected: str, found: onnx.NodeProto | None | str) -> NoReturn:
         what = found if isinstance(found, str) else _describe(found)
         raise MixerCompileError(f"ONNX graph is not a Mixer this importer recognises: expected {expected}, "
                                 f"found {what}")
@@ -185,7 +186,6 @@ class _Walk:
             if name in self.outputs:
                 return d
         self.fail("the head's output to be the graph output", self.follow(v)[0][0] if self.follow(v) else None)
-        raise AssertionError
 
     def grow(self, atom: str, size: int, node: onnx.NodeProto) -> None:
         if self.sizes.setdefault(atom, size) != size:
@@ -335,6 +335,14 @@ class _Walk:
                 else np.zeros_like(scale))
         return Val(node.output[0], x.axes), scale, bias
 
+    def norm_of(self, x: Val, expected: str) -> tuple[onnx.NodeProto, Val]:
+        """The LayerNormalization among the consumers of `x` (the trunk also feeds a residual add)."""
+        users = self.follow(x)
+        found = next(((n, v) for n, v in users if n.op_type == "LayerNormalization"), None)
+        if found is None:
+            self.fail(expected, users[0][0] if users else None)
+        return found
+
     def residual(self, trunk: Val, y: Val, what: str) -> tuple[Val, onnx.NodeProto]:
         node, v = self.only(y, {"Add"}, f"the residual add of {what}")
         other = [i for i in node.input if i != v.name]
@@ -359,11 +367,7 @@ class _Walk:
                                                            (("C",), "H", "channel_mixing", "LayerNorm_1"))):
             what = f"block {i} {key.replace('_', ' ')}"
             if part == 1:
-                users = self.follow(x)
-                ln, ln_in = next(((n, v) for n, v in users if n.op_type == "LayerNormalization"),
-                                 (users[0][0] if users else None, None))
-                if ln_in is None:
-                    self.fail(f"a LayerNormalization before {what}", ln)
+                ln, ln_in = self.norm_of(x, f"a LayerNormalization before {what}")
             y, scale, bias = self.layer_norm(ln, ln_in, f"{what} LayerNorm")
             w.update({f"{pre}/{norm}/scale": scale, f"{pre}/{norm}/bias": bias})
             y = self.mlp(y, outer, hidden, w, f"{pre}/{key}", what)
@@ -417,13 +421,9 @@ def recognise(model: onnx.ModelProto, name: str = "onnx_mixer", batch: int | Non
     weights: Weights = {"stem/kernel": stem_k, "stem/bias": stem_b}
     blocks = 0
     while True:
-        users = walk.follow(x)
-        ln, ln_in = next(((n, v) for n, v in users if n.op_type == "LayerNormalization"),
-                         (users[0][0] if users else None, None))
-        if ln_in is None:
-            walk.fail("a LayerNormalization (opset >= 17) on the block input or before the head", ln)
+        ln, ln_in = walk.norm_of(x, "a LayerNormalization (opset >= 17) on the block input or before the head")
         after = walk.follow(Val(ln.output[0], ln_in.axes))
-        if len(users) == 1 and len(after) == 1 and after[0][0].op_type in ("ReduceMean", "GlobalAveragePool"):
+        if len(walk.follow(x)) == 1 and len(after) == 1 and after[0][0].op_type in ("ReduceMean", "GlobalAveragePool"):
             break
         x = walk.block(x, blocks, ln, ln_in, weights)
         blocks += 1
@@ -437,9 +437,11 @@ def recognise(model: onnx.ModelProto, name: str = "onnx_mixer", batch: int | Non
         walk.fail("logits (batch, classes) as the output", f"axes {out.axes}")
     if blocks == 0 or len(set(walk.gelus)) != 1:
         walk.fail("at least one block, all with the same GELU", f"{blocks} blocks, GELUs {sorted(set(walk.gelus))}")
+    if len(set(walk.eps)) != 1:
+        walk.fail("one LayerNorm epsilon for the whole model", f"epsilons {sorted(set(walk.eps))}")
     sizes = walk.sizes
     spec = MixerSpec(name, (h, w), sizes["P"], sizes["C"], sizes["T"], sizes["H"], blocks, num_classes=sizes["N"],
-                     in_channels=cin, gelu=walk.gelus[0], layer_norm_eps=float(f"{np.median(walk.eps):.6g}"),
+                     in_channels=cin, gelu=walk.gelus[0], layer_norm_eps=float(f"{walk.eps[0]:.6g}"),
                      batch=b if fixed else (batch or 1))
     return ImportedMixer(spec, check_weights(weights, spec, "the ONNX graph"), fixed)
 

@@ -167,7 +167,7 @@ def to_onnx(graph: Graph, params: dict[str, np.ndarray]) -> onnx.ModelProto:
     onnx_graph = helper.make_graph(w.nodes, graph.name, inputs, outputs, list(w.initializers.values()))
     model = helper.make_model(onnx_graph, opset_imports=[helper.make_opsetid("", OPSET)],
                               producer_name="mixer-compile")
-    model.ir_version = 8
+    model.ir_version = 8  # with opset 17: loadable by runtimes back to ONNX 1.12 / ORT 1.12
     return model
 
 
