@@ -22,6 +22,11 @@ from mixer_compile.validate import random_images
 from mixer_compile.weights import load_weights, random_weights
 from tests.conftest import rel_error
 
+# torch's own notices about its exporters, not about our code
+pytestmark = [pytest.mark.filterwarnings("ignore:You are using the legacy TorchScript:DeprecationWarning"),
+              pytest.mark.filterwarnings("ignore:The feature will be removed:DeprecationWarning"),
+              pytest.mark.filterwarnings("ignore:`isinstance\\(treespec, LeafSpec\\)`:FutureWarning")]
+
 
 @pytest.fixture
 def spec() -> MixerSpec:

@@ -65,11 +65,14 @@ def _describe(node: onnx.NodeProto | None) -> str:
 
 
 class _Walk:
+    """The graph (simplified, batch fixed) as constants and consumer lists, plus what the walk learnt:
+    the size of every atom, the GELU flavours and LayerNorm epsilons met on the way."""
+
     def __init__(self, model: onnx.ModelProto, sizes: dict[str, int]) -> None:
         g = model.graph
         self.consts: dict[str, np.ndarray] = {i.name: numpy_helper.to_array(i) for i in g.initializer}
         self.users: dict[str, list[onnx.NodeProto]] = defaultdict(list)
-        self.nodes = [n for n in g.node]
+        self.nodes = list(g.node)
         for n in g.node:
             if n.op_type == "Constant" and n.attribute:
                 self.consts[n.output[0]] = numpy_helper.to_array(n.attribute[0].t)
