@@ -46,13 +46,15 @@ class CompileResult:
 def compile_model(opts: CompileOptions, progress: Progress | None = None) -> CompileResult:
     import tvm
 
-    from mixer_compile.artifact import write_artifact
+    from mixer_compile.artifact import check_writable, write_artifact
     from mixer_compile.build import compile_module
     from mixer_compile.compat import build_requirements
     from mixer_compile.lower.relax import to_relax
 
     progress = progress or Progress(7 if opts.out_dir is not None else 6)
     spec = opts.spec
+    if opts.out_dir is not None:
+        check_writable(opts.out_dir)
     with progress.stage("target", opts.target):
         target = get_target(opts.target)
     with progress.stage("weights", str(opts.weights) if opts.weights else f"random init, seed {opts.seed}"):

@@ -97,7 +97,7 @@ def load_weights(path: str | Path, spec: MixerSpec) -> tuple[Weights, str]:
 
     path = Path(path)
     if not path.is_file():
-        raise WeightsError(f"weights file '{path}' does not exist")
+        raise WeightsError(f"weights file '{path}' " + ("is not a file" if path.exists() else "does not exist"))
     suffix = path.suffix.lower()
     if suffix == ".npz":
         return check_weights(npz.read(path), spec, str(path)), "jax"

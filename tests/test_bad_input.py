@@ -1,0 +1,350 @@
+"""The bad input sweep: every malformed input is refused with one line of our own error type.
+
+Each case writes one malformed file (a spec, a checkpoint, a tuning database, a damaged
+artifact) and feeds it to the command line or the runtime loader. The assertion is the same for
+all: exit status 2 (or an ArtifactError from the loader), exactly one `error: ...` line that
+names the problem, no traceback, and nothing left behind (the -o directory never appears, no
+temporary or lock files; a damaged artifact is left as it was).
+
+Spec cases run the CLI in a fresh process (they fail before TVM is imported, ~1 s each).
+Checkpoint and tuning-database cases call `cli.main` in this process, which is the same code
+path without paying TVM's import per case; anything but a MixerCompileError escapes `main`
+and fails the test with its traceback. Artifact cases damage copies of one tiny artifact.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import pickle
+import shutil
+import struct
+import subprocess
+import sys
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pytest
+import torch
+from safetensors.numpy import save_file
+
+from mixer_compile import cli, runtime
+from mixer_compile.driver import CompileOptions, compile_model
+from mixer_compile.errors import ArtifactError
+from mixer_compile.progress import Progress
+from mixer_compile.spec import MixerSpec
+from mixer_compile.weights import random_weights
+from mixer_compile.weights.timm import to_state_dict
+
+TINY = ('name = "tiny"\nimage_size = 32\npatch_size = 8\nhidden_dim = 32\ntokens_mlp_dim = 16\n'
+        'channels_mlp_dim = 128\nnum_blocks = 2\nnum_classes = 10\n')
+SPEC = MixerSpec("tiny", (32, 32), 8, 32, 16, 128, 2, num_classes=10)
+
+
+def _snapshot(root: Path) -> dict[str, int]:
+    return {str(p.relative_to(root)): p.stat().st_size for p in sorted(root.rglob("*"))}
+
+
+def _error_line(code: int, err: str) -> str:
+    assert code == 2, err
+    assert "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def run_cli_process(args: list[str], cwd: Path) -> str:
+    proc = subprocess.run([sys.executable, "-m", "mixer_compile.cli", *args], capture_output=True, text=True,
+                          timeout=120, cwd=cwd)
+    return _error_line(proc.returncode, proc.stderr)
+
+
+def run_cli_here(args: list[str], cwd: Path, capfd: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> str:
+    monkeypatch.chdir(cwd)
+    capfd.readouterr()
+    code = cli.main(args)
+    return _error_line(code, capfd.readouterr().err)
+
+
+def assert_nothing_left(tmp_path: Path, before: dict[str, int]) -> None:
+    assert _snapshot(tmp_path) == before, "the failed run left files behind"
+
+
+# --- spec files -----------------------------------------------------------------------------
+
+def _tiny_with(**changes: str) -> str:
+    lines = dict(line.split(" = ", 1) for line in TINY.splitlines())
+    for key, value in changes.items():
+        if value is None:
+            lines.pop(key)
+        else:
+            lines[key] = value
+    return "".join(f"{k} = {v}\n" for k, v in lines.items())
+
+
+SPEC_CASES = [
+    # (id, file name, contents, extra CLI args, expected fragment of the error line)
+    ("type-str-for-int", "s.toml", _tiny_with(hidden_dim='"big"'), [], "'hidden_dim' must be an integer, got 'big'"),
+    ("type-bool-for-int", "s.toml", _tiny_with(num_blocks="true"), [], "'num_blocks' must be an integer, got True"),
+    ("type-float-for-int", "s.json", json.dumps({"base": "mixer_s16", "batch": 1.5}), [],
+     "'batch' must be an integer, got 1.5"),
+    ("type-inf-for-int", "s.json", '{"base": "mixer_s16", "hidden_dim": 1e400}', [],
+     "'hidden_dim' must be an integer, got inf"),
+    ("type-nan-eps", "s.json", '{"base": "mixer_s16", "layer_norm_eps": NaN}', [],
+     "'layer_norm_eps' must be a number in (0, 1), got nan"),
+    ("type-str-eps", "s.toml", _tiny_with(layer_norm_eps='"1e-6"'), [], "'layer_norm_eps' must be a number"),
+    ("type-null-name", "s.json", '{"base": "mixer_s16", "name": null}', [], "'name' must be a non-empty string"),
+    ("type-list-gelu", "s.json", '{"base": "mixer_s16", "gelu": ["tanh"]}', [], "'gelu' must be one of tanh, erf"),
+    ("image-size-one-value", "s.toml", _tiny_with(image_size="[32]"), [], "'image_size' must be an integer or [height, width]"),
+    ("image-size-three-values", "s.toml", _tiny_with(image_size="[32, 32, 32]"), [], "'image_size' must be an integer"),
+    ("image-size-strings", "s.toml", _tiny_with(image_size='["a", "b"]'), [], "'image_size' must be an integer"),
+    ("image-size-table", "s.toml", _tiny_with(image_size="{ h = 32 }"), [], "'image_size' must be an integer"),
+    ("base-not-a-string", "s.toml", 'base = 3\n', [], "spec key 'base' must be a preset name (a string), got 3"),
+    ("base-a-list", "s.json", '{"base": ["mixer_s16"]}', [], "spec key 'base' must be a preset name"),
+    ("base-unknown", "s.toml", 'base = "mixer_x16"\n', [], "unknown preset 'mixer_x16'; did you mean"),
+    ("missing-keys", "s.toml", _tiny_with(hidden_dim=None, num_blocks=None), [],
+     "spec is missing required keys: hidden_dim, num_blocks"),
+    ("empty-toml", "s.toml", "", [], "spec is missing required keys: image_size, patch_size"),
+    ("unknown-key", "s.toml", TINY + "channel_mlp_dim = 4\n", [],
+     "unknown spec key 'channel_mlp_dim'; did you mean 'channels_mlp_dim'"),
+    ("absurd-image", "s.toml", _tiny_with(image_size="1099511627776"), [], "more than 4e9 is not a Mixer"),
+    ("absurd-width", "s.json", json.dumps({"base": "mixer_b16", "channels_mlp_dim": 10**12}), [], "more than 4e9"),
+    ("zero-patch", "s.toml", _tiny_with(patch_size="0"), [], "'patch_size' must be positive, got 0"),
+    ("negative-classes", "s.toml", _tiny_with(num_classes="-10"), [], "'num_classes' must be positive"),
+    ("patch-not-dividing", "s.toml", _tiny_with(patch_size="5"), [], "image size 32x32 is not divisible by patch size 5"),
+    ("batch-zero-flag", "s.toml", TINY, ["--batch", "0"], "'batch' must be positive, got 0"),
+    ("bad-toml", "s.toml", 'name = "tiny\n', [], "is not valid TOML"),
+    ("bad-json-trailing-comma", "s.json", '{"base": "mixer_s16",}', [], "is not valid JSON"),
+    ("empty-json", "s.json", "", [], "is not valid JSON"),
+    ("json-not-an-object", "s.json", "[1, 2]", [], "must hold a table/object of spec fields"),
+    ("binary-garbage", "s.toml", b"\xff\xfe\x00\x81garbage", [], "is not valid TOML: 'utf-8' codec can't decode"),
+    ("nested-too-deep-json", "s.json", "[" * 100_000, [], "is nested too deeply to be a spec"),
+    ("nested-too-deep-toml", "s.toml", "a = " + "[" * 100_000, [], "is nested too deeply to be a spec"),
+    ("spec-is-a-directory", "s.toml", None, [], "spec file 's.toml' is not a file"),
+]
+
+
+@pytest.mark.parametrize("name, contents, extra, message", [pytest.param(*c[1:], id=c[0]) for c in SPEC_CASES])
+def test_bad_spec_file(tmp_path, name, contents, extra, message):
+    path = tmp_path / name
+    if contents is None:
+        path.mkdir()
+    elif isinstance(contents, bytes):
+        path.write_bytes(contents)
+    else:
+        path.write_text(contents)
+    before = _snapshot(tmp_path)
+    line = run_cli_process(["--spec", name, *extra, "-o", "out"], cwd=tmp_path)
+    assert message in line
+    assert_nothing_left(tmp_path, before)
+
+
+# --- checkpoints --------------------------------------------------------------------------
+
+def _state(key: str | None = None, edit: Callable[[np.ndarray], np.ndarray] | None = None) -> dict[str, np.ndarray]:
+    """timm state dict of the tiny spec's random weights, with tensor `key` replaced by `edit` of it."""
+    sd = to_state_dict(random_weights(SPEC))
+    if key is not None:
+        sd[key] = edit(sd[key])
+    return sd
+
+
+def _torch_save(path: Path, sd: dict) -> None:
+    torch.save({k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in sd.items()}, path)
+
+
+def _npz_bytes(weights: dict[str, np.ndarray]) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    np.savez(buf, **weights)
+    return buf.getvalue()
+
+
+def _safetensors(path: Path, sd: dict[str, np.ndarray]) -> None:
+    save_file(sd, str(path))
+
+
+def _corrupt_header(path: Path) -> None:
+    _safetensors(path, _state())
+    data = path.read_bytes()
+    n = struct.unpack("<Q", data[:8])[0]
+    path.write_bytes(data[:8] + b"{" + b"x" * (n - 1) + data[8 + n:])
+
+
+def _header_past_end(path: Path) -> None:
+    _safetensors(path, _state())
+    data = path.read_bytes()
+    n = struct.unpack("<Q", data[:8])[0]
+    header = json.loads(data[8:8 + n])
+    header["head.bias"]["data_offsets"] = [0, 10**9]
+    text = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(text)) + text + data[8 + n:])
+
+
+def _truncated(write: Callable[[Path], None]) -> Callable[[Path], None]:
+    def make(path: Path) -> None:
+        write(path)
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+    return make
+
+
+class _Payload:
+    """Unpickling this runs `touch PWNED`: a checkpoint that must be refused, never loaded."""
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("touch PWNED",))
+
+
+def _with_nan(w: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    w["MixerBlock_1/channel_mixing/Dense_0/kernel"][3, 4] = np.nan
+    return w
+
+
+WEIGHTS_CASES = [
+    # (id, file name, writer, expected fragment of the error line)
+    ("npz-truncated", "w.npz", _truncated(lambda p: p.write_bytes(_npz_bytes(random_weights(SPEC)))),
+     "is not a readable .npz archive"),
+    ("npz-not-a-zip", "w.npz", lambda p: p.write_text("I am a text file, not a zip\n"), "is not a readable .npz archive"),
+    ("npz-object-array", "w.npz", lambda p: np.savez(p, a=np.array([{"x": 1}], dtype=object)),
+     "is not a readable .npz archive (Object arrays cannot be loaded when allow_pickle=False)"),
+    ("npz-nan", "w.npz", lambda p: np.savez(p, **_with_nan(random_weights(SPEC))),
+     "'MixerBlock_1/channel_mixing/Dense_0/kernel' holds NaN"),
+    ("npz-complex-dtype", "w.npz",
+     lambda p: np.savez(p, **{**random_weights(SPEC), "head/bias": np.zeros(10, np.complex64)}),
+     "'head/bias' has dtype complex64; expected floating point"),
+    ("npz-wrong-shape", "w.npz",
+     lambda p: np.savez(p, **{**random_weights(SPEC), "head/kernel": np.zeros((32, 11), np.float32)}),
+     "wrong shape head/kernel (32, 11) (expected (32, 10))"),
+    ("npz-empty-archive", "w.npz", lambda p: np.savez(p), "missing stem/kernel, stem/bias"),
+    ("pth-truncated", "w.pth", _truncated(lambda p: _torch_save(p, _state())), "is not a readable torch checkpoint"),
+    ("pth-empty-file", "w.pth", lambda p: p.write_bytes(b""), "is not a readable torch checkpoint (EOFError)"),
+    ("pth-pickle-payload", "w.pth", lambda p: torch.save({"stem.proj.weight": _Payload()}, p),
+     "was refused: it is not a plain tensor state dict"),
+    ("pth-raw-pickle-payload", "w.pth", lambda p: p.write_bytes(pickle.dumps({"stem.proj.weight": _Payload()})),
+     "was refused: it is not a plain tensor state dict"),
+    ("pth-a-list", "w.pth", lambda p: torch.save([1, 2, 3], p), "does not hold a state dict of tensors"),
+    ("pth-ints-not-tensors", "w.pth", lambda p: torch.save({k: 1 for k in _state()}, p),
+     "does not hold a state dict of tensors"),
+    ("pth-3d-dense", "w.pth", lambda p: _torch_save(p, _state("blocks.0.mlp_tokens.fc1.weight", lambda v: v[None])),
+     "'blocks.0.mlp_tokens.fc1.weight' has shape (1, 16, 16); expected a 2-D matrix"),
+    ("pth-flat-stem", "w.pth", lambda p: _torch_save(p, _state("stem.proj.weight", np.ravel)),
+     "'stem.proj.weight' has shape (6144,); expected a 4-D conv kernel"),
+    ("pth-transposed-dense", "w.pth",
+     lambda p: _torch_save(p, _state("blocks.1.mlp_channels.fc1.weight", lambda v: np.ascontiguousarray(v.T))),
+     "wrong shape MixerBlock_1/channel_mixing/Dense_0/kernel (128, 32) (expected (32, 128))"),
+    ("pth-wrong-spec", "w.pth", lambda p: _torch_save(p, to_state_dict(random_weights(SPEC.replace(hidden_dim=24)))),
+     "do not fit spec 'tiny'"),
+    ("safetensors-corrupt-header", "w.safetensors", _corrupt_header, "invalid JSON in header"),
+    ("safetensors-huge-header-length", "w.safetensors", lambda p: p.write_bytes(struct.pack("<Q", 10**12) + b"{}"),
+     "header too large"),
+    ("safetensors-offsets-past-end", "w.safetensors", _header_past_end, "is not a readable safetensors file"),
+    ("safetensors-truncated", "w.safetensors", _truncated(lambda p: _safetensors(p, _state())),
+     "is not a readable safetensors file"),
+    ("safetensors-inf", "w.safetensors",
+     lambda p: _safetensors(p, _state("head.bias", lambda v: np.full_like(v, np.inf))), "'head/bias' holds NaN or infinite"),
+    ("safetensors-int-dtype", "w.safetensors",
+     lambda p: _safetensors(p, _state("norm.weight", lambda v: v.astype(np.int32))),
+     "'pre_head_layer_norm/scale' has dtype int32"),
+    ("weights-is-a-directory", "w.npz", lambda p: p.mkdir(), "weights file 'w.npz' is not a file"),
+    ("weights-unknown-extension", "w.ckpt", lambda p: p.write_bytes(b"\0" * 16), "unknown extension '.ckpt'"),
+]
+
+
+@pytest.mark.parametrize("name, write, message", [pytest.param(*c[1:], id=c[0]) for c in WEIGHTS_CASES])
+def test_bad_checkpoint(tmp_path, capfd, monkeypatch, name, write, message):
+    (tmp_path / "tiny.toml").write_text(TINY)
+    write(tmp_path / name)
+    before = _snapshot(tmp_path)
+    line = run_cli_here(["--spec", "tiny.toml", "--weights", name, "-o", "out"], tmp_path, capfd, monkeypatch)
+    assert message in line
+    assert not (tmp_path / "PWNED").exists(), "a pickle payload in a checkpoint was executed"
+    assert_nothing_left(tmp_path, before)
+
+
+def test_pickle_payload_refused_in_a_fresh_process(tmp_path):
+    """The same refusal through a real process: the payload must not run before the error."""
+    (tmp_path / "tiny.toml").write_text(TINY)
+    torch.save({"stem.proj.weight": _Payload(), "head.bias": torch.zeros(10)}, tmp_path / "w.pth")
+    line = run_cli_process(["--spec", "tiny.toml", "--weights", "w.pth", "-o", "out"], cwd=tmp_path)
+    assert "was refused: it is not a plain tensor state dict" in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.toml", "w.pth"]
+
+
+# --- artifacts ----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("bad-input") / "art"
+    compile_model(CompileOptions(spec=SPEC, seed=5, out_dir=out), Progress(7, quiet=True))
+    return out
+
+
+def _edit(change: Callable[[dict], object]) -> Callable[[Path], None]:
+    def apply(art: Path) -> None:
+        meta = json.loads((art / "metadata.json").read_text())
+        change(meta)
+        (art / "metadata.json").write_text(json.dumps(meta))
+    return apply
+
+
+def _replace_and_rehash(name: str, data: bytes) -> Callable[[Path], None]:
+    """A file swapped for garbage with the metadata made to match: only the loader can tell."""
+    def apply(art: Path) -> None:
+        (art / name).write_bytes(data)
+        meta = json.loads((art / "metadata.json").read_text())
+        meta["files"][name] = hashlib.sha256(data).hexdigest()
+        meta["file_sizes"][name] = len(data)
+        (art / "metadata.json").write_text(json.dumps(meta))
+    return apply
+
+
+def _truncate(name: str) -> Callable[[Path], None]:
+    def apply(art: Path) -> None:
+        data = (art / name).read_bytes()
+        (art / name).write_bytes(data[: len(data) // 3])
+    return apply
+
+
+ARTIFACT_CASES = [
+    # (id, damage, expected fragment of the message)
+    ("library-truncated", _truncate("model.so"), "model.so is truncated"),
+    ("library-missing", lambda a: (a / "model.so").unlink(), "is incomplete: model.so is missing"),
+    ("library-garbage-rehashed", _replace_and_rehash("model.so", b"\x7fELF" + b"\0" * 60), "cannot load"),
+    ("weights-garbage-rehashed", _replace_and_rehash("weights.params", b"not a param dict" * 4),
+     "cannot load '"),
+    ("metadata-truncated", lambda a: (a / "metadata.json").write_text((a / "metadata.json").read_text()[:200]),
+     "metadata.json' is not valid JSON"),
+    ("metadata-not-utf8", lambda a: (a / "metadata.json").write_bytes(b"\xff\xfe{}"), "is not valid JSON"),
+    ("metadata-a-list", lambda a: (a / "metadata.json").write_text("[1]"), "has format version None"),
+    ("format-version-2", _edit(lambda m: m.update(format_version=2)), "has format version 2; this mixer-compile reads version 1"),
+    ("format-version-string", _edit(lambda m: m.update(format_version="1")), "has format version '1'"),
+    ("metadata-no-input", _edit(lambda m: m.pop("input")), "field 'input' must be an object, got None"),
+    ("metadata-files-a-list", _edit(lambda m: m.update(files=["model.so"])), "field 'files' must be an object"),
+    ("metadata-sizes-strings", _edit(lambda m: m["file_sizes"].update({"model.so": "big"})), "field 'file_sizes'"),
+    ("metadata-input-shape-edited", _edit(lambda m: m["input"].update(shape=[1, 3, 64, 64])),
+     "input shape [1, 3, 64, 64] does not match the spec's [1, 3, 32, 32]"),
+    ("metadata-weights-unlisted", _edit(lambda m: m["files"].pop("weights.params")), "'files' lacks weights.params"),
+    ("metadata-param-renamed", _edit(lambda m: m["params"].__setitem__(0, "stem.W")),
+     "does not hold the parameters the module takes"),
+    ("metadata-cuda-without-arch", _edit(lambda m: m["target"].update(kind="cuda")),
+     "a CUDA build without 'target.requires.gpu_arch'"),
+    ("metadata-tvm-version-number", _edit(lambda m: m.update(tvm_version=27)), "field 'tvm_version' must be a string"),
+    ("metadata-missing", lambda a: (a / "metadata.json").unlink(), "is not an artifact: metadata.json is missing"),
+]
+
+
+@pytest.mark.parametrize("damage, message", [pytest.param(*c[1:], id=c[0]) for c in ARTIFACT_CASES])
+def test_bad_artifact(artifact, tmp_path, damage, message):
+    art = shutil.copytree(artifact, tmp_path / "art")
+    damage(art)
+    before = _snapshot(tmp_path)
+    with pytest.raises(ArtifactError) as err:
+        runtime.load(art)
+    assert message in str(err.value) and "\n" not in str(err.value)
+    assert _snapshot(tmp_path) == before, "the loader changed the artifact"
+
