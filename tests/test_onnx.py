@@ -34,9 +34,11 @@ def spec() -> MixerSpec:
     return MixerSpec("tiny", (32, 48), 8, 32, 16, 64, 2, num_classes=10, batch=2)
 
 
-def _torch_onnx(spec: MixerSpec, weights: dict, path, dynamic: bool = True, model=None, dynamo: bool = False) -> None:
-    """Our timm-named PyTorch Mixer exported by torch.onnx: the TorchScript exporter at opset 17, or
-    the torch.export-based one (torch's default since 2.9, opset 18, GELU as one Gelu node)."""
+def _torch_onnx(spec: MixerSpec, weights: dict, path, dynamic: bool = True, model=None, dynamo: bool = False,
+                opset: int = 17) -> None:
+    """Our timm-named PyTorch Mixer exported by torch.onnx: the TorchScript exporter (opset 17 has
+    LayerNormalization, older opsets spell it out), or the torch.export-based one (torch's default
+    since 2.9, opset 18, GELU as one Gelu node)."""
     model = model or torch_mixer(spec, weights)
     h, w = spec.image_size
     image = (torch.zeros(spec.batch, 3, h, w),)
@@ -44,7 +46,7 @@ def _torch_onnx(spec: MixerSpec, weights: dict, path, dynamic: bool = True, mode
         torch.onnx.export(model, image, str(path), dynamo=True, input_names=["image"], external_data=False,
                           verbose=False, dynamic_shapes=({0: torch.export.Dim("batch")},) if dynamic else None)
         return
-    torch.onnx.export(model, image, str(path), dynamo=False, opset_version=17,
+    torch.onnx.export(model, image, str(path), dynamo=False, opset_version=opset,
                       input_names=["image"], output_names=["logits"],
                       dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}} if dynamic else None)
 
@@ -97,11 +99,12 @@ def test_export_that_disagrees_writes_nothing(spec, tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("gelu, dynamo", [("erf", False), ("tanh", False), ("tanh", True)])
-def test_import_torch_export(spec, tmp_path, gelu, dynamo):
+@pytest.mark.parametrize("gelu, dynamo, opset", [("erf", False, 17), ("tanh", False, 17), ("tanh", True, 18),
+                                                 ("erf", False, 13)])
+def test_import_torch_export(spec, tmp_path, gelu, dynamo, opset):
     s = spec.replace(gelu=gelu)
     w = random_weights(s, seed=2)
-    _torch_onnx(s, w, tmp_path / "timm.onnx", dynamo=dynamo)
+    _torch_onnx(s, w, tmp_path / "timm.onnx", dynamo=dynamo, opset=opset)
     imported = import_onnx(tmp_path / "timm.onnx")
     assert imported.spec == s.replace(name="timm", batch=1)
     _same_weights(imported.weights, w)

@@ -11,7 +11,8 @@ order), hidden units T (token MLP), H (channel MLP), classes N. Transposes and r
 move atoms, so the same walk reads timm's layout (transposes around a MatMul), our
 tokens-major export (left MatMuls), Gemm with flattening reshapes, and our conv form
 (full-grid Conv + ConvTranspose with channels folded into the batch, 1x1 Convs). A GELU is
-any elementwise subgraph that evaluates to one of the two GELU flavours on probe points.
+any elementwise subgraph that evaluates to one of the two GELU flavours on probe points; a
+LayerNorm is the ONNX op or (opset < 17) its spelled-out subgraph, read off the same way.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import math
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NoReturn
+from typing import Callable, NoReturn
 
 import numpy as np
 import onnx
@@ -79,6 +80,7 @@ class _Walk:
             for i in n.input:
                 self.users[i].append(n)
         self.outputs = [o.name for o in g.output]
+        self.opsets = list(model.opset_import)
         self.sizes = dict(sizes)
         self.gelus: list[str] = []
         self.eps: list[float] = []
@@ -282,69 +284,110 @@ class _Walk:
             y, conv_bias = self.bias(y, produce)
         return y, kernel, conv_bias.reshape(-1)
 
+    def cone(self, x: str, member: Callable[[onnx.NodeProto], bool]) -> tuple[list[onnx.NodeProto], list[str]]:
+        """The nodes computed from `x` alone (plus constants) by `member` ops, and which of their
+        results are read outside that subgraph."""
+        values, nodes = {x}, []
+        for node in self.nodes:
+            ins = [i for i in node.input if i]
+            if member(node) and any(i in values for i in ins) and all(i in values or i in self.consts for i in ins):
+                nodes.append(node)
+                values.update(node.output)
+        inside = {id(n) for n in nodes}
+        outs = [o for n in nodes for o in n.output
+                if o in self.outputs or any(id(u) not in inside for u in self.users.get(o, []))]
+        return nodes, outs
+
+    def evaluate(self, nodes: list[onnx.NodeProto], x: str, out: str, probe: np.ndarray) -> np.ndarray | None:
+        """The subgraph's result on `probe` (ONNX's reference evaluator); None if it cannot run."""
+        from onnx.reference import ReferenceEvaluator
+
+        used = {i for n in nodes for i in n.input}
+        inits = [numpy_helper.from_array(self.consts[i], i) for i in used if i in self.consts]
+        value = helper.make_tensor_value_info
+        g = helper.make_graph(nodes, "probe", [value(x, onnx.TensorProto.FLOAT, list(probe.shape))],
+                              [value(out, onnx.TensorProto.FLOAT, None)], inits)
+        opset = next(o.version for o in self.opsets if o.domain in ("", "ai.onnx"))
+        try:
+            model = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
+            return np.asarray(ReferenceEvaluator(model).run(None, {x: probe})[0], np.float64)
+        except Exception:  # an op combination the evaluator cannot run is not the function we look for
+            return None
+
     def gelu(self, v: Val, what: str) -> Val:
         """The elementwise subgraph after `v`, checked to compute a GELU on probe points."""
         users = self.follow(v)
-        names = {x.name for _, x in users}
-        if not users or len(names) != 1 or any(n.op_type not in ELEMENTWISE for n, _ in users):
+        if not users or len({x.name for _, x in users}) != 1 or any(n.op_type not in ELEMENTWISE for n, _ in users):
             self.fail(f"a GELU in {what}", users[0][0] if users else None)
         x = users[0][1]
-        values, cone = {x.name}, []
-        for node in self.nodes:
-            ins = [i for i in node.input if i]
-            if node.op_type in ELEMENTWISE and any(i in values for i in ins) \
-                    and all(i in values or (i in self.consts and self.consts[i].size == 1) for i in ins):
-                cone.append(node)
-                values.update(node.output)
-        inside = {id(n) for n in cone}
-        outs = [o for n in cone for o in n.output
-                if o in self.outputs or any(id(u) not in inside for u in self.users.get(o, []))]
+        nodes, outs = self.cone(x.name, lambda n: n.op_type in ELEMENTWISE
+                                and all(self.consts[i].size == 1 for i in n.input if i in self.consts))
         if len(outs) != 1:
             self.fail(f"a GELU in {what} (one elementwise subgraph with one result)", users[0][0])
-        flavour = self.gelu_flavour(cone, x.name, outs[0])
+        probe = np.linspace(-5, 5, 201)
+        y = self.evaluate(nodes, x.name, outs[0], probe.astype(np.float32))
+        flavour = next((f for f in ("erf", "tanh") if y is not None
+                        and np.abs(y - reference_gelu(probe, f)).max() < 2e-5), None)
         if flavour is None:
-            self.fail(f"a GELU (erf or tanh form) in {what}", f"elementwise ops {[n.op_type for n in cone]} "
+            self.fail(f"a GELU (erf or tanh form) in {what}", f"elementwise ops {[n.op_type for n in nodes]} "
                       "that compute something else")
         self.gelus.append(flavour)
         return Val(outs[0], x.axes)
 
-    def gelu_flavour(self, cone: list[onnx.NodeProto], x: str, out: str) -> str | None:
-        from onnx.reference import ReferenceEvaluator
-
-        used = {i for n in cone for i in n.input}
-        inits = [numpy_helper.from_array(self.consts[i].astype(np.float32).reshape(()), i)
-                 for i in used if i in self.consts]
-        probe = np.linspace(-5, 5, 201).astype(np.float32)
-        g = helper.make_graph(cone, "gelu", [helper.make_tensor_value_info(x, onnx.TensorProto.FLOAT, [201])],
-                              [helper.make_tensor_value_info(out, onnx.TensorProto.FLOAT, [201])], inits)
-        model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 20)])
-        try:
-            y = ReferenceEvaluator(model).run(None, {x: probe})[0]
-        except Exception:  # an op combination the evaluator cannot run is simply not a GELU
-            return None
-        for flavour in ("erf", "tanh"):
-            if np.abs(y - reference_gelu(probe.astype(np.float64), flavour)).max() < 2e-5:
-                return flavour
-        return None
-
-    def layer_norm(self, node: onnx.NodeProto, x: Val, what: str) -> tuple[Val, np.ndarray, np.ndarray]:
-        a = self.attrs(node)
-        axis = a.get("axis", -1) % len(x.axes)
-        if self.letters(sum(x.axes[axis:], ())) != ("C",):
+    def over_channels(self, x: Val, axis: int, what: str, node: onnx.NodeProto) -> None:
+        if self.letters(sum(x.axes[axis % len(x.axes):], ())) != ("C",):
             self.fail(f"{what} over the channels", node)
-        self.eps.append(float(a.get("epsilon", 1e-5)))
-        scale = self.const(node.input[1], f"{what} scale", node).reshape(-1)
-        bias = (self.const(node.input[2], f"{what} bias", node).reshape(-1) if len(node.input) > 2 and node.input[2]
-                else np.zeros_like(scale))
-        return Val(node.output[0], x.axes), scale, bias
 
-    def norm_of(self, x: Val, expected: str) -> tuple[onnx.NodeProto, Val]:
-        """The LayerNormalization among the consumers of `x` (the trunk also feeds a residual add)."""
+    def norm(self, x: Val, what: str) -> tuple[Val, np.ndarray, np.ndarray, set[int]]:
+        """The LayerNorm over the channels reading `x`: an ONNX LayerNormalization (opset >= 17) or
+        its opset < 17 decomposition. Returns its output, scale, bias and the nodes that read `x`."""
         users = self.follow(x)
-        found = next(((n, v) for n, v in users if n.op_type == "LayerNormalization"), None)
-        if found is None:
-            self.fail(expected, users[0][0] if users else None)
-        return found
+        node, v = next(((n, v) for n, v in users if n.op_type in ("LayerNormalization", "ReduceMean")),
+                       (users[0][0] if users else None, None))
+        if v is None:
+            self.fail(f"a LayerNormalization before {what}", node)
+        if node.op_type == "ReduceMean":
+            return self.decomposed_norm(v, what, node)
+        a = self.attrs(node)
+        self.over_channels(v, a.get("axis", -1), f"the LayerNorm before {what}", node)
+        self.eps.append(float(a.get("epsilon", 1e-5)))
+        scale = self.const(node.input[1], f"the LayerNorm scale before {what}", node).reshape(-1)
+        bias = (self.const(node.input[2], f"the LayerNorm bias before {what}", node).reshape(-1)
+                if len(node.input) > 2 and node.input[2] else np.zeros_like(scale))
+        return Val(node.output[0], v.axes), scale, bias, {id(node)}
+
+    def reduce_axes(self, node: onnx.NodeProto) -> list[int] | None:
+        axes = self.attrs(node).get("axes")
+        if axes is None and len(node.input) > 1 and node.input[1] in self.consts:
+            axes = [int(d) for d in self.consts[node.input[1]].reshape(-1)]
+        return axes
+
+    def decomposed_norm(self, x: Val, what: str, first: onnx.NodeProto) -> tuple[Val, np.ndarray, np.ndarray, set[int]]:
+        """mean, subtract, square, mean, add eps, sqrt, divide, scale, shift as separate ops: the
+        subgraph is found as for GELU; bias, eps and scale are read off its outputs on probes."""
+        rank, c = len(x.axes), self.sizes["C"]
+        self.over_channels(x, (self.reduce_axes(first) or [0])[-1], f"the LayerNorm before {what}", first)
+        nodes, outs = self.cone(x.name, lambda n: n.op_type in ELEMENTWISE | {"Reciprocal"} or (
+            n.op_type == "ReduceMean" and [d % rank for d in self.reduce_axes(n) or []] == [rank - 1]))
+        eps_options = sorted({float(self.consts[i].reshape(-1)[0]) for n in nodes for i in n.input
+                              if i in self.consts and self.consts[i].size == 1 and 0 < self.consts[i].reshape(-1)[0] < 1e-2})
+        probe = np.random.default_rng(0).standard_normal((1,) * (rank - 2) + (16, c))
+        y = self.evaluate(nodes, x.name, outs[0], probe.astype(np.float32)) if len(outs) == 1 else None
+        zero = self.evaluate(nodes, x.name, outs[0], np.zeros((1,) * (rank - 1) + (c,), np.float32)) \
+            if y is not None else None
+        for eps in eps_options if zero is not None else []:
+            bias = zero.reshape(-1)
+            z = (probe - probe.mean(-1, keepdims=True)) / np.sqrt(probe.var(-1, keepdims=True) + eps)
+            scale = ((y - bias) * z).reshape(-1, c).sum(0) / (z * z).reshape(-1, c).sum(0)
+            if np.abs(z * scale + bias - y).max() <= 1e-5 * max(1.0, np.abs(y).max()):
+                self.eps.append(eps)
+                readers = {id(n) for n in nodes if x.name in n.input}
+                vectors = [self.consts[i].reshape(-1) for n in nodes for i in n.input
+                           if i in self.consts and self.consts[i].size == c]
+                exact = [next((v for v in vectors if np.abs(v - est).max() <= 1e-5 * max(1.0, np.abs(est).max())),
+                              est) for est in (scale, bias)]  # the stored constants, not float32 estimates
+                return Val(outs[0], x.axes), exact[0], exact[1], readers
+        self.fail(f"a LayerNorm before {what}", f"ops {[n.op_type for n in nodes]} that compute something else")
 
     def residual(self, trunk: Val, y: Val, what: str) -> tuple[Val, onnx.NodeProto]:
         node, v = self.only(y, {"Add"}, f"the residual add of {what}")
@@ -364,19 +407,17 @@ class _Walk:
                   f"{key}/Dense_1/kernel": k1, f"{key}/Dense_1/bias": b1})
         return y
 
-    def block(self, x: Val, i: int, ln: onnx.NodeProto, ln_in: Val, w: Weights) -> Val:
+    def block(self, x: Val, i: int, first_norm: tuple[Val, np.ndarray, np.ndarray, set[int]], w: Weights) -> Val:
         pre = f"MixerBlock_{i}"
         for part, (outer, hidden, key, norm) in enumerate(((("Y", "X"), "T", "token_mixing", "LayerNorm_0"),
                                                            (("C",), "H", "channel_mixing", "LayerNorm_1"))):
             what = f"block {i} {key.replace('_', ' ')}"
-            if part == 1:
-                ln, ln_in = self.norm_of(x, f"a LayerNormalization before {what}")
-            y, scale, bias = self.layer_norm(ln, ln_in, f"{what} LayerNorm")
+            y, scale, bias, readers = first_norm if part == 0 else self.norm(x, what)
             w.update({f"{pre}/{norm}/scale": scale, f"{pre}/{norm}/bias": bias})
             y = self.mlp(y, outer, hidden, w, f"{pre}/{key}", what)
             trunk_users = {id(n) for n, _ in self.follow(x)}
             x, add = self.residual(x, y, what)
-            if trunk_users != {id(ln), id(add)}:
+            if trunk_users != readers | {id(add)}:
                 self.fail(f"the input of {what} to feed only its LayerNorm and the residual add",
                           f"{len(trunk_users)} consumers")
         return x
@@ -424,13 +465,14 @@ def recognise(model: onnx.ModelProto, name: str = "onnx_mixer", batch: int | Non
     weights: Weights = {"stem/kernel": stem_k, "stem/bias": stem_b}
     blocks = 0
     while True:
-        ln, ln_in = walk.norm_of(x, "a LayerNormalization (opset >= 17) on the block input or before the head")
-        after = walk.follow(Val(ln.output[0], ln_in.axes))
-        if len(walk.follow(x)) == 1 and len(after) == 1 and after[0][0].op_type in ("ReduceMean", "GlobalAveragePool"):
+        norm = walk.norm(x, f"block {blocks} token mixing (or the head)")
+        after = walk.follow(norm[0])
+        if len(walk.follow(x)) == len(norm[3]) and len(after) == 1 \
+                and after[0][0].op_type in ("ReduceMean", "GlobalAveragePool"):
             break
-        x = walk.block(x, blocks, ln, ln_in, weights)
+        x = walk.block(x, blocks, norm, weights)
         blocks += 1
-    y, scale, bias = walk.layer_norm(ln, ln_in, "the pre-head LayerNorm")
+    y, scale, bias, _ = norm
     weights.update({"pre_head_layer_norm/scale": scale, "pre_head_layer_norm/bias": bias})
     y = _pool(walk, y)
     y, head_k, head_b = walk.linear(y, ("C",), ("N",), "the linear head")
@@ -453,13 +495,8 @@ def _pool(walk: _Walk, y: Val) -> Val:
     """The mean over the tokens (ReduceMean over the grid axes, or GlobalAveragePool)."""
     node, x = walk.only(y, {"ReduceMean", "GlobalAveragePool"}, "the mean over the tokens")
     a = walk.attrs(node)
-    if node.op_type == "GlobalAveragePool":
-        axes = [2, 3]
-    else:
-        axes = a.get("axes")
-        if axes is None and len(node.input) > 1:
-            axes = [int(d) for d in walk.const(node.input[1], "the mean's axes", node)]
-    axes = sorted(d % len(x.axes) for d in (axes or []))
+    axes = [2, 3] if node.op_type == "GlobalAveragePool" else walk.reduce_axes(node) or []
+    axes = sorted(d % len(x.axes) for d in axes)
     if walk.letters(sum((x.axes[d] for d in axes), ())) != ("Y", "X"):
         walk.fail("the mean over the tokens", node)
     keep = a.get("keepdims", 1) if node.op_type == "ReduceMean" else 1
