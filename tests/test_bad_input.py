@@ -36,9 +36,8 @@ from mixer_compile.progress import Progress
 from mixer_compile.spec import MixerSpec
 from mixer_compile.weights import random_weights
 from mixer_compile.weights.timm import to_state_dict
+from tests.test_cli import TINY
 
-TINY = ('name = "tiny"\nimage_size = 32\npatch_size = 8\nhidden_dim = 32\ntokens_mlp_dim = 16\n'
-        'channels_mlp_dim = 128\nnum_blocks = 2\nnum_classes = 10\n')
 SPEC = MixerSpec("tiny", (32, 32), 8, 32, 16, 128, 2, num_classes=10)
 
 

@@ -1,0 +1,146 @@
+"""Faults around the artifact: a full disk, no permission, two writers at once.
+
+Each failure must be one line naming the path and the problem, and leave nothing behind: no
+half-written artifact, no temporary directory, no lock file. The real-disk cases mount a small
+or read-only tmpfs where this process may (root); otherwise the permission case uses a
+read-only directory, and the full-disk case is covered by the simulated one.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import threading
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pytest
+
+from mixer_compile import reference, runtime
+from mixer_compile.driver import CompileOptions, compile_model
+from mixer_compile.errors import ArtifactError
+from mixer_compile.locking import exclusive, lock_path
+from mixer_compile.progress import Progress
+from mixer_compile.spec import MixerSpec
+from mixer_compile.weights import random_weights
+from tests.conftest import rel_error
+from tests.test_cli import TINY
+
+SPEC = MixerSpec("tiny", (32, 32), 8, 32, 16, 128, 2, num_classes=10)
+
+
+def cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "mixer_compile.cli", *args], capture_output=True, text=True,
+                          timeout=300, cwd=cwd)
+
+
+def error_line(proc: subprocess.CompletedProcess) -> str:
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, proc.stderr
+    return lines[0]
+
+
+@contextmanager
+def tmpfs(where: Path, options: str) -> Iterator[Path]:
+    """A private tmpfs at `where` (e.g. 'size=64k' or 'ro'), or a skip where mounting is not allowed."""
+    where.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(where)], capture_output=True, timeout=30)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({proc.stderr.decode().strip()})")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], capture_output=True, timeout=30)
+
+
+def test_full_disk_simulated_names_path_and_problem(tmp_path, monkeypatch):
+    real = pathlib.Path.write_text
+
+    def full(self, *args, **kwargs):
+        if self.name == "metadata.json":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(pathlib.Path, "write_text", full)
+    out = tmp_path / "art"
+    with pytest.raises(ArtifactError) as err:
+        compile_model(CompileOptions(spec=SPEC, out_dir=out), Progress(7, quiet=True))
+    assert str(err.value) == f"cannot write artifact to '{out}': No space left on device"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_full_disk_for_real(tmp_path):
+    (tmp_path / "tiny.toml").write_text(TINY)
+    with tmpfs(tmp_path / "small", "size=64k") as small:
+        proc = cli(["--spec", "tiny.toml", "-o", str(small / "art")], cwd=tmp_path)
+        line = error_line(proc)
+        assert f"cannot write artifact to '{small / 'art'}'" in line and "No space left on device" in line
+        assert list(small.iterdir()) == []
+
+
+def test_no_permission_fails_before_the_build(tmp_path):
+    (tmp_path / "tiny.toml").write_text(TINY)
+    if os.geteuid() == 0:  # root ignores mode bits: a read-only file system refuses it too
+        context = tmpfs(tmp_path / "ro", "ro")
+    else:
+        (tmp_path / "ro").mkdir(mode=0o555)
+        context = nullcontext(tmp_path / "ro")
+    with context as ro:
+        proc = cli(["--spec", "tiny.toml", "-o", str(ro / "sub" / "art")], cwd=tmp_path)
+        line = error_line(proc)
+        assert f"cannot write artifact to '{ro / 'sub' / 'art'}'" in line
+        assert "Read-only file system" in line or "Permission denied" in line
+        assert "done in" not in proc.stderr  # refused before any stage ran
+        assert list(ro.iterdir()) == []
+
+
+def test_lock_serialises_writers_and_leaves_no_file(tmp_path):
+    target = tmp_path / "art"
+    waiting, inside = threading.Event(), threading.Event()
+    order = []
+
+    def second_writer():
+        with exclusive(target, say=lambda msg: waiting.set()):
+            order.append("second")
+            inside.set()
+
+    with exclusive(target):
+        assert lock_path(target).is_file()
+        thread = threading.Thread(target=second_writer)
+        thread.start()
+        assert waiting.wait(60), "the second writer never reported that it waits"
+        assert not inside.is_set()
+        order.append("first")
+    thread.join(60)
+    assert order == ["first", "second"]
+    assert list(tmp_path.iterdir()) == []  # the lock file went with its last holder
+
+
+def test_two_compiles_into_one_directory_give_one_good_artifact(tmp_path):
+    """Two processes race to the same -o with different weights: the result is one complete
+    artifact (library, weights and metadata from the same build), and nothing else."""
+    (tmp_path / "tiny.toml").write_text(TINY)
+    procs = [subprocess.Popen([sys.executable, "-m", "mixer_compile.cli", "--spec", "tiny.toml", "--seed", str(seed),
+                               "-o", "art"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for seed in (1, 2)]
+    try:
+        results = [p.communicate(timeout=300) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert [p.returncode for p in procs] == [0, 0], [err for _, err in results]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["art", "tiny.toml"]
+    meta = json.loads((tmp_path / "art" / "metadata.json").read_text())
+    seed = meta["weights"]["seed"]
+    assert seed in (1, 2)
+    model = runtime.load(tmp_path / "art")  # checks every file against the metadata's hashes
+    images = np.random.default_rng(0).standard_normal((1, 3, 32, 32)).astype(np.float32)
+    ref = reference.forward(SPEC.replace(gelu="tanh"), random_weights(SPEC, seed), images)
+    assert rel_error(model(images), ref) < 1e-4
