@@ -23,21 +23,25 @@ CMAP = "RdBu_r"
 
 
 def pair_by_phase(units: np.ndarray) -> list[tuple[int, ...]]:
-    """Greedy pairs (in column order) of each unit with its most anti-correlated free partner."""
+    """Pairs of units of opposite phase: greedily the most anti-correlated pair of free units first.
+
+    Each pair is listed in column order, pairs in the order they were formed; an odd unit out
+    (or one with constant weights, correlated with nothing) is left alone at the end.
+    """
     z = units - units.mean(axis=0)
-    z = z / np.maximum(np.linalg.norm(z, axis=0), 1e-12)
+    norms = np.linalg.norm(z, axis=0)
+    z = z / np.where(norms > 1e-12, norms, np.inf)
     corr = z.T @ z
-    free = list(range(units.shape[1]))
+    n = units.shape[1]
+    i, j = np.triu_indices(n, k=1)
+    free = set(range(n))
     pairs: list[tuple[int, ...]] = []
-    while free:
-        i = free.pop(0)
-        if not free:
-            pairs.append((i,))
-            break
-        j = min(free, key=lambda k: corr[i, k])
-        free.remove(j)
-        pairs.append((i, j))
-    return pairs
+    for k in np.argsort(corr[i, j], kind="stable"):
+        a, b = int(i[k]), int(j[k])
+        if a in free and b in free and corr[a, b] < 0:
+            pairs.append((a, b))
+            free -= {a, b}
+    return pairs + [(u,) for u in sorted(free)]
 
 
 def frequency(tile: np.ndarray) -> float:
@@ -50,10 +54,11 @@ def frequency(tile: np.ndarray) -> float:
 
 
 def unit_order(kernel: np.ndarray, grid: tuple[int, int]) -> list[int]:
-    """The paper's order of the kernel's columns: opposite-phase pairs, sorted by frequency."""
+    """The paper's order of the kernel's columns: opposite-phase pairs sorted by frequency, then
+    the units left unpaired (so pairs stay side by side in a grid with an even column count)."""
     pairs = pair_by_phase(kernel)
-    freq = [np.mean([frequency(kernel[:, u].reshape(grid)) for u in pair]) for pair in pairs]
-    return [u for _, pair in sorted(zip(freq, pairs), key=lambda t: t[0]) for u in pair]
+    key = [(len(pair) == 1, np.mean([frequency(kernel[:, u].reshape(grid)) for u in pair])) for pair in pairs]
+    return [u for _, pair in sorted(zip(key, pairs), key=lambda t: t[0]) for u in pair]
 
 
 def assemble(kernel: np.ndarray, grid: tuple[int, int], columns: int | None = None) -> tuple[np.ndarray, list[int], int]:

@@ -26,9 +26,10 @@ def test_pairs_are_opposite_phase_and_sorted_by_frequency():
     grid = (4, 4)
     yy, xx = np.meshgrid(np.arange(4), np.arange(4), indexing="ij")
     slow, fast = np.cos(np.pi * xx / 3), np.cos(np.pi * (xx + yy))
-    kernel = np.stack([fast, slow, -fast, -slow], axis=-1).reshape(16, 4)
-    assert pair_by_phase(kernel) == [(0, 2), (1, 3)]
-    assert unit_order(kernel, grid) == [1, 3, 0, 2]  # the low-frequency pair first
+    flat = np.ones((4, 4))  # correlated with nothing: left unpaired, drawn last
+    kernel = np.stack([fast, flat, slow, -fast, 0.5 - slow], axis=-1).reshape(16, 5)
+    assert pair_by_phase(kernel) == [(0, 3), (2, 4), (1,)]
+    assert unit_order(kernel, grid) == [2, 4, 0, 3, 1]  # the low-frequency pair first
 
 
 def test_tiles_hold_the_weights(spec):
