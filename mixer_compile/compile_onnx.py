@@ -49,6 +49,9 @@ def compile_onnx(path: Path, out_dir: Path, target: str = "llvm", form: str = "m
     with progress.stage("import", str(path)):
         imported = import_onnx(path, batch)
         spec = imported.spec
+        if batch is not None and batch != spec.batch:
+            progress.say(f"      the file's batch is fixed at {spec.batch}: building for batch {spec.batch}, "
+                         f"not {batch} (export it with a dynamic batch axis to choose)")
         progress.say(f"      recognised {spec.num_blocks} blocks, patch {spec.patch_size}, C {spec.hidden_dim}, "
                      f"D_S {spec.tokens_mlp_dim}, D_C {spec.channels_mlp_dim}, {spec.num_classes} classes, "
                      f"{spec.image_size[0]}x{spec.image_size[1]}, {spec.resolved_gelu} GELU")
