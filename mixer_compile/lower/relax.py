@@ -5,6 +5,11 @@ so one compiled library serves any checkpoint of the spec; `embed` binds them as
 instead. Ops are emitted as plain Relax ops inside one dataflow block: the matmul + bias +
 GELU + residual of a fused IR op become adjacent Relax ops that FuseOps turns into one
 kernel, which is what MetaSchedule then tunes.
+
+Precision (passes/precision.py): tensors carry their storage dtype; an op marked
+`accumulate` computes in that dtype (matmul/conv with `out_dtype`, LayerNorm and mean on
+upcast inputs), runs its fused epilogue there too, and is rounded once to its output dtype.
+The image input and the logits stay float32 whatever the storage dtype.
 """
 
 from __future__ import annotations
@@ -24,34 +29,42 @@ def _broadcast(bias: relax.Expr, ndim: int, axes: tuple[int, ...], shape: tuple[
     return R.reshape(bias, target)
 
 
+def _as(x: relax.Expr, dtype: str) -> relax.Expr:
+    return x if str(x.ty.dtype) == dtype else R.astype(x, dtype)
+
+
+def _compute_dtype(op: Op) -> str:
+    return op.attrs.get("accumulate", op.output.dtype)
+
+
 def _epilogue(bb: relax.BlockBuilder, op: Op, y: relax.Expr, extra: list[relax.Expr], axis: int) -> relax.Expr:
-    a, shape = op.attrs, op.output.shape
+    a, shape, dtype = op.attrs, op.output.shape, _compute_dtype(op)
     if a.get("bias"):
-        y = bb.emit(R.add(y, _broadcast(extra.pop(0), len(shape), (axis,), shape)))
+        y = bb.emit(R.add(y, _broadcast(_as(extra.pop(0), dtype), len(shape), (axis,), shape)))
     if a.get("activation") == "gelu_tanh":
         y = bb.emit(R.nn.gelu_tanh(y))
     elif a.get("activation") == "gelu_erf":
         y = bb.emit(R.nn.gelu(y))
     if a.get("residual"):
-        y = bb.emit(R.add(y, extra.pop(0)))
+        y = bb.emit(R.add(y, _as(extra.pop(0), dtype)))
     return y
 
 
 def _dense(bb: relax.BlockBuilder, op: Op, x: relax.Expr, kernel: relax.Expr) -> relax.Expr:
     axis, ndim = op.attrs["axis"], len(op.output.shape)
-    kn = op.attrs["kernel_layout"] == "KN"
+    kn, out = op.attrs["kernel_layout"] == "KN", _compute_dtype(op)
     if axis == ndim - 1:  # right product X . W
-        return bb.emit(R.matmul(x, kernel if kn else R.permute_dims(kernel)))
+        return bb.emit(R.matmul(x, kernel if kn else R.permute_dims(kernel), out_dtype=out))
     if axis == ndim - 2:  # left product W . X (tokens-major token mixing)
-        return bb.emit(R.matmul(R.permute_dims(kernel) if kn else kernel, x))
+        return bb.emit(R.matmul(R.permute_dims(kernel) if kn else kernel, x, out_dtype=out))
     perm = [i for i in range(ndim) if i != axis] + [axis]
     inverse = list(np.argsort(perm))
-    y = bb.emit(R.matmul(R.permute_dims(x, perm), kernel if kn else R.permute_dims(kernel)))
+    y = bb.emit(R.matmul(R.permute_dims(x, perm), kernel if kn else R.permute_dims(kernel), out_dtype=out))
     return bb.emit(R.permute_dims(y, inverse))
 
 
 def _emit(bb: relax.BlockBuilder, graph: Graph, op: Op, args: list[relax.Expr]) -> relax.Expr:
-    a = op.attrs
+    a, dtype = op.attrs, _compute_dtype(op)
     x, rest = args[0], list(args[1:])
     if op.kind == "patchify":
         b, c, h, w = graph.tensor(op.inputs[0]).shape
@@ -69,18 +82,20 @@ def _emit(bb: relax.BlockBuilder, graph: Graph, op: Op, args: list[relax.Expr]) 
     if op.kind == "add":
         return bb.emit(R.add(x, rest[0]))
     if op.kind == "layer_norm":
-        return bb.emit(R.nn.layer_norm(x, rest[0], rest[1], axes=[a["axis"]], epsilon=a["eps"]))
+        return bb.emit(R.nn.layer_norm(_as(x, dtype), _as(rest[0], dtype), _as(rest[1], dtype),
+                                       axes=[a["axis"]], epsilon=a["eps"]))
     if op.kind == "mean":
-        return bb.emit(R.mean(x, axis=[a["axis"]]))
+        return bb.emit(R.mean(_as(x, dtype), axis=[a["axis"]]))
     if op.kind == "transpose":
         return bb.emit(R.permute_dims(x, a["perm"]))
     if op.kind == "reshape":
         return bb.emit(R.reshape(x, a["shape"]))
     if op.kind == "conv2d":
-        y = bb.emit(R.nn.conv2d(x, rest.pop(0), strides=a["stride"], groups=a["groups"]))
+        y = bb.emit(R.nn.conv2d(x, rest.pop(0), strides=a["stride"], groups=a["groups"], out_dtype=dtype))
         return _epilogue(bb, op, y, rest, 1)
     if op.kind == "conv2d_transpose":
-        return bb.emit(R.nn.conv2d_transpose(x, rest[0], strides=a["stride"], groups=a["groups"]))
+        return bb.emit(R.nn.conv2d_transpose(x, rest[0], strides=a["stride"], groups=a["groups"],
+                                             out_dtype=dtype))
     raise NotImplementedError(op.kind)
 
 
@@ -93,8 +108,9 @@ def to_relax(graph: Graph, embed: dict[str, np.ndarray] | None = None) -> tvm.IR
         with bb.dataflow():
             env: dict[str, relax.Expr] = {graph.input.name: image, **params}
             for op in graph.ops:
-                env[op.output.name] = _emit(bb, graph, op, [env[i] for i in op.inputs])
-            out = bb.emit_output(env[graph.output])
+                y = _emit(bb, graph, op, [env[i] for i in op.inputs])
+                env[op.output.name] = y if str(y.ty.dtype) == op.output.dtype else bb.emit(R.astype(y, op.output.dtype))
+            out = bb.emit_output(_as(env[graph.output], "float32"))
         bb.emit_func_output(out)
     mod = bb.get()
     mod["main"] = mod["main"].with_attr("num_input", 1)

@@ -13,7 +13,7 @@ from typing import Callable
 
 from mixer_compile.errors import MixerCompileError
 from mixer_compile.ir.graph import Graph
-from mixer_compile.passes import channel_mixing_as_conv1x1, fuse, layout, token_mixing_as_conv
+from mixer_compile.passes import channel_mixing_as_conv1x1, fuse, layout, precision, token_mixing_as_conv
 
 PassFn = Callable[[Graph], tuple[Graph, list[str]]]
 
@@ -59,11 +59,16 @@ def passes_for(form: str, after: str | None = None) -> tuple[str, ...]:
     return names[: names.index(after) + 1]
 
 
-def run_passes(graph: Graph, names: tuple[str, ...]) -> tuple[Graph, list[PassReport]]:
+def run_passes(graph: Graph, names: tuple[str, ...], dtype: str = "float32") -> tuple[Graph, list[PassReport]]:
+    """Runs `names` in order, then (for float16/bfloat16) the precision pass, last, so that
+    no rewrite has to reason about mixed precisions."""
+    steps: list[tuple[str, PassFn]] = [(name, PASSES[name]) for name in names]
+    if precision.check_dtype(dtype) != "float32":
+        steps.append((f"precision_{dtype}", lambda g: precision.run(g, dtype)))
     reports = []
-    for name in names:
+    for name, fn in steps:
         before = graph.op_counts()
-        graph, changes = PASSES[name](graph)
+        graph, changes = fn(graph)
         graph.remove_unused_params()
         reports.append(PassReport(name, changes, before, graph.op_counts()))
     return graph, reports

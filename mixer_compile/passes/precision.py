@@ -1,0 +1,52 @@
+"""Storage precision: weights and activations in float16 or bfloat16, sums in float32.
+
+Half-width storage halves the memory traffic and lets GPU tensor cores run the matmuls,
+but a long dot product or a variance summed in 16 bits loses digits it never gets back
+(fp16 has an 11-bit significand, bf16 an 8-bit one). So the decision recorded here is:
+the matrices (matmul/conv kernels, the bulk of the bytes) and every op output are stored
+in `dtype`; the vectors (biases, LayerNorm scale and shift: under 1% of the bytes) stay
+float32, because they are only ever added to or multiplied with float32 values, and a
+half-precision copy would cost a cast kernel per call on the GPU. The ops that reduce
+(dense/conv contractions, LayerNorm's mean and variance, the token average) are marked
+`accumulate = float32` and the lowering computes them, and their fused epilogues, in
+float32 before rounding the result once to `dtype`. The model's interface stays float32:
+float32 images in, float32 logits out (the last op writes float32 directly).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from mixer_compile.errors import MixerCompileError
+from mixer_compile.ir.graph import Graph
+
+DTYPES = ("float32", "float16", "bfloat16")
+ACCUMULATE = "float32"
+# Ops whose result is a sum over many terms: computed in ACCUMULATE, then rounded once.
+REDUCING = ("dense", "conv2d", "conv2d_transpose", "layer_norm", "mean")
+
+
+def check_dtype(dtype: str) -> str:
+    if dtype not in DTYPES:
+        raise MixerCompileError(f"unknown dtype '{dtype}'; choose one of {', '.join(DTYPES)}")
+    return dtype
+
+
+def run(graph: Graph, dtype: str) -> tuple[Graph, list[str]]:
+    """`graph` with parameters and activations stored in `dtype` (float32: unchanged)."""
+    if check_dtype(dtype) == "float32":
+        return graph, []
+    g = graph.copy()
+    g.params = {n: dataclasses.replace(p, tensor=dataclasses.replace(p.tensor, dtype=dtype))
+                if len(p.tensor.shape) > 1 else p for n, p in g.params.items()}
+    matrices = sum(p.tensor.dtype == dtype for p in g.params.values())
+    reducing = 0
+    for op in g.ops:
+        if op.output.name != g.output:  # the logits stay float32 (see above)
+            op.output = dataclasses.replace(op.output, dtype=dtype)
+        if op.kind in REDUCING:
+            op.attrs["accumulate"] = ACCUMULATE
+            reducing += 1
+    g.meta["precision"] = {"dtype": dtype, "accumulate": ACCUMULATE}
+    return g, [f"{matrices} weight matrices and {len(g.ops) - 1} activations stored in {dtype}",
+               f"{reducing} reducing ops accumulate in {ACCUMULATE}"]
