@@ -2,7 +2,9 @@
 
 TVM 0.27 takes targets as dicts, not CLI strings; a name on our command line maps to one
 file, so a target is reviewed and versioned like code. The value "host" in a CPU target
-stands for what this machine has (its LLVM CPU name, its core count), resolved at build time.
+stands for what this machine has (its LLVM CPU name, its core count), resolved at build time;
+a CUDA target with `"arch": "local"` stands for this machine's GPU (the file's `default`
+target when none is visible), so `--target cuda` builds for the GPU at hand.
 """
 
 from __future__ import annotations
@@ -60,6 +62,32 @@ def _resolve_host(config: dict[str, Any]) -> dict[str, Any]:
     return config
 
 
+def local_gpu() -> Any | None:
+    """This machine's first CUDA device, or None (no GPU, no driver, or a TVM without CUDA)."""
+    try:
+        import tvm
+
+        dev = tvm.cuda(0)
+        return dev if dev.exist else None
+    except Exception:  # TVM raises its own error types when the CUDA runtime is missing
+        return None
+
+
+def _local_gpu_target(stem: str, data: dict[str, Any]) -> TargetInfo:
+    """The sm_XY target file of the local GPU if there is one, else its limits read off the
+    device; with no GPU visible, the file's `default` target."""
+    dev = local_gpu()
+    if dev is None:
+        base = get_target(data["default"])
+        return TargetInfo(stem, f"no GPU visible: {base.name} ({base.description})", base.config)
+    arch = "sm_" + dev.compute_version.replace(".", "")
+    if (TARGETS_DIR / f"{arch}.json").is_file():
+        return TargetInfo(stem, f"local {dev.device_name}: {arch}", get_target(arch).config)
+    config = {**data["target"], "arch": arch, "max_shared_memory_per_block": dev.max_shared_memory_per_block,
+              "max_threads_per_block": dev.max_threads_per_block, "thread_warp_size": dev.warp_size}
+    return TargetInfo(stem, f"local {dev.device_name}: {arch}", _resolve_host(config))
+
+
 def _read(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text())
@@ -84,6 +112,8 @@ def get_target(name: str) -> TargetInfo:
     targets = known_targets()
     for stem, data in targets.items():
         if name == stem or name in data.get("aliases", []):
+            if data["target"].get("arch") == "local":
+                return _local_gpu_target(stem, data)
             return TargetInfo(stem, data.get("description", ""), _resolve_host(data["target"]))
     names = ", ".join(sorted(targets))
     raise TargetError(f"unknown target '{name}' (known: {names}; or a path to a target .json file)")
