@@ -91,6 +91,18 @@ def random_weights(spec: MixerSpec, seed: int = 0) -> Weights:
     return out
 
 
+FORMATS = {".npz": "jax", ".pth": "timm", ".pt": "timm", ".bin": "timm", ".safetensors": "timm"}
+
+
+def checkpoint_format(path: str | Path) -> str:
+    """The weights origin a file name stands for (jax or timm)."""
+    suffix = Path(path).suffix.lower()
+    if suffix not in FORMATS:
+        raise WeightsError(f"weights file '{path}' has unknown extension '{suffix}'; "
+                           "expected .npz (official JAX) or .pth/.safetensors (timm)")
+    return FORMATS[suffix]
+
+
 def load_weights(path: str | Path, spec: MixerSpec) -> tuple[Weights, str]:
     """Loads a checkpoint by extension; returns canonical weights and their origin (jax|timm)."""
     from mixer_compile.weights import npz, timm  # one module per checkpoint family
@@ -98,10 +110,6 @@ def load_weights(path: str | Path, spec: MixerSpec) -> tuple[Weights, str]:
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"weights file '{path}' " + ("is not a file" if path.exists() else "does not exist"))
-    suffix = path.suffix.lower()
-    if suffix == ".npz":
-        return check_weights(npz.read(path), spec, str(path)), "jax"
-    if suffix in (".pth", ".pt", ".bin", ".safetensors"):
-        return check_weights(timm.read(path), spec, str(path)), "timm"
-    raise WeightsError(f"weights file '{path}' has unknown extension '{suffix}'; "
-                       "expected .npz (official JAX) or .pth/.safetensors (timm)")
+    origin = checkpoint_format(path)
+    reader = npz.read if origin == "jax" else timm.read
+    return check_weights(reader(path), spec, str(path)), origin

@@ -21,7 +21,8 @@ from mixer_compile.atomic import write_bytes
 from mixer_compile.errors import SpecError, WeightsError
 from mixer_compile.spec import MixerSpec
 from mixer_compile.weights import Weights, load_weights
-from mixer_compile.weights.write import checkpoint_format, write_weights
+from mixer_compile.weights import checkpoint_format
+from mixer_compile.weights.write import write_weights
 
 
 def resized_spec(spec: MixerSpec, image_size: tuple[int, int]) -> MixerSpec:

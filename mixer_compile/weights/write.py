@@ -12,20 +12,8 @@ from pathlib import Path
 import numpy as np
 
 from mixer_compile.atomic import atomic_path
-from mixer_compile.errors import WeightsError
+from mixer_compile.weights import checkpoint_format
 from mixer_compile.weights.timm import to_state_dict
-
-FORMATS = {".npz": "jax", ".pth": "timm", ".pt": "timm", ".bin": "timm", ".safetensors": "timm"}
-
-
-def checkpoint_format(path: str | Path) -> str:
-    """The weights origin a file name stands for (jax or timm)."""
-    suffix = Path(path).suffix.lower()
-    if suffix not in FORMATS:
-        raise WeightsError(f"weights file '{path}' has unknown extension '{suffix}'; "
-                           "expected .npz (official JAX) or .pth/.safetensors (timm)")
-    return FORMATS[suffix]
-
 
 def write_weights(weights: dict[str, np.ndarray], path: str | Path) -> Path:
     suffix = Path(path).suffix.lower()
