@@ -35,12 +35,13 @@ def cmd_compile(args: argparse.Namespace) -> int:
     spec = _load_spec(args)
     out = Path(args.output) if args.output else Path("out") / spec.fingerprint()
     opts = CompileOptions(spec=spec, target=args.target, weights=Path(args.weights) if args.weights else None,
-                          seed=args.seed, form=args.form, embed_weights=args.embed_weights, out_dir=out)
+                          seed=args.seed, form=args.form, dtype=args.dtype, embed_weights=args.embed_weights, out_dir=out)
     r = compile_model(opts)
     s = r.spec
     print(f"compiled {s.name} ({s.image_size[0]}x{s.image_size[1]}, patch {s.patch_size}, batch {s.batch}, "
           f"{s.resolved_gelu} GELU) for {r.metadata['target']['name']} "
-          f"[{r.metadata['target']['config'].get('mcpu', '')}]")
+          f"[{r.metadata['target']['config'].get('mcpu') or r.metadata['target']['config'].get('arch', '')}, "
+          f"{r.metadata['precision']['dtype']}]")
     print(f"  params     {s.param_count():,}   {s.flops_per_image() / 1e9:.2f} GFLOP/image")
     print(f"  weights    {r.metadata['weights']}")
     print(f"  validation {r.validation.summary()}")
@@ -149,6 +150,7 @@ def cmd_viz(args: argparse.Namespace) -> int:
 
 def parser() -> argparse.ArgumentParser:
     from mixer_compile.passes.pipeline import FORMS
+    from mixer_compile.passes.precision import DTYPES
 
     top = argparse.ArgumentParser(prog="mixer-compile", description="Compile MLP-Mixer models with TVM.")
     sub = top.add_subparsers(dest="command", required=True)
@@ -159,6 +161,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", help="checkpoint: official .npz, or timm .pth/.safetensors")
     p.add_argument("--seed", type=int, default=0, help="seed of the random init when no --weights (default 0)")
     p.add_argument("--form", choices=list(FORMS), default="matmul", help="IR form to lower (default matmul)")
+    p.add_argument("--dtype", choices=list(DTYPES), default="float32",
+                   help="weights and activations (sums stay float32; default float32)")
     p.add_argument("--embed-weights", action="store_true", help="bake the weights into the library")
     p.add_argument("-o", "--output", help="artifact directory (default out/<spec fingerprint>)")
     p.set_defaults(fn=cmd_compile)

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import datetime
 import platform
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from mixer_compile import __version__
 from mixer_compile.ir import build_graph
@@ -17,7 +18,7 @@ from mixer_compile.passes.pipeline import PassReport, passes_for, run_passes
 from mixer_compile.progress import Progress
 from mixer_compile.spec import MixerSpec
 from mixer_compile.targets import get_target
-from mixer_compile.validate import Validation, validate
+from mixer_compile.validate import TOLERANCES, Validation, validate
 from mixer_compile.weights import load_weights, random_weights
 
 
@@ -28,6 +29,7 @@ class CompileOptions:
     weights: Path | None = None
     seed: int = 0
     form: str = "matmul"
+    dtype: str = "float32"  # storage precision (passes/precision.py)
     embed_weights: bool = False
     out_dir: Path | None = None
     validation_seed: int = 1234
@@ -68,19 +70,24 @@ def compile_model(opts: CompileOptions, progress: Progress | None = None) -> Com
         progress.say(f"      GELU flavour: {spec.resolved_gelu} "
                      + ("(set by the spec)" if opts.spec.gelu else f"(from the {origin} weights)"))
     with progress.stage("graph", f"{spec.fingerprint()}, form {opts.form}"):
-        graph, reports = run_passes(build_graph(spec), passes_for(opts.form))
+        graph, reports = run_passes(build_graph(spec), passes_for(opts.form), opts.dtype)
         for report in reports:
             progress.say("      " + report.summary())
         params = graph.materialize_params(weights)
     with progress.stage("lower", "IR -> Relax"):
         mod = to_relax(graph, embed=params if opts.embed_weights else None)
     with progress.stage("build", f"{target.name}: {target.config}"):
-        executable = compile_module(mod, target)
+        if target.is_gpu:
+            from mixer_compile.cuda_build import build_cuda_library
+
+            work = tempfile.TemporaryDirectory(prefix="mixer-compile-cuda-")  # removed when collected
+            executable = build_cuda_library(mod, target, Path(work.name))
+        else:
+            executable = compile_module(mod, target)
     with progress.stage("validate", f"batch {spec.batch} vs float64 reference"):
-        vm = tvm.relax.VirtualMachine(executable, tvm.cpu())
-        args = [] if opts.embed_weights else [tvm.runtime.tensor(v) for v in params.values()]
-        result = validate(lambda x: vm["main"](tvm.runtime.tensor(x), *args).numpy(),
-                          spec, weights, seed=opts.validation_seed)
+        run, where = _runner(executable, mod, target, [] if opts.embed_weights else list(params.values()))
+        result = validate(run, spec, weights, seed=opts.validation_seed, tolerance=TOLERANCES[opts.dtype],
+                          where=where)
         progress.say("      " + result.summary())
     metadata = {
         "mixer_compile_version": __version__,
@@ -91,6 +98,7 @@ def compile_model(opts: CompileOptions, progress: Progress | None = None) -> Com
         "target": {"name": target.name, "kind": target.kind, "config": target.config,
                    "requires": build_requirements(target.tvm_target())},
         "form": opts.form,
+        "precision": graph.meta.get("precision", {"dtype": "float32", "accumulate": "float32"}),
         "passes": [r.to_dict() for r in reports],
         "weights": {**source, "embedded": opts.embed_weights},
         "params": list(graph.params),
@@ -99,6 +107,8 @@ def compile_model(opts: CompileOptions, progress: Progress | None = None) -> Com
         "output": {"shape": [spec.batch, spec.num_classes], "dtype": "float32"},
         "validation": result.to_dict(),
     }
+    if target.is_gpu:
+        metadata["gpu_code"] = executable.describe()
     artifact = None
     if opts.out_dir is not None:
         with progress.stage("write", str(opts.out_dir)):
@@ -106,3 +116,24 @@ def compile_model(opts: CompileOptions, progress: Progress | None = None) -> Com
             artifact = write_artifact(opts.out_dir, executable, None if opts.embed_weights else params, metadata)
     return CompileResult(spec, result, reports, dict(progress.timings), metadata, artifact)
 
+
+def _runner(executable: Any, mod: Any, target: Any, params: list[Any]) -> tuple[Callable[[Any], Any], str]:
+    """How validation runs the build, and where. A CUDA build runs on this machine's GPU when
+    it has a compatible one; otherwise the same Relax module (same lowering, same precision)
+    is compiled for this CPU and run there, and the record says the GPU run is pending."""
+    import tvm
+
+    from mixer_compile.build import compile_module
+    from mixer_compile.cuda_build import runnable_here
+
+    if not target.is_gpu:
+        dev, lib, where = tvm.cpu(), executable, "this CPU"
+    elif (why := runnable_here(executable)) is None:
+        dev, lib = tvm.cuda(), tvm.runtime.load_module(str(executable.path))
+        where = f"GPU {dev.device_name}"
+    else:
+        dev, lib = tvm.cpu(), compile_module(mod, get_target("llvm"))
+        where = f"host CPU: the same Relax module built for llvm; GPU run pending ({why})"
+    vm = tvm.relax.VirtualMachine(lib, dev)
+    args = [tvm.runtime.tensor(v, dev) for v in params]
+    return (lambda x: vm["main"](tvm.runtime.tensor(x, dev), *args).numpy()), where
