@@ -1,0 +1,187 @@
+"""CUDA builds without a GPU: the library carries compiled kernels (an nvcc fatbin, no CUDA
+source), fp16 matmuls run on tensor cores (HMMA in the SASS), and half precision is checked
+on the CPU against the reference. Tests that need a GPU skip, saying so.
+
+Each CUDA variant is built once (module-scoped, all four concurrently: each build is a child
+process). fp32 variants use the tiny spec; the fp16 ones a 72x72 spec (81 tokens, C = 96):
+DLight tensorizes a matmul only when every dimension exceeds 64.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mixer_compile import reference, runtime
+from mixer_compile.cli import main
+from mixer_compile.cuda_build import cuobjdump, fatbins, sass
+from mixer_compile.driver import CompileOptions, compile_model
+from mixer_compile.errors import MixerCompileError
+from mixer_compile.ir import build_graph
+from mixer_compile.passes.pipeline import passes_for, run_passes
+from mixer_compile.spec import MixerSpec
+from mixer_compile.targets import get_target, local_gpu
+from mixer_compile.validate import TOLERANCES, random_images
+from mixer_compile.weights import random_weights
+
+from .conftest import rel_error
+
+TINY = MixerSpec("tiny", (32, 32), 8, 32, 16, 128, 2, num_classes=10, batch=2)
+TENSORIZABLE = MixerSpec("tc", (72, 72), 8, 96, 96, 192, 1, num_classes=10, batch=2)
+VARIANTS = [(arch, dtype) for arch in ("sm_80", "sm_90") for dtype in ("float32", "float16")]
+
+needs_nvcc = pytest.mark.skipif(shutil.which("nvcc") is None or shutil.which("gcc") is None,
+                                reason="CUDA builds need nvcc (the CUDA toolkit) and gcc")
+needs_cuobjdump = pytest.mark.skipif(cuobjdump() is None,
+                                     reason="reading SASS needs cuobjdump: pip install nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm")
+needs_gpu = pytest.mark.skipif(local_gpu() is None, reason="needs an NVIDIA GPU; none is visible here "
+                               "(tvm.cuda(0).exist is False): the GPU run stays pending")
+
+
+@pytest.fixture(scope="module")
+def cuda_builds(tmp_path_factory) -> dict[tuple[str, str], Path]:
+    if shutil.which("nvcc") is None or shutil.which("gcc") is None:
+        pytest.skip("CUDA builds need nvcc (the CUDA toolkit) and gcc")
+    root = tmp_path_factory.mktemp("cuda")
+
+    def build(variant: tuple[str, str]) -> Path:
+        arch, dtype = variant
+        spec = TINY if dtype == "float32" else TENSORIZABLE
+        out = root / f"{arch}-{dtype}"
+        compile_model(CompileOptions(spec=spec, target=arch, dtype=dtype, out_dir=out))
+        return out
+
+    with ThreadPoolExecutor(len(VARIANTS)) as pool:
+        return dict(zip(VARIANTS, pool.map(build, VARIANTS)))
+
+
+def _metadata(artifact: Path) -> dict:
+    return json.loads((artifact / "metadata.json").read_text())
+
+
+@needs_nvcc
+@pytest.mark.parametrize("arch,dtype", VARIANTS)
+def test_library_carries_compiled_gpu_code_not_source(cuda_builds, arch, dtype):
+    artifact = cuda_builds[arch, dtype]
+    library = (artifact / "model.so").read_bytes()
+    blobs = fatbins(artifact / "model.so")
+    assert len(blobs) == 1 and len(blobs[0]) > 10_000
+    assert b"__global__" not in library and b"extern \"C\"" not in library  # no CUDA source fallback
+    meta = _metadata(artifact)
+    assert meta["gpu_code"] == {"format": "fatbin", "compiler": "nvcc", "arch": arch, "fatbins": 1,
+                                "bytes": len(blobs[0])}
+    assert meta["target"]["requires"]["gpu_arch"] == arch
+    assert meta["precision"]["dtype"] == dtype
+    assert sorted(p.name for p in artifact.iterdir()) == ["metadata.json", "model.so", "weights.params"]
+
+
+@needs_nvcc
+@needs_cuobjdump
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+def test_fp16_matmuls_use_tensor_cores_and_fp32_ones_do_not(cuda_builds, arch):
+    fp16 = sass(cuda_builds[arch, "float16"] / "model.so")
+    matmuls = {name: code for name, code in fp16.items() if "matmul" in name}
+    on_tensor_cores = {name for name, code in matmuls.items() if "HMMA." in code}
+    # stem, token fc1/fc2, channel fc1/fc2; the head (2 x 96 x 10) is too small to tensorize
+    assert len(matmuls) == 6 and len(on_tensor_cores) == 5, sorted(matmuls)
+    assert all("HMMA.16816.F32" in matmuls[n] for n in on_tensor_cores)  # fp16 in, fp32 accumulators
+    fp32 = sass(cuda_builds[arch, "float32"] / "model.so")
+    assert not any("HMMA" in code for code in fp32.values())
+    assert any("FFMA" in code for name, code in fp32.items() if "matmul" in name)
+
+
+@needs_nvcc
+@pytest.mark.parametrize("arch,dtype", VARIANTS)
+def test_build_without_gpu_is_validated_on_host_cpu_and_says_so(cuda_builds, arch, dtype):
+    v = _metadata(cuda_builds[arch, dtype])["validation"]
+    assert v["passed"] and v["max_rel_error"] < v["tolerance"] == TOLERANCES[dtype]
+    if local_gpu() is None:
+        assert v["where"].startswith("host CPU") and "GPU run pending" in v["where"]
+    if dtype == "float16":
+        assert v["max_rel_error"] > 1e-5  # really ran in half precision, not silently in fp32
+
+
+@needs_gpu
+@needs_nvcc
+@pytest.mark.parametrize("arch,dtype", VARIANTS)
+def test_runs_on_the_gpu_within_bound(cuda_builds, arch, dtype):
+    meta = _metadata(cuda_builds[arch, dtype])
+    if not meta["validation"]["where"].startswith("GPU"):
+        pytest.skip(f"the GPU here cannot run {arch} code: {meta['validation']['where']}")
+    spec = TINY if dtype == "float32" else TENSORIZABLE
+    model = runtime.load(cuda_builds[arch, dtype])
+    weights = random_weights(spec.with_gelu_for("random"), 0)
+    images = random_images(spec, 7)
+    assert rel_error(model(images), reference.forward(spec.with_gelu_for("random"), weights, images)) < TOLERANCES[dtype]
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_precision_lowering_matches_reference_on_cpu(dtype):
+    spec = TINY.with_gelu_for("random")
+    r = compile_model(CompileOptions(spec=TINY, target="llvm", dtype=dtype))
+    assert r.validation.passed and r.validation.where == "this CPU"
+    # above fp32's ~1e-7 (so the half-precision path really ran), below the stated bound
+    assert 1e-5 < r.validation.max_rel_error < TOLERANCES[dtype]
+    assert r.metadata["precision"] == {"dtype": dtype, "accumulate": "float32"}
+    graph, _ = run_passes(build_graph(spec), passes_for("matmul"), dtype)
+    params = graph.materialize_params(random_weights(spec, 0))
+    assert {str(v.dtype) for k, v in params.items() if v.ndim > 1} == {dtype}
+    assert {str(v.dtype) for k, v in params.items() if v.ndim == 1} == {"float32"}
+
+
+def test_precision_pass_marks_reductions_and_keeps_logits_float32():
+    graph, reports = run_passes(build_graph(TINY.with_gelu_for("random")), passes_for("matmul"), "float16")
+    assert reports[-1].name == "precision_float16"
+    reducing = [op for op in graph.ops if op.kind in ("dense", "layer_norm", "mean")]
+    assert reducing and all(op.attrs["accumulate"] == "float32" for op in reducing)
+    assert graph.producer(graph.output).output.dtype == "float32"
+    assert {op.output.dtype for op in graph.ops if op.output.name != graph.output} == {"float16"}
+    unchanged, fp32_reports = run_passes(build_graph(TINY.with_gelu_for("random")), passes_for("matmul"))
+    assert all(op.output.dtype == "float32" and "accumulate" not in op.attrs for op in unchanged.ops)
+    assert [r.name for r in fp32_reports] == list(passes_for("matmul"))
+
+
+def test_unknown_dtype_is_a_one_line_error(capsys):
+    with pytest.raises(MixerCompileError, match="unknown dtype 'float8'; choose one of float32, float16, bfloat16"):
+        run_passes(build_graph(TINY), passes_for("matmul"), "float8")
+    with pytest.raises(SystemExit) as exc:
+        main(["--spec", "mixer_s32", "--dtype", "float8"])
+    assert exc.value.code == 2 and "invalid choice: 'float8'" in capsys.readouterr().err
+
+
+class _FakeGPU:
+    def __init__(self, compute_version: str) -> None:
+        self.compute_version = compute_version
+        self.device_name = f"Fake GPU {compute_version}"
+        self.max_shared_memory_per_block = 101376
+        self.max_threads_per_block = 1024
+        self.warp_size = 32
+
+
+def test_cuda_target_is_the_local_gpu_else_sm_90(monkeypatch):
+    import mixer_compile.targets as targets
+
+    monkeypatch.setattr(targets, "local_gpu", lambda: None)
+    assert get_target("cuda").config == get_target("h100").config
+    assert "no GPU visible" in get_target("gpu").description
+    monkeypatch.setattr(targets, "local_gpu", lambda: _FakeGPU("8.0"))
+    assert get_target("cuda").config == get_target("a100").config
+    monkeypatch.setattr(targets, "local_gpu", lambda: _FakeGPU("8.9"))  # no target file: limits off the device
+    t = get_target("cuda")
+    assert t.is_gpu and t.config["arch"] == "sm_89" and t.config["max_shared_memory_per_block"] == 101376
+    assert str(t.tvm_target().attrs["arch"]) == "sm_89" and "Fake GPU 8.9" in t.description
+
+
+def test_gpu_targets_are_listed_and_unknown_ones_rejected(capsys):
+    assert main(["targets"]) == 0
+    listed = capsys.readouterr().out
+    for line in ("cuda ", "sm_80", "aliases: a100", "sm_90", "aliases: h100, h200"):
+        assert line in listed
+    assert main(["--spec", "mixer_s32", "--target", "sm_99"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress line of the stage
+    assert err.startswith("error: unknown target 'sm_99' (known: ") and "cuda, llvm, sm_80, sm_90" in err
