@@ -9,7 +9,7 @@ Half precision (passes/precision.py) rounds every stored activation and weight m
 the storage dtype while sums run in float32, so the error is a handful of roundings of
 unit roundoff u (fp16 2^-11 = 4.9e-4, bf16 2^-8 = 3.9e-3) per block, which LayerNorm keeps
 from compounding: measured with random weights, fp16 lands at 5e-4..8e-4 and bf16 at
-3e-3..5.4e-3 (tiny specs and Mixer-S/32). The bound is 1e-2 for both: above bf16's figures
+3e-3..5.4e-3 (tiny specs, Mixer-S/32, Mixer-B/16: 5.9e-4 and 3.8e-3). The bound is 1e-2 for both: above bf16's figures
 with room for deeper models, yet 10x tighter than a broken lowering (a lost bias, a wrong
 layout or a half-precision accumulation that swallows small terms lands at 1e-1 or worse).
 """
