@@ -1,0 +1,212 @@
+"""Our compiled Mixer against PyTorch on the same GPU, in one run.
+
+For each batch size (default 1, 64, 256): our module built for `--target` (default cuda, the
+local GPU) in fp16 and bf16 and validated on the GPU by the compile itself; PyTorch eager
+with fp16 autocast, PyTorch eager in bf16 (weights and inputs bf16), and torch.compile of
+both; then a large fp16 matmul (torch, 8192^3) to measure the tensor-core peak that the
+issue's "65% of peak" refers to. Same random weights (seed 0) everywhere.
+
+Timing: after warm-up, `--repeat` runs of `--number` calls each, bracketed by device
+synchronisation, wall clock; the median run is reported. Results go to
+`--out/gpu_<device>_<spec>.json` and `.md`, named with the device.
+
+    python benchmarks/bench_gpu.py --spec mixer_b16 --out benchmarks/results
+    python benchmarks/bench_gpu.py --spec tiny.toml --target llvm --batches 2 --dtypes float32   # CPU smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import re
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from mixer_compile.driver import CompileOptions, compile_model  # noqa: E402
+from mixer_compile.spec import MixerSpec, load_spec  # noqa: E402
+from mixer_compile.targets import get_target  # noqa: E402
+from mixer_compile.weights import random_weights  # noqa: E402
+
+PEAK_N = 8192
+
+
+def timed(fn: Callable[[], Any], sync: Callable[[], None], number: int, repeat: int, warmup: int) -> float:
+    """Median seconds per call."""
+    for _ in range(warmup):
+        fn()
+    sync()
+    runs = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        for _ in range(number):
+            fn()
+        sync()
+        runs.append((time.perf_counter() - start) / number)
+    return statistics.median(runs)
+
+
+def tensor_core_peak(torch: Any, device: str, sync: Callable[[], None], n: int = PEAK_N) -> dict[str, Any]:
+    a = torch.randn(n, n, dtype=torch.float16, device=device)
+    b = torch.randn(n, n, dtype=torch.float16, device=device)
+    seconds = timed(lambda: torch.matmul(a, b), sync, number=10, repeat=5, warmup=3)
+    return {"what": f"torch.matmul fp16 {n}x{n}x{n}", "seconds": seconds, "tflops": 2 * n**3 / seconds / 1e12}
+
+
+def build_ours(spec: MixerSpec, target: str, dtype: str, artifacts: Path) -> tuple[Path, dict[str, Any]]:
+    """Compiles (and validates, on the GPU when there is one) unless the artifact exists."""
+    out = artifacts / f"{spec.fingerprint()}-{target}-{dtype}"
+    if not (out / "metadata.json").is_file():
+        compile_model(CompileOptions(spec=spec, target=target, dtype=dtype, out_dir=out))
+    return out, json.loads((out / "metadata.json").read_text())
+
+
+def ours(artifact: Path, images: np.ndarray, sync: Callable[[], None], number: int, repeat: int) -> float:
+    import tvm
+    from tvm import relax
+
+    meta = json.loads((artifact / "metadata.json").read_text())
+    dev = tvm.cuda() if meta["target"]["kind"] == "cuda" else tvm.cpu()
+    vm = relax.VirtualMachine(tvm.runtime.load_module(str(artifact / "model.so")), dev)
+    loaded = tvm.runtime.load_param_dict_from_file(str(artifact / "weights.params"))
+    params = [loaded[n].copyto(dev) for n in meta["params"]]
+    x = tvm.runtime.tensor(images, dev)
+    return timed(lambda: vm["main"](x, *params), sync, number, repeat, warmup=3)
+
+
+def torch_contenders(torch: Any, spec: MixerSpec, weights: dict[str, np.ndarray], device: str,
+                     dtypes: list[str], compiled: bool) -> dict[str, tuple[Callable[[Any], Any], str]]:
+    """name -> (forward taking float32 images, dtype) for PyTorch eager and torch.compile."""
+    from mixer_compile.torch_model import torch_mixer
+
+    torch._dynamo.reset()  # a fresh compile per batch size, not a dynamic-shape recompile mid-timing
+    fp32 = torch_mixer(spec, weights).to(device)
+    out: dict[str, tuple[Callable[[Any], Any], str]] = {}
+    for dtype in dtypes:
+        if dtype == "float16":
+            model = fp32
+
+            def eager(x: Any, m: Any = model) -> Any:
+                with torch.autocast(device_type=device, dtype=torch.float16):
+                    return m(x)
+            label = "PyTorch eager, fp16 autocast"
+        elif dtype == "bfloat16":
+            model = torch_mixer(spec, weights).to(device=device, dtype=torch.bfloat16)
+
+            def eager(x: Any, m: Any = model) -> Any:
+                return m(x.to(torch.bfloat16))
+            label = "PyTorch eager, bf16"
+        else:
+            model = fp32
+
+            def eager(x: Any, m: Any = model) -> Any:
+                return m(x)
+            label = "PyTorch eager, fp32"
+        out[label] = (eager, dtype)
+        if compiled:
+            out[label.replace("eager", "torch.compile")] = (torch.compile(eager, dynamic=False), dtype)
+    return out
+
+
+def markdown(report: dict[str, Any]) -> str:
+    peak = report["tensor_core_peak"]
+    lines = [f"# {report['spec']} on {report['device']}", "",
+             f"{report['date']}; torch {report['torch']}, TVM {report['tvm']}, one run; "
+             f"median of {report['repeat']} x {report['number']} calls per entry.", ""]
+    if peak:
+        lines += [f"Tensor-core peak ({peak['what']}): {peak['tflops']:.0f} TFLOP/s; "
+                  f"{report['gflop_per_image']:.2f} GFLOP per image.", ""]
+    lines += ["| batch | contender | dtype | ms/batch | images/s | TFLOP/s | % of peak |",
+              "|---:|---|---|---:|---:|---:|---:|"]
+    for r in report["rows"]:
+        pct = f"{100 * r['fraction_of_peak']:.0f}%" if r.get("fraction_of_peak") is not None else ""
+        lines.append(f"| {r['batch']} | {r['contender']} | {r['dtype']} | {1e3 * r['seconds']:.3f} | "
+                     f"{r['images_per_s']:,.0f} | {r['tflops']:.1f} | {pct} |")
+    lines += ["", "Ours / torch.compile (same batch and dtype, images/s):", ""]
+    lines += [f"- batch {k}: {v:.2f}x" for k, v in report["ours_vs_torch_compile"].items()]
+    validation = [f"- {k}: {v}" for k, v in report["validation"].items()]
+    return "\n".join(lines + ["", "Validation of our builds (max |out-ref|/max|ref|):", ""] + validation) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--spec", default="mixer_b16")
+    ap.add_argument("--target", default="cuda")
+    ap.add_argument("--batches", default="1,64,256")
+    ap.add_argument("--dtypes", default="float16,bfloat16")
+    ap.add_argument("--number", type=int, default=20)
+    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--no-torch-compile", action="store_true")
+    ap.add_argument("--artifacts", default="out/bench", help="where our builds go (reused when present)")
+    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
+    args = ap.parse_args(argv)
+
+    import torch
+    import tvm
+
+    target = get_target(args.target)
+    device = "cuda" if target.is_gpu else "cpu"
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    name = torch.cuda.get_device_name() if device == "cuda" else platform.processor() or platform.machine()
+    base = load_spec(args.spec).with_gelu_for("random")
+    dtypes = args.dtypes.split(",")
+    peak = tensor_core_peak(torch, device, sync) if device == "cuda" else None
+    print(f"device {name}; peak {peak}", flush=True)
+    rows: list[dict[str, Any]] = []
+    validation: dict[str, str] = {}
+    for batch in (int(b) for b in args.batches.split(",")):
+        spec = base.replace(batch=batch)
+        weights = random_weights(spec, 0)
+        images = np.random.default_rng(1).standard_normal((batch, spec.in_channels, *spec.image_size)).astype(np.float32)
+        flop = spec.flops_per_image() * batch
+        entries: list[tuple[str, str, float]] = []
+        for dtype in dtypes:
+            artifact, meta = build_ours(spec, args.target, dtype, Path(args.artifacts))
+            v = meta["validation"]
+            validation[f"batch {batch} {dtype}"] = f"{v['max_rel_error']:.2e} (bound {v['tolerance']:.0e}) on {v['where']}"
+            entries.append((f"mixer-compile ({target.name})", dtype,
+                            ours(artifact, images, sync, args.number, args.repeat)))
+        x = torch.from_numpy(images).to(device)
+        with torch.no_grad():
+            for label, (fn, dtype) in torch_contenders(torch, spec, weights, device, dtypes,
+                                                       not args.no_torch_compile).items():
+                entries.append((label, dtype, timed(lambda: fn(x), sync, args.number, args.repeat, warmup=3)))
+        for contender, dtype, seconds in entries:
+            row = {"batch": batch, "contender": contender, "dtype": dtype, "seconds": seconds,
+                   "images_per_s": batch / seconds, "tflops": flop / seconds / 1e12}
+            if peak:
+                row["fraction_of_peak"] = row["tflops"] / peak["tflops"]
+            rows.append(row)
+            print(f"batch {batch:>4} {contender:<45} {dtype:<9} {1e3 * seconds:9.3f} ms "
+                  f"{row['images_per_s']:10,.0f} img/s", flush=True)
+    ratios = {}
+    for r in rows:
+        if r["contender"].startswith("mixer-compile"):
+            rivals = [c for c in rows if c["batch"] == r["batch"] and c["dtype"] == r["dtype"]
+                      and c["contender"].startswith("PyTorch torch.compile")]
+            if rivals:
+                ratios[f"{r['batch']} {r['dtype']}"] = r["images_per_s"] / rivals[0]["images_per_s"]
+    report = {"spec": base.name, "device": name, "date": datetime.date.today().isoformat(),
+              "torch": torch.__version__, "tvm": tvm.__version__, "python": platform.python_version(),
+              "gflop_per_image": base.flops_per_image() / 1e9, "number": args.number, "repeat": args.repeat,
+              "tensor_core_peak": peak, "rows": rows, "ours_vs_torch_compile": ratios, "validation": validation}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"gpu_{re.sub(r'[^A-Za-z0-9]+', '_', name).strip('_').lower()}_{base.name}"
+    (out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / f"{stem}.md").write_text(markdown(report))
+    print(f"wrote {out / stem}.json and .md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

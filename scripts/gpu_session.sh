@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# What a session with a GPU machine (the device tool) runs, by stage:
+#   stage    (device call 1, carry [".gpu/a"])  the first half of the TVM wheel lands; prints the machine
+#   install  (device call 2, carry [".gpu/b"])  joins the wheel, installs TVM into /tmp/site
+#   test     tests/test_cuda_build.py with the GPU tests enabled
+#   bench    benchmarks/bench_gpu.py: ours (validated on the GPU) vs PyTorch eager and torch.compile
+#   tune     MetaSchedule on the GPU for Mixer-B/16 fp16, batch 256, records into $OUT
+# The machine forgets everything 30 s after a call, so run the calls back to back; stages can be
+# combined: `bash scripts/gpu_session.sh install bench test`. Results land in $OUT (device tool) or
+# ./gpu-results; copy them to benchmarks/results/ and schedules/ and commit. See README, "NVIDIA GPUs".
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$PWD/gpu-results}; mkdir -p "$OUT"
+SITE=/tmp/site
+export PYTHONPATH=$PWD:$SITE PYTHONUNBUFFERED=1
+for d in /usr/local/cuda/lib64 /usr/local/cuda/lib $(python3 -c 'import nvidia, os; print(" ".join(os.path.join(p, "cu13", "lib") for p in nvidia.__path__))' 2>/dev/null); do
+  [ -d "$d" ] && export LD_LIBRARY_PATH=$d${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+done
+SPEC=${SPEC:-mixer_b16}
+
+for stage in "$@"; do
+  echo "=== $stage $(date -u +%H:%M:%S)"
+  case $stage in
+    stage)
+      ls -la .gpu/a || { echo "no .gpu/a: run scripts/gpu_pack.sh here and carry .gpu/a"; exit 2; }
+      nvidia-smi -L; python3 --version; python3 -c 'import torch; print("torch", torch.__version__, torch.cuda.get_device_name())'
+      which nvcc cuobjdump ;;
+    install)
+      [ -f .gpu/a/tvm-part-00 ] || { echo "the first half (.gpu/a) is gone: the machine went cold; run the 'stage' call again, then this one at once"; exit 2; }
+      cat .gpu/a/tvm-part-00 .gpu/b/tvm-part-01 > "/tmp/$(cat .gpu/b/tvm-wheel-name)"
+      python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
+        "/tmp/$(cat .gpu/b/tvm-wheel-name)" .gpu/b/apache_tvm_ffi-*.whl || exit 2
+      python3 -c 'import tvm; d = tvm.cuda(0); print("tvm", tvm.__version__, "GPU", d.exist and d.device_name, d.exist and d.compute_version)' || exit 2 ;;
+    test)
+      python3 -m pytest -q -rs tests/test_cuda_build.py 2>&1 | tee "$OUT/test_cuda_build.log" ;;
+    bench)
+      python3 benchmarks/bench_gpu.py --spec "$SPEC" --artifacts /tmp/bench --out "$OUT" 2>&1 | tee "$OUT/bench.log" ;;
+    tune)
+      python3 -m mixer_compile.cli tune --spec "$SPEC" --batch 256 --target cuda --dtype float16 \
+        --trials "${TRIALS:-64}" --db /tmp/schedules 2>&1 | tee "$OUT/tune.log"
+      tar -C /tmp -czf "$OUT/schedules_cuda.tar.gz" schedules 2>/dev/null || true ;;
+    *) echo "unknown stage '$stage' (stage, install, test, bench, tune)"; exit 2 ;;
+  esac
+done
