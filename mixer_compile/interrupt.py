@@ -1,0 +1,55 @@
+"""Ctrl-C during tuning: stop after the batch in flight is recorded, or at once on a second one.
+
+MetaSchedule's search runs in C++ and calls back into Python (builders, runners, measure
+callbacks), and Python's default handler raises KeyboardInterrupt wherever the main thread
+next runs Python, i.e. inside one of those callbacks; it never reached us (a `tune` sent
+SIGINT went on to its next kernels). A handler that only records the request raises nothing
+inside TVM: the measure callback ends the task once its batch is in the database, and the
+tuner raises KeyboardInterrupt itself, from Python, between tasks. A second Ctrl-C restores the default action and ends the process at once; records
+already written are kept either way, so a re-run resumes.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from types import FrameType, TracebackType
+from typing import Any, Callable
+
+
+class StopOnInterrupt:
+    """`with StopOnInterrupt(say) as stop:` ... `stop.requested` is True after a first Ctrl-C.
+
+    Outside the main thread (where Python cannot install handlers) it does nothing."""
+
+    def __init__(self, say: Callable[[str], None]) -> None:
+        self.requested = False
+        self._say = say
+        self._previous: Any = None
+
+    def __enter__(self) -> "StopOnInterrupt":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        self.requested = True
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        self._say("      interrupted: stopping once the trials in flight are recorded "
+                  "(Ctrl-C again to stop at once and lose them); re-run to resume")
+
+    def __exit__(self, kind: type | None, value: BaseException | None, tb: TracebackType | None) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+    def check(self) -> None:
+        """Raises KeyboardInterrupt, from Python, if a stop was requested."""
+        if self.requested:
+            raise KeyboardInterrupt
+
+
+def ignore_sigint() -> None:
+    """Initializer of MetaSchedule's builder and runner worker processes: a Ctrl-C in a terminal
+    reaches the whole process group, and a worker it killed would turn the candidates in flight
+    into failed records. The tuner alone decides when to stop."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
