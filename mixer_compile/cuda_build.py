@@ -183,11 +183,13 @@ def sass(library: Path) -> dict[str, str]:
 def _child(module_json: str, target_json: str, out: str) -> None:
     import tvm
 
-    from mixer_compile.build import compile_module
+    from mixer_compile.gpu_schedules import cuda_pipeline
 
     mod = tvm.ir.load_json(Path(module_json).read_text())
     info = json.loads(Path(target_json).read_text())
-    compile_module(mod, TargetInfo(info["name"], info["description"], info["config"])).export_library(out)
+    tvm_target = TargetInfo(info["name"], info["description"], info["config"]).tvm_target()
+    with tvm_target:
+        tvm.compile(mod, tvm_target, relax_pipeline=cuda_pipeline(tvm_target)).export_library(out)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,120 @@
+"""The CUDA build pipeline: TVM's default one, with bf16 matmuls on tensor cores too.
+
+DLight's default Matmul rule (TVM 0.27) tensorizes fp16 matmuls with WMMA 16x16x16 and
+leaves bf16 ones on CUDA cores (FFMA), roughly 15x slower on an H100, because its intrinsic
+table holds fp16 and int8 only. The WMMA intrinsic generators themselves are dtype-generic
+and CUDA's `nvcuda::wmma` takes `__nv_bfloat16` fragments on sm_80 and later, so we register
+the bf16 loads and the bf16 x bf16 -> fp32 multiply-accumulate under their own names and run
+the stock rule on bf16 matmuls with those names swapped in (`BF16Matmul`): same tiling, same
+thresholds (every dimension above 64), same fallback to the CUDA-core schedule. The SASS of a
+bf16 build then shows `HMMA.16816.F32.BF16` (tests/test_cuda_build.py checks it).
+
+Importing TVM's tensor intrinsics parses ~500 TVMScript functions, each calling
+`inspect.stack()`, whose per-frame `inspect.getmodule` scans all of `sys.modules`: 30-40 s
+of a CUDA build here. Memoizing `getmodule` by file name for the import brings it to ~3 s.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from typing import Any, Iterator
+
+import tvm
+from tvm.relax.backend.cuda import pipeline as cuda
+from tvm.s_tir import TensorIntrin, dlight as dl
+from tvm.s_tir.dlight.analysis import get_root_block
+from tvm.s_tir.dlight.gpu import matmul as dlight_matmul
+
+
+@contextlib.contextmanager
+def _memoized_getmodule() -> Iterator[None]:
+    original, cache = inspect.getmodule, {}
+
+    def getmodule(obj: Any, _filename: str | None = None) -> Any:
+        key = _filename or getattr(getattr(obj, "f_code", None), "co_filename", None)
+        if key is None:
+            return original(obj, _filename)
+        if key not in cache:
+            cache[key] = original(obj, _filename)
+        return cache[key]
+
+    inspect.getmodule = getmodule
+    try:
+        yield
+    finally:
+        inspect.getmodule = original
+
+
+with _memoized_getmodule():
+    from tvm.s_tir.tensor_intrin import cuda as intrinsics
+
+_BF16 = {"_f16_a": "_bf16_a", "_f16_b": "_bf16_b", "f16f16": "bf16bf16"}
+
+
+def _register_bf16_wmma() -> None:
+    """The bf16 counterparts of the fp16 WMMA intrinsics that MatmulTensorization uses."""
+    for scope in ("shared", "shared.dyn"):
+        suffix = scope.replace(".", "_")
+        TensorIntrin.register(f"wmma_load_16x16x16_bf16_a_{suffix}",
+                              *intrinsics.get_wmma_load_intrin(16, 16, 16, "bfloat16", scope, False, False),
+                              override=True)
+        TensorIntrin.register(f"wmma_load_16x16x16_bf16_b_trans_{suffix}",
+                              *intrinsics.get_wmma_load_intrin(16, 16, 16, "bfloat16", scope, True, True),
+                              override=True)
+    TensorIntrin.register("wmma_sync_16x16x16_bf16bf16f32_trans",
+                          *intrinsics.get_wmma_sync_intrin(16, 16, 16, "bfloat16", "float32", True), override=True)
+
+
+_register_bf16_wmma()
+
+
+def _bf16_group(load_scope: str, store_scope: str, in_dtype: str, out_dtype: str, trans_b: bool) -> dict[str, str]:
+    group = _STOCK_GROUP(load_scope, store_scope, "float16", out_dtype, trans_b)
+    for f16, bf16 in _BF16.items():
+        group = {k: v.replace(f16, bf16) for k, v in group.items()}
+    return group
+
+
+def _as_fp16_for_dispatch(block: Any) -> tuple[str, str]:
+    in_dtype, out_dtype = _STOCK_DTYPES(block)
+    return ("float16" if in_dtype == "bfloat16" else in_dtype), out_dtype
+
+
+_STOCK_GROUP = intrinsics.get_wmma_intrin_group
+_STOCK_DTYPES = dlight_matmul.get_in_out_dtypes
+
+
+@contextlib.contextmanager
+def _bf16_as_fp16() -> Iterator[None]:
+    """Inside: DLight's Matmul dispatch sees bf16 inputs as fp16, and its tensorization picks
+    the bf16 intrinsics. Builds run single-threaded in their own process (cuda_build.py)."""
+    intrinsics.get_wmma_intrin_group, dlight_matmul.get_in_out_dtypes = _bf16_group, _as_fp16_for_dispatch
+    try:
+        yield
+    finally:
+        intrinsics.get_wmma_intrin_group, dlight_matmul.get_in_out_dtypes = _STOCK_GROUP, _STOCK_DTYPES
+
+
+class BF16Matmul(dl.gpu.Matmul):
+    """DLight's Matmul rule for matmuls that read bf16; None for anything else."""
+
+    def apply(self, func: Any, target: Any, tunable: bool) -> Any:
+        if not isinstance(func, tvm.tirx.PrimFunc) or not self.is_target_available(target):
+            return None
+        sch = tvm.s_tir.Schedule(func)
+        blocks = dlight_matmul.get_reduction_blocks(sch, sch.get_child_blocks(get_root_block(sch)))
+        if not blocks or _STOCK_DTYPES(sch.get(blocks[0]))[0] != "bfloat16":
+            return None
+        with _bf16_as_fp16():
+            return super().apply(func, target, tunable)
+
+
+def cuda_pipeline(target: Any) -> tvm.transform.Pass:
+    """TVM's default CUDA pipeline (dispatch, legalize + fuse + DLight, lower, finalize) with
+    BF16Matmul ahead of DLight's default rules."""
+    legalize = cuda.legalize_passes(target)[:-1] + [dl.ApplyDefaultSchedule(
+        BF16Matmul(), dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(),
+        dl.gpu.Fallback())]
+    return tvm.transform.Sequential(cuda.library_dispatch_passes(target) + legalize
+                                    + cuda.dataflow_lower_passes(target) + cuda.finalize_passes(target))
