@@ -8,7 +8,8 @@ issue's "65% of peak" refers to. Same random weights (seed 0) everywhere.
 
 Timing: after warm-up, `--repeat` runs of `--number` calls each, bracketed by device
 synchronisation, wall clock; the median run is reported. Results go to
-`--out/gpu_<device>_<spec>.json` and `.md`, named with the device.
+`--out/gpu_<device>_<spec>.json` and `.md`, named with the device, rewritten after each
+batch size so a run cut short still leaves what it measured.
 
     python benchmarks/bench_gpu.py --spec mixer_b16 --out benchmarks/results
     python benchmarks/bench_gpu.py --spec tiny.toml --target llvm --batches 2 --dtypes float32   # CPU smoke run
@@ -163,6 +164,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"device {name}; peak {peak}", flush=True)
     rows: list[dict[str, Any]] = []
     validation: dict[str, str] = {}
+    report = {"spec": base.name, "device": name, "date": datetime.date.today().isoformat(),
+              "torch": torch.__version__, "tvm": tvm.__version__, "python": platform.python_version(),
+              "gflop_per_image": base.flops_per_image() / 1e9, "number": args.number, "repeat": args.repeat,
+              "tensor_core_peak": peak, "rows": rows, "ours_vs_torch_compile": {}, "validation": validation}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"gpu_{re.sub(r'[^A-Za-z0-9]+', '_', name).strip('_').lower()}_{base.name}"
     for batch in (int(b) for b in args.batches.split(",")):
         spec = base.replace(batch=batch)
         weights = random_weights(spec, 0)
@@ -179,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         with torch.no_grad():
             for label, (fn, dtype) in torch_contenders(torch, spec, weights, device, dtypes,
                                                        not args.no_torch_compile).items():
-                entries.append((label, dtype, timed(lambda: fn(x), sync, args.number, args.repeat, warmup=3)))
+                entries.append((label, dtype, timed(lambda: fn(x), sync, args.number, args.repeat, warmup=5)))
         for contender, dtype, seconds in entries:
             row = {"batch": batch, "contender": contender, "dtype": dtype, "seconds": seconds,
                    "images_per_s": batch / seconds, "tflops": flop / seconds / 1e12}
@@ -188,6 +196,15 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(row)
             print(f"batch {batch:>4} {contender:<45} {dtype:<9} {1e3 * seconds:9.3f} ms "
                   f"{row['images_per_s']:10,.0f} img/s", flush=True)
+        report["ours_vs_torch_compile"] = ratios_to_torch_compile(rows)
+        (out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
+        (out / f"{stem}.md").write_text(markdown(report))
+        print(f"wrote {out / stem}.json and .md", flush=True)
+    return 0
+
+
+def ratios_to_torch_compile(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """Our images/s over torch.compile's, for each batch and dtype both were measured at."""
     ratios = {}
     for r in rows:
         if r["contender"].startswith("mixer-compile"):
@@ -195,17 +212,7 @@ def main(argv: list[str] | None = None) -> int:
                       and c["contender"].startswith("PyTorch torch.compile")]
             if rivals:
                 ratios[f"{r['batch']} {r['dtype']}"] = r["images_per_s"] / rivals[0]["images_per_s"]
-    report = {"spec": base.name, "device": name, "date": datetime.date.today().isoformat(),
-              "torch": torch.__version__, "tvm": tvm.__version__, "python": platform.python_version(),
-              "gflop_per_image": base.flops_per_image() / 1e9, "number": args.number, "repeat": args.repeat,
-              "tensor_core_peak": peak, "rows": rows, "ours_vs_torch_compile": ratios, "validation": validation}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = f"gpu_{re.sub(r'[^A-Za-z0-9]+', '_', name).strip('_').lower()}_{base.name}"
-    (out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out / f"{stem}.md").write_text(markdown(report))
-    print(f"wrote {out / stem}.json and .md")
-    return 0
+    return ratios
 
 
 if __name__ == "__main__":
