@@ -125,15 +125,16 @@ def test_runs_on_the_gpu_within_bound(cuda_builds, arch, dtype):
     assert rel_error(model(images), reference.forward(spec.with_gelu_for("random"), weights, images)) < TOLERANCES[dtype]
 
 
-@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
-def test_half_precision_lowering_matches_reference_on_cpu(dtype):
+@pytest.mark.parametrize("dtype,form,embed", [("float16", "matmul", False), ("bfloat16", "matmul", False),
+                                              ("float16", "conv", True), ("bfloat16", "conv", False)])
+def test_half_precision_lowering_matches_reference_on_cpu(dtype, form, embed):
     spec = TINY.with_gelu_for("random")
-    r = compile_model(CompileOptions(spec=TINY, target="llvm", dtype=dtype))
+    r = compile_model(CompileOptions(spec=TINY, target="llvm", dtype=dtype, form=form, embed_weights=embed))
     assert r.validation.passed and r.validation.where == "this CPU"
     # above fp32's ~1e-7 (so the half-precision path really ran), below the stated bound
     assert 1e-5 < r.validation.max_rel_error < TOLERANCES[dtype]
     assert r.metadata["precision"] == {"dtype": dtype, "accumulate": "float32"}
-    graph, _ = run_passes(build_graph(spec), passes_for("matmul"), dtype)
+    graph, _ = run_passes(build_graph(spec), passes_for(form), dtype)
     params = graph.materialize_params(random_weights(spec, 0))
     assert {str(v.dtype) for k, v in params.items() if v.ndim > 1} == {dtype}
     assert {str(v.dtype) for k, v in params.items() if v.ndim == 1} == {"float32"}

@@ -75,8 +75,9 @@ def _emit(bb: relax.BlockBuilder, graph: Graph, op: Op, args: list[relax.Expr]) 
     if op.kind == "dense":
         y = _dense(bb, op, x, rest.pop(0))
         return _epilogue(bb, op, y, rest, a["axis"])
-    if op.kind == "bias_add":
-        return bb.emit(R.add(x, _broadcast(rest[0], len(op.output.shape), a["axes"], op.output.shape)))
+    if op.kind == "bias_add":  # at the bias's precision (float32 under precision.py), rounded after
+        bias = _broadcast(rest[0], len(op.output.shape), a["axes"], op.output.shape)
+        return bb.emit(R.add(_as(x, str(rest[0].ty.dtype)), bias))
     if op.kind == "gelu":
         return bb.emit(R.nn.gelu_tanh(x) if a["flavour"] == "tanh" else R.nn.gelu(x))
     if op.kind == "add":
