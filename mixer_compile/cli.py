@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from pathlib import Path
 
 from mixer_compile.errors import MixerCompileError
 
 DEFAULT_SPEC = "mixer_b16"
-SUBCOMMANDS = ("compile", "specs", "show", "targets", "export-onnx", "import-onnx", "resize-weights", "viz")
+SUBCOMMANDS = ("compile", "specs", "show", "targets", "export-onnx", "import-onnx", "resize-weights", "viz", "tune")
 
 
 def _spec_args(p: argparse.ArgumentParser, default: str | None = DEFAULT_SPEC) -> None:
@@ -35,7 +36,9 @@ def cmd_compile(args: argparse.Namespace) -> int:
     spec = _load_spec(args)
     out = Path(args.output) if args.output else Path("out") / spec.fingerprint()
     opts = CompileOptions(spec=spec, target=args.target, weights=Path(args.weights) if args.weights else None,
-                          seed=args.seed, form=args.form, dtype=args.dtype, embed_weights=args.embed_weights, out_dir=out)
+                          seed=args.seed, form=args.form, dtype=args.dtype, embed_weights=args.embed_weights, out_dir=out,
+                          tune=args.tune, trials=args.trials, db=Path(args.db) if args.db else None,
+                          choose_form=args.choose_form)
     r = compile_model(opts)
     s = r.spec
     print(f"compiled {s.name} ({s.image_size[0]}x{s.image_size[1]}, patch {s.patch_size}, batch {s.batch}, "
@@ -45,6 +48,14 @@ def cmd_compile(args: argparse.Namespace) -> int:
     print(f"  params     {s.param_count():,}   {s.flops_per_image() / 1e9:.2f} GFLOP/image")
     print(f"  weights    {r.metadata['weights']}")
     print(f"  validation {r.validation.summary()}")
+    if "tuning" in r.metadata:
+        t = r.metadata["tuning"]
+        print(f"  tuning     {len(t['tuned'])}/{t['kernels']} kernels tuned, records from "
+              f"{', '.join(t['databases']) or 'nowhere'}")
+        if "form_choice" in t:
+            print("  form       " + ", ".join(f"{f} {d['ms']:.2f} ms" if d["ms"] is not None else f"{f} not timed"
+                                          for f, d in t["form_choice"]["figures"].items())
+                  + f" -> {t['form_choice']['chosen']}")
     print("  timings    " + ", ".join(f"{k} {v:.1f}s" for k, v in r.timings.items()))
     print(f"  artifact   {r.artifact}  (load with mixer_compile.runtime.load)")
     return 0
@@ -148,6 +159,27 @@ def cmd_viz(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tune(args: argparse.Namespace) -> int:
+    from mixer_compile.targets import get_target
+    from mixer_compile.tune import model_module, tune
+    from mixer_compile.tuning_db import open_database, user_db_dir
+
+    spec, target = _load_spec(args), get_target(args.target)
+    db_dir = Path(args.db) if args.db else user_db_dir(target)
+    print(f"tuning {spec.fingerprint()} ({args.form}) for {target.name} [{target.config.get('mcpu', '')}], "
+          f"{args.trials} trials per kernel, database {db_dir}", file=sys.stderr)
+    summary = tune(model_module(spec, args.form, args.dtype), target, args.trials, db_dir,
+                   say=lambda line: print(line, file=sys.stderr, flush=True))
+    print(f"tuned {spec.fingerprint()} for {target.name}: {summary.tuned_now} trials measured now, "
+          f"{summary.seconds / 60:.1f} min; database {db_dir}")
+    for line in summary.table(open_database(db_dir), target):
+        print(line)
+    if summary.interrupted:
+        print("interrupted: every measured record is kept; run the same command again to resume", file=sys.stderr)
+        return 130
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     from mixer_compile.passes.pipeline import FORMS
     from mixer_compile.passes.precision import DTYPES
@@ -165,6 +197,13 @@ def parser() -> argparse.ArgumentParser:
                    help="weights and activations (sums stay float32; default float32)")
     p.add_argument("--embed-weights", action="store_true", help="bake the weights into the library")
     p.add_argument("-o", "--output", help="artifact directory (default out/<spec fingerprint>)")
+    p.add_argument("--tune", action="store_true", help="tune the kernels that have no records first (CPU; slow)")
+    p.add_argument("--trials", type=int, default=64, help="with --tune: trials per large kernel (default 64)")
+    p.add_argument("--db", help="tuning database directory (default: the user cache); shipped records are "
+                               "merged in, the best record of each kernel wins")
+    p.add_argument("--choose-form", action="store_true",
+                   help="build every IR form (matmul, conv), time each here, keep the fastest (CPU; "
+                        "builds the model once per form; default: --form)")
     p.set_defaults(fn=cmd_compile)
 
     p = sub.add_parser("specs", help="list the presets with parameter counts and GFLOPs")
@@ -212,6 +251,17 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--scale", type=int, default=8, help="pixels per weight (default 8)")
     p.add_argument("-o", "--output", required=True, help="the .png file to write")
     p.set_defaults(fn=cmd_viz)
+
+    p = sub.add_parser("tune", help="tune the kernels of a spec with MetaSchedule into a database (resumable)")
+    _spec_args(p)
+    p.add_argument("--target", default="llvm", help="target name (see `mixer-compile targets`), default llvm")
+    p.add_argument("--form", choices=list(FORMS), default="matmul", help="IR form to tune (default matmul)")
+    p.add_argument("--dtype", choices=list(DTYPES), default="float32", help="precision (default float32)")
+    p.add_argument("--trials", type=int, default=64,
+                   help="trials per large kernel; small kernels get a quarter (default 64)")
+    p.add_argument("--db", help="database directory (default: the user cache, "
+                               "$MIXER_COMPILE_CACHE/tuning/<target> or ~/.cache/mixer-compile/tuning/<target>)")
+    p.set_defaults(fn=cmd_tune)
     return top
 
 
@@ -220,6 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or (argv[0] not in SUBCOMMANDS and argv[0] not in ("-h", "--help")):
         argv.insert(0, "compile")
     args = parser().parse_args(argv)
+    warnings.formatwarning = lambda message, *_, **__: f"warning: {message}\n"
     try:
         return args.fn(args)
     except MixerCompileError as exc:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import datetime
 import platform
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -33,6 +34,10 @@ class CompileOptions:
     embed_weights: bool = False
     out_dir: Path | None = None
     validation_seed: int = 1234
+    tune: bool = False  # tune the kernels that lack records before building (CPU)
+    trials: int = 64  # per large kernel, when tuning
+    db: Path | None = None  # tuning database; default the user cache (tuning_db.user_db_dir)
+    choose_form: bool = False  # build every IR form, time each, keep the fastest (CPU)
 
 
 @dataclass
@@ -69,8 +74,18 @@ def compile_model(opts: CompileOptions, progress: Progress | None = None) -> Com
         spec = spec.with_gelu_for(origin)
         progress.say(f"      GELU flavour: {spec.resolved_gelu} "
                      + ("(set by the spec)" if opts.spec.gelu else f"(from the {origin} weights)"))
-    with progress.stage("graph", f"{spec.fingerprint()}, form {opts.form}"):
-        graph, reports = run_passes(build_graph(spec), passes_for(opts.form), opts.dtype)
+    form, database, tuning = opts.form, None, {}
+    if opts.choose_form and not target.is_gpu:
+        from mixer_compile.choose_form import choose_form
+
+        with progress.stage("choose", "build every IR form, time each on this CPU"):
+            database, tuning = _tuning_records(opts, spec, target, progress)
+            choice = choose_form(spec, weights, target, database, opts.dtype, progress.say)
+            progress.say("      " + choice.summary())
+            form = choice.form
+            tuning["form_choice"] = {"chosen": form, "default": opts.form, "figures": choice.figures}
+    with progress.stage("graph", f"{spec.fingerprint()}, form {form}"):
+        graph, reports = run_passes(build_graph(spec), passes_for(form), opts.dtype)
         for report in reports:
             progress.say("      " + report.summary())
         params = graph.materialize_params(weights)
@@ -83,7 +98,9 @@ def compile_model(opts: CompileOptions, progress: Progress | None = None) -> Com
             work = tempfile.TemporaryDirectory(prefix="mixer-compile-cuda-")  # removed when collected
             executable = build_cuda_library(mod, target, Path(work.name))
         else:
-            executable = compile_module(mod, target)
+            if not tuning:
+                database, tuning = _tuning_records(opts, spec, target, progress)
+            executable = compile_module(mod, target, database, on_applied=lambda a: _applied(a, tuning, progress))
     with progress.stage("validate", f"batch {spec.batch} vs float64 reference"):
         run, where = _runner(executable, mod, target, [] if opts.embed_weights else list(params.values()))
         result = validate(run, spec, weights, seed=opts.validation_seed, tolerance=TOLERANCES[opts.dtype],
@@ -97,7 +114,7 @@ def compile_model(opts: CompileOptions, progress: Progress | None = None) -> Com
         "spec": spec.to_dict(),
         "target": {"name": target.name, "kind": target.kind, "config": target.config,
                    "requires": build_requirements(target.tvm_target())},
-        "form": opts.form,
+        "form": form,
         "precision": graph.meta.get("precision", {"dtype": "float32", "accumulate": "float32"}),
         "passes": [r.to_dict() for r in reports],
         "weights": {**source, "embedded": opts.embed_weights},
@@ -107,6 +124,8 @@ def compile_model(opts: CompileOptions, progress: Progress | None = None) -> Com
         "output": {"shape": [spec.batch, spec.num_classes], "dtype": "float32"},
         "validation": result.to_dict(),
     }
+    if tuning:
+        metadata["tuning"] = tuning
     if target.is_gpu:
         metadata["gpu_code"] = executable.describe()
     artifact = None
@@ -115,6 +134,33 @@ def compile_model(opts: CompileOptions, progress: Progress | None = None) -> Com
             metadata["timings_s"] = dict(progress.timings)
             artifact = write_artifact(opts.out_dir, executable, None if opts.embed_weights else params, metadata)
     return CompileResult(spec, result, reports, dict(progress.timings), metadata, artifact)
+
+
+def _tuning_records(opts: CompileOptions, spec: MixerSpec, target: Any,
+                    progress: Progress) -> tuple[Any, dict[str, Any]]:
+    """The database a CPU build applies: the user's (tuned first with --tune) merged with the
+    shipped records for the target; None, with a warning saying how to tune, when there is none."""
+    from mixer_compile.tune import model_module, tune
+    from mixer_compile.tuning_db import TuningWarning, has_records, open_union, shipped_db_dirs, user_db_dir
+
+    user_db, shipped = opts.db or user_db_dir(target), shipped_db_dirs(target)
+    if opts.tune:
+        progress.say(f"      tuning: {opts.trials} trials per large kernel into {user_db}")
+        summary = tune(model_module(spec, opts.form, opts.dtype), target, opts.trials, user_db, say=progress.say,
+                       known=open_union(shipped))
+        progress.say(f"      tuning: {summary.tuned_now} trials measured in {summary.seconds:.0f}s")
+    dirs = [d for d in (user_db, *shipped) if has_records(d)]
+    database = open_union(dirs)
+    if database is None:
+        warnings.warn(f"no tuning records for target '{target.name}': the code is untuned and very slow "
+                      f"(Mixer-B/16 ~30 s per image); tune with `mixer-compile tune --spec {spec.name} "
+                      f"--batch {spec.batch} --target {target.name}` or compile with --tune", TuningWarning)
+    return database, {"databases": [str(d) for d in dirs], "tuned_now": opts.tune}
+
+
+def _applied(applied: Any, tuning: dict[str, Any], progress: Progress) -> None:
+    tuning.update(applied.to_dict())
+    progress.say(f"      {applied.summary()}")
 
 
 def _runner(executable: Any, mod: Any, target: Any, params: list[Any]) -> tuple[Callable[[Any], Any], str]:

@@ -1,0 +1,262 @@
+"""The MetaSchedule driver: tasks of a Relax module, tuned one by one into a database.
+
+Untuned CPU code is ~100x slower than PyTorch, so tuning (or shipped records) is not
+optional. The module is legalized and fused first (`prepare`, shared with the build so the
+tuned kernels are exactly the ones the build looks up), then each kernel is tuned on its own:
+one task at a time gives per-task progress, a budget per task and resumption by counting
+the records a task already has. Records are keyed by workload (the kernel's TIR), so kernels
+shared between presets or batch sizes are tuned once. MetaSchedule appends each measured
+batch of candidates (`BATCH` trials) to the JSON database before it picks the next, so a
+killed run loses at most the batch in flight and a re-run continues where it stopped.
+
+Budget: `trials` per kernel for the kernels that carry at least `BIG_SHARE` of the model's
+FLOPs; the rest (LayerNorm, mean, head, patchify) get a quarter of it: their search spaces
+are small and a few trials find the parallel, vectorised loop nest.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import tvm
+import tvm_ffi
+from tvm import relax
+from tvm.s_tir import meta_schedule as ms
+
+from mixer_compile.errors import TuningError
+from mixer_compile.ir import build_graph
+from mixer_compile.lower.relax import to_relax
+from mixer_compile.passes.pipeline import passes_for, run_passes
+from mixer_compile.spec import MixerSpec
+from mixer_compile.targets import TargetInfo
+from mixer_compile.tuning_db import open_database
+
+BATCH = 16
+BIG_SHARE = 0.05
+Say = Callable[[str], None]
+
+
+def model_module(spec: MixerSpec, form: str = "matmul", dtype: str = "float32") -> tvm.IRModule:
+    """The Relax module of `spec` as the compile builds it (weights as inputs: the kernels,
+    hence the records, do not depend on the weights' values)."""
+    graph, _ = run_passes(build_graph(spec), passes_for(form), dtype)
+    return to_relax(graph)
+
+
+def prepare(mod: tvm.IRModule, target: TargetInfo) -> tvm.IRModule:
+    """Legalized and fused: the form whose PrimFuncs are the tuning tasks and the kernels the
+    build applies records to (the CPU pipeline's dispatch + legalize passes, nothing else)."""
+    from tvm.relax.backend.cpu_generic import pipeline as cpu
+
+    tvm_target = target.tvm_target()
+    with tvm_target:
+        passes = cpu.library_dispatch_passes(tvm_target) + cpu.legalize_passes(tvm_target)
+        return tvm.transform.Sequential(passes)(mod)
+
+
+def is_kernel(func: Any) -> bool:
+    """A PrimFunc that runs as code: pure reshapes become views in the build and never run."""
+    return isinstance(func, tvm.tirx.PrimFunc) and not relax.analysis.has_reshape_pattern(func)
+
+
+@dataclass
+class Task:
+    name: str
+    mod: tvm.IRModule  # the kernel's workload, the database key
+    calls: int  # how many times the model calls it
+    flops: float  # per call
+    trials: int = 0  # the budget
+    done: int = 0  # records in the database
+
+    @property
+    def total_flops(self) -> float:
+        return self.flops * self.calls
+
+
+def extract_tasks(fused: tvm.IRModule, target: TargetInfo, trials: int) -> list[Task]:
+    """The kernels of `fused` with their budgets, largest share of the FLOPs first."""
+    from tvm.s_tir.analysis import estimate_tir_flops
+
+    tasks = []
+    for t in ms.relax_integration.extract_tasks(fused, target.tvm_target()):
+        mod = t.dispatched[0]
+        if not is_kernel(mod["main"]):
+            continue
+        tasks.append(Task(t.task_name, mod, int(t.weight), float(estimate_tir_flops(mod))))
+    if not tasks:
+        raise TuningError("the module has no kernels to tune")
+    total = sum(t.total_flops for t in tasks) or 1.0
+    for t in tasks:
+        t.trials = trials if t.total_flops / total >= BIG_SHARE else max(1, trials // 4)
+    return sorted(tasks, key=lambda t: -t.total_flops)
+
+
+def count_records(db: Any, tasks: list[Task]) -> None:
+    """Sets `done` from the records already in `db` (failed measurements count: a candidate
+    that does not build is a spent trial too)."""
+    counts: dict[int, int] = {}
+    for rec in db.get_all_tuning_records():
+        key = tvm_ffi.structural_hash(rec.workload.mod)
+        counts[key] = counts.get(key, 0) + 1
+    for t in tasks:
+        t.done = counts.get(tvm_ffi.structural_hash(t.mod), 0)
+
+
+def best_latency(db: Any, mod: tvm.IRModule, target: TargetInfo) -> float | None:
+    """Seconds of the best valid record of workload `mod`, None when it has none (a query:
+    nothing is written, so it is safe on the shipped, read-only records)."""
+    record = db.query_tuning_record(mod, target.tvm_target(), "main")
+    if record is None or not record.run_secs:
+        return None
+    return sum(float(s) for s in record.run_secs) / len(record.run_secs)
+
+
+class _Interrupt:
+    """Ctrl-C while tuning: the first stops after the batch in flight (its records are then
+    on disk, the summary printed); a second exits at once (earlier batches are on disk).
+    A KeyboardInterrupt raised inside MetaSchedule's C++ loop would arrive as a RuntimeError
+    and leave its worker pools hanging, hence a flag checked between batches."""
+
+    def __init__(self, say: Say) -> None:
+        self.requested, self.say, self.previous = False, say, None
+
+    def __enter__(self) -> "_Interrupt":
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            self.say("      interrupted again: exiting now; every finished batch is in the database")
+            os._exit(130)
+        self.requested = True
+        self.say("      interrupt: stopping after the batch in flight (Ctrl-C again to quit at once)")
+
+
+def _progress_callback(task: Task, index: int, total: int, clock: dict[str, Any], say: Say) -> Any:
+    from tvm.ir.utils import derived_object
+    from tvm.s_tir.meta_schedule.measure_callback import PyMeasureCallback
+
+    @derived_object
+    class _Progress(PyMeasureCallback):
+        def apply(self, task_scheduler: Any, task_id: int, candidates: list, builds: list, runs: list) -> None:
+            if clock["interrupt"].requested:
+                task_scheduler.terminate_task(task_id)
+            if not runs:
+                return
+            for b, r in zip(builds, runs):
+                task.done += 1
+                clock["measured"] += 1
+                if r.run_secs and not r.error_msg:
+                    secs = sum(float(s) for s in r.run_secs) / len(r.run_secs)
+                    clock["best"] = min(clock.get("best", float("inf")), secs)
+            per_trial = (time.perf_counter() - clock["start"]) / max(1, clock["measured"])
+            eta = per_trial * clock["remaining"]()
+            best = clock.get("best")
+            speed = f"{best * 1e3:.3f} ms ({task.flops / best / 1e9:.1f} GFLOP/s)" if best else "no valid run yet"
+            failed = sum(1 for b, r in zip(builds, runs) if b.error_msg or r.error_msg)
+            if failed:
+                first = next(str(b.error_msg or r.error_msg) for b, r in zip(builds, runs) if b.error_msg or r.error_msg)
+                say(f"      task {index}/{total} {task.name}: {failed} of {len(runs)} candidates failed "
+                    f"({first.strip().splitlines()[-1][:150]})")
+            say(f"      task {index}/{total} {task.name}: {task.done}/{task.trials} trials, best {speed}, "
+                f"~{_minutes(eta)} left")
+
+    return _Progress()
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds / 60:.0f} min" if seconds >= 60 else f"{seconds:.0f} s"
+
+
+@dataclass
+class TuneSummary:
+    tasks: list[Task]
+    tuned_now: int  # trials measured by this run
+    db_dir: Path
+    seconds: float
+    interrupted: bool = False
+
+    def table(self, db: Any, target: TargetInfo) -> list[str]:
+        lines = []
+        for t in self.tasks:
+            best = best_latency(db, t.mod, target)
+            speed = f"{best * 1e3:9.3f} ms {t.flops / best / 1e9:7.1f} GFLOP/s" if best else "   no valid record"
+            lines.append(f"      {t.name:<36} x{t.calls:<3} {t.flops / 1e6:9.1f} MFLOP {t.done:>5} trials {speed}")
+        return lines
+
+
+def tune(mod: tvm.IRModule, target: TargetInfo, trials: int, db_dir: Path, say: Say = print,
+         seed: int | None = None, known: Any = None) -> TuneSummary:
+    """Tunes every kernel of the Relax module `mod` until it has `trials` records (a quarter
+    for the small kernels) in the database at `db_dir`; kernels already there, or in the
+    read-only database `known` (the shipped records), are skipped."""
+    if target.is_gpu:
+        raise TuningError("tuning is implemented for CPU (llvm) targets only")
+    if trials < 1:
+        raise TuningError(f"--trials must be at least 1, got {trials}")
+    start = time.perf_counter()
+    tvm_target = target.tvm_target()
+    if tvm_target.kind.name == "llvm" and "num-cores" not in target.config:
+        raise TuningError(f"target '{target.name}' has no num-cores; MetaSchedule needs it on CPU")
+    tasks = extract_tasks(prepare(mod, target), target, trials)
+    db = open_database(Path(db_dir), writable=True)
+    count_records(db, tasks)
+    shipped = [t for t in tasks if known is not None and best_latency(known, t.mod, target) is not None]
+    todo = [t for t in tasks if t.done < t.trials and t not in shipped]
+    say(f"      {len(tasks)} kernels, {len(tasks) - len(todo)} already tuned in {db_dir}"
+        + (f" or the shipped records ({len(shipped)})" if shipped else "") + "; "
+        f"{sum(t.trials - t.done for t in todo)} trials to run")
+    with _Interrupt(say) as interrupt:
+        measured = _tune_tasks(todo, tasks, tvm_target, db, say, seed, interrupt) if todo else 0
+    return TuneSummary(tasks, measured, Path(db_dir), time.perf_counter() - start, interrupt.requested)
+
+
+def _search(trials: int) -> Any:
+    """MetaSchedule's evolutionary search, its population scaled to the budget: the default
+    512 costs ~10 s of CPU per round in sampling and cost-model scoring, which a budget of a
+    few trials per kernel cannot use (it is what makes a tiny tuning run take minutes)."""
+    return ms.search_strategy.EvolutionarySearch(population_size=min(512, max(32, 16 * trials)),
+                                                 init_min_unmeasured=min(50, max(8, 4 * trials)))
+
+
+def _tune_tasks(todo: list[Task], tasks: list[Task], tvm_target: Any, db: Any, say: Say, seed: int | None,
+                interrupt: _Interrupt) -> int:
+    # generous timeouts: on a loaded 2-core machine a worker's start-up alone can take 30 s;
+    # a candidate whose build takes longer than 90 s is a pathological unrolling anyway
+    builder = ms.builder.LocalBuilder(max_workers=int(tvm_target.attrs["num-cores"]), timeout_sec=90)
+    runner = ms.runner.LocalRunner(timeout_sec=120)
+    clock: dict[str, Any] = {"start": time.perf_counter(), "measured": 0, "interrupt": interrupt,
+                             "remaining": lambda: sum(max(0, t.trials - t.done) for t in todo)}
+    with tempfile.TemporaryDirectory(prefix="mixer-compile-tune-") as work_dir:  # MetaSchedule's logs
+        for t in todo:
+            index = tasks.index(t) + 1
+            clock.pop("best", None)
+            say(f"      task {index}/{len(tasks)} {t.name}: x{t.calls}, {t.flops / 1e6:.1f} MFLOP per call, "
+                f"{t.done}/{t.trials} trials done")
+            context = ms.TuneContext(mod=t.mod, target=tvm_target, space_generator="post-order-apply",
+                                     search_strategy=_search(t.trials), task_name=t.name,
+                                     rand_state=-1 if seed is None else seed + index, num_threads="physical")
+            callbacks = [*ms.measure_callback.MeasureCallback.create("default"),
+                         _progress_callback(t, index, len(tasks), clock, say)]
+            remaining = t.trials - t.done
+            ms.tune_tasks(tasks=[context], task_weights=[1.0], work_dir=work_dir, max_trials_global=remaining,
+                          num_trials_per_iter=min(BATCH, remaining), builder=builder, runner=runner,
+                          database=db, measure_callbacks=callbacks, cost_model="xgb", task_scheduler="round-robin")
+            if interrupt.requested:
+                break
+            if t.done < t.trials:  # the search space ran out of new candidates
+                say(f"      task {index}/{len(tasks)} {t.name}: search space exhausted at {t.done} trials")
+                t.trials = t.done
+    return clock["measured"]
