@@ -14,7 +14,7 @@ from pathlib import Path
 from mixer_compile.errors import MixerCompileError
 
 DEFAULT_SPEC = "mixer_b16"
-SUBCOMMANDS = ("compile", "specs", "show", "targets", "export-onnx", "import-onnx", "resize-weights", "viz", "tune")
+SUBCOMMANDS = ("compile", "specs", "show", "targets", "export-onnx", "import-onnx", "resize-weights", "viz", "report", "tune")
 
 
 def _spec_args(p: argparse.ArgumentParser, default: str | None = DEFAULT_SPEC) -> None:
@@ -159,6 +159,21 @@ def cmd_viz(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from mixer_compile.report import write_report
+    from mixer_compile.report.compare import estimate_lines
+
+    model = (_load_spec(args), args.form, args.dtype) if args.spec else None
+    files = write_report(args.inputs, Path(args.output), model,
+                         warn=lambda m: print(f"warning: {m}", file=sys.stderr))
+    c = files.comparison
+    print(f"report on {len(c.logs)} input(s), {len(c.rows)} kernels ({len(c.missing())} not in every input)")
+    for line in estimate_lines(c):
+        print("  " + line)
+    print(f"  {files.html}\n  {files.markdown}")
+    return 0
+
+
 def cmd_tune(args: argparse.Namespace) -> int:
     from mixer_compile.targets import get_target
     from mixer_compile.tune import model_module, tune
@@ -251,6 +266,15 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--scale", type=int, default=8, help="pixels per weight (default 8)")
     p.add_argument("-o", "--output", required=True, help="the .png file to write")
     p.set_defaults(fn=cmd_viz)
+
+    p = sub.add_parser("report", help="compare tuning logs (databases or artifacts): HTML page + Markdown summary")
+    p.add_argument("inputs", nargs="+", metavar="DB_OR_ARTIFACT",
+                   help="MetaSchedule database directories or artifact directories; the first is the baseline")
+    p.add_argument("-o", "--output", required=True, help="report directory (report.html, report.md)")
+    _spec_args(p, default=None)
+    p.add_argument("--form", choices=list(FORMS), default="matmul", help="IR form of --spec (default matmul)")
+    p.add_argument("--dtype", choices=list(DTYPES), default="float32", help="precision of --spec (default float32)")
+    p.set_defaults(fn=cmd_report)
 
     p = sub.add_parser("tune", help="tune the kernels of a spec with MetaSchedule into a database (resumable)")
     _spec_args(p)
