@@ -1,12 +1,12 @@
 """Ctrl-C during tuning: stop after the batch in flight is recorded, or at once on a second one.
 
 MetaSchedule's search runs in C++ and calls back into Python (builders, runners, measure
-callbacks), and Python's default handler raises KeyboardInterrupt wherever the main thread
-next runs Python, i.e. inside one of those callbacks; it never reached us (a `tune` sent
-SIGINT went on to its next kernels). A handler that only records the request raises nothing
-inside TVM: the measure callback ends the task once its batch is in the database, and the
-tuner raises KeyboardInterrupt itself, from Python, between tasks. A second Ctrl-C restores the default action and ends the process at once; records
-already written are kept either way, so a re-run resumes.
+callbacks), so Python's default handler would raise KeyboardInterrupt inside one of those
+callbacks, where it comes back out of C++ as a TVM error with the worker pools left running.
+A handler that only records the request raises nothing inside TVM: the tuner's measure
+callback ends the task once its batch is in the database, and the tuner stops between tasks.
+A second Ctrl-C restores the default action and ends the process at once; records already
+written are kept either way, so a re-run resumes.
 """
 
 from __future__ import annotations
@@ -41,11 +41,6 @@ class StopOnInterrupt:
     def __exit__(self, kind: type | None, value: BaseException | None, tb: TracebackType | None) -> None:
         if self._previous is not None:
             signal.signal(signal.SIGINT, self._previous)
-
-    def check(self) -> None:
-        """Raises KeyboardInterrupt, from Python, if a stop was requested."""
-        if self.requested:
-            raise KeyboardInterrupt
 
 
 def ignore_sigint() -> None:
