@@ -31,6 +31,7 @@ from mixer_compile.weights import random_weights
 from .conftest import rel_error
 
 TINY = MixerSpec("tiny", (32, 32), 8, 32, 16, 128, 2, num_classes=10, batch=2)
+TINY4 = TINY.replace(batch=4)  # the fp32 GPU builds: checked on the host CPU at batch 2 without a GPU
 TENSORIZABLE = MixerSpec("tc", (72, 72), 8, 96, 96, 192, 1, num_classes=10, batch=2)
 VARIANTS = [(arch, dtype) for arch in ("sm_80", "sm_90") for dtype in ("float32", "float16")] + [("sm_90", "bfloat16")]
 
@@ -50,7 +51,7 @@ def cuda_builds(tmp_path_factory) -> dict[tuple[str, str], Path]:
 
     def build(variant: tuple[str, str]) -> Path:
         arch, dtype = variant
-        spec = TINY if dtype == "float32" else TENSORIZABLE
+        spec = TINY4 if dtype == "float32" else TENSORIZABLE
         out = root / f"{arch}-{dtype}"
         compile_model(CompileOptions(spec=spec, target=arch, dtype=dtype, out_dir=out))
         return out
@@ -110,6 +111,7 @@ def test_build_without_gpu_is_validated_on_host_cpu_and_says_so(cuda_builds, arc
     assert v["passed"] and v["max_rel_error"] < v["tolerance"] == TOLERANCES[dtype]
     if local_gpu() is None:
         assert v["where"].startswith("host CPU") and "GPU run pending" in v["where"]
+        assert v["batch"] == 2 and v["where"].endswith(", at batch 2") == (dtype == "float32")
     if dtype != "float32":
         assert v["max_rel_error"] > 1e-5  # really ran in half precision, not silently in fp32
 
@@ -121,7 +123,7 @@ def test_runs_on_the_gpu_within_bound(cuda_builds, arch, dtype):
     meta = _metadata(cuda_builds[arch, dtype])
     if not meta["validation"]["where"].startswith("GPU"):
         pytest.skip(f"the GPU here cannot run {arch} code: {meta['validation']['where']}")
-    spec = TINY if dtype == "float32" else TENSORIZABLE
+    spec = TINY4 if dtype == "float32" else TENSORIZABLE
     model = runtime.load(cuda_builds[arch, dtype])
     weights = random_weights(spec.with_gelu_for("random"), 0)
     images = random_images(spec, 7)
