@@ -131,10 +131,8 @@ def test_artifact_input_gives_task_names_calls_and_shares(dbs, tmp_path):
     from mixer_compile.report import write_report
 
     art = tmp_path / "art"
-    compile_model(CompileOptions(spec=SPEC, target="znver4", out_dir=art), Progress(7, quiet=True))
-    meta = json.loads((art / "metadata.json").read_text())
-    meta["tuning"] = {"databases": [str(dbs[0])]}
-    (art / "metadata.json").write_text(json.dumps(meta))
+    compile_model(CompileOptions(spec=SPEC, target="znver4", db=dbs[0], out_dir=art), Progress(7, quiet=True))
+    assert str(dbs[0]) in json.loads((art / "metadata.json").read_text())["tuning"]["databases"]
     c = write_report([art], tmp_path / "rep").comparison
     assert c.weights_known and c.logs[0].label == "art"
     names = {r.name: r for r in c.rows}
