@@ -50,6 +50,8 @@ with _memoized_getmodule():
     from tvm.s_tir.tensor_intrin import cuda as intrinsics
 
 _BF16 = {"_f16_a": "_bf16_a", "_f16_b": "_bf16_b", "f16f16": "bf16bf16"}
+_STOCK_GROUP = intrinsics.get_wmma_intrin_group
+_STOCK_DTYPES = dlight_matmul.get_in_out_dtypes
 
 
 def _register_bf16_wmma() -> None:
@@ -66,7 +68,8 @@ def _register_bf16_wmma() -> None:
                           *intrinsics.get_wmma_sync_intrin(16, 16, 16, "bfloat16", "float32", True), override=True)
 
 
-_register_bf16_wmma()
+with _memoized_getmodule():
+    _register_bf16_wmma()
 
 
 def _bf16_group(load_scope: str, store_scope: str, in_dtype: str, out_dtype: str, trans_b: bool) -> dict[str, str]:
@@ -80,9 +83,6 @@ def _as_fp16_for_dispatch(block: Any) -> tuple[str, str]:
     in_dtype, out_dtype = _STOCK_DTYPES(block)
     return ("float16" if in_dtype == "bfloat16" else in_dtype), out_dtype
 
-
-_STOCK_GROUP = intrinsics.get_wmma_intrin_group
-_STOCK_DTYPES = dlight_matmul.get_in_out_dtypes
 
 
 @contextlib.contextmanager
