@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import pickle
+import re
 import shutil
 import struct
 import subprocess
@@ -347,3 +348,81 @@ def test_bad_artifact(artifact, tmp_path, damage, message):
     assert message in str(err.value) and "\n" not in str(err.value)
     assert _snapshot(tmp_path) == before, "the loader changed the artifact"
 
+
+
+# --- tuning databases ---------------------------------------------------------------------
+# A damaged database is not fatal by design (issue 3): every bad line is skipped with a warning
+# naming the file and the line, the good records are used, and a compile goes on. So these
+# cases assert that outcome: exit 0, the warnings, no traceback, and the files left as they were
+# (a compile only reads them; `tune` repairs a database it writes, keeping the original aside).
+
+def _database(db: Path) -> None:
+    """Two genuine records of one small workload (not one of the tiny model's kernels)."""
+    import tvm
+    from tvm import te
+    from tvm.s_tir import meta_schedule as ms
+
+    a, b = te.placeholder((16, 16), name="A"), te.placeholder((16, 16), name="B")
+    k = te.reduce_axis((0, 16), name="k")
+    c = te.compute((16, 16), lambda i, j: te.sum(a[i, k] * b[k, j], axis=k), name="C")
+    mod = tvm.IRModule({"main": te.create_prim_func([a, b, c])})
+    db.mkdir()
+    database = ms.database.JSONDatabase(str(db / "database_workload.json"), str(db / "database_tuning_record.json"),
+                                        allow_missing=True)
+    workload = database.commit_workload(mod)
+    target = tvm.target.Target({"kind": "llvm", "num-cores": 2})
+    for secs in (1e-3, 2e-3):
+        database.commit_tuning_record(ms.database.TuningRecord(
+            tvm.s_tir.Schedule(mod).trace, workload, [secs], target, ms.arg_info.ArgInfo.from_prim_func(mod["main"])))
+
+
+def _damage(name: str, change: Callable[[str], str]) -> Callable[[Path], None]:
+    def make(db: Path) -> None:
+        _database(db)
+        (db / name).write_text(change((db / name).read_text()))
+    return make
+
+
+DATABASE_CASES = [
+    # (id, writer, warnings expected: (file, line) pairs)
+    ("record-line-truncated", _damage("database_tuning_record.json", lambda t: t[: len(t) - 40]),
+     [("database_tuning_record.json", 2)]),
+    ("record-line-not-json", _damage("database_tuning_record.json", lambda t: "}{ not json\n" + t),
+     [("database_tuning_record.json", 1)]),
+    ("record-unknown-workload", _damage("database_tuning_record.json", lambda t: t.replace("[0,", "[7,", 1)),
+     [("database_tuning_record.json", 1)]),
+    ("records-file-binary", lambda db: (_database(db), (db / "database_tuning_record.json").write_bytes(b"\x00\xff" * 64)),
+     [("database_tuning_record.json", 1)]),
+    ("workload-file-not-json", _damage("database_workload.json", lambda t: "garbage\n"),
+     [("database_workload.json", 1), ("database_tuning_record.json", 1), ("database_tuning_record.json", 2)]),
+    ("both-files-empty", lambda db: (db.mkdir(), (db / "database_workload.json").write_text(""),
+                                     (db / "database_tuning_record.json").write_text("")), []),
+]
+
+
+@pytest.mark.parametrize("write, expected", [pytest.param(*c[1:], id=c[0]) for c in DATABASE_CASES])
+def test_bad_tuning_database_is_skipped_by_line(tmp_path, capfd, monkeypatch, recwarn, write, expected):
+    """In this process pytest records the warnings (the CLI prints each as `warning: ...`)."""
+    (tmp_path / "tiny.toml").write_text(TINY)
+    write(tmp_path / "db")
+    before = _snapshot(tmp_path / "db")
+    monkeypatch.chdir(tmp_path)
+    capfd.readouterr()
+    code = cli.main(["--spec", "tiny.toml", "--db", "db", "-o", "out"])
+    err = capfd.readouterr().err
+    assert code == 0 and "Traceback" not in err and "error:" not in err, err
+    messages = [str(w.message) for w in recwarn]
+    warned = [re.match(r"(?:\S*/)?db/(database_\w+\.json):(\d+): bad", m) for m in messages]
+    assert [(m.group(1), int(m.group(2))) for m in warned if m] == expected, messages
+    assert all("\n" not in m for m in messages)
+    assert _snapshot(tmp_path / "db") == before, "a compile changed the database it reads"
+    assert (tmp_path / "out" / "model.so").is_file()
+
+
+def test_tune_into_a_file_is_one_line_error(tmp_path):
+    (tmp_path / "tiny.toml").write_text(TINY)
+    (tmp_path / "db").write_text("I am a file\n")
+    line = run_cli_process(["tune", "--spec", "tiny.toml", "--trials", "1", "--db", "db"], cwd=tmp_path)
+    assert "cannot create tuning database directory 'db'" in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["db", "tiny.toml"]
+    assert (tmp_path / "db").read_text() == "I am a file\n"
