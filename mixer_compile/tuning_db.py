@@ -220,16 +220,19 @@ def open_union(db_dirs: list[Path]) -> Any:
 def export_best(src_dir: Path, dest_dir: Path) -> int:
     """Merges the best record of every workload of `src_dir` into `dest_dir` (what is shipped
     in schedules/: one record per kernel, not the whole search); returns the workload count."""
-    from tvm.s_tir.meta_schedule.database import JSONDatabase
+    from tvm.s_tir.meta_schedule.database import JSONDatabase, MemoryDatabase
 
     dest_dir = Path(dest_dir)
-    src = open_union([Path(src_dir), dest_dir])
-    if src is None:
+    if not has_records(Path(src_dir)):
         raise TuningError(f"'{src_dir}' holds no tuning records to export")
+    merged = MemoryDatabase()
+    for d in (dest_dir, Path(src_dir)):
+        if has_records(d):
+            open_database(d).dump_pruned(merged)  # the best of each, then the best of both below
     dest_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".export-", dir=dest_dir))
     try:
-        src.dump_pruned(JSONDatabase(str(tmp / WORKLOADS), str(tmp / RECORDS), allow_missing=True))
+        merged.dump_pruned(JSONDatabase(str(tmp / WORKLOADS), str(tmp / RECORDS), allow_missing=True))
         for name in (WORKLOADS, RECORDS):
             os.replace(tmp / name, dest_dir / name)
     finally:

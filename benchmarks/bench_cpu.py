@@ -1,0 +1,285 @@
+"""Our compiled Mixer against PyTorch eager, torch.compile and ONNX Runtime on this CPU, in one run.
+
+For each spec and batch (default mixer_s16 and mixer_b16, batches 1 and 8): our module built
+for `--target` (default llvm, the host CPU) with the tuning records a compile finds by itself
+(the user cache merged with the shipped `schedules/`), validated by the compile; the same
+random weights (seed 0) in a PyTorch Mixer (`mixer_compile.torch_model`) run eager, through
+torch.compile, and exported with torch.onnx to ONNX Runtime. All run with `--threads` threads
+(default: the physical cores) on the same input. A module with untuned kernels is not timed
+(untuned B/16 takes ~30 s per image); the table says so.
+
+Timing: after warm-up, `--repeat` rounds; each round times one call of every implementation
+in turn (interleaved, so machine load drifts hit all alike) and one torch.mm 2048^3, the
+sgemm ceiling. Reported: median, spread (min-max and IQR), GFLOP/s, ratio to the fastest
+peer and to the ceiling, the load average before and after. Plus, from the tuning records,
+a per-kernel breakdown (best measured time x calls against the share of FLOPs) and, when
+`--trials-db` points at a full tuning database, the model latency the records predict after
+k trials per kernel.
+
+    python benchmarks/bench_cpu.py --out benchmarks/results
+    python benchmarks/bench_cpu.py --specs tiny.json --batches 2 --repeat 3   # smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from mixer_compile.driver import CompileOptions, compile_model  # noqa: E402
+from mixer_compile.progress import Progress  # noqa: E402
+from mixer_compile.spec import MixerSpec, load_spec  # noqa: E402
+from mixer_compile.targets import TargetInfo, get_target  # noqa: E402
+from mixer_compile.weights import random_weights  # noqa: E402
+
+SGEMM_N = 2048
+PEERS = ("pytorch_eager", "torch_compile", "onnxruntime")
+
+
+def machine(threads: int) -> dict[str, Any]:
+    import onnxruntime
+    import torch
+    import tvm
+
+    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("model name")), platform.processor())
+    return {"cpu": model, "llvm_cpu": str(tvm.target.codegen.llvm_get_system_cpu()),
+            "logical_cpus": os.cpu_count(), "threads": threads, "python": platform.python_version(),
+            "torch": torch.__version__, "onnxruntime": onnxruntime.__version__, "tvm": tvm.__version__,
+            "os": platform.platform()}
+
+
+def ours(spec: MixerSpec, target: str, work: Path) -> tuple[Callable[[np.ndarray], Any] | None, dict[str, Any]]:
+    """Our module for `spec`, or None (with the reason) when some kernel has no record."""
+    from mixer_compile import runtime
+
+    result = compile_model(CompileOptions(spec=spec, target=target, out_dir=work / spec.fingerprint()),
+                           Progress(7, quiet=True))
+    tuning = result.metadata.get("tuning", {})
+    info = {"validation": result.validation.summary(), "tuning": tuning,
+            "compile_s": sum(result.timings.values())}
+    if not tuning.get("tuned") or tuning.get("untuned"):
+        return None, info
+    model = runtime.load(result.artifact)
+    return model, info
+
+
+def peers(spec: MixerSpec, weights: dict[str, np.ndarray], x: np.ndarray, work: Path) -> dict[str, Callable]:
+    import onnxruntime as ort
+    import torch
+
+    from mixer_compile.torch_model import torch_mixer
+
+    model = torch_mixer(spec, weights)
+    xt = torch.from_numpy(x)
+    compiled = torch.compile(model)
+    onnx_path = work / f"{spec.fingerprint()}.onnx"
+    with torch.inference_mode():
+        torch.onnx.export(model, (xt,), str(onnx_path), dynamo=False, input_names=["image"], opset_version=17)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+
+    def eager() -> Any:
+        with torch.inference_mode():
+            return model(xt)
+
+    def tc() -> Any:
+        with torch.inference_mode():
+            return compiled(xt)
+
+    return {"pytorch_eager": eager, "torch_compile": tc,
+            "onnxruntime": lambda: session.run(None, {"image": x})[0]}
+
+
+def sgemm() -> Callable[[], Any]:
+    import torch
+
+    a, b = torch.randn(SGEMM_N, SGEMM_N), torch.randn(SGEMM_N, SGEMM_N)
+    return lambda: torch.mm(a, b)
+
+
+def interleaved(fns: dict[str, Callable[[], Any]], repeat: int, warmup: int) -> dict[str, list[float]]:
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeat):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def stats(samples: list[float], flops: float) -> dict[str, float]:
+    q = np.percentile(samples, [25, 75])
+    median = statistics.median(samples)
+    return {"median_ms": median * 1e3, "min_ms": min(samples) * 1e3, "max_ms": max(samples) * 1e3,
+            "iqr_ms": float(q[1] - q[0]) * 1e3, "gflops": flops / median / 1e9, "runs": len(samples)}
+
+
+def kernel_breakdown(spec: MixerSpec, target: TargetInfo) -> list[dict[str, Any]]:
+    """Best measured time of every tuned kernel x its calls, against its share of the FLOPs."""
+    from mixer_compile.tune import best_latency, extract_tasks, model_module, prepare
+    from mixer_compile.tuning_db import has_records, open_union, shipped_db_dirs, user_db_dir
+
+    db = open_union([d for d in (user_db_dir(target), *shipped_db_dirs(target)) if has_records(d)])
+    tasks = extract_tasks(prepare(model_module(spec), target), target, 1)
+    total_flops = sum(t.total_flops for t in tasks)
+    rows = []
+    for t in tasks:
+        best = best_latency(db, t.mod, target) if db is not None else None
+        rows.append({"kernel": t.name, "calls": t.calls, "mflop_per_call": t.flops / 1e6,
+                     "flop_share": t.total_flops / total_flops if total_flops else 0.0,
+                     "ms_per_call": best * 1e3 if best else None,
+                     "ms_total": best * 1e3 * t.calls if best else None,
+                     "gflops": t.flops / best / 1e9 if best and t.flops else None})
+    known = sum(r["ms_total"] or 0.0 for r in rows)
+    for r in rows:
+        r["time_share"] = (r["ms_total"] or 0.0) / known if known else None
+    return rows
+
+
+def trials_curve(spec: MixerSpec, target: TargetInfo, db_dir: Path, points: list[int]) -> list[dict[str, Any]]:
+    """Model latency predicted by the records after the first k trials of every kernel (the
+    database keeps records in measurement order), summed over kernels x calls."""
+    import tvm_ffi
+
+    from mixer_compile.tune import extract_tasks, model_module, prepare
+    from mixer_compile.tuning_db import open_database
+
+    tasks = extract_tasks(prepare(model_module(spec), target), target, 1)
+    runs: dict[int, list[float]] = {}
+    for rec in open_database(db_dir).get_all_tuning_records():
+        secs = [float(s) for s in rec.run_secs or []]
+        ok = secs and max(secs) < 1e9
+        runs.setdefault(tvm_ffi.structural_hash(rec.workload.mod), []).append(
+            sum(secs) / len(secs) if ok else float("inf"))
+    curve = []
+    for k in points:
+        total, complete = 0.0, True
+        for t in tasks:
+            seen = runs.get(tvm_ffi.structural_hash(t.mod), [])[:k]
+            best = min(seen, default=float("inf"))
+            complete &= best != float("inf")
+            total += best * t.calls
+        curve.append({"trials_per_kernel": k, "model_ms": total * 1e3 if complete else None})
+    return curve
+
+
+def markdown(report: dict[str, Any]) -> str:
+    m = report["machine"]
+    out = [f"# CPU benchmark: {m['cpu']} ({m['llvm_cpu']}), {m['threads']} threads",
+           "", f"{report['date']}; torch {m['torch']}, onnxruntime {m['onnxruntime']}, TVM {m['tvm']}, "
+           f"Python {m['python']}. Load average before {report['load_before']}, after {report['load_after']} "
+           f"(the machine is shared; figures move between runs). {report['repeat']} interleaved rounds, "
+           f"median and spread per implementation. sgemm ceiling: torch.mm {SGEMM_N}^3 in the same run.", ""]
+    for case in report["cases"]:
+        out += [f"## {case['spec']} batch {case['batch']} ({case['gflop']:.2f} GFLOP per call)", "",
+                f"ours: {case['ours']['validation']}; {_tuned(case['ours'])}; "
+                f"sgemm ceiling {case['sgemm']['gflops']:.0f} GFLOP/s", "",
+                "| implementation | median ms | min-max ms | IQR ms | GFLOP/s | vs fastest peer | of sgemm |",
+                "|---|---|---|---|---|---|---|"]
+        for name, s in case["results"].items():
+            out.append(f"| {name} | {s['median_ms']:.2f} | {s['min_ms']:.2f}-{s['max_ms']:.2f} | {s['iqr_ms']:.2f} "
+                       f"| {s['gflops']:.1f} | {s['vs_fastest_peer']:.2f}x | {s['of_sgemm']:.0%} |")
+        if case.get("kernels"):
+            out += ["", "Per kernel (best tuned time x calls, from the records):", "",
+                    "| kernel | calls | MFLOP/call | FLOP share | ms total | time share | GFLOP/s |", "|---|---|---|---|---|---|---|"]
+            for r in case["kernels"]:
+                ms = f"{r['ms_total']:.2f}" if r["ms_total"] is not None else "untuned"
+                gf = f"{r['gflops']:.1f}" if r["gflops"] else "-"
+                ts = f"{r['time_share']:.0%}" if r["time_share"] is not None else "-"
+                out.append(f"| {r['kernel']} | {r['calls']} | {r['mflop_per_call']:.1f} | {r['flop_share']:.1%} "
+                           f"| {ms} | {ts} | {gf} |")
+        if case.get("curve"):
+            out += ["", "Model latency predicted from the records after k trials per kernel:", "",
+                    "| k | " + " | ".join(str(p["trials_per_kernel"]) for p in case["curve"]) + " |",
+                    "|---" * (len(case["curve"]) + 1) + "|",
+                    "| ms | " + " | ".join(f"{p['model_ms']:.1f}" if p["model_ms"] else "-" for p in case["curve"]) + " |"]
+        out.append("")
+    return "\n".join(out)
+
+
+def _tuned(info: dict[str, Any]) -> str:
+    t = info.get("tuning") or {}
+    return f"{len(t.get('tuned', []))}/{t.get('kernels', '?')} kernels tuned" + (
+        "" if not t.get("untuned") else " (not timed: untuned kernels)")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--specs", nargs="+", default=["mixer_s16", "mixer_b16"])
+    ap.add_argument("--batches", nargs="+", type=int, default=[1, 8])
+    ap.add_argument("--target", default="llvm")
+    ap.add_argument("--repeat", type=int, default=7)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--trials-db", help="full tuning database for the latency-vs-trials curve")
+    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
+    args = ap.parse_args()
+
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    threads = torch.get_num_threads()
+    target = get_target(args.target)
+    report: dict[str, Any] = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                              "machine": machine(threads), "target": target.config, "repeat": args.repeat,
+                              "load_before": [round(v, 2) for v in os.getloadavg()], "cases": []}
+    with tempfile.TemporaryDirectory(prefix="bench-cpu-") as tmp:
+        work = Path(tmp)
+        for name in args.specs:
+            for batch in args.batches:
+                spec = load_spec(name, batch=batch)
+                weights = random_weights(spec, 0)
+                spec = spec.with_gelu_for("random")
+                x = np.random.default_rng(1).standard_normal((batch, 3, *spec.image_size)).astype(np.float32)
+                print(f"{spec.fingerprint()}: building", file=sys.stderr, flush=True)
+                model, info = ours(spec, args.target, work)
+                fns = peers(spec, weights, x, work)
+                if model is not None:
+                    fns = {"mixer-compile": lambda m=model: m(x), **fns}
+                fns["sgemm"] = sgemm()
+                print(f"{spec.fingerprint()}: timing {', '.join(fns)}", file=sys.stderr, flush=True)
+                times = interleaved(fns, args.repeat, args.warmup)
+                flops = spec.flops_per_image() * batch
+                sg = stats(times.pop("sgemm"), 2 * SGEMM_N**3)
+                results = {k: stats(v, flops) for k, v in times.items()}
+                fastest = min(results[p]["median_ms"] for p in PEERS)
+                for s in results.values():
+                    s["vs_fastest_peer"] = s["median_ms"] / fastest
+                    s["of_sgemm"] = s["gflops"] / sg["gflops"]
+                case = {"spec": name, "batch": batch, "gflop": flops / 1e9, "ours": info, "sgemm": sg,
+                        "results": results, "kernels": kernel_breakdown(spec, target)}
+                if args.trials_db:
+                    case["curve"] = trials_curve(spec, target, Path(args.trials_db), [1, 2, 4, 8, 16, 32, 64])
+                report["cases"].append(case)
+                print(f"  " + ", ".join(f"{k} {v['median_ms']:.1f} ms" for k, v in results.items()), file=sys.stderr)
+    report["load_after"] = [round(v, 2) for v in os.getloadavg()]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"cpu_{report['machine']['llvm_cpu']}"
+    (out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / f"{stem}.md").write_text(markdown(report))
+    print(markdown(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
