@@ -7,7 +7,8 @@ one task at a time gives per-task progress, a budget per task and resumption by 
 the records a task already has. Records are keyed by workload (the kernel's TIR), so kernels
 shared between presets or batch sizes are tuned once. MetaSchedule appends each measured
 batch of candidates (`BATCH` trials) to the JSON database before it picks the next, so a
-killed run loses at most the batch in flight and a re-run continues where it stopped.
+killed run loses at most the batch in flight and a re-run continues where it stopped; Ctrl-C
+stops once the batch in flight is recorded (`interrupt.py`).
 
 Budget: `trials` per kernel for the kernels that carry at least `BIG_SHARE` of the model's
 FLOPs; the rest (LayerNorm, mean, head, patchify) get a quarter of it: their search spaces
@@ -16,10 +17,7 @@ are small and a few trials find the parallel, vectorised loop nest.
 
 from __future__ import annotations
 
-import os
-import signal
 import tempfile
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +29,9 @@ from tvm import relax
 from tvm.s_tir import meta_schedule as ms
 
 from mixer_compile.errors import TuningError
+from mixer_compile.interrupt import StopOnInterrupt, ignore_sigint
 from mixer_compile.ir import build_graph
+from mixer_compile.locking import exclusive
 from mixer_compile.lower.relax import to_relax
 from mixer_compile.passes.pipeline import passes_for, run_passes
 from mixer_compile.spec import MixerSpec
@@ -40,6 +40,7 @@ from mixer_compile.tuning_db import open_database
 
 BATCH = 16
 BIG_SHARE = 0.05
+INLINE_BUILD_FLOPS = 10e6  # kernels below this are compiled in this process (see _InlineBuilder)
 Say = Callable[[str], None]
 
 
@@ -118,32 +119,6 @@ def best_latency(db: Any, mod: tvm.IRModule, target: TargetInfo) -> float | None
     return sum(float(s) for s in record.run_secs) / len(record.run_secs)
 
 
-class _Interrupt:
-    """Ctrl-C while tuning: the first stops after the batch in flight (its records are then
-    on disk, the summary printed); a second exits at once (earlier batches are on disk).
-    A KeyboardInterrupt raised inside MetaSchedule's C++ loop would arrive as a RuntimeError
-    and leave its worker pools hanging, hence a flag checked between batches."""
-
-    def __init__(self, say: Say) -> None:
-        self.requested, self.say, self.previous = False, say, None
-
-    def __enter__(self) -> "_Interrupt":
-        if threading.current_thread() is threading.main_thread():
-            self.previous = signal.signal(signal.SIGINT, self._handle)
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.requested:
-            self.say("      interrupted again: exiting now; every finished batch is in the database")
-            os._exit(130)
-        self.requested = True
-        self.say("      interrupt: stopping after the batch in flight (Ctrl-C again to quit at once)")
-
-
 def _progress_callback(task: Task, index: int, total: int, clock: dict[str, Any], say: Say) -> Any:
     from tvm.ir.utils import derived_object
     from tvm.s_tir.meta_schedule.measure_callback import PyMeasureCallback
@@ -151,8 +126,8 @@ def _progress_callback(task: Task, index: int, total: int, clock: dict[str, Any]
     @derived_object
     class _Progress(PyMeasureCallback):
         def apply(self, task_scheduler: Any, task_id: int, candidates: list, builds: list, runs: list) -> None:
-            if clock["interrupt"].requested:
-                task_scheduler.terminate_task(task_id)
+            if clock["interrupt"].requested and task.done + len(runs) < task.trials:
+                task_scheduler.terminate_task(task_id)  # at its budget the scheduler ends it: twice aborts
             if not runs:
                 return
             for b, r in zip(builds, runs):
@@ -198,10 +173,11 @@ class TuneSummary:
 
 
 def tune(mod: tvm.IRModule, target: TargetInfo, trials: int, db_dir: Path, say: Say = print,
-         seed: int | None = None, known: Any = None) -> TuneSummary:
+         seed: int | None = None, known: Any = None, runner: Any = None) -> TuneSummary:
     """Tunes every kernel of the Relax module `mod` until it has `trials` records (a quarter
     for the small kernels) in the database at `db_dir`; kernels already there, or in the
-    read-only database `known` (the shipped records), are skipped."""
+    read-only database `known` (the shipped records), are skipped. `runner`: where candidates
+    are measured (default a LocalRunner here; fleet.rpc_runner for remote devices)."""
     if target.is_gpu:
         raise TuningError("tuning is implemented for CPU (llvm) targets only")
     if trials < 1:
@@ -211,16 +187,46 @@ def tune(mod: tvm.IRModule, target: TargetInfo, trials: int, db_dir: Path, say: 
     if tvm_target.kind.name == "llvm" and "num-cores" not in target.config:
         raise TuningError(f"target '{target.name}' has no num-cores; MetaSchedule needs it on CPU")
     tasks = extract_tasks(prepare(mod, target), target, trials)
-    db = open_database(Path(db_dir), writable=True)
-    count_records(db, tasks)
-    shipped = [t for t in tasks if known is not None and best_latency(known, t.mod, target) is not None]
-    todo = [t for t in tasks if t.done < t.trials and t not in shipped]
-    say(f"      {len(tasks)} kernels, {len(tasks) - len(todo)} already tuned in {db_dir}"
-        + (f" or the shipped records ({len(shipped)})" if shipped else "") + "; "
-        f"{sum(t.trials - t.done for t in todo)} trials to run")
-    with _Interrupt(say) as interrupt:
-        measured = _tune_tasks(todo, tasks, tvm_target, db, say, seed, interrupt) if todo else 0
+    with exclusive(db_dir, say):  # one writer per database: a second tuner waits for the first
+        db = open_database(Path(db_dir), writable=True)
+        count_records(db, tasks)
+        shipped = [t for t in tasks if known is not None and best_latency(known, t.mod, target) is not None]
+        for t in tasks:  # a spent budget without one valid record (every build timed out...) is retried
+            if t.done >= t.trials and t not in shipped and best_latency(db, t.mod, target) is None:
+                t.trials += t.done
+        todo = [t for t in tasks if t.done < t.trials and t not in shipped]
+        say(f"      {len(tasks)} kernels, {len(tasks) - len(todo)} already tuned in {db_dir}"
+            + (f" or the shipped records ({len(shipped)})" if shipped else "") + "; "
+            f"{sum(t.trials - t.done for t in todo)} trials to run")
+        # the worker pools start (and check themselves) before Ctrl-C is ours: a Ctrl-C reaching a
+        # worker still importing TVM kills it, which here is a plain KeyboardInterrupt in this process
+        pools = _worker_pools(tvm_target, runner) if todo else None
+        with StopOnInterrupt(say) as interrupt:
+            measured = _tune_tasks(todo, tasks, tvm_target, db, say, seed, interrupt, pools) if todo else 0
     return TuneSummary(tasks, measured, Path(db_dir), time.perf_counter() - start, interrupt.requested)
+
+
+def _inline_builder() -> Any:
+    """Compiles candidates in this process, one after the other. MetaSchedule's LocalBuilder
+    starts a fresh pool of worker processes for every batch (each importing TVM), which on a
+    busy 2-core machine costs more than compiling a small kernel's candidates; the large
+    kernels keep the parallel workers (and their timeout)."""
+    from tvm.ir.utils import derived_object
+    from tvm.s_tir.meta_schedule.builder import BuilderResult, PyBuilder
+    from tvm.s_tir.meta_schedule.builder.local_builder import default_build, default_export
+
+    @derived_object
+    class _InlineBuilder(PyBuilder):
+        def build(self, build_inputs: list) -> list:
+            results = []
+            for b in build_inputs:
+                try:
+                    results.append(BuilderResult(default_export(default_build(b.mod, b.target, None)), None))
+                except Exception as exc:  # a candidate that does not compile is a failed trial, not an error
+                    results.append(BuilderResult(None, f"inline build: {exc}"))
+            return results
+
+    return _InlineBuilder()
 
 
 def _search(trials: int) -> Any:
@@ -231,12 +237,20 @@ def _search(trials: int) -> Any:
                                                  init_min_unmeasured=min(50, max(8, 4 * trials)))
 
 
-def _tune_tasks(todo: list[Task], tasks: list[Task], tvm_target: Any, db: Any, say: Say, seed: int | None,
-                interrupt: _Interrupt) -> int:
+def _worker_pools(tvm_target: Any, runner: Any) -> tuple[Any, Any, Any]:
+    """The builders here (a process pool, and inline for small kernels) and the runner (the
+    caller's, or one here), workers ignoring Ctrl-C."""
     # generous timeouts: on a loaded 2-core machine a worker's start-up alone can take 30 s;
     # a candidate whose build takes longer than 90 s is a pathological unrolling anyway
-    builder = ms.builder.LocalBuilder(max_workers=int(tvm_target.attrs["num-cores"]), timeout_sec=90)
-    runner = ms.runner.LocalRunner(timeout_sec=120)
+    pool = ms.builder.LocalBuilder(max_workers=int(tvm_target.attrs["num-cores"]), timeout_sec=90,
+                                   initializer=ignore_sigint)
+    inline = _inline_builder()
+    return pool, inline, runner or ms.runner.LocalRunner(timeout_sec=120, initializer=ignore_sigint)
+
+
+def _tune_tasks(todo: list[Task], tasks: list[Task], tvm_target: Any, db: Any, say: Say, seed: int | None,
+                interrupt: StopOnInterrupt, pools: tuple[Any, Any, Any]) -> int:
+    pool, inline, runner = pools
     clock: dict[str, Any] = {"start": time.perf_counter(), "measured": 0, "interrupt": interrupt,
                              "remaining": lambda: sum(max(0, t.trials - t.done) for t in todo)}
     with tempfile.TemporaryDirectory(prefix="mixer-compile-tune-") as work_dir:  # MetaSchedule's logs
@@ -252,7 +266,8 @@ def _tune_tasks(todo: list[Task], tasks: list[Task], tvm_target: Any, db: Any, s
                          _progress_callback(t, index, len(tasks), clock, say)]
             remaining = t.trials - t.done
             ms.tune_tasks(tasks=[context], task_weights=[1.0], work_dir=work_dir, max_trials_global=remaining,
-                          num_trials_per_iter=min(BATCH, remaining), builder=builder, runner=runner,
+                          num_trials_per_iter=min(BATCH, remaining), runner=runner,
+                          builder=inline if t.flops < INLINE_BUILD_FLOPS else pool,
                           database=db, measure_callbacks=callbacks, cost_model="xgb", task_scheduler="round-robin")
             if interrupt.requested:
                 break

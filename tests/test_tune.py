@@ -1,0 +1,190 @@
+"""Tuning: a tiny spec tuned end to end with a few trials, resumed after a SIGKILL, reused
+without tuning, corrupt database lines skipped, shipped records applied for a target.
+
+One tuning run (module fixture) serves every test: it is the slow part (MetaSchedule's
+worker start-up and search), ~1 minute on the shared 2-core machine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import pytest
+
+from mixer_compile import tuning_db
+from mixer_compile.driver import CompileOptions, compile_model
+from mixer_compile.progress import Progress
+from mixer_compile.spec import MixerSpec
+from mixer_compile.targets import get_target
+from mixer_compile.tune import extract_tasks, model_module, prepare
+from mixer_compile.tuning_db import RECORDS, WORKLOADS, TuningWarning, open_database
+
+TRIALS = 2  # per large kernel; the small ones get max(1, TRIALS // 4) = 1
+TINY = {"name": "tiny", "image_size": [32, 32], "patch_size": 8, "hidden_dim": 32, "tokens_mlp_dim": 16,
+        "channels_mlp_dim": 128, "num_blocks": 2, "num_classes": 10, "batch": 2}
+
+
+def _spec() -> MixerSpec:
+    from mixer_compile.spec import spec_from_dict
+
+    return spec_from_dict(dict(TINY), name="tiny")
+
+
+def _lines(path: Path) -> list[str]:
+    return [line for line in path.read_text().splitlines() if line.strip()]
+
+
+def _with_valid_record(db_dir: Path) -> set[str]:
+    """Kernels of the tiny spec whose records include a successful measurement (a candidate
+    may fail to build in time on a loaded machine; such a kernel has no record to apply)."""
+    from mixer_compile.tune import best_latency
+
+    target = get_target("znver4")
+    database = open_database(db_dir)
+    tasks = extract_tasks(prepare(model_module(_spec()), target), target, TRIALS)
+    return {t.name for t in tasks if best_latency(database, t.mod, target) is not None}
+
+
+def _tune_cmd(spec_file: Path, db: Path) -> list[str]:
+    return [sys.executable, "-m", "mixer_compile.cli", "tune", "--spec", str(spec_file), "--target", "znver4",
+            "--trials", str(TRIALS), "--db", str(db)]
+
+
+@pytest.fixture(scope="module")
+def tuned(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """A tuning subprocess SIGKILLed once its first records are on disk, then run again to the end."""
+    root = tmp_path_factory.mktemp("tune")
+    spec_file, db = root / "tiny.json", root / "db"
+    spec_file.write_text(json.dumps(TINY))
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    # its own process group, killed whole: the tuner and its build/measure workers, as kill -9 of a job would
+    first = subprocess.Popen(_tune_cmd(spec_file, db), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             start_new_session=True)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and first.poll() is None:
+        if (db / RECORDS).is_file() and _lines(db / RECORDS):
+            break
+        time.sleep(0.2)
+    killed_running = first.poll() is None
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+    kept = _lines(db / RECORDS)
+    second = subprocess.run(_tune_cmd(spec_file, db), env=env, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stderr
+    return {"db": db, "kept": kept, "killed_running": killed_running, "resume_log": second.stderr,
+            "resume_out": second.stdout}
+
+
+def test_records_survive_sigkill_and_tuning_resumes(tuned: dict) -> None:
+    assert tuned["killed_running"], "the tuning process finished before it could be killed"
+    assert tuned["kept"], "no record reached the disk before the kill"
+    after = _lines(tuned["db"] / RECORDS)
+    assert after[: len(tuned["kept"])] == tuned["kept"]  # nothing lost, nothing rewritten
+    resumed = re.search(r"(\d+) kernels, (\d+) already tuned", tuned["resume_log"])
+    assert resumed and int(resumed.group(2)) >= 1, tuned["resume_log"]  # the killed run's kernel is not redone
+    # every kernel now has its budget of records, the ones done before the kill not tuned twice
+    spec, target = _spec(), get_target("znver4")
+    tasks = extract_tasks(prepare(model_module(spec), target), target, TRIALS)
+    from mixer_compile.tune import count_records
+
+    count_records(open_database(tuned["db"]), tasks)
+    for t in tasks:
+        assert t.done >= t.trials, (t.name, t.done, t.trials)
+    assert len(after) <= sum(t.trials for t in tasks) + 1  # +1: a search space that ran out early
+
+
+def test_compile_applies_records_and_second_compile_does_not_tune(tuned: dict, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("MIXER_COMPILE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(tuning_db, "SCHEDULES_DIR", tmp_path / "no-schedules")
+    db = tmp_path / "db"
+    shutil.copytree(tuned["db"], db)
+    before = (db / RECORDS).read_text()
+    opts = CompileOptions(spec=_spec(), target="znver4", db=db, tune=True, trials=TRIALS)
+    result = compile_model(opts, Progress(8, quiet=True))
+    tuning = result.metadata["tuning"]
+    assert tuning["kernels"] == 9 and set(tuning["tuned"]) == _with_valid_record(db), tuning
+    assert len(tuning["tuned"]) >= 5, tuning  # most kernels: a tiny kernel rarely fails every candidate
+    assert result.validation.passed
+    assert (db / RECORDS).read_text() == before  # everything was in the database: no tuning happened
+
+
+def test_corrupt_lines_are_skipped_with_file_and_line(tuned: dict, tmp_path: Path) -> None:
+    db = tmp_path / "db"
+    shutil.copytree(tuned["db"], db)
+    good = _lines(db / RECORDS)
+    lines = list(good)
+    lines.insert(1, '[0, ["not a trace"')  # line 2: truncated JSON
+    lines.insert(3, '[99, []]')  # line 4: points at no workload
+    (db / RECORDS).write_text("\n".join(lines) + "\n" + good[0][: len(good[0]) // 2])  # last: cut mid-write
+    damaged = (db / RECORDS).read_text()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        database = open_database(db)
+    messages = [str(w.message) for w in caught if issubclass(w.category, TuningWarning)]
+    path = db / RECORDS
+    assert any(m.startswith(f"{path}:2: bad tuning record") for m in messages), messages
+    assert any(m.startswith(f"{path}:4: bad tuning record") and "workload 99" in m for m in messages), messages
+    assert any(m.startswith(f"{path}:{len(lines) + 1}: bad tuning record") for m in messages), messages
+    assert len(database.get_all_tuning_records()) == len(good)
+    assert path.read_text() == damaged  # read-only use never touches the user's file
+
+    with pytest.warns(TuningWarning, match="original files are kept"):
+        writable = open_database(db, writable=True)
+    assert len(writable.get_all_tuning_records()) == len(good)
+    backups = list(db.glob(f"{RECORDS}.corrupt-*"))
+    assert len(backups) == 1 and backups[0].read_text() == damaged
+
+
+def test_bad_workload_line_drops_its_records(tuned: dict, tmp_path: Path) -> None:
+    db = tmp_path / "db"
+    shutil.copytree(tuned["db"], db)
+    workloads = _lines(db / WORKLOADS)
+    records = _lines(db / RECORDS)
+    on_first = sum(1 for r in records if json.loads(r)[0] == 0)
+    (db / WORKLOADS).write_text("\n".join(["{garbage"] + workloads[1:]) + "\n")
+    with pytest.warns(TuningWarning, match=rf"{WORKLOADS}:1: bad workload line skipped"):
+        database = open_database(db)
+    assert len(database.get_all_tuning_records()) == len(records) - on_first
+
+
+def test_shipped_records_apply_for_matching_target(tuned: dict, tmp_path: Path, monkeypatch) -> None:
+    schedules = tmp_path / "schedules"
+    assert tuning_db.export_best(tuned["db"], schedules / "znver4") >= 5
+    expected = _with_valid_record(schedules / "znver4")
+    assert expected == _with_valid_record(tuned["db"])  # the export keeps every kernel's best
+    monkeypatch.setattr(tuning_db, "SCHEDULES_DIR", schedules)
+    monkeypatch.setenv("MIXER_COMPILE_CACHE", str(tmp_path / "empty-cache"))
+    for target in ("znver4", "llvm"):  # by name; and the host (znver5 here) by instruction sets
+        if target == "llvm" and not tuning_db.shipped_db_dirs(get_target("llvm")):
+            pytest.skip("this host CPU lacks AVX-512: znver4 records are not for it")
+        result = compile_model(CompileOptions(spec=_spec(), target=target), Progress(7, quiet=True))
+        tuning = result.metadata["tuning"]
+        assert tuning["databases"] == [str(schedules / "znver4")]
+        assert set(tuning["tuned"]) == expected and tuning["kernels"] == 9, (target, tuning)
+        assert result.validation.passed
+    assert tuning_db.shipped_db_dirs(get_target("avx2")) == []  # AVX-512 records are not for AVX2 CPUs
+
+
+def test_no_records_warns_untuned_and_says_how_to_tune(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(tuning_db, "SCHEDULES_DIR", tmp_path / "none")
+    monkeypatch.setenv("MIXER_COMPILE_CACHE", str(tmp_path / "cache"))
+    with pytest.warns(TuningWarning, match=r"untuned.*mixer-compile tune --spec tiny --batch 2 --target znver4"):
+        result = compile_model(CompileOptions(spec=_spec(), target="znver4"), Progress(7, quiet=True))
+    assert "tuning" not in result.metadata or not result.metadata["tuning"].get("tuned")
+
+
+def test_database_that_matches_nothing_warns_loudly(tuned: dict, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(tuning_db, "SCHEDULES_DIR", tmp_path / "none")
+    other = MixerSpec("other", (32, 32), 8, 24, 8, 48, 1, num_classes=5, batch=1)  # no kernel in common
+    with pytest.warns(UserWarning, match="applied to none of the"):
+        result = compile_model(CompileOptions(spec=other, target="znver4", db=tuned["db"]), Progress(7, quiet=True))
+    assert result.metadata["tuning"]["tuned"] == []
