@@ -181,10 +181,17 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
     spec, target = _load_spec(args), get_target(args.target)
     db_dir = Path(args.db) if args.db else user_db_dir(target)
+    runner = None
+    if args.rpc_tracker or args.rpc_key:
+        from mixer_compile.fleet import parse_tracker, rpc_runner
+
+        here = parse_tracker(args.rpc_tracker or "", args.rpc_key)
+        runner = rpc_runner(here)
+        print(f"measuring on the RPC tracker {here.address}, key {here.key}", file=sys.stderr)
     print(f"tuning {spec.fingerprint()} ({args.form}) for {target.name} [{target.config.get('mcpu', '')}], "
           f"{args.trials} trials per kernel, database {db_dir}", file=sys.stderr)
     summary = tune(model_module(spec, args.form, args.dtype), target, args.trials, db_dir,
-                   say=lambda line: print(line, file=sys.stderr, flush=True))
+                   say=lambda line: print(line, file=sys.stderr, flush=True), runner=runner)
     print(f"tuned {spec.fingerprint()} for {target.name}: {summary.tuned_now} trials measured now, "
           f"{summary.seconds / 60:.1f} min; database {db_dir}")
     for line in summary.table(open_database(db_dir), target):
@@ -285,6 +292,9 @@ def parser() -> argparse.ArgumentParser:
                    help="trials per large kernel; small kernels get a quarter (default 64)")
     p.add_argument("--db", help="database directory (default: the user cache, "
                                "$MIXER_COMPILE_CACHE/tuning/<target> or ~/.cache/mixer-compile/tuning/<target>)")
+    p.add_argument("--rpc-tracker", metavar="HOST:PORT",
+                   help="measure on the devices of this TVM RPC tracker (builds stay local)")
+    p.add_argument("--rpc-key", metavar="KEY", help="with --rpc-tracker: the key the RPC servers registered under")
     p.set_defaults(fn=cmd_tune)
     return top
 

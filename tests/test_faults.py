@@ -1,4 +1,4 @@
-"""Faults around the artifact: a full disk, no permission, two writers at once.
+"""Faults around the outputs: a full disk, no permission, two writers of one artifact or database.
 
 Each failure must be one line naming the path and the problem, and leave nothing behind: no
 half-written artifact, no temporary directory, no lock file. The real-disk cases mount a small
@@ -12,9 +12,11 @@ import errno
 import json
 import os
 import pathlib
+import signal
 import subprocess
 import sys
 import threading
+import time
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Iterator
@@ -144,3 +146,27 @@ def test_two_compiles_into_one_directory_give_one_good_artifact(tmp_path):
     images = np.random.default_rng(0).standard_normal((1, 3, 32, 32)).astype(np.float32)
     ref = reference.forward(SPEC.replace(gelu="tanh"), random_weights(SPEC, seed), images)
     assert rel_error(model(images), ref) < 1e-4
+
+
+def test_second_tuner_waits_for_the_database_lock(tmp_path):
+    """A tuning run into a database another process is writing waits (and says so) before it
+    reads or repairs a line of it: MetaSchedule records point at workloads by line number, so
+    two appending writers would corrupt each other's records."""
+    (tmp_path / "tiny.toml").write_text(TINY)
+    db = tmp_path / "db"
+    err_path = tmp_path / "stderr.txt"
+    with exclusive(db):
+        with open(err_path, "w") as err:
+            proc = subprocess.Popen([sys.executable, "-m", "mixer_compile.cli", "tune", "--spec", "tiny.toml",
+                                     "--trials", "1", "--db", str(db)], cwd=tmp_path, stdout=subprocess.DEVNULL,
+                                    stderr=err, start_new_session=True)
+        try:
+            deadline = time.monotonic() + 240
+            while "waiting for another mixer-compile process" not in err_path.read_text():
+                assert proc.poll() is None and time.monotonic() < deadline, err_path.read_text()
+                time.sleep(0.5)
+            assert str(lock_path(db)) in err_path.read_text()
+            assert not db.exists()  # nothing read, created or repaired while the lock is held
+        finally:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
