@@ -61,7 +61,7 @@ def compile_model(opts: CompileOptions, progress: Progress | None = None) -> Com
     from mixer_compile.compat import build_requirements
     from mixer_compile.lower.relax import to_relax
 
-    progress = progress or Progress(7 if opts.out_dir is not None else 6)
+    progress = progress or Progress((7 if opts.out_dir is not None else 6) + int(opts.choose_form))
     spec = opts.spec
     if opts.out_dir is not None:
         check_writable(opts.out_dir)

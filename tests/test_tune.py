@@ -188,3 +188,18 @@ def test_database_that_matches_nothing_warns_loudly(tuned: dict, tmp_path: Path,
     with pytest.warns(UserWarning, match="applied to none of the"):
         result = compile_model(CompileOptions(spec=other, target="znver4", db=tuned["db"]), Progress(7, quiet=True))
     assert result.metadata["tuning"]["tuned"] == []
+
+
+def test_choose_form_times_the_tuned_form_and_records_the_choice(tuned: dict, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(tuning_db, "SCHEDULES_DIR", tmp_path / "none")
+    result = compile_model(CompileOptions(spec=_spec(), target="znver4", db=tuned["db"], choose_form=True),
+                           Progress(8, quiet=True))
+    choice = result.metadata["tuning"]["form_choice"]
+    assert choice["chosen"] == result.metadata["form"]
+    figures = choice["figures"]
+    assert set(figures) == {"matmul", "conv"}
+    timed = {f for f, d in figures.items() if d["ms"] is not None}
+    assert timed and all(figures[f]["ms"] > 0 for f in timed)
+    # the database was tuned on the matmul form: the conv form's own kernels have no record
+    assert "untuned kernels: " in figures["conv"].get("note", "") or "conv" in timed
+    assert result.validation.passed
