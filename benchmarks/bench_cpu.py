@@ -154,27 +154,31 @@ def kernel_breakdown(spec: MixerSpec, target: TargetInfo) -> list[dict[str, Any]
     return rows
 
 
-def trials_curve(spec: MixerSpec, target: TargetInfo, db_dir: Path, points: list[int]) -> list[dict[str, Any]]:
-    """Model latency predicted by the records after the first k trials of every kernel (the
-    database keeps records in measurement order), summed over kernels x calls."""
+def trials_curve(spec: MixerSpec, target: TargetInfo, db_dirs: list[Path], points: list[int]) -> list[dict[str, Any]]:
+    """Model latency predicted by the records after the first k trials of every kernel, summed
+    over kernels x calls. Read from the record files, which are appended in measurement order
+    (TVM's loader returns them sorted by speed)."""
     import tvm_ffi
+    from tvm.s_tir.meta_schedule.database import Workload
 
     from mixer_compile.tune import extract_tasks, model_module, prepare
-    from mixer_compile.tuning_db import open_database
+    from mixer_compile.tuning_db import scan
 
     tasks = extract_tasks(prepare(model_module(spec), target), target, 1)
     runs: dict[int, list[float]] = {}
-    for rec in open_database(db_dir).get_all_tuning_records():
-        secs = [float(s) for s in rec.run_secs or []]
-        ok = secs and max(secs) < 1e9
-        runs.setdefault(tvm_ffi.structural_hash(rec.workload.mod), []).append(
-            sum(secs) / len(secs) if ok else float("inf"))
+    for d in db_dirs:
+        lines = scan(d)
+        keys = [tvm_ffi.structural_hash(Workload.from_json(json.loads(w)).mod) for w in lines.workloads]
+        for line in lines.records:
+            index, record = json.loads(line)
+            secs = [float(x) for x in record[1] or []]
+            ok = secs and max(secs) < 1e9
+            runs.setdefault(keys[index], []).append(sum(secs) / len(secs) if ok else float("inf"))
     curve = []
     for k in points:
         total, complete = 0.0, True
         for t in tasks:
-            seen = runs.get(tvm_ffi.structural_hash(t.mod), [])[:k]
-            best = min(seen, default=float("inf"))
+            best = min(runs.get(tvm_ffi.structural_hash(t.mod), [])[:k], default=float("inf"))
             complete &= best != float("inf")
             total += best * t.calls
         curve.append({"trials_per_kernel": k, "model_ms": total * 1e3 if complete else None})
@@ -221,6 +225,18 @@ def _tuned(info: dict[str, Any]) -> str:
         "" if not t.get("untuned") else f" (not built or timed: no records for {', '.join(t['untuned'])})")
 
 
+CURVE_POINTS = [1, 2, 4, 8, 16, 24, 32]
+
+
+def refresh_curves(path: Path, db_dirs: list[Path], target: TargetInfo) -> int:
+    report = json.loads(path.read_text())
+    for case in report["cases"]:
+        case["curve"] = trials_curve(load_spec(case["spec"], batch=case["batch"]), target, db_dirs, CURVE_POINTS)
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    path.with_suffix(".md").write_text(markdown(report))
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--specs", nargs="+", default=["mixer_s16", "mixer_b16"])
@@ -229,9 +245,13 @@ def main() -> int:
     ap.add_argument("--repeat", type=int, default=7)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--trials-db", help="full tuning database for the latency-vs-trials curve")
+    ap.add_argument("--trials-db", nargs="+", help="full tuning databases for the latency-vs-trials curve")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
+    ap.add_argument("--curves-only", metavar="JSON", help="recompute the latency-vs-trials curves of a "
+                    "results file from --trials-db and rewrite it (no timing)")
     args = ap.parse_args()
+    if args.curves_only:
+        return refresh_curves(Path(args.curves_only), [Path(d) for d in args.trials_db or []], get_target(args.target))
 
     import torch
 
@@ -275,7 +295,7 @@ def main() -> int:
                 case = {"spec": name, "batch": batch, "gflop": flops / 1e9, "ours": info, "sgemm": sg,
                         "results": results, "kernels": kernels}
                 if args.trials_db:
-                    case["curve"] = trials_curve(spec, target, Path(args.trials_db), [1, 2, 4, 8, 16, 32, 64])
+                    case["curve"] = trials_curve(spec, target, [Path(d) for d in args.trials_db], CURVE_POINTS)
                 report["cases"].append(case)
                 print(f"  " + ", ".join(f"{k} {v['median_ms']:.1f} ms" for k, v in results.items()), file=sys.stderr)
     report["load_after"] = [round(v, 2) for v in os.getloadavg()]
