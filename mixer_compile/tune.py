@@ -191,10 +191,12 @@ def tune(mod: tvm.IRModule, target: TargetInfo, trials: int, db_dir: Path, say: 
         db = open_database(Path(db_dir), writable=True)
         count_records(db, tasks)
         shipped = [t for t in tasks if known is not None and best_latency(known, t.mod, target) is not None]
-        for t in tasks:  # a spent budget without one valid record (every build timed out...) is retried
-            if t.done >= t.trials and t not in shipped and best_latency(db, t.mod, target) is None:
+        unusable = [t for t in tasks if t not in shipped and best_latency(db, t.mod, target) is None]
+        for t in unusable:  # a spent budget without one valid record (every build timed out...) is retried
+            if t.done >= t.trials:
                 t.trials += t.done
-        todo = [t for t in tasks if t.done < t.trials and t not in shipped]
+        # kernels without a usable record first: one of them left untuned makes the model ~100x slower
+        todo = sorted((t for t in tasks if t.done < t.trials and t not in shipped), key=lambda t: t not in unusable)
         say(f"      {len(tasks)} kernels, {len(tasks) - len(todo)} already tuned in {db_dir}"
             + (f" or the shipped records ({len(shipped)})" if shipped else "") + "; "
             f"{sum(t.trials - t.done for t in todo)} trials to run")
