@@ -135,3 +135,19 @@ def check_tvm_version(built: str, local: str, where: str) -> None:
 def _major_minor(version: str) -> tuple[int, int] | None:
     match = re.match(r"(\d+)\.(\d+)", version)
     return (int(match.group(1)), int(match.group(2))) if match else None
+
+
+def local_gpu() -> Any | None:
+    """This machine's first CUDA device, or None (no GPU, no driver, or a TVM without CUDA)."""
+    try:
+        import tvm
+
+        dev = tvm.cuda(0)
+        return dev if dev.exist else None
+    except Exception:  # TVM raises its own error types when the CUDA runtime is missing
+        return None
+
+
+def gpu_arch(dev: Any | None) -> str | None:
+    """A CUDA device's architecture as 'sm_XY' (None for no device)."""
+    return None if dev is None else "sm_" + dev.compute_version.replace(".", "")

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from mixer_compile.artifact import LIBRARY, METADATA, WEIGHTS, read_metadata, sha256
-from mixer_compile.compat import check_cpu, check_gpu, check_tvm_version
+from mixer_compile.compat import check_cpu, check_gpu, check_tvm_version, gpu_arch, local_gpu
 from mixer_compile.errors import ArtifactError, MixerCompileError
 
 ALIGNMENT = 64  # TVM refuses DLPack tensors with less (kAllocAlignment)
@@ -73,7 +73,7 @@ class CompiledMixer:
         check_tvm_version(self.metadata.get("tvm_version", "unknown"), tvm.__version__, where)
         requires = self.metadata["target"].get("requires", {})
         if "gpu_arch" in requires:
-            check_gpu(requires["gpu_arch"], _local_gpu_arch(tvm), where)
+            check_gpu(requires["gpu_arch"], gpu_arch(local_gpu()), where)
         if "cpu" in requires:
             check_cpu(requires["cpu"], where)
 
@@ -132,15 +132,6 @@ class CompiledMixer:
         if x.device != self._device:
             x = x.copyto(self._device)
         return self._vm()["main"](x, *self._params)
-
-
-def _local_gpu_arch(tvm: Any) -> str | None:
-    """This machine's first CUDA GPU as 'sm_XY', or None when there is none (or no CUDA runtime)."""
-    try:
-        dev = tvm.cuda(0)
-        return "sm_" + dev.compute_version.replace(".", "") if dev.exist else None
-    except Exception:  # no CUDA runtime library: no usable GPU either
-        return None
 
 
 def load(artifact_dir: str | Path) -> CompiledMixer:

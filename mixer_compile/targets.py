@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mixer_compile.compat import gpu_arch, local_gpu
 from mixer_compile.errors import TargetError
 
 TARGETS_DIR = Path(__file__).resolve().parent.parent / "targets"
@@ -62,17 +63,6 @@ def _resolve_host(config: dict[str, Any]) -> dict[str, Any]:
     return config
 
 
-def local_gpu() -> Any | None:
-    """This machine's first CUDA device, or None (no GPU, no driver, or a TVM without CUDA)."""
-    try:
-        import tvm
-
-        dev = tvm.cuda(0)
-        return dev if dev.exist else None
-    except Exception:  # TVM raises its own error types when the CUDA runtime is missing
-        return None
-
-
 def _local_gpu_target(stem: str, data: dict[str, Any]) -> TargetInfo:
     """The sm_XY target file of the local GPU if there is one, else its limits read off the
     device; with no GPU visible, the file's `default` target."""
@@ -80,7 +70,7 @@ def _local_gpu_target(stem: str, data: dict[str, Any]) -> TargetInfo:
     if dev is None:
         base = get_target(data["default"])
         return TargetInfo(stem, f"no GPU visible: {base.name} ({base.description})", base.config)
-    arch = "sm_" + dev.compute_version.replace(".", "")
+    arch = gpu_arch(dev)
     if (TARGETS_DIR / f"{arch}.json").is_file():
         return TargetInfo(stem, f"local {dev.device_name}: {arch}", get_target(arch).config)
     config = {**data["target"], "arch": arch, "max_shared_memory_per_block": dev.max_shared_memory_per_block,

@@ -110,3 +110,11 @@ def test_unsupported_npz_layout_names_keys(tmp_path, tiny_spec):
     np.savez(tmp_path / "new.npz", **{"MixerBlock_0/kernel16": np.zeros((2, 2), np.float32)})
     with pytest.raises(WeightsError, match="unsupported Mixer key layout .*MixerBlock_0/kernel16"):
         load_weights(tmp_path / "new.npz", tiny_spec)
+
+
+def test_integer_tensor_in_pth_is_refused_like_npz(tmp_path, tiny_spec):
+    state = {k: torch.from_numpy(v) for k, v in to_state_dict(random_weights(tiny_spec)).items()}
+    state["head.bias"] = state["head.bias"].to(torch.int64)
+    torch.save(state, tmp_path / "int.pth")
+    with pytest.raises(WeightsError, match="'head/bias' has dtype int64; expected floating point"):
+        load_weights(tmp_path / "int.pth", tiny_spec)

@@ -54,7 +54,9 @@ def _read_state_dict(path: Path) -> dict[str, np.ndarray]:
             state = state[wrapper]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise WeightsError(f"weights file '{path}' does not hold a state dict of tensors")
-    return {k: v.detach().float().numpy() for k, v in state.items()}
+    # Floating tensors become float32 (numpy has no bfloat16); anything else keeps its dtype,
+    # so an integer tensor is refused by the shared check exactly as in an .npz.
+    return {k: (v.detach().float() if v.is_floating_point() else v.detach()).numpy() for k, v in state.items()}
 
 
 def _first_line(exc: BaseException) -> str:
