@@ -15,9 +15,8 @@ from typing import Any, Callable
 import numpy as np
 
 from mixer_compile.build import Applied, compile_module
-from mixer_compile.ir import build_graph
 from mixer_compile.lower.relax import to_relax
-from mixer_compile.passes.pipeline import FORMS, passes_for, run_passes
+from mixer_compile.passes.pipeline import FORMS, optimized_graph
 from mixer_compile.spec import MixerSpec
 from mixer_compile.targets import TargetInfo
 
@@ -48,7 +47,7 @@ def choose_form(spec: MixerSpec, weights: dict[str, np.ndarray], target: TargetI
                 dtype: str = "float32", say: Callable[[str], None] = print) -> FormChoice:
     built: dict[str, tuple[Any, list[np.ndarray], Applied]] = {}
     for form in FORMS:
-        graph, _ = run_passes(build_graph(spec), passes_for(form), dtype)
+        graph, _ = optimized_graph(spec, form, dtype)
         params = graph.materialize_params(weights)
         applied: list[Applied] = []
         executable = compile_module(to_relax(graph), target, database, on_applied=applied.append)

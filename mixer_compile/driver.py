@@ -15,13 +15,12 @@ from typing import Any, Callable
 
 from mixer_compile import __version__
 from mixer_compile.cuda_build import runnable_here
-from mixer_compile.ir import build_graph
-from mixer_compile.passes.pipeline import PassReport, passes_for, run_passes
+from mixer_compile.passes.pipeline import PassReport, optimized_graph
 from mixer_compile.progress import Progress
 from mixer_compile.spec import MixerSpec
 from mixer_compile.targets import get_target
 from mixer_compile.validate import TOLERANCES, Validation, validate
-from mixer_compile.weights import load_weights, random_weights
+from mixer_compile.weights import weights_for
 
 HOST_CHECK_BATCH = 2  # batch of the CPU stand-in check of a GPU build that cannot run here
 
@@ -68,15 +67,9 @@ def compile_model(opts: CompileOptions, progress: Progress | None = None) -> Com
     with progress.stage("target", opts.target):
         target = get_target(opts.target)
     with progress.stage("weights", str(opts.weights) if opts.weights else f"random init, seed {opts.seed}"):
-        if opts.weights is not None:
-            weights, origin = load_weights(opts.weights, spec)
-            source = {"origin": origin, "file": str(opts.weights)}
-        else:
-            weights, origin = random_weights(spec, opts.seed), "random"
-            source = {"origin": "random", "seed": opts.seed}
-        spec = spec.with_gelu_for(origin)
+        weights, spec, source = weights_for(spec, opts.weights, opts.seed)
         progress.say(f"      GELU flavour: {spec.resolved_gelu} "
-                     + ("(set by the spec)" if opts.spec.gelu else f"(from the {origin} weights)"))
+                     + ("(set by the spec)" if opts.spec.gelu else f"(from the {source['origin']} weights)"))
     form, database, tuning = opts.form, None, {}
     if opts.choose_form and not target.is_gpu:
         from mixer_compile.choose_form import choose_form
@@ -88,7 +81,7 @@ def compile_model(opts: CompileOptions, progress: Progress | None = None) -> Com
             form = choice.form
             tuning["form_choice"] = {"chosen": form, "default": opts.form, "figures": choice.figures}
     with progress.stage("graph", f"{spec.fingerprint()}, form {form}"):
-        graph, reports = run_passes(build_graph(spec), passes_for(form), opts.dtype)
+        graph, reports = optimized_graph(spec, form, opts.dtype)
         for report in reports:
             progress.say("      " + report.summary())
         params = graph.materialize_params(weights)
@@ -109,7 +102,7 @@ def compile_model(opts: CompileOptions, progress: Progress | None = None) -> Com
         # the host CPU stands in for the GPU: the same lowering at a small batch (untuned CPU code
         # at the GPU's batch, 256 say, would take hours)
         check_spec = spec.replace(batch=HOST_CHECK_BATCH)
-        check_graph, _ = run_passes(build_graph(check_spec), passes_for(form), opts.dtype)
+        check_graph, _ = optimized_graph(check_spec, form, opts.dtype)
         check_params = check_graph.materialize_params(weights)
         check_mod = to_relax(check_graph, embed=check_params if opts.embed_weights else None)
     with progress.stage("validate", f"batch {check_spec.batch} vs float64 reference"):

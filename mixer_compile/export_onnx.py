@@ -17,13 +17,12 @@ import onnx
 from mixer_compile import ort, reference
 from mixer_compile.atomic import write_bytes
 from mixer_compile.errors import MixerCompileError, ValidationError
-from mixer_compile.ir import build_graph
 from mixer_compile.lower.onnx import to_onnx
-from mixer_compile.passes.pipeline import passes_for, run_passes
+from mixer_compile.passes.pipeline import optimized_graph
 from mixer_compile.progress import Progress
 from mixer_compile.spec import MixerSpec
 from mixer_compile.validate import FP32_TOLERANCE, Validation, compare, random_images
-from mixer_compile.weights import load_weights, random_weights
+from mixer_compile.weights import weights_for
 
 
 @dataclass
@@ -68,13 +67,9 @@ def export_onnx(spec: MixerSpec, out: Path, weights_path: Path | None = None, se
                 form: str = "conv", progress: Progress | None = None) -> ExportResult:
     progress = progress or Progress(5)
     with progress.stage("weights", str(weights_path) if weights_path else f"random init, seed {seed}"):
-        if weights_path is not None:
-            weights, origin = load_weights(weights_path, spec)
-        else:
-            weights, origin = random_weights(spec, seed), "random"
-        spec = spec.with_gelu_for(origin)
+        weights, spec, _ = weights_for(spec, weights_path, seed)
     with progress.stage("graph", f"{spec.fingerprint()}, form {form}"):
-        graph, reports = run_passes(build_graph(spec), passes_for(form))
+        graph, reports = optimized_graph(spec, form)
         for report in reports:
             progress.say("      " + report.summary())
         model = to_onnx(graph, graph.materialize_params(weights))

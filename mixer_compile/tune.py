@@ -30,10 +30,9 @@ from tvm.s_tir import meta_schedule as ms
 
 from mixer_compile.errors import TuningError
 from mixer_compile.interrupt import StopOnInterrupt, ignore_sigint
-from mixer_compile.ir import build_graph
 from mixer_compile.locking import exclusive
 from mixer_compile.lower.relax import to_relax
-from mixer_compile.passes.pipeline import passes_for, run_passes
+from mixer_compile.passes.pipeline import optimized_graph
 from mixer_compile.spec import MixerSpec
 from mixer_compile.targets import TargetInfo
 from mixer_compile.tuning_db import open_database
@@ -47,7 +46,7 @@ Say = Callable[[str], None]
 def model_module(spec: MixerSpec, form: str = "matmul", dtype: str = "float32") -> tvm.IRModule:
     """The Relax module of `spec` as the compile builds it (weights as inputs: the kernels,
     hence the records, do not depend on the weights' values)."""
-    graph, _ = run_passes(build_graph(spec), passes_for(form), dtype)
+    graph, _ = optimized_graph(spec, form, dtype)
     return to_relax(graph)
 
 

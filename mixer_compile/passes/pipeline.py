@@ -12,8 +12,10 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from mixer_compile.errors import MixerCompileError
+from mixer_compile.ir.build import build_graph
 from mixer_compile.ir.graph import Graph
 from mixer_compile.passes import channel_mixing_as_conv1x1, fuse, layout, precision, token_mixing_as_conv
+from mixer_compile.spec import MixerSpec
 
 PassFn = Callable[[Graph], tuple[Graph, list[str]]]
 
@@ -72,3 +74,8 @@ def run_passes(graph: Graph, names: tuple[str, ...], dtype: str = "float32") -> 
         graph.remove_unused_params()
         reports.append(PassReport(name, changes, before, graph.op_counts()))
     return graph, reports
+
+
+def optimized_graph(spec: MixerSpec, form: str = "matmul", dtype: str = "float32") -> tuple[Graph, list[PassReport]]:
+    """The spec's graph after the passes of `form`: what every lowering and tuning starts from."""
+    return run_passes(build_graph(spec), passes_for(form), dtype)

@@ -113,3 +113,15 @@ def load_weights(path: str | Path, spec: MixerSpec) -> tuple[Weights, str]:
     origin = checkpoint_format(path)
     reader = npz.read if origin == "jax" else timm.read
     return check_weights(reader(path), spec, str(path)), origin
+
+
+def weights_for(spec: MixerSpec, path: str | Path | None, seed: int) -> tuple[Weights, MixerSpec, dict]:
+    """The checkpoint at `path`, or the seeded random init; the spec with the GELU flavour of
+    that origin (unless the spec set one); and a record of where the weights came from."""
+    if path is not None:
+        weights, origin = load_weights(path, spec)
+        source: dict = {"origin": origin, "file": str(path)}
+    else:
+        weights, origin = random_weights(spec, seed), "random"
+        source = {"origin": "random", "seed": seed}
+    return weights, spec.with_gelu_for(origin), source
