@@ -19,6 +19,7 @@ from mixer_compile.passes.pipeline import PassReport, optimized_graph
 from mixer_compile.progress import Progress
 from mixer_compile.spec import MixerSpec
 from mixer_compile.targets import get_target
+from mixer_compile.threads import use_all_cores
 from mixer_compile.validate import TOLERANCES, Validation, validate
 from mixer_compile.weights import weights_for
 
@@ -60,6 +61,7 @@ def compile_model(opts: CompileOptions, progress: Progress | None = None) -> Com
     from mixer_compile.compat import build_requirements
     from mixer_compile.lower.relax import to_relax
 
+    use_all_cores()  # before validation or form choice runs a kernel (threads.py)
     progress = progress or Progress((7 if opts.out_dir is not None else 6) + int(opts.choose_form))
     spec = opts.spec
     if opts.out_dir is not None:

@@ -31,6 +31,7 @@ import numpy as np
 from mixer_compile.artifact import LIBRARY, METADATA, WEIGHTS, read_metadata, sha256
 from mixer_compile.compat import check_cpu, check_gpu, check_tvm_version, gpu_arch, local_gpu
 from mixer_compile.errors import ArtifactError, MixerCompileError
+from mixer_compile.threads import use_all_cores
 
 ALIGNMENT = 64  # TVM refuses DLPack tensors with less (kAllocAlignment)
 
@@ -42,6 +43,7 @@ class CompiledMixer:
         import tvm
         from tvm.runtime.vm import VirtualMachine
 
+        use_all_cores()  # before the pool starts: TVM alone would use half the cores on x86
         self.path = Path(artifact_dir)
         self.metadata = read_metadata(self.path)
         self._check_machine(tvm)
