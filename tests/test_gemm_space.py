@@ -1,0 +1,88 @@
+"""The hand-written GEMM design spaces (gemm_space.py) and the thread-pool sizing (threads.py).
+
+Every candidate of every GEMM kernel of a tiny spec is built and run against the same kernel
+untouched by any schedule: a loop nest that computes something else must fail here, not in
+a tuning run. The speed of the candidates is the benchmark's business, not a test's.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tvm
+from tvm.s_tir import Schedule
+
+from mixer_compile.gemm_space import Gemm, Vector, candidates, design_spaces, find_gemm, vector_unit
+from mixer_compile.spec import MixerSpec
+from mixer_compile.targets import get_target
+from mixer_compile.threads import physical_cores, use_all_cores
+from mixer_compile.tune import extract_tasks, model_module, prepare
+
+
+def _tasks(spec: MixerSpec, target_name: str = "znver4") -> list:
+    target = get_target(target_name)
+    return extract_tasks(prepare(model_module(spec), target), target, 64)
+
+
+def _run(mod: tvm.IRModule, target: tvm.target.Target, inputs: list[np.ndarray]) -> np.ndarray:
+    from tvm.s_tir.meta_schedule.arg_info import ArgInfo
+
+    out_shape = [int(s) for s in ArgInfo.from_prim_func(mod["main"])[-1].shape]
+    args = [tvm.runtime.tensor(x) for x in inputs] + [tvm.runtime.tensor(np.zeros(out_shape, np.float32))]
+    tvm.compile(mod, target=target)["main"](*args)
+    return args[-1].numpy()
+
+
+def test_gemm_kernels_match_and_others_keep_the_generic_space(tiny_spec: MixerSpec) -> None:
+    found = {t.name: find_gemm(Schedule(t.mod)) for t in _tasks(tiny_spec)}
+    gemms = [n for n, g in found.items() if g is not None]
+    # fc1 and fc2 of token and channel mixing, and the patch embedding; the 10-class head too
+    assert len(gemms) == 6, found
+    assert found["layer_norm"] is None and found["mean"] is None
+    tokens = (32 // 8) ** 2
+    assert Gemm("matmul", tiny_spec.batch, tokens, 128) in found.values()  # channel fc1: (b, tokens) x C -> D_C
+
+
+@pytest.mark.parametrize("target_name", ["znver4", "avx2"])
+def test_every_candidate_computes_the_kernel(tiny_spec: MixerSpec, target_name: str) -> None:
+    target = get_target(target_name).tvm_target()
+    vec = vector_unit(target)
+    assert vec == (Vector(16, 32) if target_name == "znver4" else Vector(8, 16))
+    rng = np.random.default_rng(0)
+    checked = 0
+    for task in _tasks(tiny_spec, target_name):
+        spaces = design_spaces(Schedule(task.mod), vec, 2)
+        if not spaces:
+            continue
+        from tvm.s_tir.meta_schedule.arg_info import ArgInfo
+
+        inputs = [rng.standard_normal([int(s) for s in a.shape]).astype(np.float32)
+                  for a in ArgInfo.from_prim_func(task.mod["main"])[:-1]]
+        expected = _run(task.mod, target, inputs)
+        for space in spaces:
+            np.testing.assert_allclose(_run(space.mod, target, inputs), expected, rtol=1e-5, atol=1e-5)
+            checked += 1
+    assert checked >= 8
+
+
+def test_candidates_fit_the_registers_and_divide_the_shape() -> None:
+    gemm = Gemm("matmul", 1, 196, 3072)
+    for vec in (Vector(16, 32), Vector(8, 16)):
+        cands = candidates(gemm, vec, cores=2)
+        assert cands
+        for c in cands:
+            assert 196 % c.mr == 0 and (3072 // vec.lanes) % (c.nv * c.chunks) == 0
+            assert c.mr * c.nv + c.nv + 1 < vec.registers  # C's tile, B's vectors, A's broadcast
+            assert gemm.batch * c.chunks >= 2  # both cores busy
+    assert candidates(Gemm("matmul", 1, 7, 13 * 16), Vector(16, 32), 2) == []  # no tile fits: generic space
+
+
+def test_tvm_threads_default_to_physical_cores(monkeypatch) -> None:
+    monkeypatch.delenv("TVM_NUM_THREADS", raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert use_all_cores() == physical_cores() >= 1
+    import os
+
+    assert os.environ["TVM_NUM_THREADS"] == str(physical_cores())
+    monkeypatch.setenv("TVM_NUM_THREADS", "1")  # the user's choice wins
+    assert use_all_cores() == 1
