@@ -72,7 +72,7 @@ def candidates(gemm: Gemm, vec: Vector, cores: int) -> list[Candidate]:
     the loop scalar), best-balanced first, under each loop order and parallel split."""
     vectors = gemm.n // vec.lanes
     kernels = [(mr, nv) for mr in _divisors(gemm.m) if mr <= 16 for nv in _divisors(vectors) if nv <= 6
-               if vec.registers // 2 <= mr * nv <= vec.registers - nv - 2]
+               if vec.registers // 2 <= mr * nv <= vec.registers - nv - 1]
     # fewest loads per FMA first ((mr + nv) / (mr * nv)), then the bigger tile
     kernels.sort(key=lambda k: ((k[0] + k[1]) / (k[0] * k[1]), -k[0] * k[1]))
     out = []
