@@ -82,9 +82,8 @@ def rpc_runner(fleet: Fleet) -> Any:
     from tvm.s_tir.meta_schedule.runner import RPCConfig, RPCRunner
 
     from mixer_compile.interrupt import ignore_sigint
-    from mixer_compile.tune import evaluator
 
     count = servers(fleet)
     config = RPCConfig(tracker_host=fleet.host, tracker_port=fleet.port, tracker_key=fleet.key,
                        session_timeout_sec=fleet.session_timeout_s)
-    return RPCRunner(rpc_config=config, evaluator_config=evaluator(), max_workers=count, initializer=ignore_sigint)
+    return RPCRunner(rpc_config=config, max_workers=count, initializer=ignore_sigint)
