@@ -98,9 +98,9 @@ def find_gemm(sch: Schedule) -> Gemm | None:
     rv, block = gemms[0]
     *_, i, j, k = [iv.var for iv in block.iter_vars]
     a, b = block.reads
-    uses = [[str(v) for v in _vars(r)] for r in (a, b)]
-    b_last = b.region[-1].min
-    if str(j) in uses[0] or str(b_last) != str(j) or str(k) not in uses[0] or str(i) not in uses[0]:
+    a_vars = _vars(a)
+    a_ok = _has(a_vars, i) and _has(a_vars, k) and not _has(a_vars, j)
+    if not a_ok or not b.region[-1].min.same_as(j):  # B must be contiguous along j
         return None
     extents = [int(iv.dom.extent) for iv in block.iter_vars]
     batch = 1
@@ -111,6 +111,10 @@ def find_gemm(sch: Schedule) -> Gemm | None:
 
 def _vars(region: Any) -> list[Any]:
     return [v for r in region.region for v in undefined_vars(r.min)]
+
+
+def _has(variables: list[Any], var: Any) -> bool:
+    return any(v.same_as(var) for v in variables)
 
 
 def apply(sch: Schedule, gemm: Gemm, c: Candidate, lanes: int) -> None:
