@@ -10,8 +10,8 @@ torch.compile, and exported with torch.onnx to ONNX Runtime. All run with `--thr
 
 Timing: after warm-up, `--repeat` rounds; each round times one call of every implementation
 in turn (interleaved, so machine load drifts hit all alike; each after a pause and an untimed
-call of its own, see `interleaved`) and one 2048^3 matmul by torch.mm
-and by ONNX Runtime: the faster is the sgemm ceiling. Reported: median, spread (min-max and IQR), GFLOP/s, ratio to the fastest
+call of its own, see `interleaved`) and one 2048^3 matmul by torch.mm and by ONNX Runtime: the
+faster is the sgemm ceiling. Reported: median, spread (min-max and IQR), GFLOP/s, ratio to the fastest
 peer and to the ceiling, the load average before and after. Plus, from the tuning records,
 a per-kernel breakdown (best measured time x calls against the share of FLOPs) and, when
 `--trials-db` points at a full tuning database, the model latency the records predict after
@@ -110,7 +110,7 @@ def peers(spec: MixerSpec, weights: dict[str, np.ndarray], x: np.ndarray, work: 
 def sgemms(threads: int) -> dict[str, Callable[[], Any]]:
     """One SGEMM_N^3 float32 matmul by torch.mm and by ONNX Runtime's MatMul (MLAS): the
     ceiling is the faster of the two, since neither library is the fastest everywhere (here
-    torch.mm reaches ~160 GFLOP/s, MLAS ~450)."""
+    torch.mm reaches 150-230 GFLOP/s, MLAS 410-470)."""
     import onnxruntime as ort
     import torch
     from onnx import TensorProto, helper

@@ -21,6 +21,7 @@ which is computed per micro-tile, while C's tile is still in registers.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -103,10 +104,7 @@ def find_gemm(sch: Schedule) -> Gemm | None:
     if not a_ok or not b.region[-1].min.same_as(j):  # B must be contiguous along j
         return None
     extents = [int(iv.dom.extent) for iv in block.iter_vars]
-    batch = 1
-    for e in extents[:-3]:
-        batch *= e
-    return Gemm(block.name_hint, batch, extents[-3], extents[-2])
+    return Gemm(block.name_hint, math.prod(extents[:-3]), extents[-3], extents[-2])
 
 
 def _vars(region: Any) -> list[Any]:

@@ -7,10 +7,13 @@ a tuning run. The speed of the candidates is the benchmark's business, not a tes
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import tvm
 from tvm.s_tir import Schedule
+from tvm.s_tir.meta_schedule.arg_info import ArgInfo
 
 from mixer_compile.gemm_space import Gemm, Vector, candidates, design_spaces, find_gemm, vector_unit
 from mixer_compile.spec import MixerSpec
@@ -25,8 +28,6 @@ def _tasks(spec: MixerSpec, target_name: str = "znver4") -> list:
 
 
 def _run(mod: tvm.IRModule, target: tvm.target.Target, inputs: list[np.ndarray]) -> np.ndarray:
-    from tvm.s_tir.meta_schedule.arg_info import ArgInfo
-
     out_shape = [int(s) for s in ArgInfo.from_prim_func(mod["main"])[-1].shape]
     args = [tvm.runtime.tensor(x) for x in inputs] + [tvm.runtime.tensor(np.zeros(out_shape, np.float32))]
     tvm.compile(mod, target=target)["main"](*args)
@@ -54,8 +55,6 @@ def test_every_candidate_computes_the_kernel(tiny_spec: MixerSpec, target_name: 
         spaces = design_spaces(Schedule(task.mod), vec, 2)
         if not spaces:
             continue
-        from tvm.s_tir.meta_schedule.arg_info import ArgInfo
-
         inputs = [rng.standard_normal([int(s) for s in a.shape]).astype(np.float32)
                   for a in ArgInfo.from_prim_func(task.mod["main"])[:-1]]
         expected = _run(task.mod, target, inputs)
@@ -81,8 +80,6 @@ def test_tvm_threads_default_to_physical_cores(monkeypatch) -> None:
     monkeypatch.delenv("TVM_NUM_THREADS", raising=False)
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     assert use_all_cores() == physical_cores() >= 1
-    import os
-
     assert os.environ["TVM_NUM_THREADS"] == str(physical_cores())
     monkeypatch.setenv("TVM_NUM_THREADS", "1")  # the user's choice wins
     assert use_all_cores() == 1
