@@ -20,7 +20,7 @@ from mixer_compile.progress import Progress
 from mixer_compile.spec import MixerSpec
 from mixer_compile.targets import get_target
 from mixer_compile.threads import use_all_cores
-from mixer_compile.validate import TOLERANCES, Validation, validate
+from mixer_compile.validate import REFERENCE_IMAGES, TOLERANCES, Validation, validate
 from mixer_compile.weights import weights_for
 
 HOST_CHECK_BATCH = 2  # batch of the CPU stand-in check of a GPU build that cannot run here
@@ -107,7 +107,8 @@ def compile_model(opts: CompileOptions, progress: Progress | None = None) -> Com
         check_graph, _ = optimized_graph(check_spec, form, opts.dtype)
         check_params = check_graph.materialize_params(weights)
         check_mod = to_relax(check_graph, embed=check_params if opts.embed_weights else None)
-    with progress.stage("validate", f"batch {check_spec.batch} vs float64 reference"):
+    with progress.stage("validate", f"batch {check_spec.batch}, {min(check_spec.batch, REFERENCE_IMAGES)} images "
+                        "vs float64 reference"):
         run, where = _runner(executable, check_mod, target, [] if opts.embed_weights else list(check_params.values()))
         if check_spec is not spec:
             where += f", at batch {check_spec.batch}"

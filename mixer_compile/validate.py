@@ -1,6 +1,6 @@
 """Every build is run on random images and compared with the float64 reference pass.
 
-The figure is max |out - ref| / max |ref| over all logits of the batch: scale-free, and
+The figure is max |out - ref| / max |ref| over the logits checked: scale-free, and
 fp32 code that computes the same function lands near 1e-6, so the 1e-4 bound has ample
 room for summation-order differences while a wrong layout or GELU flavour (2e-4 apart on
 the test checkpoints) or a wrong weight fails it.
@@ -26,6 +26,11 @@ from mixer_compile.errors import ValidationError
 from mixer_compile.spec import MixerSpec
 
 FP32_TOLERANCE = 1e-4
+# Image i's logits depend on image i alone, so the reference runs on the first few images of
+# the batch: a layout or batch-mixing bug still shows (the others are different random images),
+# and the float64 pass of Mixer-B/16 at batch 256 (298 s on an H100 machine's 16 cores) shrinks
+# 32-fold.
+REFERENCE_IMAGES = 8
 TOLERANCES = {"float32": FP32_TOLERANCE, "float16": 1e-2, "bfloat16": 1e-2}
 
 
@@ -63,9 +68,12 @@ def compare(out: np.ndarray, ref: np.ndarray, tolerance: float, seed: int, where
 
 def validate(run: Callable[[np.ndarray], np.ndarray], spec: MixerSpec, weights: dict[str, np.ndarray],
              seed: int = 0, tolerance: float = FP32_TOLERANCE, where: str = "") -> Validation:
-    """Runs `run` on seeded random images against the reference; raises if it disagrees."""
+    """Runs `run` on a batch of seeded random images and compares the logits of its first
+    REFERENCE_IMAGES with the reference's; raises if they disagree."""
     images = random_images(spec, seed)
-    result = compare(np.asarray(run(images)), reference.forward(spec, weights, images), tolerance, seed, where)
+    checked = images[:REFERENCE_IMAGES]
+    out = np.asarray(run(images))[:len(checked)]
+    result = compare(out, reference.forward(spec, weights, checked), tolerance, seed, where)
     if not result.passed:
         raise ValidationError(f"compiled module disagrees with the reference: {result.summary()}; "
                               "no artifact was marked good")

@@ -34,7 +34,7 @@ for stage in "$@"; do
     test)
       python3 -m pytest -q -rs tests/test_cuda_build.py 2>&1 | tee "$OUT/test_cuda_build.log" ;;
     bench)
-      python3 benchmarks/bench_gpu.py --spec "$SPEC" --artifacts /tmp/bench --out "$OUT" 2>&1 | tee "$OUT/bench.log" ;;
+      python3 benchmarks/bench_gpu.py --spec "$SPEC" --batches "${BATCHES:-1,64,256}" --artifacts /tmp/bench --out "$OUT" 2>&1 | tee "$OUT/bench.log" ;;
     tune)
       python3 -m mixer_compile.cli tune --spec "$SPEC" --batch 256 --target cuda --dtype float16 \
         --trials "${TRIALS:-64}" --db /tmp/schedules 2>&1 | tee "$OUT/tune.log"

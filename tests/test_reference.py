@@ -39,3 +39,24 @@ def test_reference_matches_torch_module(tiny_spec, gelu):
     with torch.no_grad():
         out = torch_mixer(spec, weights)(torch.from_numpy(images)).numpy()
     assert rel_error(out, reference.forward(spec, weights, images)) < BOUND
+
+
+def test_validation_runs_the_whole_batch_and_checks_its_first_images(tiny_spec):
+    from mixer_compile.errors import ValidationError
+    from mixer_compile.validate import REFERENCE_IMAGES, validate
+
+    spec = tiny_spec.replace(batch=REFERENCE_IMAGES + 2)
+    weights = random_weights(spec, 0)
+    seen = []
+
+    def run(images, corrupt=None):
+        seen.append(images.shape[0])
+        out = reference.forward(spec, weights, images)
+        if corrupt is not None:
+            out[corrupt] += 1.0
+        return out
+
+    result = validate(run, spec, weights)
+    assert seen == [spec.batch] and result.batch == REFERENCE_IMAGES and result.max_rel_error < 1e-12
+    with pytest.raises(ValidationError, match="disagrees with the reference"):
+        validate(lambda x: run(x, corrupt=REFERENCE_IMAGES - 1), spec, weights)
