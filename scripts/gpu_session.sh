@@ -4,10 +4,9 @@
 #   install  (device call 2, carry [".gpu/b"])  joins the wheel, installs TVM into /tmp/site
 #   test     tests/test_cuda_build.py with the GPU tests enabled
 #   bench    benchmarks/bench_gpu.py: ours (validated on the GPU) vs PyTorch eager and torch.compile
-#   tune     MetaSchedule on the GPU for Mixer-B/16 fp16, batch 256, records into $OUT
 # The machine forgets everything 30 s after a call, so run the calls back to back; stages can be
-# combined: `bash scripts/gpu_session.sh install bench test`. Results land in $OUT (device tool) or
-# ./gpu-results; copy them to benchmarks/results/ and schedules/ and commit. See README, "NVIDIA GPUs".
+# combined: `bash scripts/gpu_session.sh install test bench`. Results land in $OUT (device tool) or
+# ./gpu-results; copy them to benchmarks/results/ and commit. See README, "NVIDIA GPUs".
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu-results}; mkdir -p "$OUT"
@@ -35,10 +34,6 @@ for stage in "$@"; do
       python3 -m pytest -q -rs tests/test_cuda_build.py 2>&1 | tee "$OUT/test_cuda_build.log" ;;
     bench)
       python3 benchmarks/bench_gpu.py --spec "$SPEC" --batches "${BATCHES:-1,64,256}" --artifacts /tmp/bench --out "$OUT" 2>&1 | tee "$OUT/bench.log" ;;
-    tune)
-      python3 -m mixer_compile.cli tune --spec "$SPEC" --batch 256 --target cuda --dtype float16 \
-        --trials "${TRIALS:-64}" --db /tmp/schedules 2>&1 | tee "$OUT/tune.log"
-      tar -C /tmp -czf "$OUT/schedules_cuda.tar.gz" schedules 2>/dev/null || true ;;
-    *) echo "unknown stage '$stage' (stage, install, test, bench, tune)"; exit 2 ;;
+    *) echo "unknown stage '$stage' (stage, install, test, bench)"; exit 2 ;;
   esac
 done
