@@ -16,6 +16,7 @@ import numpy as np
 
 from mixer_compile.build import Applied, compile_module
 from mixer_compile.lower.relax import to_relax
+from mixer_compile.gemm_space import panel_width
 from mixer_compile.passes.pipeline import FORMS, optimized_graph
 from mixer_compile.spec import MixerSpec
 from mixer_compile.targets import TargetInfo
@@ -47,7 +48,7 @@ def choose_form(spec: MixerSpec, weights: dict[str, np.ndarray], target: TargetI
                 dtype: str = "float32", say: Callable[[str], None] = print) -> FormChoice:
     built: dict[str, tuple[Any, list[np.ndarray], Applied]] = {}
     for form in FORMS:
-        graph, _ = optimized_graph(spec, form, dtype)
+        graph, _ = optimized_graph(spec, form, dtype, panel_width(target))
         params = graph.materialize_params(weights)
         applied: list[Applied] = []
         executable = compile_module(to_relax(graph), target, database, on_applied=applied.append)

@@ -190,7 +190,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
         print(f"measuring on the RPC tracker {here.address}, key {here.key}", file=sys.stderr)
     print(f"tuning {spec.fingerprint()} ({args.form}) for {target.name} [{target.config.get('mcpu', '')}], "
           f"{args.trials} trials per kernel, database {db_dir}", file=sys.stderr)
-    summary = tune(model_module(spec, args.form, args.dtype), target, args.trials, db_dir,
+    summary = tune(model_module(spec, target, args.form, args.dtype), target, args.trials, db_dir,
                    say=lambda line: print(line, file=sys.stderr, flush=True), runner=runner)
     print(f"tuned {spec.fingerprint()} for {target.name}: {summary.tuned_now} trials measured now, "
           f"{summary.seconds / 60:.1f} min; database {db_dir}")

@@ -15,6 +15,7 @@ from typing import Any, Callable
 
 from mixer_compile import __version__
 from mixer_compile.cuda_build import runnable_here
+from mixer_compile.gemm_space import panel_width
 from mixer_compile.passes.pipeline import PassReport, optimized_graph
 from mixer_compile.progress import Progress
 from mixer_compile.spec import MixerSpec
@@ -83,7 +84,7 @@ def compile_model(opts: CompileOptions, progress: Progress | None = None) -> Com
             form = choice.form
             tuning["form_choice"] = {"chosen": form, "default": opts.form, "figures": choice.figures}
     with progress.stage("graph", f"{spec.fingerprint()}, form {form}"):
-        graph, reports = optimized_graph(spec, form, opts.dtype)
+        graph, reports = optimized_graph(spec, form, opts.dtype, panel_width(target))
         for report in reports:
             progress.say("      " + report.summary())
         params = graph.materialize_params(weights)
@@ -155,7 +156,7 @@ def _tuning_records(opts: CompileOptions, spec: MixerSpec, target: Any,
     user_db, shipped = opts.db or user_db_dir(target), shipped_db_dirs(target)
     if opts.tune:
         progress.say(f"      tuning: {opts.trials} trials per large kernel into {user_db}")
-        summary = tune(model_module(spec, opts.form, opts.dtype), target, opts.trials, user_db, say=progress.say,
+        summary = tune(model_module(spec, target, opts.form, opts.dtype), target, opts.trials, user_db, say=progress.say,
                        known=open_union(shipped))
         progress.say(f"      tuning: {summary.tuned_now} trials measured in {summary.seconds:.0f}s")
     dirs = [d for d in (user_db, *shipped) if has_records(d)]

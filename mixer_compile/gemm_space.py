@@ -14,7 +14,8 @@ from this module. Kernels that are not a GEMM with a vectorisable N (LayerNorm, 
 1000-class head) keep MetaSchedule's generic space.
 
 Shape of the match: one block with spatial iterators (..., i, j) and one reduction k, reading
-A[..., i, k] (not indexed by j) and B[..., k, j] (j innermost, contiguous), optionally
+A[..., i, k] (not indexed by j) and B[..., k, j] or its panels B[j // P, k, j % P] (j
+innermost, contiguous), optionally
 followed by elementwise blocks (bias, GELU, residual): those are inlined into the last one,
 which is computed per micro-tile, while C's tile is still in registers.
 """
@@ -23,11 +24,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tvm.s_tir import Schedule
-from tvm.tirx import IterVar
+from tvm.tirx import FloorMod, IterVar
 from tvm.tirx.analysis import undefined_vars
+
+if TYPE_CHECKING:
+    from mixer_compile.targets import TargetInfo
 
 MAX_CANDIDATES = 16
 
@@ -45,6 +49,13 @@ def vector_unit(tvm_target: Any) -> Vector:
     from tvm.target.codegen import target_has_features
 
     return Vector(16, 32) if target_has_features("avx512f", tvm_target) else Vector(8, 16)
+
+
+def panel_width(target: "TargetInfo") -> int:
+    """The column panel a CPU target's right-product kernels are stored in
+    (passes/pack_kernels.py): its SIMD lanes, so that every micro-tile reads whole vectors of
+    one panel; 0 on GPUs, whose kernels keep their layout."""
+    return 0 if target.is_gpu else vector_unit(target.tvm_target()).lanes
 
 
 @dataclass(frozen=True)
@@ -101,10 +112,17 @@ def find_gemm(sch: Schedule) -> Gemm | None:
     a, b = block.reads
     a_vars = _vars(a)
     a_ok = _has(a_vars, i) and _has(a_vars, k) and not _has(a_vars, j)
-    if not a_ok or not b.region[-1].min.same_as(j):  # B must be contiguous along j
+    if not a_ok or not _contiguous_along(b, j):
         return None
     extents = [int(iv.dom.extent) for iv in block.iter_vars]
     return Gemm(block.name_hint, math.prod(extents[:-3]), extents[-3], extents[-2])
+
+
+def _contiguous_along(region: Any, j: Any) -> bool:
+    """B is read contiguously along j: B[..., k, j], or B[j // P, k, j % P] in the panels
+    of passes/pack_kernels.py (P, the SIMD width, so a vector never straddles two panels)."""
+    index = region.region[-1].min
+    return index.same_as(j) or (isinstance(index, FloorMod) and index.a.same_as(j))
 
 
 def _vars(region: Any) -> list[Any]:

@@ -44,10 +44,12 @@ INLINE_BUILD_FLOPS = 10e6  # kernels below this are compiled in this process (se
 Say = Callable[[str], None]
 
 
-def model_module(spec: MixerSpec, form: str = "matmul", dtype: str = "float32") -> tvm.IRModule:
-    """The Relax module of `spec` as the compile builds it (weights as inputs: the kernels,
-    hence the records, do not depend on the weights' values)."""
-    graph, _ = optimized_graph(spec, form, dtype)
+def model_module(spec: MixerSpec, target: TargetInfo, form: str = "matmul", dtype: str = "float32") -> tvm.IRModule:
+    """The Relax module of `spec` as the compile builds it for `target` (weights as inputs:
+    the kernels, hence the records, do not depend on the weights' values)."""
+    from mixer_compile.gemm_space import panel_width
+
+    graph, _ = optimized_graph(spec, form, dtype, panel_width(target))
     return to_relax(graph)
 
 

@@ -11,11 +11,14 @@ import sys
 import numpy as np
 import pytest
 import torch
+import tvm
 
 from mixer_compile import runtime
 from mixer_compile.driver import CompileOptions, compile_model
 from mixer_compile.errors import ArtifactError, MixerCompileError, ValidationError
+from mixer_compile.gemm_space import panel_width
 from mixer_compile.progress import Progress
+from mixer_compile.targets import get_target
 from tests.conftest import rel_error, testdata_spec
 
 
@@ -49,7 +52,10 @@ def test_artifact_contents_and_metadata(tmp_path, tiny_spec):
     meta = json.loads((tmp_path / "art" / "metadata.json").read_text())
     assert meta["spec"]["hidden_dim"] == 32 and meta["weights"] == {"origin": "random", "seed": 4, "embedded": False}
     assert meta["validation"]["passed"] and meta["validation"]["max_rel_error"] < 1e-4
-    assert [p["name"] for p in meta["passes"]] == ["tokens_major", "fuse_epilogues"]
+    lanes = panel_width(get_target("llvm"))  # the host's SIMD width: 16 with AVX-512, 8 with AVX2
+    assert [p["name"] for p in meta["passes"]] == ["tokens_major", "fuse_epilogues", f"pack_kernels_{lanes}"]
+    stored = tvm.runtime.load_param_dict_from_file(str(tmp_path / "art" / "weights.params"))
+    assert tuple(stored["b0.ch.fc1.w"].shape) == (128 // lanes, 32, lanes)  # (K, N) stored as panels
     assert meta["input"]["shape"] == [2, 3, 32, 32] and meta["target"]["kind"] == "llvm"
     assert set(meta["timings_s"]) >= {"build", "validate"}
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp dirs left

@@ -24,7 +24,7 @@ from mixer_compile.tune import extract_tasks, model_module, prepare
 
 def _tasks(spec: MixerSpec, target_name: str = "znver4") -> list:
     target = get_target(target_name)
-    return extract_tasks(prepare(model_module(spec), target), target, 64)
+    return extract_tasks(prepare(model_module(spec, target), target), target, 64)
 
 
 def _run(mod: tvm.IRModule, target: tvm.target.Target, inputs: list[np.ndarray]) -> np.ndarray:

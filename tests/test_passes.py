@@ -94,3 +94,19 @@ def test_text_form_and_pass_selection(tiny_spec):
     assert passes_for("conv", "token_mixing_as_conv") == ("token_mixing_as_conv",)
     with pytest.raises(Exception, match="pass 'tokens_major' is not in the conv pipeline"):
         passes_for("conv", "tokens_major")
+
+
+@pytest.mark.parametrize("panel", [8, 16])
+def test_right_product_kernels_stored_in_panels(case, panel):
+    spec, weights, images = case
+    graph, reports = run_passes(build_graph(spec), passes_for("matmul"), panel=panel)
+    assert reports[-1].name == f"pack_kernels_{panel}" and reports[-1].changes
+    assert rel_error(_run(graph, weights, images), reference.forward(spec, weights, images)) < BOUND
+    for op in (op for op in graph.ops if op.kind == "dense"):
+        param, layout = graph.params[op.inputs[1]], op.attrs["kernel_layout"]
+        if layout == "NKn":
+            assert param.tensor.shape[-1] == panel and param.materialize(weights).shape == param.tensor.shape
+        elif op.attrs["axis"] == len(op.output.shape) - 1:  # a right product left as it was: N is no multiple
+            assert layout == "KN" and param.tensor.shape[1] % panel
+        else:
+            assert layout == "NK"  # left products (token mixing) keep (N, K)

@@ -32,7 +32,7 @@ def _tune(work_dir: Path, target_name: str, trials: int, seed: int) -> Path:
     from mixer_compile.tune import model_module, prepare
 
     target = get_target(target_name)
-    fused = prepare(model_module(SPEC), target)
+    fused = prepare(model_module(SPEC, target), target)
     fast = ms.runner.EvaluatorConfig(number=1, repeat=1, min_repeat_ms=0, enable_cpu_cache_flush=False)
     ms.relax_integration.tune_relax(
         fused, {}, target.tvm_target(), work_dir=str(work_dir), max_trials_global=trials, num_trials_per_iter=3,

@@ -50,7 +50,7 @@ def _with_valid_record(db_dir: Path) -> set[str]:
 
     target = get_target("znver4")
     database = open_database(db_dir)
-    tasks = extract_tasks(prepare(model_module(_spec()), target), target, TRIALS)
+    tasks = extract_tasks(prepare(model_module(_spec(), target), target), target, TRIALS)
     return {t.name for t in tasks if best_latency(database, t.mod, target) is not None}
 
 
@@ -93,7 +93,7 @@ def test_records_survive_sigkill_and_tuning_resumes(tuned: dict) -> None:
     assert resumed and int(resumed.group(2)) >= 1, tuned["resume_log"]  # the killed run's kernel is not redone
     # every kernel now has its budget of records, the ones done before the kill not tuned twice
     spec, target = _spec(), get_target("znver4")
-    tasks = extract_tasks(prepare(model_module(spec), target), target, TRIALS)
+    tasks = extract_tasks(prepare(model_module(spec, target), target), target, TRIALS)
     from mixer_compile.tune import count_records
 
     count_records(open_database(tuned["db"]), tasks)

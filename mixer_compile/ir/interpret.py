@@ -73,6 +73,8 @@ def run_op(op: Op, args: list[np.ndarray]) -> np.ndarray:
         kernel = rest.pop(0)
         if a["kernel_layout"] == "NK":
             kernel = kernel.T
+        elif a["kernel_layout"] == "NKn":  # panels (N/P, K, P) -> (K, N)
+            kernel = kernel.transpose(1, 0, 2).reshape(kernel.shape[1], -1)
         y = np.moveaxis(np.moveaxis(x, a["axis"], -1) @ kernel, -1, a["axis"])
         return _epilogue(op, y, rest, a["axis"])
     if op.kind == "bias_add":

@@ -84,6 +84,7 @@ class _Writer:
 
     def dense(self, op: Op, x: str, kernel: str) -> str:
         axis, ndim = op.attrs["axis"], len(op.output.shape)
+        assert op.attrs["kernel_layout"] in ("KN", "NK"), "packed kernels are a CPU build's layout, not ONNX's"
         kn = op.attrs["kernel_layout"] == "KN"
         if axis == ndim - 1:  # right product X . W
             return self.node("MatMul", [x, kernel if kn else self.transposed(kernel)])

@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import numpy as np
 import tvm
-from tvm import relax
+from tvm import relax, te
 from tvm.relax import op as R
 
 from mixer_compile.ir.graph import Graph, Op
+
+OUT_ELEMWISE_FUSABLE = 4  # relax's OpPatternKind kOutEWiseFusable
 
 
 def _broadcast(bias: relax.Expr, ndim: int, axes: tuple[int, ...], shape: tuple[int, ...]) -> relax.Expr:
@@ -66,9 +68,23 @@ def _epilogue(bb: relax.BlockBuilder, op: Op, y: relax.Expr, extra: list[relax.E
     return y
 
 
+def _panel_matmul(x: te.Tensor, panels: te.Tensor, out_dtype: str) -> te.Tensor:
+    """X . W with W stored as (N/P, K, P) panels (passes/pack_kernels.py)."""
+    *lead, depth = x.shape
+    count, _, width = panels.shape
+    k = te.reduce_axis((0, depth), name="k")
+    return te.compute((*lead, count * width), lambda *i: te.sum(
+        x[(*i[:-1], k)].astype(out_dtype) * panels[i[-1] // width, k, i[-1] % width].astype(out_dtype), axis=k),
+        name="matmul")
+
+
 def _dense(bb: relax.BlockBuilder, op: Op, x: relax.Expr, kernel: relax.Expr) -> relax.Expr:
     axis, ndim = op.attrs["axis"], len(op.output.shape)
     kn, out = op.attrs["kernel_layout"] == "KN", _compute_dtype(op)
+    if op.attrs["kernel_layout"] == "NKn":  # a Relax matmul cannot read panels: TE, marked fusable
+        # like the legalized matmul (kOutEWiseFusable), so its bias/GELU/residual still fuse into it
+        return bb.emit_te(_panel_matmul, x, kernel, out, primfunc_name_hint="matmul",
+                          primfunc_attrs={"op_pattern": OUT_ELEMWISE_FUSABLE})
     if axis == ndim - 1:  # right product X . W
         return bb.emit(R.matmul(x, kernel if kn else R.permute_dims(kernel), out_dtype=out))
     if axis == ndim - 2:  # left product W . X (tokens-major token mixing)

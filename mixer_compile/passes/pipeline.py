@@ -14,7 +14,7 @@ from typing import Callable
 from mixer_compile.errors import MixerCompileError
 from mixer_compile.ir.build import build_graph
 from mixer_compile.ir.graph import Graph
-from mixer_compile.passes import channel_mixing_as_conv1x1, fuse, layout, precision, token_mixing_as_conv
+from mixer_compile.passes import channel_mixing_as_conv1x1, fuse, layout, pack_kernels, precision, token_mixing_as_conv
 from mixer_compile.spec import MixerSpec
 
 PassFn = Callable[[Graph], tuple[Graph, list[str]]]
@@ -61,10 +61,14 @@ def passes_for(form: str, after: str | None = None) -> tuple[str, ...]:
     return names[: names.index(after) + 1]
 
 
-def run_passes(graph: Graph, names: tuple[str, ...], dtype: str = "float32") -> tuple[Graph, list[PassReport]]:
-    """Runs `names` in order, then (for float16/bfloat16) the precision pass, last, so that
-    no rewrite has to reason about mixed precisions."""
+def run_passes(graph: Graph, names: tuple[str, ...], dtype: str = "float32",
+               panel: int = 0) -> tuple[Graph, list[PassReport]]:
+    """Runs `names` in order, then the target's weight layout (`panel`: a CPU's SIMD width,
+    see pack_kernels.py; 0 keeps the layout) and (for float16/bfloat16) the precision pass,
+    last, so that no rewrite has to reason about packed weights or mixed precisions."""
     steps: list[tuple[str, PassFn]] = [(name, PASSES[name]) for name in names]
+    if panel:
+        steps.append((f"pack_kernels_{panel}", lambda g: pack_kernels.run(g, panel)))
     if precision.check_dtype(dtype) != "float32":
         steps.append((f"precision_{dtype}", lambda g: precision.run(g, dtype)))
     reports = []
@@ -76,6 +80,7 @@ def run_passes(graph: Graph, names: tuple[str, ...], dtype: str = "float32") -> 
     return graph, reports
 
 
-def optimized_graph(spec: MixerSpec, form: str = "matmul", dtype: str = "float32") -> tuple[Graph, list[PassReport]]:
+def optimized_graph(spec: MixerSpec, form: str = "matmul", dtype: str = "float32",
+                    panel: int = 0) -> tuple[Graph, list[PassReport]]:
     """The spec's graph after the passes of `form`: what every lowering and tuning starts from."""
-    return run_passes(build_graph(spec), passes_for(form), dtype)
+    return run_passes(build_graph(spec), passes_for(form), dtype, panel)

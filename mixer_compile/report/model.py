@@ -19,6 +19,6 @@ def model_tasks(spec: Any, form: str, dtype: str, target_config: dict[str, Any] 
     from mixer_compile.tune import extract_tasks, model_module, prepare
 
     target = TargetInfo("report", "", target_config) if target_config else get_target("llvm")
-    tasks = extract_tasks(prepare(model_module(spec, form, dtype), target), target, trials=1)
+    tasks = extract_tasks(prepare(model_module(spec, target, form, dtype), target), target, trials=1)
     keys = [tvm_ffi.structural_hash(t.mod) for t in tasks]
     return {key: ModelTask(t.name, t.calls, describe_kernel(key, t.mod)) for key, t in zip(keys, tasks)}
