@@ -160,7 +160,7 @@ def kernel_breakdown(spec: MixerSpec, target: TargetInfo) -> list[dict[str, Any]
     from mixer_compile.tuning_db import has_records, open_union, shipped_db_dirs, user_db_dir
 
     db = open_union([d for d in (user_db_dir(target), *shipped_db_dirs(target)) if has_records(d)])
-    tasks = extract_tasks(prepare(model_module(spec), target), target, 1)
+    tasks = extract_tasks(prepare(model_module(spec, target), target), target, 1)
     total_flops = sum(t.total_flops for t in tasks)
     rows = []
     for t in tasks:
@@ -186,7 +186,7 @@ def trials_curve(spec: MixerSpec, target: TargetInfo, db_dirs: list[Path], point
     from mixer_compile.tune import extract_tasks, model_module, prepare
     from mixer_compile.tuning_db import scan
 
-    tasks = extract_tasks(prepare(model_module(spec), target), target, 1)
+    tasks = extract_tasks(prepare(model_module(spec, target), target), target, 1)
     runs: dict[int, list[float]] = {}
     for d in db_dirs:
         lines = scan(d)
