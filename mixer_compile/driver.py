@@ -108,8 +108,8 @@ def compile_model(opts: CompileOptions, progress: Progress | None = None) -> Com
         check_graph, _ = optimized_graph(check_spec, form, opts.dtype)
         check_params = check_graph.materialize_params(weights)
         check_mod = to_relax(check_graph, embed=check_params if opts.embed_weights else None)
-    with progress.stage("validate", f"batch {check_spec.batch}, {min(check_spec.batch, REFERENCE_IMAGES)} images "
-                        "vs float64 reference"):
+    checked = min(check_spec.batch, REFERENCE_IMAGES)
+    with progress.stage("validate", f"batch {check_spec.batch}, the first {checked} vs the float64 reference"):
         run, where = _runner(executable, check_mod, target, [] if opts.embed_weights else list(check_params.values()))
         if check_spec is not spec:
             where += f", at batch {check_spec.batch}"
