@@ -21,9 +21,9 @@ def run(graph: Graph, panel: int) -> tuple[Graph, list[str]]:
     g = graph.copy()
     changes = []
     for op in g.ops:
-        name = op.inputs[1] if op.kind == "dense" else None
-        if name is None or op.attrs["axis"] != len(op.output.shape) - 1 or op.attrs["kernel_layout"] != "KN":
+        if op.kind != "dense" or op.attrs["axis"] != len(op.output.shape) - 1 or op.attrs["kernel_layout"] != "KN":
             continue
+        name = op.inputs[1]
         k, n = g.params[name].tensor.shape
         if n % panel or len(g.consumers(name)) != 1:
             continue
