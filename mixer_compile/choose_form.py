@@ -15,8 +15,8 @@ from typing import Any, Callable
 import numpy as np
 
 from mixer_compile.build import Applied, compile_module
-from mixer_compile.lower.relax import to_relax
 from mixer_compile.gemm_space import panel_width
+from mixer_compile.lower.relax import to_relax
 from mixer_compile.passes.pipeline import FORMS, optimized_graph
 from mixer_compile.spec import MixerSpec
 from mixer_compile.targets import TargetInfo
