@@ -16,7 +16,7 @@ layout or a half-precision accumulation that swallows small terms lands at 1e-1 
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Callable
 
 import numpy as np
@@ -40,9 +40,10 @@ class Validation:
     max_abs_error: float
     tolerance: float
     seed: int
-    batch: int
+    batch: int  # images the module ran on
     passed: bool
     where: str = ""  # what ran: "this CPU", a GPU's name, or the host stand-in for a GPU build
+    checked: int = 0  # of those, the ones compared with the reference (the first ones)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -63,7 +64,8 @@ def compare(out: np.ndarray, ref: np.ndarray, tolerance: float, seed: int, where
     err = np.abs(out.astype(np.float64) - ref)
     scale = float(np.abs(ref).max()) or 1.0
     rel = float(err.max() / scale) if np.isfinite(out).all() else float("inf")
-    return Validation(rel, float(err.max()), tolerance, seed, int(out.shape[0]), rel < tolerance, where)
+    return Validation(rel, float(err.max()), tolerance, seed, int(out.shape[0]), rel < tolerance, where,
+                      int(out.shape[0]))
 
 
 def validate(run: Callable[[np.ndarray], np.ndarray], spec: MixerSpec, weights: dict[str, np.ndarray],
@@ -73,7 +75,8 @@ def validate(run: Callable[[np.ndarray], np.ndarray], spec: MixerSpec, weights: 
     images = random_images(spec, seed)
     checked = images[:REFERENCE_IMAGES]
     out = np.asarray(run(images))[:len(checked)]
-    result = compare(out, reference.forward(spec, weights, checked), tolerance, seed, where)
+    result = replace(compare(out, reference.forward(spec, weights, checked), tolerance, seed, where),
+                     batch=len(images))
     if not result.passed:
         raise ValidationError(f"compiled module disagrees with the reference: {result.summary()}; "
                               "no artifact was marked good")
