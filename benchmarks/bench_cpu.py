@@ -207,10 +207,14 @@ def trials_curve(spec: MixerSpec, target: TargetInfo, db_dirs: list[Path], point
     return curve
 
 
+def built_for(report: dict[str, Any]) -> str:
+    """The LLVM CPU our module was built for: the machine's own unless `--target` named another ISA."""
+    return report["target"].get("mcpu", report["machine"]["llvm_cpu"])
+
+
 def markdown(report: dict[str, Any]) -> str:
     m = report["machine"]
-    ours = report["target"].get("mcpu", m["llvm_cpu"])
-    out = [f"# CPU benchmark: {m['cpu']} ({m['llvm_cpu']}), {m['threads']} threads; ours built for `{ours}`",
+    out = [f"# CPU benchmark: {m['cpu']} ({m['llvm_cpu']}), {m['threads']} threads; ours built for `{built_for(report)}`",
            "", f"{report['date']}; torch {m['torch']}, onnxruntime {m['onnxruntime']}, TVM {m['tvm']}, "
            f"Python {m['python']}. Load average before {report['load_before']}, after {report['load_after']} "
            f"(the machine is shared; figures move between runs). {report['repeat']} interleaved rounds, "
@@ -329,8 +333,8 @@ def main() -> int:
     report["load_after"] = [round(v, 2) for v in os.getloadavg()]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    built_for = target.config.get("mcpu", report["machine"]["llvm_cpu"])  # a file per machine and target ISA
-    stem = f"cpu_{report['machine']['llvm_cpu']}" + ("" if built_for == report["machine"]["llvm_cpu"] else f"_target_{built_for}")
+    machine_cpu, isa = report["machine"]["llvm_cpu"], built_for(report)  # a file per machine and target ISA
+    stem = f"cpu_{machine_cpu}" + ("" if isa == machine_cpu else f"_target_{isa}")
     (out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / f"{stem}.md").write_text(markdown(report))
     print(markdown(report))
