@@ -40,11 +40,11 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from mixer_compile.driver import CompileOptions, compile_model  # noqa: E402
-from mixer_compile.progress import Progress  # noqa: E402
-from mixer_compile.spec import MixerSpec, load_spec  # noqa: E402
-from mixer_compile.targets import TargetInfo, get_target  # noqa: E402
-from mixer_compile.weights import random_weights  # noqa: E402
+from mixer_compile.compiler import CompileOptions, compile_model  # noqa: E402
+from mixer_compile.util.progress import Progress  # noqa: E402
+from mixer_compile.model.spec import MixerSpec, load_spec  # noqa: E402
+from mixer_compile.backend.target import TargetInfo, get_target  # noqa: E402
+from mixer_compile.model.params import random_weights  # noqa: E402
 
 SGEMM_N = 2048
 PAUSE_S = 0.3  # before each timed call: the previous implementation's spinning threads park (interleaved)
@@ -70,7 +70,7 @@ def ours(spec: MixerSpec, target: str, work: Path) -> tuple[Callable[[np.ndarray
 
     result = compile_model(CompileOptions(spec=spec, target=target, out_dir=work / spec.fingerprint()),
                            Progress(7, quiet=True))
-    tuning = result.metadata.get("tuning", {})
+    tuning = result.metadata.tuning or {}
     info = {"validation": result.validation.summary(), "tuning": tuning,
             "compile_s": sum(result.timings.values())}
     if not tuning.get("tuned") or tuning.get("untuned"):
@@ -156,11 +156,12 @@ def stats(samples: list[float], flops: float) -> dict[str, float]:
 
 def kernel_breakdown(spec: MixerSpec, target: TargetInfo) -> list[dict[str, Any]]:
     """Best measured time of every tuned kernel x its calls, against its share of the FLOPs."""
-    from mixer_compile.tune import best_latency, extract_tasks, model_module, prepare
-    from mixer_compile.tuning_db import has_records, open_union, shipped_db_dirs, user_db_dir
+    from mixer_compile.compose import model_tasks
+    from mixer_compile.tune.database import has_records, open_union, shipped_db_dirs, user_db_dir
+    from mixer_compile.tune.tasks import best_latency
 
     db = open_union([d for d in (user_db_dir(target), *shipped_db_dirs(target)) if has_records(d)])
-    tasks = extract_tasks(prepare(model_module(spec, target), target), target, 1)
+    tasks = model_tasks(spec, target)
     total_flops = sum(t.total_flops for t in tasks)
     rows = []
     for t in tasks:
@@ -183,10 +184,10 @@ def trials_curve(spec: MixerSpec, target: TargetInfo, db_dirs: list[Path], point
     import tvm_ffi
     from tvm.s_tir.meta_schedule.database import Workload
 
-    from mixer_compile.tune import extract_tasks, model_module, prepare
-    from mixer_compile.tuning_db import scan
+    from mixer_compile.compose import model_tasks
+    from mixer_compile.tune.database import scan
 
-    tasks = extract_tasks(prepare(model_module(spec, target), target), target, 1)
+    tasks = model_tasks(spec, target)
     runs: dict[int, list[float]] = {}
     for d in db_dirs:
         lines = scan(d)

@@ -33,10 +33,10 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from mixer_compile.driver import CompileOptions, compile_model  # noqa: E402
-from mixer_compile.spec import MixerSpec, load_spec  # noqa: E402
-from mixer_compile.targets import get_target  # noqa: E402
-from mixer_compile.weights import random_weights  # noqa: E402
+from mixer_compile.compiler import CompileOptions, compile_model  # noqa: E402
+from mixer_compile.model.spec import MixerSpec, load_spec  # noqa: E402
+from mixer_compile.backend.target import get_target  # noqa: E402
+from mixer_compile.model.params import random_weights  # noqa: E402
 
 PEAK_N = 8192
 
@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     import tvm
 
     target = get_target(args.target)
-    device = "cuda" if target.is_gpu else "cpu"
+    device = "cuda" if target.kind == "cuda" else "cpu"
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     name = torch.cuda.get_device_name() if device == "cuda" else platform.processor() or platform.machine()
     base = load_spec(args.spec).with_gelu_for("random")

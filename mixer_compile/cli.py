@@ -25,13 +25,13 @@ def _spec_args(p: argparse.ArgumentParser, default: str | None = DEFAULT_SPEC) -
 
 
 def _load_spec(args: argparse.Namespace):
-    from mixer_compile.spec import load_spec
+    from mixer_compile.model.spec import load_spec
 
     return load_spec(args.spec, batch=args.batch, gelu=args.gelu)
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
-    from mixer_compile.driver import CompileOptions, compile_model
+    from mixer_compile.compiler import CompileOptions, compile_model
 
     spec = _load_spec(args)
     out = Path(args.output) if args.output else Path("out") / spec.fingerprint()
@@ -42,14 +42,14 @@ def cmd_compile(args: argparse.Namespace) -> int:
     r = compile_model(opts)
     s = r.spec
     print(f"compiled {s.name} ({s.image_size[0]}x{s.image_size[1]}, patch {s.patch_size}, batch {s.batch}, "
-          f"{s.resolved_gelu} GELU) for {r.metadata['target']['name']} "
-          f"[{r.metadata['target']['config'].get('mcpu') or r.metadata['target']['config'].get('arch', '')}, "
-          f"{r.metadata['precision']['dtype']}]")
+          f"{s.resolved_gelu} GELU) for {r.metadata.target['name']} "
+          f"[{r.metadata.target['config'].get('mcpu') or r.metadata.target['config'].get('arch', '')}, "
+          f"{r.metadata.precision['dtype']}]")
     print(f"  params     {s.param_count():,}   {s.flops_per_image() / 1e9:.2f} GFLOP/image")
-    print(f"  weights    {r.metadata['weights']}")
+    print(f"  weights    {r.metadata.weights}")
     print(f"  validation {r.validation.summary()}")
-    if "tuning" in r.metadata:
-        t = r.metadata["tuning"]
+    if r.metadata.tuning:
+        t = r.metadata.tuning
         print(f"  tuning     {len(t['tuned'])}/{t['kernels']} kernels tuned, records from "
               f"{', '.join(t['databases']) or 'nowhere'}")
         if "form_choice" in t:
@@ -62,7 +62,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
 
 def cmd_specs(args: argparse.Namespace) -> int:
-    from mixer_compile.spec import PRESETS
+    from mixer_compile.model.spec import PRESETS
 
     print(f"{'preset':<10} {'image':>7} {'patch':>5} {'C':>5} {'D_S':>5} {'D_C':>5} {'blocks':>6} "
           f"{'S':>4} {'params':>12} {'GFLOP/img':>9}")
@@ -74,11 +74,15 @@ def cmd_specs(args: argparse.Namespace) -> int:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
+    from mixer_compile.backend.target import get_target
+    from mixer_compile.compose import target_graph
     from mixer_compile.ir import build_graph, to_text
-    from mixer_compile.passes.pipeline import passes_for, run_passes
 
-    names = () if args.after == "none" else passes_for(args.form, args.after)
-    graph, reports = run_passes(build_graph(_load_spec(args)), names)
+    spec = _load_spec(args)
+    if args.after == "none":
+        graph, reports = build_graph(spec), []
+    else:  # exactly the graph a build for the target lowers
+        graph, reports = target_graph(spec, get_target(args.target), args.form, args.dtype, args.after)
     for r in reports:
         print("// " + r.summary())
     print(to_text(graph))
@@ -86,7 +90,7 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def cmd_targets(args: argparse.Namespace) -> int:
-    from mixer_compile.targets import known_targets
+    from mixer_compile.backend.target import known_targets
 
     for name, data in known_targets().items():
         aliases = f" (aliases: {', '.join(data['aliases'])})" if data.get("aliases") else ""
@@ -95,7 +99,7 @@ def cmd_targets(args: argparse.Namespace) -> int:
 
 
 def cmd_export_onnx(args: argparse.Namespace) -> int:
-    from mixer_compile.export_onnx import export_onnx
+    from mixer_compile.tools.export_onnx import export_onnx
 
     r = export_onnx(_load_spec(args), Path(args.output), Path(args.weights) if args.weights else None,
                     seed=args.seed, form=args.form)
@@ -107,7 +111,7 @@ def cmd_export_onnx(args: argparse.Namespace) -> int:
 
 
 def cmd_import_onnx(args: argparse.Namespace) -> int:
-    from mixer_compile.compile_onnx import compile_onnx
+    from mixer_compile.tools.import_onnx import compile_onnx
 
     r = compile_onnx(Path(args.model), Path(args.output), target=args.target, form=args.form, batch=args.batch)
     s = r.imported.spec
@@ -132,7 +136,7 @@ def _image_size(text: str) -> tuple[int, int]:
 
 
 def cmd_resize_weights(args: argparse.Namespace) -> int:
-    from mixer_compile.weights.resize import resize_checkpoint
+    from mixer_compile.frontends.resize import resize_checkpoint
 
     spec = _load_spec(args)
     large, spec_file = resize_checkpoint(Path(args.weights), spec, _image_size(args.image_size), Path(args.output))
@@ -145,8 +149,8 @@ def cmd_resize_weights(args: argparse.Namespace) -> int:
 
 
 def cmd_viz(args: argparse.Namespace) -> int:
-    from mixer_compile.viz import assemble, save_picture, token_mixing_units
-    from mixer_compile.weights import load_weights
+    from mixer_compile.tools.viz import assemble, save_picture, token_mixing_units
+    from mixer_compile.frontends import load_weights
 
     spec = _load_spec(args)
     weights, _ = load_weights(Path(args.weights), spec)
@@ -160,8 +164,8 @@ def cmd_viz(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from mixer_compile.report import write_report
-    from mixer_compile.report.compare import estimate_lines
+    from mixer_compile.tools.report import write_report
+    from mixer_compile.tools.report.compare import estimate_lines
 
     model = (_load_spec(args), args.form, args.dtype) if args.spec else None
     files = write_report(args.inputs, Path(args.output), model,
@@ -175,22 +179,23 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    from mixer_compile.targets import get_target
-    from mixer_compile.tune import model_module, tune
-    from mixer_compile.tuning_db import open_database, user_db_dir
+    from mixer_compile.backend.target import get_target
+    from mixer_compile.compose import model_tasks
+    from mixer_compile.tune.database import open_database, user_db_dir
+    from mixer_compile.tune.search import tune
 
     spec, target = _load_spec(args), get_target(args.target)
     db_dir = Path(args.db) if args.db else user_db_dir(target)
     runner = None
     if args.rpc_tracker or args.rpc_key:
-        from mixer_compile.fleet import parse_tracker, rpc_runner
+        from mixer_compile.tune.fleet import parse_tracker, rpc_runner
 
         here = parse_tracker(args.rpc_tracker or "", args.rpc_key)
         runner = rpc_runner(here)
         print(f"measuring on the RPC tracker {here.address}, key {here.key}", file=sys.stderr)
     print(f"tuning {spec.fingerprint()} ({args.form}) for {target.name} [{target.config.get('mcpu', '')}], "
           f"{args.trials} trials per kernel, database {db_dir}", file=sys.stderr)
-    summary = tune(model_module(spec, target, args.form, args.dtype), target, args.trials, db_dir,
+    summary = tune(model_tasks(spec, target, args.form, args.dtype, args.trials), target, db_dir,
                    say=lambda line: print(line, file=sys.stderr, flush=True), runner=runner)
     print(f"tuned {spec.fingerprint()} for {target.name}: {summary.tuned_now} trials measured now, "
           f"{summary.seconds / 60:.1f} min; database {db_dir}")
@@ -203,8 +208,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
+    from mixer_compile.passes.context import DTYPES
     from mixer_compile.passes.pipeline import FORMS
-    from mixer_compile.passes.precision import DTYPES
 
     top = argparse.ArgumentParser(prog="mixer-compile", description="Compile MLP-Mixer models with TVM.")
     sub = top.add_subparsers(dest="command", required=True)
@@ -233,7 +238,9 @@ def parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("show", help="print the IR of a spec, optionally after a pass")
     _spec_args(p)
+    p.add_argument("--target", default="llvm", help="the target whose build to show (default llvm, the host CPU)")
     p.add_argument("--form", choices=list(FORMS), default="matmul")
+    p.add_argument("--dtype", choices=list(DTYPES), default="float32", help="precision (default float32)")
     p.add_argument("--after", default=None, help="stop after this pass ('none' for the literal graph)")
     p.set_defaults(fn=cmd_show)
 

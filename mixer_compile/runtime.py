@@ -28,10 +28,9 @@ from typing import Any
 
 import numpy as np
 
-from mixer_compile.artifact import LIBRARY, METADATA, WEIGHTS, read_metadata, sha256
-from mixer_compile.compat import check_cpu, check_gpu, check_tvm_version, gpu_arch, local_gpu
+from mixer_compile.artifact.format import LIBRARY, METADATA, WEIGHTS, read_metadata, sha256
 from mixer_compile.errors import ArtifactError, MixerCompileError
-from mixer_compile.threads import use_all_cores
+from mixer_compile.machine import check_cpu, check_gpu, check_tvm_version, gpu_arch, local_gpu, use_all_cores
 
 ALIGNMENT = 64  # TVM refuses DLPack tensors with less (kAllocAlignment)
 
@@ -48,22 +47,22 @@ class CompiledMixer:
         self.metadata = read_metadata(self.path)
         self._check_machine(tvm)
         self._check_files()
-        self.input_shape = tuple(self.metadata["input"]["shape"])
-        self.input_dtype = self.metadata["input"]["dtype"]
-        self._device = tvm.cuda() if self.metadata["target"]["kind"] == "cuda" else tvm.cpu()
+        self.input_shape = tuple(self.metadata.input["shape"])
+        self.input_dtype = self.metadata.input["dtype"]
+        self._device = tvm.cuda() if self.metadata.target["kind"] == "cuda" else tvm.cpu()
         try:
             self._library = tvm.runtime.load_module(str(self.path / LIBRARY))
         except Exception as exc:  # TVM raises its own error types for unloadable libraries
             raise ArtifactError(f"cannot load '{self.path / LIBRARY}': {str(exc).splitlines()[0]}") from None
         self._vm_class = VirtualMachine
         self._params: list[Any] = []
-        if WEIGHTS in self.metadata["files"]:
+        if WEIGHTS in self.metadata.files:
             try:
                 loaded = tvm.runtime.load_param_dict_from_file(str(self.path / WEIGHTS))
             except Exception as exc:  # TVM raises its own error types for a malformed file
                 raise ArtifactError(f"cannot load '{self.path / WEIGHTS}': {str(exc).splitlines()[0]}; "
                                     "rebuild the artifact") from None
-            order = self.metadata["params"]
+            order = self.metadata.params
             if sorted(loaded) != sorted(order):
                 raise ArtifactError(f"'{self.path / WEIGHTS}' does not hold the parameters the module takes")
             on_cpu = self._device.dlpack_device_type() == tvm.cpu().dlpack_device_type()
@@ -72,16 +71,16 @@ class CompiledMixer:
 
     def _check_machine(self, tvm: Any) -> None:
         where = f"artifact '{self.path}'"
-        check_tvm_version(self.metadata.get("tvm_version", "unknown"), tvm.__version__, where)
-        requires = self.metadata["target"].get("requires", {})
+        check_tvm_version(self.metadata.tvm_version, tvm.__version__, where)
+        requires = self.metadata.target.get("requires") or {}
         if "gpu_arch" in requires:
             check_gpu(requires["gpu_arch"], gpu_arch(local_gpu()), where)
         if "cpu" in requires:
             check_cpu(requires["cpu"], where)
 
     def _check_files(self) -> None:
-        sizes = self.metadata.get("file_sizes", {})
-        for name, digest in self.metadata.get("files", {}).items():
+        sizes = self.metadata.file_sizes
+        for name, digest in self.metadata.files.items():
             f = self.path / name
             if not f.is_file():
                 raise ArtifactError(f"artifact '{self.path}' is incomplete: {name} is missing; "

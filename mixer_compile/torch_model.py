@@ -12,8 +12,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from mixer_compile.spec import MixerSpec
-from mixer_compile.weights.timm import to_state_dict
+from mixer_compile.model.spec import MixerSpec
+from mixer_compile.frontends.timm import to_state_dict
 
 
 class _Mlp(nn.Module):

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mixer_compile.spec import MixerSpec, spec_from_dict
+from mixer_compile.model.spec import MixerSpec, spec_from_dict
 
 REPO = Path(__file__).resolve().parent.parent
 TESTDATA = REPO.parent / "shared" / "testdata"

@@ -31,12 +31,12 @@ import torch
 from safetensors.numpy import save_file
 
 from mixer_compile import cli, runtime
-from mixer_compile.driver import CompileOptions, compile_model
+from mixer_compile.compiler import CompileOptions, compile_model
 from mixer_compile.errors import ArtifactError
-from mixer_compile.progress import Progress
-from mixer_compile.spec import MixerSpec
-from mixer_compile.weights import random_weights
-from mixer_compile.weights.timm import to_state_dict
+from mixer_compile.util.progress import Progress
+from mixer_compile.model.spec import MixerSpec
+from mixer_compile.model.params import random_weights
+from mixer_compile.frontends.timm import to_state_dict
 from tests.test_cli import TINY
 
 SPEC = MixerSpec("tiny", (32, 32), 8, 32, 16, 128, 2, num_classes=10)

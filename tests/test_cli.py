@@ -6,8 +6,8 @@ import sys
 import numpy as np
 import pytest
 
-from mixer_compile.spec import PRESETS
-from mixer_compile.weights import random_weights
+from mixer_compile.model.spec import PRESETS
+from mixer_compile.model.params import random_weights
 
 
 def cli(*args, cwd=None):

@@ -14,11 +14,11 @@ import torch
 import tvm
 
 from mixer_compile import runtime
-from mixer_compile.driver import CompileOptions, compile_model
+from mixer_compile.compiler import CompileOptions, compile_model
 from mixer_compile.errors import ArtifactError, MixerCompileError, ValidationError
-from mixer_compile.gemm_space import panel_width
-from mixer_compile.progress import Progress
-from mixer_compile.targets import get_target
+from mixer_compile.backend.gemm_space import panel_width
+from mixer_compile.util.progress import Progress
+from mixer_compile.backend.target import get_target
 from tests.conftest import rel_error, testdata_spec
 
 
@@ -36,7 +36,7 @@ def test_checkpoint_compiles_to_timms_output_in_a_fresh_process(tmp_path, testda
     # torch made unimportable: loading must need neither torch nor the compiler stack.
     code = ("import sys; sys.modules['torch'] = None; import numpy as np; from mixer_compile import runtime; "
             "m = runtime.load(sys.argv[1]); np.save(sys.argv[3], m(np.load(sys.argv[2]))); "
-            "print(sorted(k for k in ('scipy', 'mixer_compile.driver', 'mixer_compile.ir') if k in sys.modules))")
+            "print(sorted(k for k in ('scipy', 'mixer_compile.compiler', 'mixer_compile.ir') if k in sys.modules))")
     out_file = tmp_path / "logits.npy"
     proc = subprocess.run([sys.executable, "-c", code, str(result.artifact), str(testdata / "tiny_wide_input.npy"),
                            str(out_file)], capture_output=True, text=True, timeout=120)
@@ -69,14 +69,14 @@ def test_conv_form_and_embedded_weights(tmp_path, wide_spec, form, embed):
     assert (tmp_path / "art" / "weights.params").exists() != embed
     model = runtime.load(tmp_path / "art")
     images = np.random.default_rng(0).standard_normal((2, 3, 32, 48)).astype(np.float32)
-    from mixer_compile import reference
-    from mixer_compile.weights import random_weights
+    from mixer_compile.model import reference
+    from mixer_compile.model.params import random_weights
     ref = reference.forward(wide_spec.replace(gelu="tanh"), random_weights(wide_spec, 2), images)
     assert rel_error(model(images), ref) < 1e-4
 
 
 def test_failed_validation_leaves_no_artifact(tmp_path, tiny_spec, monkeypatch):
-    from mixer_compile import validate
+    from mixer_compile.check import validate
 
     real = validate.reference.forward
     monkeypatch.setattr(validate.reference, "forward", lambda *a: real(*a) + 1.0)
@@ -121,7 +121,7 @@ def test_rebuild_replaces_artifact_atomically(tmp_path, tiny_spec):
 
 @pytest.mark.slow
 def test_mixer_b16_compiles_and_validates(tmp_path):
-    from mixer_compile.spec import PRESETS
+    from mixer_compile.model.spec import PRESETS
 
     result = _compile(PRESETS["mixer_b16"], tmp_path / "b16")
     assert result.validation.max_rel_error < 1e-4

@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 
 from mixer_compile import runtime
-from mixer_compile.driver import CompileOptions, compile_model
-from mixer_compile.progress import Progress
-from mixer_compile.spec import MixerSpec
+from mixer_compile.compiler import CompileOptions, compile_model
+from mixer_compile.util.progress import Progress
+from mixer_compile.model.spec import MixerSpec
 from tests.conftest import REPO
 
 SPEC = MixerSpec("tiny", (32, 48), 8, 32, 16, 64, 2, num_classes=12, batch=2)

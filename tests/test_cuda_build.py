@@ -15,17 +15,18 @@ from pathlib import Path
 
 import pytest
 
-from mixer_compile import reference, runtime
+from mixer_compile.model import reference
+from mixer_compile import runtime
 from mixer_compile.cli import main
-from mixer_compile.cuda_build import cuobjdump, fatbins, sass
-from mixer_compile.driver import CompileOptions, compile_model
+from mixer_compile.backend.cuda import cuobjdump, fatbins, sass
+from mixer_compile.compiler import CompileOptions, compile_model
 from mixer_compile.errors import MixerCompileError
 from mixer_compile.ir import build_graph
 from mixer_compile.passes.pipeline import passes_for, run_passes
-from mixer_compile.spec import MixerSpec
-from mixer_compile.targets import get_target, local_gpu
-from mixer_compile.validate import TOLERANCES, random_images
-from mixer_compile.weights import random_weights
+from mixer_compile.model.spec import MixerSpec
+from mixer_compile.backend.target import get_target, local_gpu
+from mixer_compile.check.validate import TOLERANCES, random_images
+from mixer_compile.model.params import random_weights
 
 from .conftest import rel_error
 
@@ -174,7 +175,7 @@ class _FakeGPU:
 
 
 def test_cuda_target_is_the_local_gpu_else_sm_90(monkeypatch):
-    import mixer_compile.targets as targets
+    import mixer_compile.backend.target as targets
 
     monkeypatch.setattr(targets, "local_gpu", lambda: None)
     assert get_target("cuda").config == get_target("h100").config

@@ -24,13 +24,14 @@ from typing import Iterator
 import numpy as np
 import pytest
 
-from mixer_compile import reference, runtime
-from mixer_compile.driver import CompileOptions, compile_model
+from mixer_compile.model import reference
+from mixer_compile import runtime
+from mixer_compile.compiler import CompileOptions, compile_model
 from mixer_compile.errors import ArtifactError
-from mixer_compile.locking import exclusive, lock_path
-from mixer_compile.progress import Progress
-from mixer_compile.spec import MixerSpec
-from mixer_compile.weights import random_weights
+from mixer_compile.util.locking import exclusive, lock_path
+from mixer_compile.util.progress import Progress
+from mixer_compile.model.spec import MixerSpec
+from mixer_compile.model.params import random_weights
 from tests.conftest import rel_error
 from tests.test_cli import TINY
 

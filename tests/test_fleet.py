@@ -28,10 +28,10 @@ from typing import Iterator
 
 import pytest
 
-from mixer_compile import fleet
+from mixer_compile.tune import fleet
 from mixer_compile.errors import TuningError
-from mixer_compile.targets import get_target
-from mixer_compile.tuning_db import RECORDS, scan
+from mixer_compile.backend.target import get_target
+from mixer_compile.tune.database import RECORDS, scan
 from tests.test_cli import TINY
 
 KEY = "mixer-test"
@@ -171,7 +171,7 @@ def test_tune_through_the_fleet_survives_a_killed_server(tmp_path):
     """Two servers measure; one is killed right after it loads its first candidate. The run
     finishes on the other, every trial has a record, and the lost ones are failed records
     (run_secs 1e10), which the progress lines report."""
-    from mixer_compile.tune import tune
+    from mixer_compile.tune.search import tune
 
     lines: list[str] = []
     with rpc_fleet(tmp_path / "logs") as (here, servers):

@@ -15,11 +15,11 @@ import tvm
 from tvm.s_tir import Schedule
 from tvm.s_tir.meta_schedule.arg_info import ArgInfo
 
-from mixer_compile.gemm_space import Gemm, Vector, candidates, design_spaces, find_gemm, vector_unit
-from mixer_compile.spec import MixerSpec
-from mixer_compile.targets import get_target
-from mixer_compile.threads import physical_cores, use_all_cores
-from mixer_compile.tune import extract_tasks, model_module, prepare
+from mixer_compile.backend.gemm_space import Gemm, Vector, candidates, design_spaces, find_gemm, vector_unit
+from mixer_compile.model.spec import MixerSpec
+from mixer_compile.backend.target import get_target
+from mixer_compile.machine import physical_cores, use_all_cores
+from mixer_compile.tune.search import extract_tasks, model_module, prepare
 
 
 def _tasks(spec: MixerSpec, target_name: str = "znver4") -> list:

@@ -11,15 +11,17 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from mixer_compile import ort, reference
+from mixer_compile.check import ort
+from mixer_compile.model import reference
 from mixer_compile.cli import main
 from mixer_compile.errors import MixerCompileError, ValidationError
-from mixer_compile.export_onnx import export_onnx
+from mixer_compile.tools.export_onnx import export_onnx
 from mixer_compile.frontends.onnx_import import import_onnx
-from mixer_compile.spec import MixerSpec, load_spec
+from mixer_compile.model.spec import MixerSpec, load_spec
 from mixer_compile.torch_model import torch_mixer
-from mixer_compile.validate import random_images
-from mixer_compile.weights import load_weights, random_weights
+from mixer_compile.check.validate import random_images
+from mixer_compile.frontends import load_weights
+from mixer_compile.model.params import random_weights
 from tests.conftest import rel_error
 
 # torch's own notices about its exporters, not about our code

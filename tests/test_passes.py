@@ -4,10 +4,10 @@ makes the structural change it claims."""
 import numpy as np
 import pytest
 
-from mixer_compile import reference
+from mixer_compile.model import reference
 from mixer_compile.ir import build_graph, interpret, to_text
 from mixer_compile.passes.pipeline import FORMS, PASSES, passes_for, run_passes
-from mixer_compile.weights import random_weights
+from mixer_compile.model.params import random_weights
 from tests.conftest import rel_error
 
 # The interpreter runs in float64, so a correct rewrite agrees to rounding error.
@@ -82,8 +82,8 @@ def test_fusion_leaves_one_op_per_mlp_layer(tiny_spec):
     graph, _ = run_passes(build_graph(tiny_spec), passes_for("matmul"))
     assert graph.op_counts() == {"patchify": 1, "dense": 2 + 4 * tiny_spec.num_blocks,
                                  "layer_norm": 1 + 2 * tiny_spec.num_blocks, "mean": 1}
-    fc1 = [op for op in graph.ops if op.attrs.get("activation")]
-    assert len(fc1) == 2 * tiny_spec.num_blocks and all(op.attrs["activation"] == "gelu_tanh" for op in fc1)
+    fc1 = [op for op in graph.ops if op.attrs.get("gelu")]
+    assert len(fc1) == 2 * tiny_spec.num_blocks and all(op.attrs["gelu"] == "tanh" for op in fc1)
     assert sum(bool(op.attrs.get("residual")) for op in graph.ops) == 2 * tiny_spec.num_blocks
 
 

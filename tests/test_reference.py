@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from mixer_compile import reference
-from mixer_compile.weights import load_weights, random_weights
+from mixer_compile.model import reference
+from mixer_compile.frontends import load_weights
+from mixer_compile.model.params import random_weights
 from mixer_compile.torch_model import torch_mixer
 from tests.conftest import rel_error, testdata_spec
 
@@ -43,7 +44,7 @@ def test_reference_matches_torch_module(tiny_spec, gelu):
 
 def test_validation_runs_the_whole_batch_and_checks_its_first_images(tiny_spec):
     from mixer_compile.errors import ValidationError
-    from mixer_compile.validate import REFERENCE_IMAGES, validate
+    from mixer_compile.check.validate import REFERENCE_IMAGES, validate
 
     spec = tiny_spec.replace(batch=REFERENCE_IMAGES + 2)
     weights = random_weights(spec, 0)

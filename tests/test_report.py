@@ -18,18 +18,18 @@ import pytest
 
 from mixer_compile.cli import main
 from mixer_compile.errors import TuningError
-from mixer_compile.spec import MixerSpec
+from mixer_compile.model.spec import MixerSpec
 
 SPEC = MixerSpec("tiny", (16, 16), 8, 16, 8, 32, 1, num_classes=4, batch=1)
 WORKLOADS, RECORDS = "database_workload.json", "database_tuning_record.json"
 
 
 def _tune(work_dir: Path, target_name: str, trials: int, seed: int) -> Path:
-    """MetaSchedule on the legalized, fused Relax module of SPEC, as `mixer_compile.tune` prepares it."""
+    """MetaSchedule on the legalized, fused Relax module of SPEC, as `mixer_compile.tune.search` prepares it."""
     from tvm.s_tir import meta_schedule as ms
 
-    from mixer_compile.targets import get_target
-    from mixer_compile.tune import model_module, prepare
+    from mixer_compile.backend.target import get_target
+    from mixer_compile.tune.search import model_module, prepare
 
     target = get_target(target_name)
     fused = prepare(model_module(SPEC, target), target)
@@ -68,7 +68,7 @@ def _rows(md: str) -> list[list[str]]:
 
 
 def test_report_of_two_runs_matches_the_records(dbs, tmp_path, capsys):
-    from mixer_compile.report import write_report
+    from mixer_compile.tools.report import write_report
 
     a, b = dbs
     raw_a, raw_b = _raw(a), _raw(b)
@@ -114,7 +114,7 @@ def test_report_of_two_runs_matches_the_records(dbs, tmp_path, capsys):
 
 
 def test_matmul_row_names_operator_shapes_and_flops(dbs, tmp_path):
-    from mixer_compile.report import write_report
+    from mixer_compile.tools.report import write_report
 
     c = write_report([dbs[0]], tmp_path / "rep").comparison
     head = next(r for r in c.rows if r.kernel.shapes == "1x16, 16x4, 1x4 -> 1x4")  # C=16 -> 4 classes, + bias
@@ -126,9 +126,9 @@ def test_matmul_row_names_operator_shapes_and_flops(dbs, tmp_path):
 
 
 def test_artifact_input_gives_task_names_calls_and_shares(dbs, tmp_path):
-    from mixer_compile.driver import CompileOptions, compile_model
-    from mixer_compile.progress import Progress
-    from mixer_compile.report import write_report
+    from mixer_compile.compiler import CompileOptions, compile_model
+    from mixer_compile.util.progress import Progress
+    from mixer_compile.tools.report import write_report
 
     art = tmp_path / "art"
     compile_model(CompileOptions(spec=SPEC, target="znver4", db=dbs[0], out_dir=art), Progress(7, quiet=True))
@@ -167,7 +167,7 @@ def test_cli_report_and_bad_lines_named_by_file_and_line(dbs, tmp_path, capsys):
 
 
 def test_bad_inputs_are_refused_by_message(dbs, tmp_path, capsys):
-    from mixer_compile.report import write_report
+    from mixer_compile.tools.report import write_report
 
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "a.txt").write_text("x")

@@ -7,13 +7,14 @@ import json
 import numpy as np
 import pytest
 
-from mixer_compile import reference
+from mixer_compile.model import reference
 from mixer_compile.cli import main
 from mixer_compile.errors import SpecError
-from mixer_compile.spec import MixerSpec, load_spec
-from mixer_compile.weights import load_weights, random_weights
-from mixer_compile.weights.resize import resize_weights, sub_image_tokens
-from mixer_compile.weights.write import write_weights
+from mixer_compile.model.spec import MixerSpec, load_spec
+from mixer_compile.frontends import load_weights
+from mixer_compile.model.params import random_weights
+from mixer_compile.frontends.resize import resize_weights, sub_image_tokens
+from mixer_compile.frontends.write import write_weights
 from tests.conftest import rel_error
 
 

@@ -17,13 +17,14 @@ import numpy as np
 import pytest
 import torch
 
-from mixer_compile import reference, runtime
-from mixer_compile.compat import build_requirements, check_cpu, check_gpu, host_cpu_features
-from mixer_compile.driver import CompileOptions, compile_model
+from mixer_compile.model import reference
+from mixer_compile import runtime
+from mixer_compile.machine import build_requirements, check_cpu, check_gpu, host_cpu_features
+from mixer_compile.compiler import CompileOptions, compile_model
 from mixer_compile.errors import ArtifactError, MixerCompileError
-from mixer_compile.progress import Progress
-from mixer_compile.spec import MixerSpec
-from mixer_compile.weights import random_weights
+from mixer_compile.util.progress import Progress
+from mixer_compile.model.spec import MixerSpec
+from mixer_compile.model.params import random_weights
 from tests.conftest import rel_error
 
 SPEC = MixerSpec("tiny", (32, 32), 8, 32, 16, 128, 2, num_classes=10, batch=2)
@@ -162,7 +163,7 @@ def test_metadata_records_cpu_requirements(artifact):
 
 
 def test_avx512_build_is_refused_on_an_avx2_machine():
-    from mixer_compile.targets import get_target
+    from mixer_compile.backend.target import get_target
 
     avx512 = build_requirements(get_target("znver4").tvm_target())["cpu"]
     avx2 = build_requirements(get_target("avx2").tvm_target())["cpu"]

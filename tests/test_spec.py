@@ -5,7 +5,7 @@ import json
 import pytest
 
 from mixer_compile.errors import SpecError
-from mixer_compile.spec import PRESETS, MixerSpec, load_spec
+from mixer_compile.model.spec import PRESETS, MixerSpec, load_spec
 
 
 @pytest.mark.parametrize("name, params", [("mixer_b16", 59_880_472), ("mixer_b32", 60_293_428),

@@ -20,13 +20,13 @@ from pathlib import Path
 
 import pytest
 
-from mixer_compile import tuning_db
-from mixer_compile.driver import CompileOptions, compile_model
-from mixer_compile.progress import Progress
-from mixer_compile.spec import MixerSpec
-from mixer_compile.targets import get_target
-from mixer_compile.tune import extract_tasks, model_module, prepare
-from mixer_compile.tuning_db import RECORDS, WORKLOADS, TuningWarning, open_database
+from mixer_compile.tune import database as tuning_db
+from mixer_compile.compiler import CompileOptions, compile_model
+from mixer_compile.util.progress import Progress
+from mixer_compile.model.spec import MixerSpec
+from mixer_compile.backend.target import get_target
+from mixer_compile.tune.search import extract_tasks, model_module, prepare
+from mixer_compile.tune.database import RECORDS, WORKLOADS, TuningWarning, open_database
 
 TRIALS = 2  # per large kernel; the small ones get max(1, TRIALS // 4) = 1
 TINY = {"name": "tiny", "image_size": [32, 32], "patch_size": 8, "hidden_dim": 32, "tokens_mlp_dim": 16,
@@ -34,7 +34,7 @@ TINY = {"name": "tiny", "image_size": [32, 32], "patch_size": 8, "hidden_dim": 3
 
 
 def _spec() -> MixerSpec:
-    from mixer_compile.spec import spec_from_dict
+    from mixer_compile.model.spec import spec_from_dict
 
     return spec_from_dict(dict(TINY), name="tiny")
 
@@ -46,7 +46,7 @@ def _lines(path: Path) -> list[str]:
 def _with_valid_record(db_dir: Path) -> set[str]:
     """Kernels of the tiny spec whose records include a successful measurement (a candidate
     may fail to build in time on a loaded machine; such a kernel has no record to apply)."""
-    from mixer_compile.tune import best_latency
+    from mixer_compile.tune.search import best_latency
 
     target = get_target("znver4")
     database = open_database(db_dir)
@@ -94,7 +94,7 @@ def test_records_survive_sigkill_and_tuning_resumes(tuned: dict) -> None:
     # every kernel now has its budget of records, the ones done before the kill not tuned twice
     spec, target = _spec(), get_target("znver4")
     tasks = extract_tasks(prepare(model_module(spec, target), target), target, TRIALS)
-    from mixer_compile.tune import count_records
+    from mixer_compile.tune.search import count_records
 
     count_records(open_database(tuned["db"]), tasks)
     for t in tasks:

@@ -10,10 +10,10 @@ from matplotlib import colormaps
 from matplotlib.image import imread
 
 from mixer_compile.cli import main
-from mixer_compile.spec import MixerSpec
-from mixer_compile.viz import CMAP, assemble, pair_by_phase, unit_order
-from mixer_compile.weights import random_weights
-from mixer_compile.weights.write import write_weights
+from mixer_compile.model.spec import MixerSpec
+from mixer_compile.tools.viz import CMAP, assemble, pair_by_phase, unit_order
+from mixer_compile.model.params import random_weights
+from mixer_compile.frontends.write import write_weights
 
 
 @pytest.fixture

@@ -6,8 +6,9 @@ import torch
 from safetensors.numpy import save_file
 
 from mixer_compile.errors import WeightsError
-from mixer_compile.weights import expected_shapes, load_weights, random_weights
-from mixer_compile.weights.timm import to_state_dict
+from mixer_compile.frontends import load_weights
+from mixer_compile.model.params import expected_shapes, random_weights
+from mixer_compile.frontends.timm import to_state_dict
 
 
 def _write(path, weights):

@@ -1,1 +1,51 @@
-"""Frontends: models given in other formats (ONNX) recognised into a MixerSpec + canonical weights."""
+"""Checkpoint formats, by file suffix, read into the canonical weight dict (model/params.py).
+
+The canonical layout is the official JAX checkpoint's (flat keys joined by '/', Dense kernels
+(in, out), the stem kernel HWIO), so an official `.npz` needs no conversion and every other
+format is converted once, by its reader here, with every shape checked against the spec.
+Adding a format is one reader module and one line in FORMATS. ONNX models are recognised
+whole (spec and weights) by onnx_import.py.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from mixer_compile.errors import WeightsError
+from mixer_compile.model.params import Weights, check_weights, random_weights
+from mixer_compile.model.spec import MixerSpec
+
+FORMATS = {".npz": "jax", ".pth": "timm", ".pt": "timm", ".bin": "timm", ".safetensors": "timm"}
+
+
+def checkpoint_format(path: str | Path) -> str:
+    """The weights origin a file name stands for (jax or timm)."""
+    suffix = Path(path).suffix.lower()
+    if suffix not in FORMATS:
+        raise WeightsError(f"weights file '{path}' has unknown extension '{suffix}'; "
+                           "expected .npz (official JAX) or .pth/.safetensors (timm)")
+    return FORMATS[suffix]
+
+
+def load_weights(path: str | Path, spec: MixerSpec) -> tuple[Weights, str]:
+    """Loads a checkpoint by extension; returns canonical weights and their origin (jax|timm)."""
+    from mixer_compile.frontends import npz, timm  # one module per checkpoint family
+
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"weights file '{path}' " + ("is not a file" if path.exists() else "does not exist"))
+    origin = checkpoint_format(path)
+    reader = npz.read if origin == "jax" else timm.read
+    return check_weights(reader(path), spec, str(path)), origin
+
+
+def weights_for(spec: MixerSpec, path: str | Path | None, seed: int) -> tuple[Weights, MixerSpec, dict]:
+    """The checkpoint at `path`, or the seeded random init; the spec with the GELU flavour of
+    that origin (unless the spec set one); and a record of where the weights came from."""
+    if path is not None:
+        weights, origin = load_weights(path, spec)
+        source: dict = {"origin": origin, "file": str(path)}
+    else:
+        weights, origin = random_weights(spec, seed), "random"
+        source = {"origin": "random", "seed": seed}
+    return weights, spec.with_gelu_for(origin), source

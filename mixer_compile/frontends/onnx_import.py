@@ -28,9 +28,9 @@ import onnx
 from onnx import helper, numpy_helper
 
 from mixer_compile.errors import MixerCompileError
-from mixer_compile.reference import gelu as reference_gelu
-from mixer_compile.spec import MixerSpec
-from mixer_compile.weights import Weights, check_weights
+from mixer_compile.model.reference import gelu as reference_gelu
+from mixer_compile.model.spec import MixerSpec
+from mixer_compile.model.params import Weights, check_weights
 
 LAYOUT_OPS = {"Transpose", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity"}
 ELEMENTWISE = {"Add", "Sub", "Mul", "Div", "Pow", "Erf", "Tanh", "Sqrt", "Neg", "Gelu", "Sigmoid"}

@@ -7,7 +7,7 @@ bias, GELU and residual add as its own op. The passes start from this literal fo
 from __future__ import annotations
 
 from mixer_compile.ir.graph import Graph, Op, Param, Tensor
-from mixer_compile.spec import MixerSpec
+from mixer_compile.model.spec import MixerSpec
 
 
 class _Builder:

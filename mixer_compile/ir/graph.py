@@ -18,7 +18,7 @@ import numpy as np
 # Every op kind and its meaning (the interpreter and the lowering implement each one):
 #   patchify(image)                    NCHW image -> (B, S, P*P*Cin) patches in raster order
 #   dense(x, kernel[, bias][, residual])  contract `axis` of x with kernel; optional fused
-#                                      bias, activation (gelu_tanh|gelu_erf), residual add
+#                                      bias, gelu (its flavour: tanh|erf), residual add
 #   bias_add(x, b)                     x + b broadcast over `axes` (b.shape == x.shape[axes])
 #   gelu(x)                            flavour tanh|erf
 #   add(x, y)                          elementwise
@@ -26,7 +26,7 @@ import numpy as np
 #   mean(x)                            over `axis`, dropping it
 #   transpose(x) / reshape(x)          `perm` / `shape`
 #   conv2d(x, kernel[, bias])          NCHW, OIHW kernel, `stride`, `groups`, no padding; fused
-#                                      bias and activation as for dense
+#                                      bias and gelu as for dense
 #   conv2d_transpose(x, kernel)        NCHW, IOHW kernel, `stride`, `groups`, no padding
 OP_KINDS = ("patchify", "dense", "bias_add", "gelu", "add", "layer_norm", "mean", "transpose",
             "reshape", "conv2d", "conv2d_transpose")

@@ -26,12 +26,12 @@ def _bias_shape(ndim: int, axes: tuple[int, ...], bias: np.ndarray) -> tuple[int
 
 
 def _epilogue(op: Op, y: np.ndarray, extra: list[np.ndarray], axis: int) -> np.ndarray:
-    """Fused bias (along the op's output axis `axis`), activation and residual add."""
+    """Fused bias (along the op's output axis `axis`), GELU and residual add."""
     if op.attrs.get("bias"):
         b = extra.pop(0)
         y = y + b.reshape(_bias_shape(y.ndim, (axis,), b))
-    if op.attrs.get("activation"):
-        y = _gelu(y, op.attrs["activation"].removeprefix("gelu_"))
+    if op.attrs.get("gelu"):
+        y = _gelu(y, op.attrs["gelu"])
     if op.attrs.get("residual"):
         y = y + extra.pop(0)
     return y

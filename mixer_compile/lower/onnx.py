@@ -64,15 +64,15 @@ class _Writer:
         return self.node("Add", [x, b], output)
 
     def epilogue(self, op: Op, y: str, extra: list[str], axis: int) -> str:
-        """Bias, activation and residual of a fused op; the last step writes the op's output."""
+        """Bias, GELU and residual of a fused op; the last step writes the op's output."""
         a, ndim = op.attrs, len(op.output.shape)
-        steps = [s for s in ("bias", "activation", "residual") if a.get(s)]
+        steps = [s for s in ("bias", "gelu", "residual") if a.get(s)]
         for step in steps:
             out = op.output.name if step == steps[-1] else None
             if step == "bias":
                 y = self.bias(y, extra.pop(0), ndim, axis, out)
-            elif step == "activation":
-                y = self.gelu(y, a["activation"].removeprefix("gelu_"), out)
+            elif step == "gelu":
+                y = self.gelu(y, a["gelu"], out)
             else:
                 y = self.node("Add", [y, extra.pop(0)], out)
         if not steps:

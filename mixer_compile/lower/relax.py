@@ -61,8 +61,8 @@ def _epilogue(bb: relax.BlockBuilder, op: Op, y: relax.Expr, extra: list[relax.E
     a, shape, dtype = op.attrs, op.output.shape, _compute_dtype(op)
     if a.get("bias"):
         y = bb.emit(R.add(y, _broadcast(_as(extra.pop(0), dtype), len(shape), (axis,), shape)))
-    if a.get("activation") in ("gelu_tanh", "gelu_erf"):
-        y = _gelu(bb, y, a["activation"].removeprefix("gelu_"))
+    if a.get("gelu"):
+        y = _gelu(bb, y, a["gelu"])
     if a.get("residual"):
         y = bb.emit(R.add(y, _as(extra.pop(0), dtype)))
     return y

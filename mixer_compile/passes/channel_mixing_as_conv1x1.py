@@ -7,12 +7,13 @@ C -> D_C, GELU, and a 1x1 convolution D_C -> C: the form conv-only runtimes and 
 from __future__ import annotations
 
 from mixer_compile.ir.graph import Graph, Op, Tensor
+from mixer_compile.passes.context import PassContext
 from mixer_compile.passes.match import find_chains, replace_ops
 
 PATTERN = ("dense", "bias_add", "gelu", "dense", "bias_add")
 
 
-def run(graph: Graph) -> tuple[Graph, list[str]]:
+def run(graph: Graph, ctx: PassContext) -> tuple[Graph, list[str]]:
     g = graph.copy()
     gh, gw = g.meta["grid"]
     changes = []

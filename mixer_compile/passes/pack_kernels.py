@@ -7,7 +7,7 @@ stream prefetcher does not follow. In panels each vector of the micro-tile reads
 contiguous stream. Measured with cold caches on fc1 + GELU of Mixer-B/16 (196x768x3072,
 this 2-core znver5): 2.2-2.7 ms in (K, N), 1.97-2.13 ms in panels of 16; warm, no change.
 The panel is the target's SIMD width, so any micro-tile (a whole number of vectors, see
-gemm_space.py) reads whole vectors inside one panel. Left products (token mixing) keep
+backend/gemm_space.py) reads whole vectors inside one panel. Left products (token mixing) keep
 their (N, K) kernel: there the weight is the broadcast operand, and the activations stream.
 The weights are re-laid once at build time (a Param step), never per call.
 """
@@ -15,9 +15,13 @@ The weights are re-laid once at build time (a Param step), never per call.
 from __future__ import annotations
 
 from mixer_compile.ir.graph import Graph
+from mixer_compile.passes.context import PassContext
 
 
-def run(graph: Graph, panel: int) -> tuple[Graph, list[str]]:
+def run(graph: Graph, ctx: PassContext) -> tuple[Graph, list[str]]:
+    panel = ctx.panel
+    if not panel:  # GPUs (and the ONNX export) keep the (K, N) layout
+        return graph, []
     g = graph.copy()
     changes = []
     for op in g.ops:

@@ -4,6 +4,10 @@
   The fast form on CPUs and GPUs.
 - "conv": token mixing as a tied full-receptive-field depthwise conv and its mirror,
   channel mixing as 1x1 convs (paper, section 2): the form for conv-only runtimes.
+
+Every form ends with the target's weight layout and the storage precision, in that order, so
+that no rewrite has to reason about packed weights or mixed precisions; both are no-ops when
+the context says so (no panel on GPUs, float32).
 """
 
 from __future__ import annotations
@@ -12,23 +16,25 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from mixer_compile.errors import MixerCompileError
-from mixer_compile.ir.build import build_graph
 from mixer_compile.ir.graph import Graph
-from mixer_compile.passes import channel_mixing_as_conv1x1, fuse, layout, pack_kernels, precision, token_mixing_as_conv
-from mixer_compile.spec import MixerSpec
+from mixer_compile.passes import (channel_mixing_as_conv1x1, fuse_epilogues, pack_kernels, precision,
+                                  token_mixing_as_conv, tokens_major)
+from mixer_compile.passes.context import PassContext
 
-PassFn = Callable[[Graph], tuple[Graph, list[str]]]
+PassFn = Callable[[Graph, PassContext], tuple[Graph, list[str]]]
 
 PASSES: dict[str, PassFn] = {
     "token_mixing_as_conv": token_mixing_as_conv.run,
     "channel_mixing_as_conv1x1": channel_mixing_as_conv1x1.run,
-    "tokens_major": layout.run,
-    "fuse_epilogues": fuse.run,
+    "tokens_major": tokens_major.run,
+    "fuse_epilogues": fuse_epilogues.run,
+    "pack_kernels": pack_kernels.run,
+    "precision": precision.run,
 }
 
 FORMS: dict[str, tuple[str, ...]] = {
-    "matmul": ("tokens_major", "fuse_epilogues"),
-    "conv": ("token_mixing_as_conv", "channel_mixing_as_conv1x1", "fuse_epilogues"),
+    "matmul": ("tokens_major", "fuse_epilogues", "pack_kernels", "precision"),
+    "conv": ("token_mixing_as_conv", "channel_mixing_as_conv1x1", "fuse_epilogues", "pack_kernels", "precision"),
 }
 
 
@@ -61,26 +67,12 @@ def passes_for(form: str, after: str | None = None) -> tuple[str, ...]:
     return names[: names.index(after) + 1]
 
 
-def run_passes(graph: Graph, names: tuple[str, ...], dtype: str = "float32",
-               panel: int = 0) -> tuple[Graph, list[PassReport]]:
-    """Runs `names` in order, then the target's weight layout (`panel`: a CPU's SIMD width,
-    see pack_kernels.py; 0 keeps the layout) and (for float16/bfloat16) the precision pass,
-    last, so that no rewrite has to reason about packed weights or mixed precisions."""
-    steps: list[tuple[str, PassFn]] = [(name, PASSES[name]) for name in names]
-    if panel:
-        steps.append((f"pack_kernels_{panel}", lambda g: pack_kernels.run(g, panel)))
-    if precision.check_dtype(dtype) != "float32":
-        steps.append((f"precision_{dtype}", lambda g: precision.run(g, dtype)))
+def run_passes(graph: Graph, names: tuple[str, ...], ctx: PassContext = PassContext()) -> tuple[Graph, list[PassReport]]:
+    """Runs the passes `names` in order; one report each."""
     reports = []
-    for name, fn in steps:
+    for name in names:
         before = graph.op_counts()
-        graph, changes = fn(graph)
+        graph, changes = PASSES[name](graph, ctx)
         graph.remove_unused_params()
         reports.append(PassReport(name, changes, before, graph.op_counts()))
     return graph, reports
-
-
-def optimized_graph(spec: MixerSpec, form: str = "matmul", dtype: str = "float32",
-                    panel: int = 0) -> tuple[Graph, list[PassReport]]:
-    """The spec's graph after the passes of `form`: what every lowering and tuning starts from."""
-    return run_passes(build_graph(spec), passes_for(form), dtype, panel)

@@ -17,24 +17,17 @@ from __future__ import annotations
 
 import dataclasses
 
-from mixer_compile.errors import MixerCompileError
 from mixer_compile.ir.graph import Graph
+from mixer_compile.passes.context import ACCUMULATE, PassContext
 
-DTYPES = ("float32", "float16", "bfloat16")
-ACCUMULATE = "float32"
 # Ops whose result is a sum over many terms: computed in ACCUMULATE, then rounded once.
 REDUCING = ("dense", "conv2d", "conv2d_transpose", "layer_norm", "mean")
 
 
-def check_dtype(dtype: str) -> str:
-    if dtype not in DTYPES:
-        raise MixerCompileError(f"unknown dtype '{dtype}'; choose one of {', '.join(DTYPES)}")
-    return dtype
-
-
-def run(graph: Graph, dtype: str) -> tuple[Graph, list[str]]:
-    """`graph` with parameters and activations stored in `dtype` (float32: unchanged)."""
-    if check_dtype(dtype) == "float32":
+def run(graph: Graph, ctx: PassContext) -> tuple[Graph, list[str]]:
+    """`graph` with parameters and activations stored in `ctx.dtype` (float32: unchanged)."""
+    dtype = ctx.dtype
+    if dtype == "float32":
         return graph, []
     g = graph.copy()
     g.params = {n: dataclasses.replace(p, tensor=dataclasses.replace(p.tensor, dtype=dtype))

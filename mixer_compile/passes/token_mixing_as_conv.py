@@ -11,12 +11,13 @@ this pass writes it: no C-fold copy of the kernel is ever made.
 from __future__ import annotations
 
 from mixer_compile.ir.graph import Graph, Op, Tensor
+from mixer_compile.passes.context import PassContext
 from mixer_compile.passes.match import find_chains, replace_ops
 
 PATTERN = ("transpose", "dense", "bias_add", "gelu", "dense", "bias_add", "transpose")
 
 
-def run(graph: Graph) -> tuple[Graph, list[str]]:
+def run(graph: Graph, ctx: PassContext) -> tuple[Graph, list[str]]:
     g = graph.copy()
     gh, gw = g.meta["grid"]
     changes = []

@@ -1,0 +1,113 @@
+"""The artifact directory (format.py says what it holds), written atomically.
+
+Everything is written into a temporary sibling directory and renamed into place
+only when complete, so a crash or a failed validation never leaves a half-written artifact
+where a good one is expected.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mixer_compile.artifact.format import LIBRARY, METADATA, WEIGHTS, Metadata, sha256
+from mixer_compile.errors import ArtifactError
+from mixer_compile.util.locking import exclusive
+
+
+def write_artifact(out_dir: str | Path, executable: Any, params: dict[str, np.ndarray] | None,
+                   metadata: Metadata) -> Path:
+    """Writes the artifact; `params` None means the weights are embedded in the library. The
+    file hashes and sizes are filled into a copy of `metadata`."""
+    import tvm
+
+    out = Path(out_dir).resolve()
+    tmp = _temp_dir_beside(out)
+    try:
+        try:
+            executable.export_library(str(tmp / LIBRARY))
+        except RuntimeError as exc:  # TVM reports the linker's failure (a full disk, say) so
+            raise ArtifactError(f"cannot write artifact to '{out}': {_linker_problem(exc)}") from None
+        files = {LIBRARY: sha256(tmp / LIBRARY)}
+        if params is not None:
+            tensors = {k: tvm.runtime.tensor(v) for k, v in params.items()}
+            # written by Python, not TVM: TVM's writer reports a full disk without its errno
+            (tmp / WEIGHTS).write_bytes(tvm.runtime.save_param_dict(tensors))
+            files[WEIGHTS] = sha256(tmp / WEIGHTS)
+        sizes = {name: (tmp / name).stat().st_size for name in files}
+        meta = dataclasses.replace(metadata, files=files, file_sizes=sizes)
+        (tmp / METADATA).write_text(json.dumps(meta.to_json(), indent=2, default=_json_default) + "\n")
+        with exclusive(out):  # a concurrent compile into `out` swaps before or after, never between
+            _swap_into_place(tmp, out)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ArtifactError(f"cannot write artifact to '{out}': {exc.strerror or exc}") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def check_writable(out_dir: str | Path) -> None:
+    """Fails now, not after a long build, when the artifact could not be written to `out_dir`
+    (no permission, a read-only or full file system, a file or a foreign directory in the way).
+    Creates nothing that outlives the check, not even the missing parent directories."""
+    out = Path(out_dir).resolve()
+    _refuse_foreign(out)
+    existing = next(p for p in out.parents if p.exists())
+    if not existing.is_dir():
+        raise ArtifactError(f"cannot write artifact to '{out}': '{existing}' is not a directory")
+    try:
+        shutil.rmtree(tempfile.mkdtemp(prefix=f".{out.name}.", dir=existing))
+    except OSError as exc:
+        raise ArtifactError(f"cannot write artifact to '{out}': {exc.strerror or exc}") from None
+
+
+def _temp_dir_beside(out: Path) -> Path:
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would make the artifact private
+    except OSError as exc:
+        raise ArtifactError(f"cannot write artifact to '{out}': {exc.strerror or exc}") from None
+    return tmp
+
+
+def _linker_problem(exc: RuntimeError) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    failed = [line for line in lines if "failed" in line or "No space" in line or "Permission" in line]
+    return (failed or lines or [type(exc).__name__])[0]
+
+
+def _refuse_foreign(out: Path) -> None:
+    if out.exists() and (not out.is_dir() or not (out / METADATA).is_file() and any(out.iterdir())):
+        raise ArtifactError(f"'{out}' exists and is not a mixer-compile artifact; "
+                            "choose another output directory")
+
+
+def _swap_into_place(tmp: Path, out: Path) -> None:
+    _refuse_foreign(out)
+    if not out.exists():
+        os.rename(tmp, out)
+        return
+    old = out.with_name(f".{out.name}.old-{os.getpid()}")
+    os.rename(out, old)
+    os.rename(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, (np.integer, np.floating)):
+        return value.item()
+    if isinstance(value, tuple):
+        return list(value)
+    raise TypeError(f"not JSON serialisable: {type(value)}")

@@ -1,0 +1,42 @@
+"""Backends: one module per target kind, each exposing the same few functions.
+
+    pass_context(target, dtype) -> PassContext     what the passes may know of the target
+    build(mod, target, database=None, on_applied=None) -> executable
+    runner(executable, target, params, rebuild) -> Runner   how validation runs a build, where
+    describe(executable) -> dict                   what the artifact's metadata says of its code
+    TUNABLE                                        whether MetaSchedule records apply
+
+`target.py` reads the target files. Adding a target kind is one module here and one entry in
+BACKENDS, plus a target file in the top-level `targets/`; the compile driver never asks which
+kind it holds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any, Callable
+
+from mixer_compile.backend.target import TargetInfo
+from mixer_compile.errors import TargetError
+
+
+@dataclass
+class Runner:
+    """A build made callable for validation: images in, logits out (NumPy), and where it ran
+    (`batch`: the batch it runs at, when not the build's own: a GPU build checked on the host)."""
+
+    run: Callable[[Any], Any]
+    where: str
+    batch: int | None = None
+
+
+def backend_for(target: TargetInfo) -> ModuleType:
+    """The backend module of `target`'s kind."""
+    from mixer_compile.backend import cpu, cuda
+
+    backends = {"llvm": cpu, "cuda": cuda}
+    if target.kind not in backends:
+        raise TargetError(f"target '{target.name}' has kind '{target.kind}'; mixer-compile builds for "
+                          f"{', '.join(backends)}")
+    return backends[target.kind]

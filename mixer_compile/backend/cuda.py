@@ -1,0 +1,240 @@
+"""CUDA builds whose exported library carries compiled GPU code, with or without a GPU.
+
+TVM embeds a cubin/fatbin in a library only when its CUDA runtime (libtvm_runtime_cuda.so)
+is loaded in the compiling process, and that library links against the driver,
+libcuda.so.1. Without a driver (CI, this build machine) TVM silently falls back to
+embedding CUDA *source*, which only a Python process with NVRTC or nvcc can compile at load
+time: a C++ deployment could not load it at all. So a CUDA build runs in a child process
+with TVM_CUDA_COMPILE_MODE=nvcc (kernels become one fatbin for the target's sm_XY), and,
+when this machine has no driver, with a build-only stand-in libcuda.so.1 on the child's
+library path: every `cu*` symbol the CUDA runtime imports, each returning
+CUDA_ERROR_NO_DEVICE. The stand-in lives in a temporary directory for the child's lifetime;
+it is never shipped, and no process that runs a model ever loads it.
+
+`python -m mixer_compile.backend.cuda MODULE.json TARGET.json OUT.so` is that child.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+from mixer_compile.backend import Runner
+from mixer_compile.backend.target import TargetInfo, get_target
+from mixer_compile.errors import MixerCompileError, TargetError, TuningError
+from mixer_compile.passes.context import PassContext
+
+TUNABLE = False
+HOST_CHECK_BATCH = 2  # batch of the CPU stand-in check of a GPU build that cannot run here
+CUDA_ERROR_NO_DEVICE = 100
+FATBIN_MAGIC = bytes.fromhex("50ed55ba")  # 0xBA55ED50, little-endian, starts every fatbin
+
+
+class CudaLibrary:
+    """A CUDA build exported by the child process: the file, and where it was compiled for.
+
+    Duck-types the one method the artifact writer uses on an executable (`export_library`),
+    so an artifact holds exactly the bytes the child wrote.
+    """
+
+    def __init__(self, path: Path, target: TargetInfo) -> None:
+        self.path = path
+        self.target = target
+        self._work: Any = None  # the build's temporary directory, removed with this object
+
+    def export_library(self, file_name: str) -> None:
+        shutil.copyfile(self.path, file_name)
+
+    def describe(self) -> dict[str, Any]:
+        """What GPU code the library carries, for the artifact's metadata."""
+        blobs = fatbins(self.path)
+        return {"format": "fatbin", "compiler": "nvcc", "arch": str(self.target.tvm_target().attrs["arch"]),
+                "fatbins": len(blobs), "bytes": sum(map(len, blobs))}
+
+
+def driver_present() -> bool:
+    """Whether the real CUDA driver library loads here (a GPU may still be absent)."""
+    try:
+        ctypes.CDLL("libcuda.so.1")
+        return True
+    except OSError:
+        return False
+
+
+def _tool(name: str, fix: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        raise TargetError(f"'{name}' is not on PATH; {fix}")
+    return path
+
+
+def _cuda_runtime_library() -> Path:
+    import tvm
+
+    lib = Path(tvm.__file__).parent / "lib" / "libtvm_runtime_cuda.so"
+    if not lib.is_file():
+        raise TargetError(f"this TVM has no CUDA runtime ({lib} is missing); install the apache-tvm wheel")
+    return lib
+
+
+def write_stand_in_libcuda(directory: Path) -> Path:
+    """A build-only libcuda.so.1 in `directory` (see the module docstring)."""
+    nm = _tool("nm", "install binutils")
+    gcc = _tool("gcc", "install gcc (needed to build for CUDA on a machine without a GPU driver)")
+    listing = subprocess.run([nm, "-D", "--undefined-only", str(_cuda_runtime_library())],
+                             check=True, capture_output=True, text=True).stdout
+    symbols = sorted({line.split()[-1] for line in listing.splitlines()
+                      if line.split() and line.split()[-1].startswith("cu") and "@" not in line})
+    source = directory / "libcuda_stand_in.c"
+    source.write_text("".join(f"int {s}(void) {{ return {CUDA_ERROR_NO_DEVICE}; }}\n" for s in symbols))
+    lib = directory / "libcuda.so.1"
+    subprocess.run([gcc, "-shared", "-fPIC", "-o", str(lib), str(source)], check=True, capture_output=True)
+    return lib
+
+
+def pass_context(target: TargetInfo, dtype: str) -> PassContext:
+    """GPU kernels keep the (K, N) weight layout: DLight's matmul schedules expect it."""
+    return PassContext(dtype=dtype)
+
+
+def build(mod: Any, target: TargetInfo, database: Any = None, on_applied: Any = None) -> CudaLibrary:
+    """Compiles `mod` for the CUDA `target` (DLight's default schedules) in a child process."""
+    if database is not None:
+        raise TuningError("tuning databases are supported for CPU (llvm) targets only")
+    work = tempfile.TemporaryDirectory(prefix="mixer-compile-cuda-")
+    library = build_cuda_library(mod, target, Path(work.name))
+    library._work = work
+    return library
+
+
+def runner(executable: CudaLibrary, target: TargetInfo, params: list[Any],
+           rebuild: Callable[[int], tuple[Any, list[Any], int]]) -> Runner:
+    """On this machine's GPU when it has one that runs the build; otherwise the same Relax
+    module (same lowering, same precision) at a small batch (`rebuild(at_most)`: untuned CPU code
+    at the GPU's batch, 256 say, would take hours), compiled for this CPU, and the record says
+    the GPU run is pending."""
+    import tvm
+
+    from mixer_compile.backend import cpu
+
+    why = runnable_here(executable)
+    if why is None:
+        dev = tvm.cuda()
+        lib = tvm.runtime.load_module(str(executable.path))
+        return Runner(cpu.vm_function(lib, dev, params), f"GPU {dev.device_name}")
+    mod, small_params, batch = rebuild(HOST_CHECK_BATCH)
+    lib = cpu.build(mod, get_target("llvm"))
+    return Runner(cpu.vm_function(lib, tvm.cpu(), small_params),
+                  f"host CPU: the same lowering and precision built for llvm; GPU run pending ({why})", batch)
+
+
+def describe(executable: CudaLibrary) -> dict[str, Any]:
+    return {"gpu_code": executable.describe()}
+
+
+def build_cuda_library(mod: Any, target: TargetInfo, work_dir: Path) -> CudaLibrary:
+    """Compiles `mod` for the CUDA `target` in a child process; the library lands in `work_dir`."""
+    import tvm
+
+    _tool("nvcc", "install the CUDA toolkit (nvcc compiles the GPU kernels at build time)")
+    work_dir.mkdir(parents=True, exist_ok=True)
+    module_json, target_json, out = work_dir / "module.json", work_dir / "target.json", work_dir / "model.so"
+    module_json.write_text(tvm.ir.save_json(mod))
+    target_json.write_text(json.dumps({"name": target.name, "description": target.description,
+                                       "config": target.config}))
+    env = {**os.environ, "TVM_CUDA_COMPILE_MODE": "nvcc"}
+    if not driver_present():
+        stand_in = write_stand_in_libcuda(Path(tempfile.mkdtemp(prefix="stand-in-libcuda.", dir=work_dir)))
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [str(stand_in.parent), env.get("LD_LIBRARY_PATH")]))
+    child = subprocess.run([sys.executable, "-m", "mixer_compile.backend.cuda", str(module_json),
+                            str(target_json), str(out)], env=env, capture_output=True, text=True)
+    if child.returncode != 0:
+        tail = "\n".join(child.stderr.strip().splitlines()[-15:])
+        raise MixerCompileError(f"the CUDA build for {target.name} failed (exit {child.returncode}):\n{tail}")
+    if not fatbins(out):
+        raise MixerCompileError(f"the CUDA build for {target.name} embedded no compiled GPU code (TVM fell back "
+                                "to CUDA source); check that nvcc works: nvcc --version")
+    return CudaLibrary(out, target)
+
+
+def runnable_here(library: CudaLibrary) -> str | None:
+    """Why this machine cannot run `library` on a GPU, or None when it can."""
+    from mixer_compile.machine import check_gpu, local_gpu
+
+    dev = local_gpu()
+    if dev is None:
+        return "no GPU visible here"
+    try:
+        check_gpu(str(library.target.tvm_target().attrs["arch"]), "sm_" + dev.compute_version.replace(".", ""),
+                  f"the {library.target.name} build")
+    except MixerCompileError as exc:
+        return str(exc)
+    return None
+
+
+def fatbins(library: Path) -> list[bytes]:
+    """The fatbins embedded in a library file (none: the build fell back to CUDA source)."""
+    data = library.read_bytes()
+    found, at = [], data.find(FATBIN_MAGIC)
+    while at >= 0:
+        header_size = int.from_bytes(data[at + 6:at + 8], "little")
+        body_size = int.from_bytes(data[at + 8:at + 16], "little")
+        end = at + header_size + body_size
+        if header_size == 16 and end <= len(data):
+            found.append(data[at:end])
+            at = data.find(FATBIN_MAGIC, end)
+        else:
+            at = data.find(FATBIN_MAGIC, at + 4)
+    return found
+
+
+def cuobjdump() -> str | None:
+    """cuobjdump from PATH or from the `nvidia-cuda-cuobjdump` wheel (with nvdisasm beside it)."""
+    try:
+        import nvidia
+
+        bundled = [str(Path(p) / "cu13" / "bin") for p in nvidia.__path__]
+    except ImportError:
+        bundled = []
+    return shutil.which("cuobjdump", path=os.pathsep.join(bundled + [os.environ.get("PATH", "")]))
+
+
+def sass(library: Path) -> dict[str, str]:
+    """The machine code (SASS) of every kernel a library carries, by kernel name."""
+    tool = cuobjdump()
+    if tool is None:
+        raise TargetError("cuobjdump is not installed; pip install nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm")
+    env = {**os.environ, "PATH": os.pathsep.join([str(Path(tool).parent), os.environ.get("PATH", "")])}
+    kernels: dict[str, str] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, blob in enumerate(fatbins(library)):
+            (Path(tmp) / f"{i}.fatbin").write_bytes(blob)
+            text = subprocess.run([tool, "-sass", f"{i}.fatbin"], cwd=tmp, env=env, check=True,
+                                  capture_output=True, text=True).stdout
+            for chunk in text.split("Function : ")[1:]:
+                name, _, body = chunk.partition("\n")
+                kernels[name.strip()] = body
+    return kernels
+
+
+def _child(module_json: str, target_json: str, out: str) -> None:
+    import tvm
+
+    from mixer_compile.backend.cuda_schedules import cuda_pipeline
+
+    mod = tvm.ir.load_json(Path(module_json).read_text())
+    info = json.loads(Path(target_json).read_text())
+    tvm_target = TargetInfo(info["name"], info["description"], info["config"]).tvm_target()
+    with tvm_target:
+        tvm.compile(mod, tvm_target, relax_pipeline=cuda_pipeline(tvm_target)).export_library(out)
+
+
+if __name__ == "__main__":
+    _child(*sys.argv[1:4])

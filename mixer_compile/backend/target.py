@@ -1,0 +1,127 @@
+"""Named targets: the JSON files in targets/ turned into tvm Targets.
+
+TVM 0.27 takes targets as dicts, not CLI strings; a name on our command line maps to one
+file, so a target is reviewed and versioned like code. The value "host" in a CPU target
+stands for what this machine has (its LLVM CPU name, its core count), resolved at build time;
+a CUDA target with `"arch": "local"` stands for this machine's GPU (the file's `default`
+target when none is visible), so `--target cuda` builds for the GPU at hand.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from importlib.resources import files
+from pathlib import Path
+from typing import Any
+
+from mixer_compile.machine import FEATURES, gpu_arch, local_gpu, normalize_arch
+from mixer_compile.errors import TargetError
+
+# the top-level targets/, installed as the package data mixer_compile.targets (pyproject.toml)
+TARGETS_DIR = Path(files("mixer_compile.targets"))
+
+
+@dataclass(frozen=True)
+class TargetInfo:
+    name: str
+    description: str
+    config: dict[str, Any]  # the tvm Target dict, "host" placeholders resolved
+
+    @property
+    def kind(self) -> str:
+        return "cuda" if "tag" in self.config or self.config.get("kind") == "cuda" else self.config["kind"]
+
+    def tvm_target(self) -> Any:
+        import tvm
+
+        return tvm.target.Target(self.config)
+
+
+def _host_cores() -> int:
+    try:
+        import psutil
+
+        return psutil.cpu_count(logical=False) or os.cpu_count() or 1
+    except ImportError:
+        return os.cpu_count() or 1
+
+
+def _resolve_host(config: dict[str, Any]) -> dict[str, Any]:
+    config = dict(config)
+    if config.get("mcpu") == "host":
+        import tvm
+
+        config["mcpu"] = tvm.target.codegen.llvm_get_system_cpu()
+    if config.get("num-cores") == "host":
+        config["num-cores"] = _host_cores()
+    if isinstance(config.get("host"), dict):
+        config["host"] = _resolve_host(config["host"])
+    return config
+
+
+def _local_gpu_target(stem: str, data: dict[str, Any]) -> TargetInfo:
+    """The sm_XY target file of the local GPU if there is one, else its limits read off the
+    device; with no GPU visible, the file's `default` target."""
+    dev = local_gpu()
+    if dev is None:
+        base = get_target(data["default"])
+        return TargetInfo(stem, f"no GPU visible: {base.name} ({base.description})", base.config)
+    arch = gpu_arch(dev)
+    if (TARGETS_DIR / f"{arch}.json").is_file():
+        return TargetInfo(stem, f"local {dev.device_name}: {arch}", get_target(arch).config)
+    config = {**data["target"], "arch": arch, "max_shared_memory_per_block": dev.max_shared_memory_per_block,
+              "max_threads_per_block": dev.max_threads_per_block, "thread_warp_size": dev.warp_size}
+    return TargetInfo(stem, f"local {dev.device_name}: {arch}", _resolve_host(config))
+
+
+def _read(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise TargetError(f"target file '{path}' is not valid JSON: {exc}") from None
+    if not isinstance(data, dict) or not isinstance(data.get("target"), dict):
+        raise TargetError(f"target file '{path}' must hold an object with a 'target' object")
+    return data
+
+
+def known_targets() -> dict[str, dict[str, Any]]:
+    """Every target file by name (aliases not included)."""
+    return {p.stem: _read(p) for p in sorted(TARGETS_DIR.glob("*.json"))}
+
+
+def get_target(name: str) -> TargetInfo:
+    """A target by name or alias, or from a JSON file path."""
+    path = Path(name)
+    if path.suffix == ".json" and path.is_file():
+        data = _read(path)
+        return TargetInfo(path.stem, data.get("description", ""), _resolve_host(data["target"]))
+    targets = known_targets()
+    for stem, data in targets.items():
+        if name == stem or name in data.get("aliases", []):
+            if data["target"].get("arch") == "local":
+                return _local_gpu_target(stem, data)
+            return TargetInfo(stem, data.get("description", ""), _resolve_host(data["target"]))
+    names = ", ".join(sorted(targets))
+    raise TargetError(f"unknown target '{name}' (known: {names}; or a path to a target .json file)")
+
+
+def build_requirements(tvm_target: Any) -> dict[str, Any]:
+    """What code built for `tvm_target` needs from the loading machine (recorded at build time).
+
+    Uses LLVM (the TVM compiler library), so it runs at build time only.
+    """
+    from tvm.target import codegen
+
+    host = tvm_target.host if tvm_target.kind.name == "cuda" else tvm_target
+    req: dict[str, Any] = {}
+    if tvm_target.kind.name == "cuda":
+        req["gpu_arch"] = str(tvm_target.attrs.get("arch", ""))
+    if host is not None and host.kind.name == "llvm":
+        triple = str(host.attrs.get("mtriple") or codegen.llvm_get_system_triple())
+        arch = normalize_arch(triple.split("-")[0])
+        llvm_features = {str(f) for f in codegen.llvm_get_cpu_features(host)}
+        req["cpu"] = {"arch": arch, "mcpu": str(host.attrs.get("mcpu") or "generic"),
+                      "features": sorted(llvm_features & set(FEATURES.get(arch, {})))}
+    return req

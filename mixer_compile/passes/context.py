@@ -1,0 +1,26 @@
+"""What a pass may depend on besides the graph: the facts of the target and the precision.
+
+Passes are target-independent rewrites except where a fact of the machine changes the best
+layout (a CPU's SIMD width sets the weight panels) or the user asked for a precision. Those
+facts come in here, decided once by the backend (`backend.pass_context`), so a pass never
+inspects a target itself and `mixer-compile show --target T` runs exactly what the build runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mixer_compile.errors import MixerCompileError
+
+DTYPES = ("float32", "float16", "bfloat16")
+ACCUMULATE = "float32"
+
+
+@dataclass(frozen=True)
+class PassContext:
+    dtype: str = "float32"  # storage precision (precision.py); sums stay ACCUMULATE
+    panel: int = 0  # column panel of right-product kernels (pack_kernels.py); 0: keep (K, N)
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise MixerCompileError(f"unknown dtype '{self.dtype}'; choose one of {', '.join(DTYPES)}")

@@ -1,0 +1,76 @@
+"""`import-onnx`: compile a Mixer given as an ONNX file through the normal driver.
+
+ONNX -> recognised spec + canonical checkpoint (written beside the artifact, so the
+metadata names a real file and every other command can use it) -> compile_model (passes,
+lowering, build, validation against the float64 reference, artifact) -> the compiled module
+run against ONNX Runtime on the very file it came from. The recognition itself is checked
+first (reference on the recognised weights vs ONNX Runtime), so a misread graph is reported
+as such, before any build time is spent.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from mixer_compile.check import ort
+from mixer_compile.model import reference
+from mixer_compile.util.atomic import write_bytes
+from mixer_compile.compiler import CompileOptions, CompileResult, compile_model
+from mixer_compile.errors import ValidationError
+from mixer_compile.frontends.onnx_import import ImportedMixer, import_onnx
+from mixer_compile.util.progress import Progress
+from mixer_compile.check.validate import FP32_TOLERANCE, Validation, compare, random_images
+from mixer_compile.frontends.write import write_weights
+
+
+@dataclass
+class OnnxCompileResult:
+    imported: ImportedMixer
+    checkpoint: Path
+    spec_file: Path
+    recognition: Validation
+    compiled: CompileResult
+    against_onnx: Validation
+
+
+def _against_onnx(sess, run, imported: ImportedMixer, what: str, seed: int) -> Validation:
+    images = random_images(imported.spec, seed)
+    ref = ort.run(sess, images)
+    result = compare(run(images), ref.astype("float64"), FP32_TOLERANCE, seed)
+    if not result.passed:
+        raise ValidationError(f"{what} disagrees with ONNX Runtime on the file: {result.summary()}")
+    return result
+
+
+def compile_onnx(path: Path, out_dir: Path, target: str = "llvm", form: str = "matmul", batch: int | None = None,
+                 seed: int = 1234) -> OnnxCompileResult:
+    progress = Progress(3)
+    with progress.stage("import", str(path)):
+        imported = import_onnx(path, batch)
+        spec = imported.spec
+        if batch is not None and batch != spec.batch:
+            progress.say(f"      the file's batch is fixed at {spec.batch}: building for batch {spec.batch}, "
+                         f"not {batch} (export it with a dynamic batch axis to choose)")
+        progress.say(f"      recognised {spec.num_blocks} blocks, patch {spec.patch_size}, C {spec.hidden_dim}, "
+                     f"D_S {spec.tokens_mlp_dim}, D_C {spec.channels_mlp_dim}, {spec.num_classes} classes, "
+                     f"{spec.image_size[0]}x{spec.image_size[1]}, {spec.resolved_gelu} GELU")
+        sess = ort.session(path)
+        recognition = _against_onnx(sess, lambda x: reference.forward(spec, imported.weights, x), imported,
+                                    "the recognised model (reference on the recognised weights)", seed)
+        progress.say(f"      recognition vs ONNX Runtime: {recognition.summary()}")
+    with progress.stage("save", "recognised checkpoint and spec beside the artifact"):
+        out_dir = Path(out_dir).resolve()
+        checkpoint = write_weights(imported.weights, out_dir.with_name(out_dir.name + ".npz"))
+        spec_file = write_bytes(out_dir.with_name(out_dir.name + ".json"),
+                                (json.dumps(spec.to_dict(), indent=2) + "\n").encode())
+        progress.say(f"      {checkpoint}, {spec_file}")
+    compiled = compile_model(CompileOptions(spec=spec, target=target, weights=checkpoint, form=form, out_dir=out_dir))
+    with progress.stage("validate", "compiled module vs ONNX Runtime on the file"):
+        from mixer_compile import runtime
+
+        model = runtime.load(compiled.artifact)
+        against = _against_onnx(sess, lambda x: model(x), imported, "the compiled module", seed)
+        progress.say(f"      {against.summary()}")
+    return OnnxCompileResult(imported, checkpoint, spec_file, recognition, compiled, against)

@@ -1,0 +1,242 @@
+"""Where tuning records live, and opening them safely.
+
+A tuning database is a directory with MetaSchedule's two JSON-lines files (workloads, and
+records that point at a workload by its line number). Records come from three places:
+`--db DIR` given by the user, the user's cache (`$MIXER_COMPILE_CACHE/tuning/<target>`,
+default `~/.cache/mixer-compile/tuning/<target>`) and the shipped `schedules/<target>/`.
+
+TVM's loader aborts on the first bad line, and a tuning process killed mid-write leaves a
+truncated last line onto which the next run would append. So every file is scanned line by
+line before TVM sees it: a bad line is skipped with a warning naming the file and the line.
+Reading goes through a cleaned copy; a database opened for writing is repaired in place only
+after the original is kept aside under a `.corrupt-<time>` name, and the warning says where.
+"""
+
+from __future__ import annotations
+
+import atexit
+import datetime
+import json
+import os
+import shutil
+import tempfile
+import warnings
+from dataclasses import dataclass
+from importlib.resources import files
+from pathlib import Path
+from typing import Any
+
+from mixer_compile.errors import TargetError, TuningError
+from mixer_compile.backend.target import TargetInfo
+
+WORKLOADS, RECORDS = "database_workload.json", "database_tuning_record.json"
+# the top-level schedules/, installed as the package data mixer_compile.schedules (pyproject.toml)
+SCHEDULES_DIR = Path(files("mixer_compile.schedules"))
+CACHE_ENV = "MIXER_COMPILE_CACHE"
+_ISA_PREFIXES = ("avx", "fma", "sse", "f16c", "bmi", "popcnt", "amx", "vnni")
+
+
+class TuningWarning(UserWarning):
+    """A tuning database problem that does not stop the compile (bad line, nothing applied)."""
+
+
+def cache_root() -> Path:
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mixer-compile"
+
+
+def user_db_dir(target: TargetInfo) -> Path:
+    """The user's own tuning records for `target` (written by `mixer-compile tune`)."""
+    return cache_root() / "tuning" / target.name
+
+
+def has_records(db_dir: Path) -> bool:
+    path = Path(db_dir) / RECORDS
+    return path.is_file() and path.stat().st_size > 0
+
+
+def _isa(config: dict[str, Any]) -> set[str]:
+    import tvm
+
+    features = tvm.target.codegen.llvm_get_cpu_features(tvm.target.Target(config))
+    return {str(f) for f in features if str(f).startswith(_ISA_PREFIXES)}
+
+
+def shipped_db_dirs(target: TargetInfo) -> list[Path]:
+    """Shipped records usable for `target`: `schedules/<name>/` when it exists; otherwise (the
+    host target) every shipped set whose CPU's instruction sets the target CPU also has, the
+    richest first. Schedules are target-independent TIR transformations, so records tuned for
+    a compatible CPU apply and compile for this one."""
+    own = SCHEDULES_DIR / target.name
+    if has_records(own):
+        return [own]
+    if target.kind != "llvm" or not SCHEDULES_DIR.is_dir():
+        return []
+    from mixer_compile.backend.target import get_target
+
+    mine = _isa(target.config)
+    found = []
+    for d in sorted(p for p in SCHEDULES_DIR.iterdir() if has_records(p)):
+        try:
+            theirs = _isa(get_target(d.name).config)
+        except TargetError:
+            continue
+        if theirs <= mine:
+            found.append((len(theirs), d))
+    return [d for _, d in sorted(found, key=lambda x: -x[0])]
+
+
+@dataclass
+class ScanResult:
+    workloads: list[str]  # good workload lines
+    records: list[str]  # good record lines, re-indexed onto `workloads`
+    problems: list[str]  # one message per skipped line
+
+    @property
+    def clean(self) -> bool:
+        return not self.problems
+
+
+def _lines(path: Path) -> list[str]:
+    if not path.is_file():
+        return []
+    try:
+        return path.read_text(errors="replace").split("\n")
+    except OSError as exc:
+        raise TuningError(f"cannot read tuning database file '{path}': {exc.strerror}") from None
+
+
+def scan(db_dir: Path) -> ScanResult:
+    """Every line of both files checked by parsing it the way TVM will (JSON, then the
+    workload's IRModule or the record's trace); records of a skipped workload go with it."""
+    from tvm.s_tir.meta_schedule.database import TuningRecord, Workload
+
+    wl_path, rec_path = Path(db_dir) / WORKLOADS, Path(db_dir) / RECORDS
+    problems: list[str] = []
+    workloads: list[str] = []
+    parsed: dict[int, tuple[int, Any]] = {}  # old index -> (new index, Workload)
+    old = 0
+    for lineno, line in enumerate(_lines(wl_path), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+            workload = Workload.from_json(obj)
+        except Exception as exc:  # TVM raises several error types for a malformed module
+            problems.append(f"{wl_path}:{lineno}: bad workload line skipped ({_short(exc)})")
+        else:
+            parsed[old] = (len(workloads), workload)
+            workloads.append(line)
+        old += 1
+    records: list[str] = []
+    for lineno, line in enumerate(_lines(rec_path), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+            if not (isinstance(obj, list) and len(obj) == 2 and isinstance(obj[0], int)):
+                raise ValueError("not a [workload index, record] pair")
+            if obj[0] not in parsed:
+                raise ValueError(f"refers to workload {obj[0]}, which is missing or bad")
+            new_index, workload = parsed[obj[0]]
+            TuningRecord.from_json(obj[1], workload)
+        except Exception as exc:  # JSON, shape or TVM trace errors alike mean a bad line
+            problems.append(f"{rec_path}:{lineno}: bad tuning record skipped ({_short(exc)})")
+        else:
+            records.append(line if new_index == obj[0] else json.dumps([new_index, obj[1]]))
+    return ScanResult(workloads, records, problems)
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return (text[-1] if text else type(exc).__name__)[:120]
+
+
+def _write_clean(result: ScanResult, dest: Path) -> None:
+    for name, lines in ((WORKLOADS, result.workloads), (RECORDS, result.records)):
+        tmp = dest / f".{name}.tmp"
+        tmp.write_text("".join(line + "\n" for line in lines))
+        os.replace(tmp, dest / name)
+
+
+def open_database(db_dir: Path, writable: bool = False) -> Any:
+    """A JSONDatabase over `db_dir`, its bad lines skipped with a TuningWarning each."""
+    from tvm.s_tir.meta_schedule.database import JSONDatabase
+
+    db_dir = Path(db_dir)
+    if writable:
+        try:
+            db_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise TuningError(f"cannot create tuning database directory '{db_dir}': {exc.strerror}") from None
+    result = scan(db_dir)
+    for problem in result.problems:
+        warnings.warn(problem, TuningWarning, stacklevel=2)
+    if result.clean:
+        if writable:
+            _end_with_newline(db_dir)
+        path = db_dir
+    elif writable:
+        stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S")
+        for name in (WORKLOADS, RECORDS):
+            if (db_dir / name).is_file():
+                shutil.copy2(db_dir / name, db_dir / f"{name}.corrupt-{stamp}")
+        _write_clean(result, db_dir)
+        warnings.warn(f"{db_dir}: {len(result.problems)} bad line(s) removed; the original files are kept "
+                      f"as *.corrupt-{stamp}", TuningWarning, stacklevel=2)
+        path = db_dir
+    else:
+        path = Path(tempfile.mkdtemp(prefix="mixer-compile-db-"))
+        atexit.register(shutil.rmtree, path, True)
+        _write_clean(result, path)
+    if not writable and not has_records(path):
+        from tvm.s_tir.meta_schedule.database import MemoryDatabase
+
+        return MemoryDatabase()
+    return JSONDatabase(str(path / WORKLOADS), str(path / RECORDS), allow_missing=writable)
+
+
+def _end_with_newline(db_dir: Path) -> None:
+    """A record appended after a line without its newline would glue the two together."""
+    for name in (WORKLOADS, RECORDS):
+        path = db_dir / name
+        if path.is_file() and path.stat().st_size:
+            with open(path, "rb+") as f:
+                f.seek(-1, os.SEEK_END)
+                if f.read(1) != b"\n":
+                    f.write(b"\n")
+
+
+def open_union(db_dirs: list[Path]) -> Any:
+    """One read-only database over several directories; a query returns the best record of
+    any of them, so the user's own records win wherever they are faster than shipped ones."""
+    from tvm.s_tir.meta_schedule.database import UnionDatabase
+
+    dbs = [open_database(d) for d in db_dirs if has_records(d)]
+    if not dbs:
+        return None
+    return dbs[0] if len(dbs) == 1 else UnionDatabase(*dbs)
+
+
+def export_best(src_dir: Path, dest_dir: Path) -> int:
+    """Merges the best record of every workload of `src_dir` into `dest_dir` (what is shipped
+    in schedules/: one record per kernel, not the whole search); returns the workload count."""
+    from tvm.s_tir.meta_schedule.database import JSONDatabase, MemoryDatabase
+
+    dest_dir = Path(dest_dir)
+    if not has_records(Path(src_dir)):
+        raise TuningError(f"'{src_dir}' holds no tuning records to export")
+    merged = MemoryDatabase()
+    for d in (dest_dir, Path(src_dir)):
+        if has_records(d):
+            open_database(d).dump_pruned(merged)  # the best of each, then the best of both below
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".export-", dir=dest_dir))
+    try:
+        merged.dump_pruned(JSONDatabase(str(tmp / WORKLOADS), str(tmp / RECORDS), allow_missing=True))
+        for name in (WORKLOADS, RECORDS):
+            os.replace(tmp / name, dest_dir / name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return sum(1 for line in (dest_dir / WORKLOADS).read_text().splitlines() if line.strip())

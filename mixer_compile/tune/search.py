@@ -1,0 +1,191 @@
+"""The MetaSchedule driver: the tasks of a model (tasks.py), tuned one by one into a database.
+
+Each kernel is tuned on its own: one task at a time gives per-task progress, a budget per task and resumption by counting
+the records a task already has. Records are keyed by workload (the kernel's TIR), so kernels
+shared between presets or batch sizes are tuned once. MetaSchedule appends each measured
+batch of candidates (`BATCH` trials) to the JSON database before it picks the next, so a
+killed run loses at most the batch in flight and a re-run continues where it stopped; Ctrl-C
+stops once the batch in flight is recorded (`util/interrupt.py`).
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from tvm.s_tir import meta_schedule as ms
+
+from mixer_compile.backend.target import TargetInfo
+from mixer_compile.errors import TuningError
+from mixer_compile.machine import use_all_cores
+from mixer_compile.tune.database import open_database
+from mixer_compile.tune.tasks import Task, best_latency, count_records
+from mixer_compile.util.interrupt import StopOnInterrupt, ignore_sigint
+from mixer_compile.util.locking import exclusive
+
+BATCH = 16
+INLINE_BUILD_FLOPS = 10e6  # kernels below this are compiled in this process (see _InlineBuilder)
+Say = Callable[[str], None]
+
+
+def _progress_callback(task: Task, index: int, total: int, clock: dict[str, Any], say: Say) -> Any:
+    from tvm.ir.utils import derived_object
+    from tvm.s_tir.meta_schedule.measure_callback import PyMeasureCallback
+
+    @derived_object
+    class _Progress(PyMeasureCallback):
+        def apply(self, task_scheduler: Any, task_id: int, candidates: list, builds: list, runs: list) -> None:
+            if clock["interrupt"].requested and task.done + len(runs) < task.trials:
+                task_scheduler.terminate_task(task_id)  # at its budget the scheduler ends it: twice aborts
+            if not runs:
+                return
+            for b, r in zip(builds, runs):
+                task.done += 1
+                clock["measured"] += 1
+                if r.run_secs and not r.error_msg:
+                    secs = sum(float(s) for s in r.run_secs) / len(r.run_secs)
+                    clock["best"] = min(clock.get("best", float("inf")), secs)
+            per_trial = (time.perf_counter() - clock["start"]) / max(1, clock["measured"])
+            eta = per_trial * clock["remaining"]()
+            best = clock.get("best")
+            speed = f"{best * 1e3:.3f} ms ({task.flops / best / 1e9:.1f} GFLOP/s)" if best else "no valid run yet"
+            failed = sum(1 for b, r in zip(builds, runs) if b.error_msg or r.error_msg)
+            if failed:
+                first = next(str(b.error_msg or r.error_msg) for b, r in zip(builds, runs) if b.error_msg or r.error_msg)
+                say(f"      task {index}/{total} {task.name}: {failed} of {len(runs)} candidates failed "
+                    f"({first.strip().splitlines()[-1][:150]})")
+            say(f"      task {index}/{total} {task.name}: {task.done}/{task.trials} trials, best {speed}, "
+                f"~{_minutes(eta)} left")
+
+    return _Progress()
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds / 60:.0f} min" if seconds >= 60 else f"{seconds:.0f} s"
+
+
+@dataclass
+class TuneSummary:
+    tasks: list[Task]
+    tuned_now: int  # trials measured by this run
+    db_dir: Path
+    seconds: float
+    interrupted: bool = False
+
+    def table(self, db: Any, target: TargetInfo) -> list[str]:
+        lines = []
+        width = max(len(t.name) for t in self.tasks)
+        for t in self.tasks:
+            best = best_latency(db, t.mod, target)
+            speed = f"{best * 1e3:9.3f} ms {t.flops / best / 1e9:7.1f} GFLOP/s" if best else "   no valid record"
+            lines.append(f"      {t.name:<{width}} x{t.calls:<3} {t.flops / 1e6:9.1f} MFLOP {t.done:>5} trials {speed}")
+        return lines
+
+
+def tune(tasks: list[Task], target: TargetInfo, db_dir: Path, say: Say = print,
+         seed: int | None = None, known: Any = None, runner: Any = None) -> TuneSummary:
+    """Tunes every task (`compose.model_tasks`) until it has its budget of records in the
+    database at `db_dir`; kernels already there, or in the read-only database `known` (the
+    shipped records), are skipped. `runner`: where candidates are measured (default a
+    LocalRunner here; fleet.rpc_runner for remote devices)."""
+    use_all_cores()  # measured as deployed: on every core (the runner processes inherit it)
+    start = time.perf_counter()
+    tvm_target = target.tvm_target()
+    if tvm_target.kind.name == "llvm" and "num-cores" not in target.config:
+        raise TuningError(f"target '{target.name}' has no num-cores; MetaSchedule needs it on CPU")
+    with exclusive(db_dir, say):  # one writer per database: a second tuner waits for the first
+        db = open_database(Path(db_dir), writable=True)
+        count_records(db, tasks)
+        shipped = [t for t in tasks if known is not None and best_latency(known, t.mod, target) is not None]
+        unusable = [t for t in tasks if t not in shipped and best_latency(db, t.mod, target) is None]
+        for t in unusable:  # a spent budget without one valid record (every build timed out...) is retried
+            if t.done >= t.trials:
+                t.trials += t.done
+        # kernels without a usable record first: one of them left untuned makes the model ~100x slower
+        todo = sorted((t for t in tasks if t.done < t.trials and t not in shipped), key=lambda t: t not in unusable)
+        say(f"      {len(tasks)} kernels, {len(tasks) - len(todo)} already tuned in {db_dir}"
+            + (f" or the shipped records ({len(shipped)})" if shipped else "") + "; "
+            f"{sum(t.trials - t.done for t in todo)} trials to run")
+        # the worker pools start (and check themselves) before Ctrl-C is ours: a Ctrl-C reaching a
+        # worker still importing TVM kills it, which here is a plain KeyboardInterrupt in this process
+        pools = _worker_pools(tvm_target, runner) if todo else None
+        with StopOnInterrupt(say) as interrupt:
+            measured = _tune_tasks(todo, tasks, tvm_target, db, say, seed, interrupt, pools) if todo else 0
+    return TuneSummary(tasks, measured, Path(db_dir), time.perf_counter() - start, interrupt.requested)
+
+
+def _inline_builder() -> Any:
+    """Compiles candidates in this process, one after the other. MetaSchedule's LocalBuilder
+    starts a fresh pool of worker processes for every batch (each importing TVM), which on a
+    busy 2-core machine costs more than compiling a small kernel's candidates; the large
+    kernels keep the parallel workers (and their timeout)."""
+    from tvm.ir.utils import derived_object
+    from tvm.s_tir.meta_schedule.builder import BuilderResult, PyBuilder
+    from tvm.s_tir.meta_schedule.builder.local_builder import default_build, default_export
+
+    @derived_object
+    class _InlineBuilder(PyBuilder):
+        def build(self, build_inputs: list) -> list:
+            results = []
+            for b in build_inputs:
+                try:
+                    results.append(BuilderResult(default_export(default_build(b.mod, b.target, None)), None))
+                except Exception as exc:  # a candidate that does not compile is a failed trial, not an error
+                    results.append(BuilderResult(None, f"inline build: {exc}"))
+            return results
+
+    return _InlineBuilder()
+
+
+def _search(trials: int) -> Any:
+    """MetaSchedule's evolutionary search, its population scaled to the budget: the default
+    512 costs ~10 s of CPU per round in sampling and cost-model scoring, which a budget of a
+    few trials per kernel cannot use (it is what makes a tiny tuning run take minutes)."""
+    return ms.search_strategy.EvolutionarySearch(population_size=min(512, max(32, 16 * trials)),
+                                                 init_min_unmeasured=min(50, max(8, 4 * trials)))
+
+
+def _worker_pools(tvm_target: Any, runner: Any) -> tuple[Any, Any, Any]:
+    """The builders here (a process pool, and inline for small kernels) and the runner (the
+    caller's, or one here), workers ignoring Ctrl-C."""
+    # generous timeouts: on a loaded 2-core machine a worker's start-up alone can take 30 s;
+    # a candidate whose build takes longer than 90 s is a pathological unrolling anyway.
+    # Candidates are timed warm (MetaSchedule's default): flushing the caches before each run
+    # (enable_cpu_cache_flush, to mimic weights arriving from DRAM) picked records that made
+    # Mixer-B/16 batch 1 slower in the model, 70-77 ms against 61-63 ms in an A/B run here.
+    pool = ms.builder.LocalBuilder(max_workers=int(tvm_target.attrs["num-cores"]), timeout_sec=90,
+                                   initializer=ignore_sigint)
+    inline = _inline_builder()
+    return pool, inline, runner or ms.runner.LocalRunner(timeout_sec=120, initializer=ignore_sigint)
+
+
+def _tune_tasks(todo: list[Task], tasks: list[Task], tvm_target: Any, db: Any, say: Say, seed: int | None,
+                interrupt: StopOnInterrupt, pools: tuple[Any, Any, Any]) -> int:
+    pool, inline, runner = pools
+    clock: dict[str, Any] = {"start": time.perf_counter(), "measured": 0, "interrupt": interrupt,
+                             "remaining": lambda: sum(max(0, t.trials - t.done) for t in todo)}
+    with tempfile.TemporaryDirectory(prefix="mixer-compile-tune-") as work_dir:  # MetaSchedule's logs
+        for t in todo:
+            index = tasks.index(t) + 1
+            clock.pop("best", None)
+            say(f"      task {index}/{len(tasks)} {t.name}: x{t.calls}, {t.flops / 1e6:.1f} MFLOP per call, "
+                f"{t.done}/{t.trials} trials done")
+            context = ms.TuneContext(mod=t.mod, target=tvm_target, space_generator=t.space,
+                                     search_strategy=_search(t.trials), task_name=t.name,
+                                     rand_state=-1 if seed is None else seed + index, num_threads="physical")
+            callbacks = [*ms.measure_callback.MeasureCallback.create("default"),
+                         _progress_callback(t, index, len(tasks), clock, say)]
+            remaining = t.trials - t.done
+            ms.tune_tasks(tasks=[context], task_weights=[1.0], work_dir=work_dir, max_trials_global=remaining,
+                          num_trials_per_iter=min(BATCH, remaining), runner=runner,
+                          builder=inline if t.flops < INLINE_BUILD_FLOPS else pool,
+                          database=db, measure_callbacks=callbacks, cost_model="xgb", task_scheduler="round-robin")
+            if interrupt.requested:
+                break
+            if t.done < t.trials:  # the search space ran out of new candidates
+                say(f"      task {index}/{len(tasks)} {t.name}: search space exhausted at {t.done} trials")
+                t.trials = t.done
+    return clock["measured"]
