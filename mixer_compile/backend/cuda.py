@@ -34,6 +34,7 @@ from mixer_compile.passes.context import PassContext
 TUNABLE = False
 HOST_CHECK_BATCH = 2  # batch of the CPU stand-in check of a GPU build that cannot run here
 CUDA_ERROR_NO_DEVICE = 100
+CUDA_GRAPH_CONFIG = "relax.backend.use_cuda_graph"
 FATBIN_MAGIC = bytes.fromhex("50ed55ba")  # 0xBA55ED50, little-endian, starts every fatbin
 
 
@@ -232,7 +233,10 @@ def _child(module_json: str, target_json: str, out: str) -> None:
     mod = tvm.ir.load_json(Path(module_json).read_text())
     info = json.loads(Path(target_json).read_text())
     tvm_target = TargetInfo(info["name"], info["description"], info["config"]).tvm_target()
-    with tvm_target:
+    # CUDA graphs: the kernel launches of the forward pass are captured once and replayed
+    # (Relax's RewriteCUDAGraph; the weights are static inputs, `num_input` = 1), so a small
+    # batch is not bound by ~60 launches per call
+    with tvm_target, tvm.transform.PassContext(config={CUDA_GRAPH_CONFIG: True}):
         tvm.compile(mod, tvm_target, relax_pipeline=cuda_pipeline(tvm_target)).export_library(out)
 
 
