@@ -1,9 +1,13 @@
-"""The CPU backend (LLVM): Relax module -> compiled executable, tuning records applied.
+"""The CPU backend (LLVM): Relax module -> compiled executable, every kernel scheduled.
 
 The stock CPU pipeline of `tvm.compile` does no operator fusion; ours always runs the
 target's full default pipeline (legalize, FuseOps, FuseTIR, ...), so a fused IR op really
-becomes one kernel. Records are applied to exactly the fused module that was tuned
-(`tune.prepare`), and counted, because MetaSchedule skips a kernel without a record silently.
+becomes one kernel. Then every kernel gets a schedule (`schedule_kernels`): GEMMs always
+gemm_space's micro-kernel, its tile and loop order from the best record of a GEMM of the same
+shape (any epilogue, any batch) or from a model of the machine, its parallel split from the
+target's cores; other kernels their exact record, else a default rule (cpu_schedules.py).
+Nothing runs as plain loops without a loud warning, and `Applied` counts where each schedule
+came from.
 """
 
 from __future__ import annotations
@@ -48,53 +52,195 @@ def is_kernel(func: Any) -> bool:
 
 @dataclass
 class Applied:
-    """How many kernels of the build received a tuning record. MetaSchedule falls back to
-    plain loops, 100x slower, for a kernel it finds no record for, and says nothing: this
-    count is how a build knows (and tells) whether it is tuned."""
+    """How every kernel of the build got its schedule: from a tuning record (`tuned`: a
+    GEMM's micro-tile and loop order from the record of a GEMM of the same shape, or a
+    non-GEMM kernel's exact record), from the default rules without measuring (`defaults`,
+    cpu_schedules.py), or none (`untuned`: plain loops, ~100x slower; the build warns)."""
 
     kernels: int
     tuned: list[str] = field(default_factory=list)
     untuned: list[str] = field(default_factory=list)
+    defaults: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
-        missing = f" (untuned: {', '.join(self.untuned)})" if self.untuned else ""
-        return f"tuned {len(self.tuned)}/{self.kernels} kernels{missing}"
+        line = (f"{self.kernels} kernels: {len(self.tuned)} from records, {len(self.defaults)} default "
+                f"schedules, {len(self.untuned)} unscheduled")
+        return line + (f" ({', '.join(self.untuned)})" if self.untuned else "")
 
     def to_dict(self) -> dict[str, Any]:
-        return {"kernels": self.kernels, "tuned": self.tuned, "untuned": self.untuned}
+        return {"kernels": self.kernels, "tuned": self.tuned, "untuned": self.untuned, "defaults": self.defaults}
+
+
+SLOWDOWN = "~100x"  # plain loops against a scheduled kernel (DESIGN.md section 2)
+
+
+def machine(target: TargetInfo) -> Any:
+    """The SIMD unit and the cores the default schedules and parallel splits are shaped for:
+    the build target's (for `llvm`, the host's `num-cores`), never the tuning machine's."""
+    from mixer_compile.backend.cpu_schedules import Machine
+
+    tvm_target = target.tvm_target()
+    cores = tvm_target.attrs.get("num-cores")
+    return Machine(vector_unit(tvm_target), int(cores) if cores else _host_cores())
+
+
+def _host_cores() -> int:
+    from mixer_compile.machine import physical_cores
+
+    return physical_cores()
+
+
+def _leaf_databases(database: Any) -> list[Any]:
+    from tvm.s_tir.meta_schedule.database import UnionDatabase
+
+    if database is None:
+        return []
+    if isinstance(database, UnionDatabase):
+        return [leaf for d in database.databases for leaf in _leaf_databases(d)]
+    return [database]
+
+
+def gemm_decisions(database: Any) -> dict[tuple[Any, ...], list[tuple[float, int, Any]]]:
+    """Every micro-kernel decision (gemm_space.Decision) the records hold, by the GEMM's
+    per-call shape (gemm_space.signature): [(seconds, batch, decision)], fastest first. Read
+    from the records' traces, so a record of fc1 with tanh GELU serves fc1 with erf GELU, and
+    a batch-1 record a batch-8 kernel."""
+    import tvm_ffi
+    from tvm.s_tir import Schedule
+
+    from mixer_compile.backend import gemm_space
+
+    out: dict[tuple[Any, ...], list[tuple[float, int, Any]]] = {}
+    shapes: dict[int, Any] = {}
+    for db in _leaf_databases(database):
+        try:
+            records = db.get_all_tuning_records()
+        except Exception:  # a database kind that cannot list its records
+            continue
+        for rec in records:
+            secs = [float(x) for x in rec.run_secs or []]
+            if not secs or max(secs) >= 1e9:
+                continue
+            key = tvm_ffi.structural_hash(rec.workload.mod)
+            if key not in shapes:
+                sch = Schedule(rec.workload.mod)
+                gemm = gemm_space.find_gemm(sch)
+                lanes = _panel_lanes(rec)
+                shapes[key] = None if gemm is None else (gemm_space.signature(sch, gemm, lanes), gemm.batch)
+            if shapes[key] is None:
+                continue
+            decision = gemm_space.decision_of(rec.trace)
+            if decision is None:
+                continue
+            sig, batch = shapes[key]
+            out.setdefault(sig, []).append((sum(secs) / len(secs), batch, decision))
+    for v in out.values():
+        v.sort(key=lambda x: x[0])
+    return out
+
+
+def _panel_lanes(rec: Any) -> int:
+    """The SIMD width a gemm_space record was made for: the last factor of its Split of j."""
+    from mixer_compile.backend.gemm_space import _plain
+
+    for inst in _plain(rec.trace.as_json())[0]:
+        if inst[0] == "Split" and len(inst[1]) == 5 and isinstance(inst[1][-1], int):
+            return int(inst[1][-1])
+    return 0
+
+
+def _mark(func: Any, original: Any) -> Any:
+    """A scheduled PrimFunc as the build takes it: MetaSchedule's `tirx.is_scheduled`, and the
+    original's attributes (a workload carries `global_symbol` "main", a fused kernel none)."""
+    func = func.with_attr("tirx.is_scheduled", True)
+    if original.attrs is None or "global_symbol" not in original.attrs:
+        func = func.without_attr("global_symbol")
+    return func
+
+
+def schedule_kernels(fused: tvm.IRModule, target: TargetInfo, database: Any = None) -> tuple[tvm.IRModule, Applied]:
+    """`fused` (prepare's output) with every kernel scheduled:
+
+    - a GEMM of gemm_space's tuning space: always gemm_space.apply, with the micro-tile and
+      loop order of the fastest record of a GEMM of the same per-call shape (any epilogue,
+      any batch; the same batch preferred) when there is one, else the register model's
+      (`default_candidate`); the parallel split always from this target's cores;
+    - any other kernel: its exact record (MetaSchedule's workload key), else the default rules
+      (cpu_schedules.py).
+
+    A kernel no rule schedules stays plain loops, and the build warns naming it."""
+    from tvm.s_tir import Schedule
+    from tvm.s_tir.meta_schedule.tune_context import _normalize_mod
+
+    from mixer_compile.backend import cpu_schedules, gemm_space
+
+    m = machine(target)
+    tvm_target = target.tvm_target()
+    decisions = gemm_decisions(database) if database is not None else {}
+    applied = Applied(0)
+    mod = fused
+    for gv, func in fused.functions.items():
+        if not is_kernel(func):
+            continue
+        applied.kernels += 1
+        name = gv.name_hint
+        scheduled, from_record = None, False
+        sch = Schedule(func)
+        gemm = gemm_space.find_gemm(sch)
+        tiled = gemm is not None and bool(gemm_space.candidates(gemm, m.vec, m.cores)) \
+            and gemm.n % m.lanes == 0
+        if tiled:
+            sig = gemm_space.signature(sch, gemm, m.lanes)
+            for _, batch, d in sorted(decisions.get(sig, []), key=lambda r: (r[1] != gemm.batch, r[0])):
+                candidate = gemm_space.with_decision(gemm, d, m.vec, m.cores)
+                if candidate is not None:
+                    gemm_space.apply(sch, gemm, candidate, m.lanes)
+                    scheduled, from_record = sch, True
+                    break
+        elif database is not None:
+            workload = _normalize_mod(func)
+            with tvm_target:
+                found = database.query_schedule(workload, tvm_target, "main")
+            if found is not None:
+                scheduled, from_record = found, True
+        if scheduled is None:
+            result = cpu_schedules.default_schedule(Schedule(func), m)
+            scheduled = result[0] if result is not None else None
+        if scheduled is None:
+            applied.untuned.append(name)
+            continue
+        (applied.tuned if from_record else applied.defaults).append(name)
+        mod = _replace(mod, gv, _mark(scheduled.mod["main"], func))
+    if applied.untuned:
+        warnings.warn(f"{len(applied.untuned)} of {applied.kernels} kernels got no schedule and run as plain "
+                      f"loops, {SLOWDOWN} slower than scheduled: {', '.join(applied.untuned)} (no record and no "
+                      "default rule (backend/cpu_schedules.py) applies to them)", UserWarning, stacklevel=3)
+    return mod, applied
+
+
+def _replace(mod: tvm.IRModule, gv: Any, func: Any) -> tvm.IRModule:
+    mod = mod.shallow_copy() if hasattr(mod, "shallow_copy") else tvm.IRModule(dict(mod.functions), attrs=mod.attrs)
+    mod[gv] = func
+    return mod
 
 
 def apply_database(fused: tvm.IRModule, target: TargetInfo, database: Any) -> tuple[tvm.IRModule, Applied]:
-    """`fused` (prepare's output) with every kernel that has a record replaced by its
-    best scheduled version."""
-    with target.tvm_target(), database:
-        mod = relax.transform.MetaScheduleApplyDatabase()(fused)
-    applied = Applied(0)
-    for gv, func in mod.functions.items():
-        if is_kernel(func):
-            applied.kernels += 1
-            scheduled = func.attrs is not None and bool(func.attrs.get("tirx.is_scheduled", False))
-            (applied.tuned if scheduled else applied.untuned).append(gv.name_hint)
-    if applied.kernels and not applied.tuned:
-        warnings.warn(f"the tuning database applied to none of the {applied.kernels} kernels: "
-                      "the build is untuned and will be very slow", UserWarning, stacklevel=2)
-    return mod, applied
+    """`fused` (prepare's output) with every kernel scheduled (`schedule_kernels`): from the
+    `database`'s records where one applies, else by the default rules."""
+    return schedule_kernels(fused, target, database)
 
 
 def build(mod: tvm.IRModule, target: TargetInfo, database: Any = None,
           on_applied: Callable[[Applied], None] | None = None) -> Any:
     """A `relax.VMExecutable` for `target`. The target's own pipeline runs in two halves
-    around the records: legalize + fuse (`prepare`), the `database`'s records applied (when
-    given), then lowering; `on_applied` hears how many kernels got one."""
+    around the schedules: legalize + fuse (`prepare`), every kernel scheduled (the
+    `database`'s records where they apply, default schedules elsewhere: `schedule_kernels`),
+    then lowering; `on_applied` hears how each kernel got its schedule."""
     from tvm.relax.backend.cpu_generic import pipeline as cpu
 
     tvm_target = target.tvm_target()
     mod = prepare(mod, target)
-    if database is not None:
-        mod, applied = apply_database(mod, target, database)
-    else:
-        applied = Applied(0, untuned=[gv.name_hint for gv, f in mod.functions.items() if is_kernel(f)])
-        applied.kernels = len(applied.untuned)
+    mod, applied = schedule_kernels(mod, target, database)
     if on_applied is not None:
         on_applied(applied)
     with tvm_target:

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tvm.s_tir import Schedule
-from tvm.tirx import FloorMod, IterVar
+from tvm.tirx import FloorMod, IntImm, IterVar
 from tvm.tirx.analysis import undefined_vars
 
 MAX_CANDIDATES = 16
@@ -68,6 +68,19 @@ class Candidate:
     nv: int  # vectors of C per row of the micro-tile (loads of B per k)
     chunks: int  # parallel split of N (times the batch extent: the parallel loop)
     c_outer: bool  # order: N blocks outside M blocks (B panel reused across A) or inside
+    mchunks: int = 1  # parallel split of M, when batch x chunks alone cannot keep the cores busy
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What a schedule of this space decides about the machine's registers and caches (the
+    micro-tile and the loop order), as opposed to its parallel split, which belongs to the
+    machine that runs the code (`parallel_split`). A record's decisions transfer to any GEMM
+    of the same per-call shape (`signature`), whatever its epilogue and batch."""
+
+    mr: int
+    nv: int
+    c_outer: bool
 
 
 @dataclass(frozen=True)
@@ -92,10 +105,125 @@ def candidates(gemm: Gemm, vec: Vector, cores: int) -> list[Candidate]:
     # fewest loads per FMA first ((mr + nv) / (mr * nv)), then the bigger tile
     kernels.sort(key=lambda k: ((k[0] + k[1]) / (k[0] * k[1]), -k[0] * k[1]))
     out = []
-    for mr, nv in kernels[:4]:
-        splits = [c for c in _divisors(vectors // nv) if gemm.batch * c >= cores][:2]
-        out += [Candidate(mr, nv, chunks, c_outer) for chunks in splits for c_outer in (False, True)]
+    for mr, nv in kernels[:MAX_CANDIDATES // 2]:
+        chunks, mchunks = parallel_split(gemm, mr, nv, vec.lanes, cores)
+        out += [Candidate(mr, nv, chunks, c_outer, mchunks) for c_outer in (False, True)]
     return out[:MAX_CANDIDATES]
+
+
+BALANCE = 7 / 8  # the least share of the cores' time a parallel loop may keep busy
+
+
+def parallel_split(gemm: Gemm, mr: int, nv: int, lanes: int, cores: int) -> tuple[int, int]:
+    """(chunks of N, chunks of M) for the parallel loop, whose extent is E = batch x chunks x
+    mchunks, from the machine that runs the code (never from a record). The rule: E tasks of
+    equal work on `cores` threads keep them busy for E / (ceil(E / cores) x cores) of the time;
+    the split is the smallest with that share at least 7/8 (E divisible by the cores, or
+    E >= 8 x cores), N split before M (each core then streams only its share of the weights).
+    A kernel with fewer tiles than that gets its most balanced split."""
+    col_blocks, row_blocks = gemm.n // (nv * lanes), gemm.m // mr
+
+    def share(e: int) -> float:
+        return e / (-(-e // cores) * cores)
+
+    splits = [(c, r) for r in _divisors(row_blocks) for c in _divisors(col_blocks)]
+    for c, r in splits:
+        if share(gemm.batch * c * r) >= BALANCE:
+            return c, r
+    return max(splits, key=lambda cr: (share(gemm.batch * cr[0] * cr[1]), gemm.batch * cr[0] * cr[1]))
+
+
+def balanced(extent: int, cores: int) -> bool:
+    """Whether a parallel loop of `extent` equal tasks keeps `cores` threads busy (BALANCE)."""
+    return extent / (-(-extent // cores) * cores) >= BALANCE
+
+
+# the model of a core behind default_candidate: two FMA pipes of 4 cycles' latency and two vector
+# loads per cycle (Zen, Intel since Haswell; the same on the AVX-512 parts this targets)
+FMA_PER_CYCLE, FMA_LATENCY, LOADS_PER_CYCLE = 2, 4, 2
+
+
+def tile_efficiency(mr: int, nv: int) -> float:
+    """Share of the FMA peak a mr x nv micro-tile can reach in the model: per k it issues
+    mr x nv FMAs, mr broadcasts of A and nv loads of B, and its mr x nv accumulators must cover
+    the FMA latency x throughput or the chains stall."""
+    fmas = mr * nv
+    cycles = max(fmas / FMA_PER_CYCLE, (mr + nv) / LOADS_PER_CYCLE, FMA_LATENCY)
+    return fmas / FMA_PER_CYCLE / cycles
+
+
+def default_candidate(gemm: Gemm, vec: Vector, cores: int) -> Candidate | None:
+    """The candidate chosen without measuring: the micro-tile the register model rates best
+    (`tile_efficiency`; ties to the bigger tile) among those that fit the registers and divide
+    M and N, B panel reused across M (`c_outer`), the parallel split from the cores. When no
+    tile of `candidates`' range fits (M = 1, a prime M), any tile that fits the registers. None
+    when N is not a multiple of the SIMD width."""
+    if gemm.n % vec.lanes:
+        return None
+    vectors = gemm.n // vec.lanes
+    fits = [(mr, nv) for mr in _divisors(gemm.m) if mr <= 16 for nv in _divisors(vectors) if nv <= 6
+            if mr * nv <= vec.registers - nv - 1]
+    if not fits:
+        return None
+    mr, nv = max(fits, key=lambda k: (round(tile_efficiency(*k), 3), k[0] * k[1], k[0]))
+    chunks, mchunks = parallel_split(gemm, mr, nv, vec.lanes, cores)
+    return Candidate(mr, nv, chunks, True, mchunks)
+
+
+def with_decision(gemm: Gemm, d: Decision, vec: Vector, cores: int) -> Candidate | None:
+    """The candidate that makes decision `d` on this GEMM for this machine's cores (None when
+    its tile does not divide this GEMM)."""
+    if gemm.m % d.mr or gemm.n % (d.nv * vec.lanes) or d.mr * d.nv > vec.registers - d.nv - 1:
+        return None
+    chunks, mchunks = parallel_split(gemm, d.mr, d.nv, vec.lanes, cores)
+    return Candidate(d.mr, d.nv, chunks, d.c_outer, mchunks)
+
+
+def signature(sch: Schedule, gemm: Gemm, lanes: int) -> tuple[Any, ...]:
+    """The per-call shape a decision is keyed by: M, N, K, the SIMD width and how B is laid
+    out (panels or plain); not the batch, not the epilogue."""
+    block = sch.get(sch.get_sblock(gemm.block))
+    k = int(block.iter_vars[-1].dom.extent)
+    b = block.reads[1]
+    return (gemm.m, gemm.n, k, lanes, len(b.region), isinstance(b.region[-1].min, FloorMod))
+
+
+def decision_of(trace: Any) -> Decision | None:
+    """The decisions recorded in the trace of a schedule `apply` made: the Split of i holds
+    [..., mr], the Split of j [chunks, None, nv, lanes], the Reorder the loop order. None for a
+    trace of another space (MetaSchedule's generic one)."""
+    insts = _plain(trace.as_json())[0]
+    loops = next((i[3] for i in insts if i[0] == "GetLoops"), None)
+    if loops is None or len(loops) < 3:
+        return None
+    i, j = loops[-3], loops[-2]
+    split_i = next((x for x in insts if x[0] == "Split" and x[1][0] == i), None)
+    split_j = next((x for x in insts if x[0] == "Split" and x[1][0] == j), None)
+    reorder = next((x for x in insts if x[0] == "Reorder"), None)
+    if split_i is None or split_j is None or reorder is None or len(split_j[1]) != 5:
+        return None
+    mr, nv = split_i[1][-1], split_j[1][3]
+    if not isinstance(mr, int) or not isinstance(nv, int):
+        return None
+    io, jm = split_i[3][-2], split_j[3][1]
+    order = reorder[1]
+    if io not in order or jm not in order:
+        return None
+    return Decision(mr, nv, order.index(jm) < order.index(io))
+
+
+def _plain(x: Any) -> Any:
+    """A trace's JSON as Python lists, strings and ints (TVM hands out its own String and
+    integer objects)."""
+    if isinstance(x, str):
+        return str(x)
+    if isinstance(x, (list, tuple)) or type(x).__name__ == "Array":
+        return [_plain(v) for v in x]
+    if isinstance(x, IntImm):
+        return int(x.value)
+    if hasattr(x, "__index__") and not isinstance(x, bool):
+        return int(x)
+    return x
 
 
 def find_gemm(sch: Schedule) -> Gemm | None:
@@ -147,11 +275,15 @@ def apply(sch: Schedule, gemm: Gemm, c: Candidate, lanes: int) -> None:
         if name not in (gemm.block, sch.get(output).name_hint):
             sch.compute_inline(rv)
     *batch, i, j, k = sch.get_loops(block)
-    io, ii = sch.split(i, [None, c.mr])
+    if c.mchunks > 1:
+        mo, io, ii = sch.split(i, [c.mchunks, None, c.mr])
+    else:
+        (io, ii), mo = sch.split(i, [None, c.mr]), None
     jo, jm, jv, jl = sch.split(j, [c.chunks, None, c.nv, lanes])
     inner = [k, ii, jv, jl]
-    sch.reorder(*batch, jo, *((jm, io) if c.c_outer else (io, jm)), *inner)
-    sch.parallel(sch.fuse(*batch, jo))
+    outer = [*batch, jo] + ([mo] if mo is not None else [])
+    sch.reorder(*outer, *((jm, io) if c.c_outer else (io, jm)), *inner)
+    sch.parallel(sch.fuse(*outer) if len(outer) > 1 else outer[0])
     sch.unroll(ii)
     sch.unroll(jv)
     sch.vectorize(jl)

@@ -1,0 +1,220 @@
+"""Default CPU schedules: every kernel gets a parallel, vectorised loop nest without measuring.
+
+What DLight is for GPUs, for the Mixer's kernels on x86 (and any LLVM CPU with a SIMD unit
+gemm_space knows): a list of rules tried in order on a kernel's schedule, each
+`(sch, machine) -> bool`; the first that returns True has scheduled it (a rule that raises or
+returns False leaves the kernel untouched: each runs on a copy). The rules:
+
+- `gemm`: a GEMM gemm_space matches gets its micro-kernel (`gemm_space.default_candidate`:
+  register tile from the SIMD unit, B panel reused across M, parallel split from the cores);
+- `reduction`: LayerNorm, the token mean, a GEMM gemm_space cannot tile (the 1000-class head
+  when 1000 is no multiple of the SIMD width, a 10-class test head): elementwise blocks are
+  inlined; a reduction along the contiguous axis (LayerNorm's sums) is split by the SIMD width
+  and rfactor'ed into vector accumulators; a reduction whose output's last axis is contiguous
+  in its input (the mean over tokens, a GEMV) is vectorised along that axis, the reduction
+  outside it; every nest is parallel over its leading spatial loops;
+- `injective`: transposes, copies, the patchify gather: everything inlined into the output,
+  whose loops are fused, parallel in chunks of the SIMD width, vectorised inside;
+- `parallel_only`: the last resort: each block's outer spatial loops run in parallel.
+
+`cpu.build` applies these where no tuning record applies and counts them (`Applied.defaults`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from tvm.s_tir import Schedule
+from tvm.tirx import IterVar
+from tvm.tirx.analysis import undefined_vars
+
+from mixer_compile.backend import gemm_space
+
+
+@dataclass(frozen=True)
+class Machine:
+    """What the default schedules are shaped for: the SIMD unit and the cores that run the code."""
+
+    vec: gemm_space.Vector
+    cores: int
+
+    @property
+    def lanes(self) -> int:
+        return self.vec.lanes
+
+
+Rule = Callable[[Schedule, Machine], bool]
+
+
+def _largest_divisor(n: int, at_most: int) -> int:
+    return max(d for d in range(1, min(n, at_most) + 1) if n % d == 0)
+
+
+def _blocks(sch: Schedule) -> list[Any]:
+    return list(sch.get_child_blocks(sch.get_sblock("root")))
+
+
+def _kinds(sch: Schedule, block: Any) -> list[tuple[Any, Any, str]]:
+    """(loop, iterator var, 'S' or 'R') for every loop of an unscheduled block, matched by the
+    block's bindings (a loop binds exactly one iterator); raises when they do not match."""
+    import tvm
+
+    realize = tvm.get_global_func("s_tir.schedule.GetSBlockRealize")(sch, block)
+    loops = sch.get_loops(block)
+    loop_vars = [sch.get(lp).loop_var for lp in loops]
+    out = []
+    for iv, value in zip(realize.block.iter_vars, realize.iter_values):
+        index = next((n for n, v in enumerate(loop_vars) if value.same_as(v)), None)
+        if index is None:
+            raise ValueError("a binding that is not a single loop")
+        kind = "S" if iv.iter_type == IterVar.DataPar else "R" if iv.iter_type == IterVar.CommReduce else "O"
+        out.append((index, iv.var, kind))
+    if len(out) != len(loops) or sorted(i for i, _, _ in out) != list(range(len(loops))):
+        raise ValueError("loops and iterators do not match one to one")
+    out.sort(key=lambda x: x[0])
+    return [(loops[i], var, kind) for i, var, kind in out]
+
+
+def _inline_elementwise(sch: Schedule, keep: set[str]) -> None:
+    """Inlines every spatial block that is not an output (nor in `keep`) into its consumers."""
+    outputs = {sch.get(b).name_hint for b in sch.get_output_blocks(sch.get_sblock("root"))}
+    for block in reversed(_blocks(sch)):
+        name = sch.get(block).name_hint
+        if name in outputs or name in keep:
+            continue
+        if all(iv.iter_type == IterVar.DataPar for iv in sch.get(block).iter_vars):
+            try:
+                sch.compute_inline(block)
+            except Exception:  # not inlineable (e.g. read by a reduction's init): keep it
+                continue
+
+
+def _spatial(sch: Schedule, block: Any, m: Machine) -> None:
+    """All loops fused, split by the largest divisor of the last extent up to the SIMD width;
+    the outer part parallel, the inner vectorised."""
+    loops = sch.get_loops(block)
+    if not loops:
+        return
+    last = int(sch.get(loops[-1]).extent)
+    v = _largest_divisor(last, m.lanes)
+    fused = sch.fuse(*loops) if len(loops) > 1 else loops[0]
+    outer, inner = sch.split(fused, [None, v])
+    sch.parallel(outer)
+    if v > 1:
+        sch.vectorize(inner)
+
+
+def _innermost_vars(sch: Schedule, block: Any) -> list[Any]:
+    """The variables of the last index of every buffer the block reads."""
+    out = []
+    for region in sch.get(block).reads:
+        if region.region:
+            out += list(undefined_vars(region.region[-1].min))
+    return out
+
+
+def _reduction(sch: Schedule, block: Any, m: Machine) -> None:
+    kinds = _kinds(sch, block)
+    spatial = [(lp, v) for lp, v, k in kinds if k == "S"]
+    reduce = [(lp, v) for lp, v, k in kinds if k == "R"]
+    if [k for _, _, k in kinds] != ["S"] * len(spatial) + ["R"] * len(reduce) or not reduce:
+        raise ValueError("not spatial loops then reduction loops")
+    inner = _innermost_vars(sch, block)
+    last_s = spatial[-1] if spatial else None
+    last_r = reduce[-1]
+    if last_s is not None and any(v.same_as(last_s[1]) for v in inner):
+        # column: vectorise along the contiguous output axis, the reduction outside it
+        extent = int(sch.get(last_s[0]).extent)
+        v = _largest_divisor(extent, m.lanes)
+        so, sv = sch.split(last_s[0], [None, v])
+        lead = [lp for lp, _ in spatial[:-1]] + [so]
+        sch.reorder(*lead, *[lp for lp, _ in reduce], sv)
+        sch.parallel(sch.fuse(*lead) if len(lead) > 1 else lead[0])
+        if v > 1:
+            sch.vectorize(sv)
+        sch.decompose_reduction(block, reduce[0][0])
+        return
+    extent = int(sch.get(last_r[0]).extent)
+    v = _largest_divisor(extent, m.lanes)
+    if any(x.same_as(last_r[1]) for x in inner) and v > 1:
+        # row: vector accumulators across the contiguous reduction axis (rfactor), then their sum
+        _, ri = sch.split(last_r[0], [None, v])
+        rf = sch.rfactor(ri, factor_axis=len(spatial))
+        rf_loops = sch.get_loops(rf)
+        if spatial:
+            sch.parallel(sch.fuse(*rf_loops[:len(spatial)]) if len(spatial) > 1 else rf_loops[0])
+        sch.vectorize(sch.get_loops(rf)[-1])
+        sch.decompose_reduction(rf, sch.get_loops(rf)[1 if spatial else 0])
+        loops = sch.get_loops(block)
+        if spatial:
+            sch.parallel(sch.fuse(*loops[:len(spatial)]) if len(spatial) > 1 else loops[0])
+        return
+    if spatial:  # neither axis contiguous: rows in parallel
+        lead = [lp for lp, _ in spatial]
+        sch.parallel(sch.fuse(*lead) if len(lead) > 1 else lead[0])
+
+
+def gemm(sch: Schedule, m: Machine) -> bool:
+    """gemm_space's micro-kernel, chosen by its register model."""
+    found = gemm_space.find_gemm(sch)
+    if found is None:
+        return False
+    candidate = gemm_space.default_candidate(found, m.vec, m.cores)
+    if candidate is None:
+        return False
+    gemm_space.apply(sch, found, candidate, m.lanes)
+    return True
+
+
+def reduction(sch: Schedule, m: Machine) -> bool:
+    blocks = _blocks(sch)
+    if not any(any(iv.iter_type == IterVar.CommReduce for iv in sch.get(b).iter_vars) for b in blocks):
+        return False
+    _inline_elementwise(sch, set())
+    for block in _blocks(sch):
+        if any(iv.iter_type == IterVar.CommReduce for iv in sch.get(block).iter_vars):
+            _reduction(sch, block, m)
+        else:
+            _spatial(sch, block, m)
+    return True
+
+
+def injective(sch: Schedule, m: Machine) -> bool:
+    blocks = _blocks(sch)
+    if any(iv.iter_type != IterVar.DataPar for b in blocks for iv in sch.get(b).iter_vars):
+        return False
+    _inline_elementwise(sch, set())
+    for block in _blocks(sch):
+        _spatial(sch, block, m)
+    return True
+
+
+def parallel_only(sch: Schedule, m: Machine) -> bool:
+    done = False
+    for block in _blocks(sch):
+        kinds = _kinds(sch, block)
+        lead = []
+        for lp, _, kind in kinds:
+            if kind != "S":
+                break
+            lead.append(lp)
+        if lead:
+            sch.parallel(sch.fuse(*lead) if len(lead) > 1 else lead[0])
+            done = True
+    return done
+
+
+RULES: list[Rule] = [gemm, reduction, injective, parallel_only]
+
+
+def default_schedule(sch: Schedule, m: Machine) -> tuple[Schedule, str] | None:
+    """The first rule that schedules a copy of `sch`: (the schedule, the rule's name), or None."""
+    for rule in RULES:
+        copy = sch.copy()
+        try:
+            if rule(copy, m):
+                return copy, getattr(rule, "__name__", "rule")
+        except Exception:  # a primitive refused this kernel: the next rule
+            continue
+    return None
