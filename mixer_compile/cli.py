@@ -17,37 +17,58 @@ DEFAULT_SPEC = "mixer_b16"
 SUBCOMMANDS = ("compile", "specs", "show", "targets", "export-onnx", "import-onnx", "resize-weights", "viz", "report", "tune")
 
 
-def _spec_args(p: argparse.ArgumentParser, default: str | None = DEFAULT_SPEC) -> None:
+def _spec_args(p: argparse.ArgumentParser, default: str | None = DEFAULT_SPEC, ranges: bool = False) -> None:
     p.add_argument("--spec", default=default, help=f"preset name or .toml/.json spec file (default {default})")
-    p.add_argument("--batch", type=int, help="batch size the module is built for (default: the spec's, 1)")
+    if ranges:
+        p.add_argument("--batch", type=_batch, help="batch size the module is built for, or a range MIN-MAX that "
+                                                    "one artifact serves (e.g. 1-16; default: the spec's, 1)")
+    else:
+        p.add_argument("--batch", type=int, help="batch size the module is built for (default: the spec's, 1)")
     p.add_argument("--gelu", choices=("tanh", "erf"),
                    help="GELU flavour; default: from the weights (timm: erf, .npz: tanh, random: tanh)")
+
+
+def _batch(text: str) -> tuple[int, int]:
+    """N or MIN-MAX, parsed only: the spec and the compile driver say what is out of bounds."""
+    parts = text.split("-")
+    if 1 <= len(parts) <= 2 and all(part.strip().isdigit() for part in parts):
+        return int(parts[0]), int(parts[-1])
+    raise argparse.ArgumentTypeError(f"expected a batch size N or a range MIN-MAX (e.g. 8 or 1-16), got '{text}'")
 
 
 def _load_spec(args: argparse.Namespace):
     from mixer_compile.model.spec import load_spec
 
-    return load_spec(args.spec, batch=args.batch, gelu=args.gelu)
+    batch = args.batch[1] if isinstance(args.batch, tuple) else args.batch
+    return load_spec(args.spec, batch=batch, gelu=args.gelu)
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
     from mixer_compile.compiler import CompileOptions, compile_model
 
     spec = _load_spec(args)
-    out = Path(args.output) if args.output else Path("out") / spec.fingerprint()
+    name = spec.fingerprint()
+    if isinstance(args.batch, tuple) and args.batch[0] != args.batch[1]:
+        name = name.replace(f"-b{spec.batch}-", f"-b{args.batch[0]}-{args.batch[1]}-")
+    out = Path(args.output) if args.output else Path("out") / name
     opts = CompileOptions(spec=spec, target=args.target, weights=Path(args.weights) if args.weights else None,
                           seed=args.seed, form=args.form, dtype=args.dtype, embed_weights=args.embed_weights, out_dir=out,
                           tune=args.tune, trials=args.trials, db=Path(args.db) if args.db else None,
-                          choose_form=args.choose_form)
+                          choose_form=args.choose_form, batches=args.batch)
     r = compile_model(opts)
     s = r.spec
-    print(f"compiled {s.name} ({s.image_size[0]}x{s.image_size[1]}, patch {s.patch_size}, batch {s.batch}, "
+    batch = f"batches {r.metadata.batch['min']}-{r.metadata.batch['max']}" if r.metadata.batch else f"batch {s.batch}"
+    print(f"compiled {s.name} ({s.image_size[0]}x{s.image_size[1]}, patch {s.patch_size}, {batch}, "
           f"{s.resolved_gelu} GELU) for {r.metadata.target['name']} "
           f"[{r.metadata.target['config'].get('mcpu') or r.metadata.target['config'].get('arch', '')}, "
           f"{r.metadata.precision['dtype']}]")
     print(f"  params     {s.param_count():,}   {s.flops_per_image() / 1e9:.2f} GFLOP/image")
     print(f"  weights    {r.metadata.weights}")
     print(f"  validation {r.validation.summary()}")
+    if r.metadata.batch:
+        print(f"  batches    {r.metadata.batch['min']}-{r.metadata.batch['max']} served by entries "
+              f"{', '.join(map(str, r.metadata.batch['entries']))} (validated at "
+              f"{', '.join(str(v['batch']) for v in r.metadata.validation.get('batches', []))})")
     if r.metadata.tuning:
         t = r.metadata.tuning
         print(f"  tuning     {len(t['tuned'])}/{t['kernels']} kernels tuned, records from "
@@ -195,7 +216,12 @@ def cmd_tune(args: argparse.Namespace) -> int:
         print(f"measuring on the RPC tracker {here.address}, key {here.key}", file=sys.stderr)
     print(f"tuning {spec.fingerprint()} ({args.form}) for {target.name} [{target.config.get('mcpu', '')}], "
           f"{args.trials} trials per kernel, database {db_dir}", file=sys.stderr)
-    summary = tune(model_tasks(spec, target, args.form, args.dtype, args.trials), target, db_dir,
+    batches = None
+    if isinstance(args.batch, tuple) and args.batch[0] != args.batch[1]:  # every entry of the range
+        from mixer_compile.artifact.format import BatchRange
+
+        batches = BatchRange.of(*args.batch)
+    summary = tune(model_tasks(spec, target, args.form, args.dtype, args.trials, batches), target, db_dir,
                    say=lambda line: print(line, file=sys.stderr, flush=True), runner=runner)
     print(f"tuned {spec.fingerprint()} for {target.name}: {summary.tuned_now} trials measured now, "
           f"{summary.seconds / 60:.1f} min; database {db_dir}")
@@ -215,7 +241,7 @@ def parser() -> argparse.ArgumentParser:
     sub = top.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("compile", help="compile, validate and write an artifact (the default command)")
-    _spec_args(p)
+    _spec_args(p, ranges=True)
     p.add_argument("--target", default="llvm", help="target name (see `mixer-compile targets`), default llvm")
     p.add_argument("--weights", help="checkpoint: official .npz, or timm .pth/.safetensors")
     p.add_argument("--seed", type=int, default=0, help="seed of the random init when no --weights (default 0)")
@@ -291,7 +317,7 @@ def parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_report)
 
     p = sub.add_parser("tune", help="tune the kernels of a spec with MetaSchedule into a database (resumable)")
-    _spec_args(p)
+    _spec_args(p, ranges=True)
     p.add_argument("--target", default="llvm", help="target name (see `mixer-compile targets`), default llvm")
     p.add_argument("--form", choices=list(FORMS), default="matmul", help="IR form to tune (default matmul)")
     p.add_argument("--dtype", choices=list(DTYPES), default="float32", help="precision (default float32)")

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from mixer_compile.artifact.format import BatchRange
 from mixer_compile.backend import backend_for
 from mixer_compile.backend.target import TargetInfo
 from mixer_compile.errors import TuningError
@@ -44,24 +45,32 @@ def target_graph(spec: MixerSpec, target: TargetInfo, form: str = "matmul", dtyp
 
 
 def compose(spec: MixerSpec, target: TargetInfo, form: str = "matmul", dtype: str = "float32",
-            weights: dict[str, np.ndarray] | None = None, embed: bool = False) -> Composed:
+            weights: dict[str, np.ndarray] | None = None, embed: bool = False,
+            batches: BatchRange | None = None) -> Composed:
     """The model built for `target`. Weights are the module's parameters unless `embed` (then
     they are constants, and `weights` is required); the kernels, hence the tuning records, do
-    not depend on their values."""
+    not depend on their values. With `batches` (a range), the module has one function per
+    entry batch (`BatchRange.function`), each the spec's graph at that batch, over the same
+    parameters; `graph` and `reports` are those of the largest."""
     from mixer_compile.lower.relax import to_relax
 
-    graph, reports = target_graph(spec, target, form, dtype)
+    graph, reports = target_graph(spec.replace(batch=batches.max) if batches else spec, target, form, dtype)
     params = graph.materialize_params(weights) if weights is not None else {}
-    return Composed(graph, reports, to_relax(graph, embed=params if embed else None), params)
+    graphs: Graph | dict[str, Graph] = graph
+    if batches is not None and batches.is_range:
+        graphs = {batches.function(b): graph if b == batches.max else
+                  target_graph(spec.replace(batch=b), target, form, dtype)[0] for b in batches.entries}
+    return Composed(graph, reports, to_relax(graphs, embed=params if embed else None), params)
 
 
 def model_tasks(spec: MixerSpec, target: TargetInfo, form: str = "matmul", dtype: str = "float32",
-                trials: int = 1) -> list[Any]:
+                trials: int = 1, batches: BatchRange | None = None) -> list[Any]:
     """The tuning tasks of the model built for `target` (tune/tasks.py), `trials` the budget of
-    each large kernel."""
+    each large kernel; with `batches`, those of every entry batch."""
     from mixer_compile.tune.tasks import extract_tasks
 
     backend = backend_for(target)
     if not backend.TUNABLE:
         raise TuningError(f"tuning is implemented for CPU (llvm) targets only; '{target.name}' is {target.kind}")
-    return extract_tasks(backend.prepare(compose(spec, target, form, dtype).module, target), target, trials)
+    return extract_tasks(backend.prepare(compose(spec, target, form, dtype, batches=batches).module, target),
+                         target, trials)

@@ -9,10 +9,17 @@ Everything in the metadata is checked before any code of the library runs: the T
 the CPU features (or GPU architecture) the build needs, and the size and SHA-256 of every
 file. A refusal is an ArtifactError with a one-line message naming the problem and the fix.
 
-Inputs are NCHW float32 images at the batch size the module was built for, as a NumPy array
-or a torch tensor; the output is of the same kind. Contiguous arrays aligned to 64 bytes (all
-torch tensors, most NumPy arrays) are passed to the module without a copy through DLPack, and
-the logits come back without a copy too.
+Inputs are NCHW float32 images at the batch size the module was built for, or at any batch of
+its range (a `--batch 1-16` build), as a NumPy array or a torch tensor; the output is of the
+same kind. A batch outside what the artifact serves is refused with one line naming the range.
+A range build runs a batch of n as the binary decomposition of n over its entry functions
+(11 = 8+2+1: no padding, no wasted work) and writes each piece's logits into one output.
+Contiguous arrays aligned to 64 bytes (all torch tensors, most NumPy arrays) are passed to the
+module without a copy through DLPack (a piece of a batch too: it is a view), and a batch that
+is one call's gets its logits back without a copy too.
+
+`CompiledMixer.save(dir)` copies the artifact (every file its metadata lists) to `dir`, which
+`load(dir)` then loads: the object `mixer_compile.compile(...)` returns is one of these.
 
 Thread safety: a Relax VM keeps per-call state (registers, its allocator), so each thread
 gets its own VM over the one loaded library and the one set of weights; calls from several
@@ -21,14 +28,17 @@ threads run concurrently without a lock.
 
 from __future__ import annotations
 
+import os
+import shutil
 import sys
+import tempfile
 import threading
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from mixer_compile.artifact.format import LIBRARY, METADATA, WEIGHTS, read_metadata, sha256
+from mixer_compile.artifact.format import LIBRARY, METADATA, WEIGHTS, BatchRange, read_metadata, sha256
 from mixer_compile.errors import ArtifactError, MixerCompileError
 from mixer_compile.machine import check_cpu, check_gpu, check_tvm_version, gpu_arch, local_gpu, use_all_cores
 
@@ -47,8 +57,9 @@ class CompiledMixer:
         self.metadata = read_metadata(self.path)
         self._check_machine(tvm)
         self._check_files()
-        self.input_shape = tuple(self.metadata.input["shape"])
+        self.input_shape = tuple(self.metadata.input["shape"])  # at the largest batch served
         self.input_dtype = self.metadata.input["dtype"]
+        self.batches = BatchRange.from_metadata(self.metadata.batch, list(self.input_shape))
         self._device = tvm.cuda() if self.metadata.target["kind"] == "cuda" else tvm.cpu()
         try:
             self._library = tvm.runtime.load_module(str(self.path / LIBRARY))
@@ -99,13 +110,27 @@ class CompiledMixer:
             vm = self._local.vm = self._vm_class(self._library, self._device)
         return vm
 
+    @property
+    def batch_range(self) -> tuple[int, int]:
+        """The smallest and the largest batch this artifact serves (equal for a fixed batch)."""
+        return self.batches.min, self.batches.max
+
     def _check(self, shape: tuple[int, ...], dtype: str) -> None:
-        if tuple(shape) != self.input_shape:
-            if tuple(shape[1:]) == self.input_shape[1:]:
-                raise MixerCompileError(f"input has batch {shape[0]}; this module was built for batch "
-                                        f"{self.input_shape[0]} (rebuild with --batch {shape[0]})")
-            raise MixerCompileError(f"input has shape {tuple(shape)}; this module takes "
-                                    f"{self.input_shape} (NCHW, batch {self.input_shape[0]})")
+        if len(shape) != 4 or tuple(shape[1:]) != self.input_shape[1:]:
+            taken = ("(N" if self.batches.is_range else f"({self.input_shape[0]}") + \
+                ", " + ", ".join(map(str, self.input_shape[1:])) + ")"
+            raise MixerCompileError(f"input has shape {tuple(shape)}; this module takes {taken} "
+                                    f"(NCHW, batch {self.batches.describe()})")
+        n = shape[0]
+        if n < 1:
+            raise MixerCompileError(f"input has batch {n}; this module serves batches {self.batches.describe()}")
+        if not self.batches.min <= n <= self.batches.max:
+            if self.batches.is_range:
+                raise MixerCompileError(f"input has batch {n}; this module serves batches "
+                                        f"{self.batches.min} to {self.batches.max} (rebuild with --batch "
+                                        f"{min(n, self.batches.min)}-{max(n, self.batches.max)})")
+            raise MixerCompileError(f"input has batch {n}; this module was built for batch "
+                                    f"{self.input_shape[0]} (rebuild with --batch {n})")
         if dtype != self.input_dtype:
             raise MixerCompileError(f"input has dtype {dtype}; this module takes {self.input_dtype}")
 
@@ -116,23 +141,91 @@ class CompiledMixer:
         if torch is not None and isinstance(images, torch.Tensor):
             self._check(tuple(images.shape), str(images.dtype).removeprefix("torch."))
             x = images.detach().contiguous()
-            if x.data_ptr() % ALIGNMENT:
-                x = x.clone()  # a fresh allocation is aligned
-            out = self._run(tvm.runtime.from_dlpack(x))
-            return torch.from_dlpack(out)
+            pieces = self.batches.split(x.shape[0])
+            if len(pieces) == 1:
+                return torch.from_dlpack(self._run(self._entry(pieces[0]), _torch_tensor(tvm, x)))
+            out, at = None, 0
+            for b in pieces:
+                logits = torch.from_dlpack(self._run(self._entry(b), _torch_tensor(tvm, x[at:at + b])))
+                if out is None:
+                    out = torch.empty((x.shape[0], *logits.shape[1:]), dtype=logits.dtype, device=logits.device)
+                out[at:at + b].copy_(logits)
+                at += b
+            return out
         images = np.asarray(images)
         self._check(images.shape, str(images.dtype))
+        if not (images.flags.c_contiguous and images.flags.writeable):
+            images = np.ascontiguousarray(images)
+        pieces = self.batches.split(images.shape[0])
+        if len(pieces) == 1:
+            return self._numpy(self._run(self._entry(pieces[0]), self._tensor(tvm, images)))
+        out, at = None, 0
+        for b in pieces:
+            logits = self._numpy(self._run(self._entry(b), self._tensor(tvm, images[at:at + b])))
+            if out is None:
+                out = np.empty((images.shape[0], *logits.shape[1:]), logits.dtype)
+            out[at:at + b] = logits
+            at += b
+        return out
+
+    def _entry(self, batch: int) -> str:
+        return self.batches.function(batch)
+
+    def _tensor(self, tvm: Any, images: np.ndarray) -> Any:
         if images.flags.c_contiguous and images.flags.writeable and images.ctypes.data % ALIGNMENT == 0:
-            x = tvm.runtime.from_dlpack(images)
-        else:
-            x = tvm.runtime.tensor(np.ascontiguousarray(images), self._device)
-        out = self._run(x)
+            return tvm.runtime.from_dlpack(images)
+        return tvm.runtime.tensor(np.ascontiguousarray(images), self._device)
+
+    @staticmethod
+    def _numpy(out: Any) -> np.ndarray:
         return np.from_dlpack(out) if out.device.dlpack_device_type() == 1 else out.numpy()
 
-    def _run(self, x: Any) -> Any:
+    def _run(self, function: str, x: Any) -> Any:
         if x.device != self._device:
             x = x.copyto(self._device)
-        return self._vm()["main"](x, *self._params)
+        return self._vm()[function](x, *self._params)
+
+    def save(self, out_dir: str | Path) -> Path:
+        """Copies this artifact (metadata.json and every file it lists) to `out_dir`, atomically:
+        into a temporary sibling first, renamed into place when complete. An existing artifact
+        at `out_dir` is replaced; anything else there is refused."""
+        out = Path(out_dir).resolve()
+        if out == self.path.resolve():
+            return out
+        if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / METADATA).is_file())):
+            raise ArtifactError(f"'{out}' exists and is not a mixer-compile artifact; choose another directory")
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+            try:
+                for name in [*self.metadata.files, METADATA]:
+                    shutil.copyfile(self.path / name, tmp / name)
+                os.chmod(tmp, 0o755)
+                if out.exists():
+                    old = out.with_name(f".{out.name}.old-{os.getpid()}")
+                    os.rename(out, old)
+                    os.rename(tmp, out)
+                    shutil.rmtree(old, ignore_errors=True)
+                else:
+                    os.rename(tmp, out)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+        except OSError as exc:
+            raise ArtifactError(f"cannot save the artifact to '{out}': {exc.strerror or exc}") from None
+        return out
+
+    def __repr__(self) -> str:
+        spec = self.metadata.spec
+        return (f"CompiledMixer({spec.get('name')}, batch {self.batches.describe()}, "
+                f"{self.metadata.target.get('name')}, '{self.path}')")
+
+
+def _torch_tensor(tvm: Any, x: Any) -> Any:
+    """A contiguous torch tensor as a TVM tensor, without a copy when it is aligned."""
+    if x.data_ptr() % ALIGNMENT:
+        x = x.clone()  # a fresh allocation is aligned
+    return tvm.runtime.from_dlpack(x)
 
 
 def load(artifact_dir: str | Path) -> CompiledMixer:

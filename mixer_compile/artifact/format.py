@@ -7,6 +7,14 @@ dataclass below, versioned by `SCHEMA_VERSION` (stored as `format_version`). The
 (write.py) fills it; the runtime reads it with `read_metadata`, which refuses an edited or
 damaged file by field, and a newer schema with one line, before any code of the library runs.
 This module is runtime-safe: the standard library and NumPy only.
+
+Batch ranges: an artifact built for a range of batch sizes (`--batch 1-16`) holds several
+static-batch entry functions in its one library (`BatchRange.entries`: the powers of two up
+to the top of the range, plus the top; `main_b1`, `main_b2`, ...), all taking the one set of
+weights. A batch of n runs as the binary decomposition of n over those entries (11 = 8+2+1,
+no padding); the logits are concatenated. The record is the optional `batch` field of the
+metadata; without it (a single-batch build, and every artifact written before ranges) the
+library has one entry, `main`, at the batch of `input.shape`.
 """
 
 from __future__ import annotations
@@ -21,7 +29,61 @@ from typing import Any
 from mixer_compile.errors import ArtifactError
 
 LIBRARY, WEIGHTS, METADATA = "model.so", "weights.params", "metadata.json"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 1  # `batch` is optional, so artifacts without it (every older one) read as before
+
+
+@dataclass(frozen=True)
+class BatchRange:
+    """The batch sizes an artifact serves, and the static-batch entry function of each piece."""
+
+    min: int
+    max: int
+    entries: tuple[int, ...]  # ascending; the last is `max`
+
+    @classmethod
+    def of(cls, low: int, high: int) -> "BatchRange":
+        """A single batch (low == high: one entry, `main`) or a range: entries at the powers of
+        two up to `high`, and `high` itself, so any n in the range splits without padding."""
+        if low == high:
+            return cls(low, high, (high,))
+        powers = {1 << k for k in range(high.bit_length()) if 1 << k <= high}
+        return cls(low, high, tuple(sorted(powers | {high})))
+
+    @property
+    def is_range(self) -> bool:
+        return self.min != self.max
+
+    def function(self, entry: int) -> str:
+        """The name of the entry function of batch `entry` in the library."""
+        return f"main_b{entry}" if self.is_range else "main"
+
+    def describe(self) -> str:
+        return f"{self.min}-{self.max}" if self.is_range else str(self.max)
+
+    def split(self, n: int) -> list[int]:
+        """The entry batches that make up a batch of `n`, largest first (greedy: with entries at
+        every power of two this is n's binary decomposition; n == max is one call)."""
+        if not self.min <= n <= self.max:
+            raise ValueError(f"batch {n} is outside {self.describe()}")
+        pieces, left = [], n
+        for entry in reversed(self.entries):
+            while entry <= left:
+                pieces.append(entry)
+                left -= entry
+        if left:  # cannot happen with an entry of 1; a hand-written record might lack it
+            raise ValueError(f"batch {n} cannot be made of the entries {list(self.entries)}")
+        return pieces
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"min": self.min, "max": self.max, "entries": list(self.entries),
+                "functions": [self.function(e) for e in self.entries]}
+
+    @classmethod
+    def from_metadata(cls, batch: dict[str, Any] | None, input_shape: list[int]) -> "BatchRange":
+        """The metadata's `batch` record, or the single batch of `input.shape` without one."""
+        if batch is None:
+            return cls.of(input_shape[0], input_shape[0])
+        return cls(batch["min"], batch["max"], tuple(batch["entries"]))
 
 
 @dataclass
@@ -44,6 +106,7 @@ class Metadata:
     output: dict[str, Any]  # shape, dtype
     validation: dict[str, Any]  # check/validate.py's Validation
     tuning: dict[str, Any] | None = None  # CPU: databases, kernels with a record
+    batch: dict[str, Any] | None = None  # a range build: min, max, entries, functions (BatchRange)
     gpu_code: dict[str, Any] | None = None  # CUDA: the fatbins the library carries
     timings_s: dict[str, float] = field(default_factory=dict)
     files: dict[str, str] = field(default_factory=dict)  # name -> SHA-256
@@ -141,5 +204,24 @@ def _check_fields(meta: dict[str, Any], path: Path) -> None:
     expected = [spec.get("batch"), spec.get("in_channels"), *(size if isinstance(size, list) else [size])]
     if meta["input"]["shape"] != expected:
         refuse(f"input shape {meta['input']['shape']} does not match the spec's {expected}")
+    if meta.get("batch") is not None:
+        _check_batch(meta["batch"], meta["input"]["shape"][0], refuse)
     if meta["target"]["kind"] == "cuda" and "gpu_arch" not in (meta["target"].get("requires") or {}):
         refuse("a CUDA build without 'target.requires.gpu_arch'")
+
+
+def _check_batch(batch: Any, top: int, refuse: Any) -> None:
+    """The `batch` record of a range build: entries that reach every batch of the range, the
+    largest being the input shape's batch, each with its function name."""
+    ints = _is_list_of(int)
+    if not isinstance(batch, dict) or not all(isinstance(batch.get(k), int) and not isinstance(batch.get(k), bool)
+                                              for k in ("min", "max")):
+        refuse(f"field 'batch' must be an object with integer 'min' and 'max', got {batch!r}"[:300])
+    low, high, entries = batch["min"], batch["max"], batch.get("entries")
+    if not 0 < low <= high or high != top:
+        refuse(f"field 'batch' ({low}-{high}) does not fit the input shape's batch {top}")
+    if not ints(entries) or not entries or entries != sorted(set(entries)) or entries[0] != 1 or entries[-1] != high:
+        refuse(f"field 'batch.entries' must be ascending batch sizes from 1 to {high}, got {entries!r}"[:300])
+    expected = BatchRange(low, high, tuple(entries)).to_dict()["functions"]
+    if batch.get("functions") != expected:
+        refuse(f"field 'batch.functions' must be {expected}, got {batch.get('functions')!r}"[:300])

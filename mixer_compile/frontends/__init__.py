@@ -9,6 +9,7 @@ whole (spec and weights) by onnx_import.py.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from mixer_compile.errors import WeightsError
@@ -39,9 +40,23 @@ def load_weights(path: str | Path, spec: MixerSpec) -> tuple[Weights, str]:
     return check_weights(reader(path), spec, str(path)), origin
 
 
-def weights_for(spec: MixerSpec, path: str | Path | None, seed: int) -> tuple[Weights, MixerSpec, dict]:
-    """The checkpoint at `path`, or the seeded random init; the spec with the GELU flavour of
-    that origin (unless the spec set one); and a record of where the weights came from."""
+@dataclass
+class InMemoryWeights:
+    """Canonical weights read off a live model (torch_module.py) rather than a file."""
+
+    weights: Weights
+    origin: str  # the family whose layout they came in (timm), for the GELU default
+    description: str  # what they were read from, for the progress line and the metadata
+
+
+def weights_for(spec: MixerSpec, path: str | Path | InMemoryWeights | None,
+                seed: int) -> tuple[Weights, MixerSpec, dict]:
+    """The checkpoint at `path` (or weights already in memory), or the seeded random init; the
+    spec with the GELU flavour of that origin (unless the spec set one); and a record of where
+    the weights came from."""
+    if isinstance(path, InMemoryWeights):
+        weights = check_weights(path.weights, spec, path.description)
+        return weights, spec.with_gelu_for(path.origin), {"origin": path.origin, "module": path.description}
     if path is not None:
         weights, origin = load_weights(path, spec)
         source: dict = {"origin": origin, "file": str(path)}

@@ -106,8 +106,14 @@ def to_state_dict(weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 def read(path: Path) -> dict[str, np.ndarray]:
     """Canonical weights; keys that are not a Mixer's are kept as-is so the check names them."""
+    return canonical(_read_state_dict(path), str(path))
+
+
+def canonical(state: dict[str, np.ndarray], path: str) -> dict[str, np.ndarray]:
+    """A timm `MlpMixer` state dict (NumPy arrays, torch layouts) in the canonical layout; keys
+    that are not a Mixer's are kept as-is so the check names them. `path` names the source."""
     out: dict[str, np.ndarray] = {}
-    for key, value in _read_state_dict(path).items():
+    for key, value in state.items():
         name = _canonical_key(key.removeprefix("module."))
         if name is None:
             out[key] = value

@@ -2,7 +2,8 @@
 
 The module's `main(image, *params)` takes the weights as inputs (in `graph.params` order),
 so one compiled library serves any checkpoint of the spec; `embed` binds them as constants
-instead. Ops are emitted as plain Relax ops inside one dataflow block: the matmul + bias +
+instead. A batch-range build has one such function per entry batch (`main_b1`, `main_b2`,
+...), sharing the parameters. Ops are emitted as plain Relax ops inside one dataflow block: the matmul + bias +
 GELU + residual of a fused IR op become adjacent Relax ops that FuseOps turns into one
 kernel, which is what MetaSchedule then tunes.
 
@@ -20,6 +21,7 @@ from tvm import relax, te
 from tvm.relax import op as R
 
 from mixer_compile.ir.graph import Graph, Op
+from mixer_compile.lower.library import kernel_for
 
 OUT_ELEMWISE_FUSABLE = 4  # relax's OpPatternKind kOutEWiseFusable
 
@@ -104,6 +106,9 @@ def _emit(bb: relax.BlockBuilder, graph: Graph, op: Op, args: list[relax.Expr]) 
         y = R.reshape(x, (b, c, h // p, p, w // p, p))
         y = R.permute_dims(y, (0, 2, 4, 3, 5, 1))
         return bb.emit(R.reshape(y, op.output.shape))
+    if op.kind == "dense" and a.get("library"):  # one library call, epilogue included (passes/library_gemms.py)
+        symbol = kernel_for(op.output.dtype, a.get("gelu"), bool(a.get("residual"))).symbol
+        return bb.emit(R.call_dps_packed(symbol, [x, *rest], relax.TensorType(op.output.shape, op.output.dtype)))
     if op.kind == "dense":
         y = _dense(bb, op, x, rest.pop(0))
         return _epilogue(bb, op, y, rest, a["axis"])
@@ -132,12 +137,29 @@ def _emit(bb: relax.BlockBuilder, graph: Graph, op: Op, args: list[relax.Expr]) 
     raise NotImplementedError(op.kind)
 
 
-def to_relax(graph: Graph, embed: dict[str, np.ndarray] | None = None) -> tvm.IRModule:
-    """The Relax module of `graph`; with `embed`, the weights become constants."""
+def to_relax(graph: Graph | dict[str, Graph], embed: dict[str, np.ndarray] | None = None) -> tvm.IRModule:
+    """The Relax module of `graph` (one function, `main`), or of several graphs of the one model
+    at different batch sizes (a batch-range build: `{"main_b1": g1, "main_b4": g4, ...}`), each
+    a function `name(image, *params)` over the same parameters. They are built by one
+    BlockBuilder, so a kernel two functions share (identical TIR) is emitted once. With
+    `embed`, the weights become constants in every function."""
+    graphs = {"main": graph} if isinstance(graph, Graph) else dict(graph)
     bb = relax.BlockBuilder()
+    for name, g in graphs.items():
+        _function(bb, name, g)
+    mod = bb.get()
+    for name, g in graphs.items():
+        mod[name] = mod[name].with_attr("num_input", 1)
+        if embed is not None:
+            constants = {n: tvm.runtime.tensor(embed[n]) for n in g.params}
+            mod = relax.transform.BindParams(name, constants)(mod)
+    return mod
+
+
+def _function(bb: relax.BlockBuilder, name: str, graph: Graph) -> None:
     image = relax.Var(graph.input.name, relax.TensorType(graph.input.shape, graph.input.dtype))
     params = {n: relax.Var(n, relax.TensorType(p.tensor.shape, p.tensor.dtype)) for n, p in graph.params.items()}
-    with bb.function("main", [image, *params.values()]):
+    with bb.function(name, [image, *params.values()]):
         with bb.dataflow():
             env: dict[str, relax.Expr] = {graph.input.name: image, **params}
             for op in graph.ops:
@@ -145,9 +167,3 @@ def to_relax(graph: Graph, embed: dict[str, np.ndarray] | None = None) -> tvm.IR
                 env[op.output.name] = y if str(y.ty.dtype) == op.output.dtype else bb.emit(R.astype(y, op.output.dtype))
             out = bb.emit_output(_as(env[graph.output], "float32"))
         bb.emit_func_output(out)
-    mod = bb.get()
-    mod["main"] = mod["main"].with_attr("num_input", 1)
-    if embed is not None:
-        constants = {n: tvm.runtime.tensor(embed[n]) for n in graph.params}
-        mod = relax.transform.BindParams("main", constants)(mod)
-    return mod

@@ -187,6 +187,26 @@ def get_preset(name: str) -> MixerSpec:
     return PRESETS[name]
 
 
+def parse_batch(batch: Any) -> tuple[int, int]:
+    """A batch size or a range of them, as (min, max): 8, "8", "1-16", (1, 16) or range(1, 17)."""
+    if isinstance(batch, range) and batch.step == 1 and len(batch):
+        return parse_batch((batch.start, batch.stop - 1))
+    if isinstance(batch, int) and not isinstance(batch, bool):
+        low = high = batch
+    elif isinstance(batch, (tuple, list)) and len(batch) == 2 and all(
+            isinstance(v, int) and not isinstance(v, bool) for v in batch):
+        low, high = batch
+    elif isinstance(batch, str) and all(part.strip().isdigit() for part in batch.split("-")) \
+            and batch.count("-") <= 1:
+        parts = [int(part) for part in batch.split("-")]
+        low, high = parts[0], parts[-1]
+    else:
+        raise SpecError(f"batch must be a positive integer or a range MIN-MAX (e.g. 8 or 1-16), got {batch!r}")
+    if not 0 < low <= high:
+        raise SpecError(f"batch range {low}-{high} is empty or not positive; give MIN-MAX with 0 < MIN <= MAX")
+    return low, high
+
+
 def load_spec(name_or_path: str | Path, **overrides: Any) -> MixerSpec:
     """A preset name or a TOML/JSON spec file, with CLI overrides (e.g. batch) applied last."""
     text = str(name_or_path)
