@@ -61,6 +61,7 @@ class Applied:
     tuned: list[str] = field(default_factory=list)
     untuned: list[str] = field(default_factory=list)
     defaults: list[str] = field(default_factory=list)
+    gemms: dict[str, Any] = field(default_factory=dict)  # kernel -> the gemm_space.Candidate it runs
 
     def summary(self) -> str:
         line = (f"{self.kernels} kernels: {len(self.tuned)} from records, {len(self.defaults)} default "
@@ -191,12 +192,19 @@ def schedule_kernels(fused: tvm.IRModule, target: TargetInfo, database: Any = No
             and gemm.n % m.lanes == 0
         if tiled:
             sig = gemm_space.signature(sch, gemm, m.lanes)
+            candidate = None
             for _, batch, d in sorted(decisions.get(sig, []), key=lambda r: (r[1] != gemm.batch, r[0])):
                 candidate = gemm_space.with_decision(gemm, d, m.vec, m.cores)
                 if candidate is not None:
-                    gemm_space.apply(sch, gemm, candidate, m.lanes)
-                    scheduled, from_record = sch, True
+                    from_record = True
                     break
+            candidate = candidate or gemm_space.default_candidate(gemm, m.vec, m.cores)
+            try:
+                gemm_space.apply(sch, gemm, candidate, m.lanes)
+                scheduled = sch
+                applied.gemms[name] = candidate
+            except Exception:  # a primitive refused it (an epilogue that is not elementwise): the rules
+                from_record = False
         elif database is not None:
             workload = _normalize_mod(func)
             with tvm_target:

@@ -1,0 +1,189 @@
+"""CPU builds without tuning records (issue #13): every kernel gets a schedule, records transfer
+across epilogues, and the parallel split follows the cores of the machine that runs the code.
+
+The parallel-split rule checked here (gemm_space.parallel_split): a GEMM's parallel loop of E
+equal tasks keeps `cores` threads busy for E / (ceil(E / cores) x cores) of the time; that share
+must be at least 7/8, i.e. E divisible by the cores or E >= 8 x cores.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import tvm
+from tvm.s_tir import Schedule
+from tvm.s_tir.meta_schedule.arg_info import ArgInfo
+from tvm.s_tir.meta_schedule.database import MemoryDatabase, TuningRecord
+
+from mixer_compile.backend import cpu, cpu_schedules, gemm_space
+from mixer_compile.backend.target import TargetInfo, get_target
+from mixer_compile.check.validate import validate
+from mixer_compile.compose import compose, model_tasks
+from mixer_compile.model.params import random_weights
+from mixer_compile.model.spec import MixerSpec
+
+
+@pytest.fixture
+def no_records(tmp_path, monkeypatch):
+    """An empty user cache and no shipped records."""
+    import mixer_compile.tune.database as database
+
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "schedules").mkdir()
+    monkeypatch.setenv("MIXER_COMPILE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(database, "SCHEDULES_DIR", tmp_path / "schedules")
+    return tmp_path
+
+
+def _build(spec: MixerSpec, gelu: str, database=None, target=None):
+    target = target or get_target("llvm")
+    weights = random_weights(spec, 0)
+    spec = spec.replace(gelu=gelu)
+    model = compose(spec, target, weights=weights)
+    applied: list[cpu.Applied] = []
+    executable = cpu.build(model.module, target, database, on_applied=applied.append)
+    run = cpu.vm_function(executable, tvm.cpu(), list(model.params.values()))
+    return spec, weights, run, applied[0]
+
+
+@pytest.mark.parametrize("gelu", ["erf", "tanh"])
+def test_without_records_every_kernel_is_scheduled_and_correct(tiny_spec, no_records, gelu) -> None:
+    spec, weights, run, applied = _build(tiny_spec, gelu)
+    assert applied.kernels >= 8 and not applied.untuned and not applied.tuned
+    assert len(applied.defaults) == applied.kernels
+    assert applied.summary().startswith(f"{applied.kernels} kernels: 0 from records, {applied.kernels} default")
+    assert set(applied.to_dict()) == {"kernels", "tuned", "untuned", "defaults"}
+    assert validate(run, spec, weights, seed=1).passed
+
+
+def test_compile_without_records_is_scheduled(tiny_spec, no_records) -> None:
+    from mixer_compile.compiler import CompileOptions, compile_model
+    from mixer_compile.util.progress import Progress
+
+    result = compile_model(CompileOptions(spec=tiny_spec.replace(gelu="erf")), Progress(5, quiet=True))
+    assert result.validation.passed
+    tuning = result.metadata.tuning
+    assert tuning["untuned"] == [] and tuning["tuned"] == [] and len(tuning["defaults"]) == tuning["kernels"]
+
+
+def _record_db(spec: MixerSpec, target: TargetInfo, pick) -> tuple[MemoryDatabase, dict]:
+    """A database holding one gemm_space record per GEMM kernel of `spec` (its decision picked
+    by `pick(gemm, candidates)`), as a tuning run would write it."""
+    db = MemoryDatabase()
+    tvm_target = target.tvm_target()
+    m = cpu.machine(target)
+    chosen = {}
+    for task in model_tasks(spec, target):
+        sch = Schedule(task.mod)
+        gemm = gemm_space.find_gemm(sch)
+        cands = gemm_space.candidates(gemm, m.vec, m.cores) if gemm else []
+        if not cands:
+            continue
+        c = pick(gemm, cands)
+        gemm_space.apply(sch, gemm, c, m.lanes)
+        workload = db.commit_workload(task.mod)
+        db.commit_tuning_record(TuningRecord(sch.trace, workload, [1e-5], tvm_target,
+                                             ArgInfo.from_prim_func(task.mod["main"])))
+        chosen[gemm_space.signature(Schedule(task.mod), gemm, m.lanes)] = gemm_space.Decision(c.mr, c.nv, c.c_outer)
+    return db, chosen
+
+
+def test_records_transfer_across_epilogues_and_batches(tiny_spec, no_records) -> None:
+    """Records of the tanh model at batch 2 decide the GEMMs of the erf model at batch 3: the
+    same micro-tiles and loop orders (not the defaults), parallel splits from this machine."""
+    target = get_target("llvm")
+    m = cpu.machine(target)
+
+    def not_the_default(gemm, cands):
+        default = gemm_space.default_candidate(gemm, m.vec, m.cores)
+        return next((c for c in cands if (c.mr, c.nv, c.c_outer) != (default.mr, default.nv, default.c_outer)),
+                    cands[0])
+
+    db, chosen = _record_db(tiny_spec.replace(gelu="tanh"), target, not_the_default)
+    assert len(chosen) >= 4
+    erf = tiny_spec.replace(batch=3)
+    spec, weights, run, applied = _build(erf, "erf", db, target)
+    assert not applied.untuned and applied.gemms
+    fused = cpu.prepare(compose(spec, target).module, target)
+    for gv, func in fused.functions.items():
+        if gv.name_hint not in applied.gemms:
+            continue
+        sch = Schedule(func)
+        gemm = gemm_space.find_gemm(sch)
+        decision = chosen[gemm_space.signature(sch, gemm, m.lanes)]
+        c = applied.gemms[gv.name_hint]
+        assert (c.mr, c.nv, c.c_outer) == (decision.mr, decision.nv, decision.c_outer), gv.name_hint
+        assert gv.name_hint in applied.tuned
+        assert (c.chunks, c.mchunks) == gemm_space.parallel_split(gemm, c.mr, c.nv, m.lanes, m.cores)
+    assert validate(run, spec, weights, seed=1).passed
+    # and the tanh build at the records' own batch takes the very same decisions
+    _, _, _, tanh = _build(tiny_spec, "tanh", db, target)
+    assert {(c.mr, c.nv, c.c_outer) for c in tanh.gemms.values()} == \
+        {(c.mr, c.nv, c.c_outer) for c in applied.gemms.values()}
+
+
+def test_decisions_round_trip_through_a_trace(tiny_spec) -> None:
+    target = get_target("llvm")
+    m = cpu.machine(target)
+    for task in model_tasks(tiny_spec, target):
+        sch = Schedule(task.mod)
+        gemm = gemm_space.find_gemm(sch)
+        for c in (gemm_space.candidates(gemm, m.vec, m.cores) if gemm else [])[:4]:
+            copy = sch.copy()
+            gemm_space.apply(copy, gemm, c, m.lanes)
+            assert gemm_space.decision_of(copy.trace) == gemm_space.Decision(c.mr, c.nv, c.c_outer)
+
+
+def _parallel_extents(func) -> list[int]:
+    """Extents of the parallel loops of a scheduled kernel (read off its TVMScript)."""
+    return [int(n) for n in re.findall(r"T\.parallel\((?:T\.int64\()?(\d+)", func.script())]
+
+
+@pytest.mark.parametrize("cores", [2, 16, 64])
+def test_parallel_split_keeps_every_core_busy(no_records, cores) -> None:
+    """A small model (64 tokens, C=128, D_C=512) built for 2, 16 and 64 cores (AVX-512, compile
+    only): every GEMM's parallel loop satisfies the rule in the module docstring."""
+    spec = MixerSpec("small", (64, 64), 8, 128, 64, 512, 1, num_classes=16, batch=2)
+    target = TargetInfo("t", "", {"kind": "llvm", "mcpu": "znver4", "num-cores": cores})
+    fused = cpu.prepare(compose(spec, target).module, target)
+    mod, applied = cpu.schedule_kernels(fused, target)
+    assert not applied.untuned and len(applied.gemms) >= 5
+    for name, c in applied.gemms.items():
+        extents = _parallel_extents(mod[name])
+        assert len(extents) == 1, (name, extents)
+        assert extents[0] % cores == 0 or extents[0] >= 8 * cores, (name, extents, c)
+        assert gemm_space.balanced(extents[0], cores)
+    for gv, func in mod.functions.items():  # every kernel runs on more than one thread
+        if cpu.is_kernel(func):
+            assert _parallel_extents(func), gv.name_hint
+    if cores == 64:  # and the machine code builds
+        from tvm.relax.backend.cpu_generic import pipeline as p
+
+        with target.tvm_target():
+            rest = tvm.transform.Sequential(p.dataflow_lower_passes(target.tvm_target())
+                                            + p.finalize_passes(target.tvm_target()))
+            tvm.compile(mod, target.tvm_target(), relax_pipeline=rest)
+
+
+def test_parallel_split_rule() -> None:
+    g = gemm_space.Gemm("matmul", 1, 196, 3072)
+    for cores in (1, 2, 3, 4, 6, 16, 64):
+        chunks, mchunks = gemm_space.parallel_split(g, 4, 3, 8, cores)
+        e = chunks * mchunks
+        assert gemm_space.balanced(e, cores), (cores, e)
+        assert 3072 // 8 // 3 % chunks == 0 and 196 // 4 % mchunks == 0
+    assert gemm_space.parallel_split(g, 4, 3, 8, 2) == (2, 1)  # N split first
+    assert gemm_space.parallel_split(gemm_space.Gemm("m", 8, 196, 768), 4, 3, 8, 2) == (1, 1)  # the batch suffices
+
+
+def test_loud_warning_when_a_kernel_stays_unscheduled(tiny_spec, no_records, monkeypatch) -> None:
+    monkeypatch.setattr(cpu_schedules, "RULES", [lambda sch, m: False])
+    target = get_target("llvm")
+    fused = cpu.prepare(compose(tiny_spec, target).module, target)
+    with pytest.warns(UserWarning, match=r"plain loops, ~100x slower.*layer_norm"):
+        _, applied = cpu.schedule_kernels(fused, target)
+    # the tiled GEMMs still get gemm_space's micro-kernel; everything else is named
+    assert "layer_norm" in applied.untuned and "mean" in applied.untuned
+    assert applied.defaults == list(applied.gemms)
+    assert f"{len(applied.untuned)} unscheduled" in applied.summary()
