@@ -2,11 +2,11 @@
 
 For each spec and batch (default mixer_s16 and mixer_b16, batches 1 and 8): our module built
 for `--target` (default llvm, the host CPU) with the tuning records a compile finds by itself
-(the user cache merged with the shipped `schedules/`), validated by the compile; the same
+(the user cache merged with the shipped `schedules/`; default schedules for kernels without
+one), validated by the compile; the same
 random weights (seed 0) in a PyTorch Mixer (`mixer_compile.torch_model`) run eager, through
 torch.compile, and exported with torch.onnx to ONNX Runtime. All run with `--threads` threads
-(default: the physical cores) on the same input. A module with untuned kernels is not timed
-(untuned B/16 takes ~30 s per image): it is not even built, and the table says so.
+(default: the physical cores) on the same input.
 
 Timing: after warm-up, `--repeat` rounds; each round times one call of every implementation
 in turn (interleaved, so machine load drifts hit all alike; each after a pause and an untimed
@@ -19,6 +19,17 @@ k trials per kernel.
 
     python benchmarks/bench_cpu.py --out benchmarks/results
     python benchmarks/bench_cpu.py --specs tiny.json --batches 2 --repeat 3   # smoke run
+
+Matrix mode (`--matrix`, issue #13): every preset (S/32 ... L/16) at batches 1, 3 and 8, erf
+and tanh GELU, plus a non-preset spec (B/16 at 160 px), each built twice by `cpu.build`: with
+defaults only (no user cache, no shipped records: every kernel scheduled by the default rules
+and gemm_space's register model) and with the shipped records only; against ONNX Runtime on
+the PyTorch Mixer with timm's module names (`torch.onnx.export`, same weights and GELU) and
+torch.compile. Nothing is left out because it is slow; `--specs/--batches/--gelus/--peers`
+pick a subset that fits the machine's time. Every output is checked against ONNX Runtime's.
+
+    python benchmarks/bench_cpu.py --matrix --specs mixer_s16 mixer_b16 --batches 1 8 --gelus erf \
+        --peers onnxruntime --repeat 5
 """
 
 from __future__ import annotations
@@ -65,7 +76,7 @@ def machine(threads: int) -> dict[str, Any]:
 
 
 def ours(spec: MixerSpec, target: str, work: Path) -> tuple[Callable[[np.ndarray], Any] | None, dict[str, Any]]:
-    """Our module for `spec`, or None (with the reason) when some kernel has no record."""
+    """Our module for `spec`, or None (with the reason) when some kernel got no schedule at all."""
     from mixer_compile import runtime
 
     result = compile_model(CompileOptions(spec=spec, target=target, out_dir=work / spec.fingerprint()),
@@ -73,7 +84,7 @@ def ours(spec: MixerSpec, target: str, work: Path) -> tuple[Callable[[np.ndarray
     tuning = result.metadata.tuning or {}
     info = {"validation": result.validation.summary(), "tuning": tuning,
             "compile_s": sum(result.timings.values())}
-    if not tuning.get("tuned") or tuning.get("untuned"):
+    if tuning.get("untuned"):
         return None, info
     model = runtime.load(result.artifact)
     return model, info
@@ -266,8 +277,193 @@ def refresh_curves(path: Path, db_dirs: list[Path], target: TargetInfo) -> int:
     return 0
 
 
+MATRIX_SPECS = ["mixer_s32", "mixer_s16", "mixer_b32", "mixer_b16", "mixer_l32", "mixer_l16", "mixer_b16@160"]
+MATRIX_BATCHES = [1, 3, 8]
+MATRIX_GELUS = ["erf", "tanh"]
+
+
+def matrix_spec(name: str, batch: int, gelu: str) -> MixerSpec:
+    """A preset, or `preset@PIXELS` for the preset at another (square) image size."""
+    base, _, pixels = name.partition("@")
+    spec = load_spec(base, batch=batch)
+    if pixels:
+        spec = spec.replace(image_size=(int(pixels), int(pixels)), name=f"{spec.name}@{pixels}")
+    return spec.replace(gelu=gelu)
+
+
+def torch_model_module() -> Any:
+    """The PyTorch Mixer with timm's module names, loaded by path (tests/torch_model.py, or
+    mixer_compile/torch_model.py before it moved): not part of the package's API."""
+    import importlib.util
+
+    for path in (REPO / "tests" / "torch_model.py", REPO / "mixer_compile" / "torch_model.py"):
+        if path.is_file():
+            spec = importlib.util.spec_from_file_location("bench_torch_model", path)
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+            return module
+    raise SystemExit("no torch_model.py in tests/ or mixer_compile/")
+
+
+def matrix_case(name: str, batch: int, gelu: str, target: TargetInfo, peer_names: list[str], repeat: int,
+                warmup: int, work: Path) -> dict[str, Any]:
+    import onnxruntime as ort
+    import torch
+    import tvm
+
+    from mixer_compile.backend import cpu
+    from mixer_compile.compose import compose
+    from mixer_compile.tune.database import open_union, shipped_db_dirs
+
+    spec = matrix_spec(name, batch, gelu)
+    weights = random_weights(spec, 0)
+    x = np.random.default_rng(1).standard_normal((batch, 3, *spec.image_size)).astype(np.float32)
+    case: dict[str, Any] = {"spec": name, "batch": batch, "gelu": gelu, "image": list(spec.image_size),
+                            "gflop": spec.flops_per_image() * batch / 1e9, "builds": {}}
+    fns: dict[str, Callable[[], Any]] = {}
+    model = compose(spec, target, weights=weights)
+    params = list(model.params.values())
+    for label, database in (("ours_defaults", None), ("ours_shipped", open_union(shipped_db_dirs(target)))):
+        applied: list[Any] = []
+        start = time.perf_counter()
+        executable = cpu.build(model.module, target, database, on_applied=applied.append)
+        seconds = time.perf_counter() - start
+        run = cpu.vm_function(executable, tvm.cpu(), params)
+        fns[label] = lambda run=run: run(x)
+        case["builds"][label] = {"build_s": seconds, "applied": applied[0].to_dict(),
+                                 "summary": applied[0].summary()}
+        print(f"  {label}: built in {seconds:.1f} s; {applied[0].summary()}", file=sys.stderr, flush=True)
+    tm = torch_model_module().torch_mixer(spec, weights)
+    xt = torch.from_numpy(x)
+    onnx_path = work / f"{spec.fingerprint()}.onnx"
+    with torch.inference_mode():
+        torch.onnx.export(tm, (xt,), str(onnx_path), dynamo=False, input_names=["image"], opset_version=17)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+    fns["onnxruntime"] = lambda: session.run(None, {"image": x})[0]
+    if "torch_compile" in peer_names:
+        compiled = torch.compile(tm)
+        start = time.perf_counter()
+        with torch.inference_mode():
+            compiled(xt)
+        case["torch_compile_s"] = time.perf_counter() - start
+
+        def tc() -> Any:
+            with torch.inference_mode():
+                return compiled(xt)
+
+        fns["torch_compile"] = tc
+    reference = np.asarray(fns["onnxruntime"](), np.float64)
+    case["rel_error_vs_ort"] = {k: float(np.abs(np.asarray(fns[k]() if k != "torch_compile" else
+                                                          fns[k]().numpy(), np.float64) - reference).max()
+                                         / np.abs(reference).max())
+                                for k in fns if k != "onnxruntime"}
+    print(f"  timing {', '.join(fns)}", file=sys.stderr, flush=True)
+    times = interleaved(fns, repeat, warmup)
+    flops = spec.flops_per_image() * batch
+    case["results"] = {k: stats(v, flops) for k, v in times.items()}
+    ort_ms = case["results"]["onnxruntime"]["median_ms"]
+    for r in case["results"].values():
+        r["vs_onnxruntime"] = r["median_ms"] / ort_ms
+    print("  " + ", ".join(f"{k} {v['median_ms']:.1f} ms" for k, v in case["results"].items()), file=sys.stderr)
+    return case
+
+
+def matrix_markdown(report: dict[str, Any]) -> str:
+    m = report["machine"]
+    out = [f"# CPU matrix: {m['cpu']} ({m['llvm_cpu']}), {m['threads']} threads; ours built for `{built_for(report)}`",
+           "", f"{report['date']}; torch {m['torch']}, onnxruntime {m['onnxruntime']}, TVM {m['tvm']}. Load average "
+           f"before {report['load_before']}, after {report['load_after']} (a shared machine: figures move between "
+           f"runs). {report['repeat']} interleaved rounds, medians. `defaults`: no user cache and no shipped records "
+           "(every kernel by the default rules); `shipped`: the shipped records only (`schedules/`); ONNX Runtime "
+           "runs the PyTorch Mixer with timm's names exported by torch.onnx (same weights and GELU). Build: "
+           "`cpu.build` wall time (legalize, schedule, LLVM). Ratios are to ONNX Runtime; max rel. error is "
+           "against ONNX Runtime's logits.", "",
+           "| spec | batch | GELU | defaults ms | shipped ms | ONNX Runtime ms | torch.compile ms | defaults / ORT "
+           "| shipped / ORT | defaults / shipped | shipped records | build s (defaults) | max rel. error |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for c in report["cases"]:
+        r = c["results"]
+
+        def ms(k: str) -> str:
+            return f"{r[k]['median_ms']:.1f}" if k in r else "-"
+
+        shipped = c["builds"]["ours_shipped"]["applied"]
+        tc = ms("torch_compile") + (f" (compile {c['torch_compile_s']:.0f} s)" if "torch_compile_s" in c else "")
+        out.append(f"| {c['spec']} | {c['batch']} | {c['gelu']} | {ms('ours_defaults')} | {ms('ours_shipped')} "
+                   f"| {ms('onnxruntime')} | {tc} | {r['ours_defaults']['vs_onnxruntime']:.2f}x "
+                   f"| {r['ours_shipped']['vs_onnxruntime']:.2f}x "
+                   f"| {r['ours_defaults']['median_ms'] / r['ours_shipped']['median_ms']:.2f}x "
+                   f"| {len(shipped['tuned'])}/{shipped['kernels']} "
+                   f"| {c['builds']['ours_defaults']['build_s']:.1f} "
+                   f"| {max(c['rel_error_vs_ort'].values()):.1e} |")
+    if report.get("first_compile"):
+        f = report["first_compile"]
+        out += ["", f"First compile of {f['spec']} batch {f['batch']} without records (`mixer-compile compile`, "
+                f"a fresh process, empty cache, no shipped records): {f['seconds']:.1f} s wall."]
+    return "\n".join(out) + "\n"
+
+
+def first_compile(spec_name: str, batch: int, target: str) -> dict[str, Any]:
+    """Wall time of a whole `compile_model` (weights, graph, build, validation) in a fresh process
+    with an empty cache and no shipped records."""
+    import subprocess
+
+    code = ("import sys, time, tempfile, os; from pathlib import Path; t0 = time.perf_counter(); "
+            "import mixer_compile.tune.database as d; d.SCHEDULES_DIR = Path(tempfile.mkdtemp()); "
+            "os.environ['MIXER_COMPILE_CACHE'] = tempfile.mkdtemp(); "
+            "from mixer_compile.compiler import CompileOptions, compile_model; "
+            "from mixer_compile.model.spec import load_spec; from mixer_compile.util.progress import Progress; "
+            f"r = compile_model(CompileOptions(spec=load_spec('{spec_name}', batch={batch}), target='{target}'), "
+            "Progress(5, quiet=True)); "
+            "print(time.perf_counter() - t0, r.validation.passed, r.metadata.tuning.get('defaults') is not None)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
+    seconds, passed, _ = out.stdout.split()[-3:]
+    return {"spec": spec_name, "batch": batch, "seconds": float(seconds), "validated": passed == "True"}
+
+
+def matrix_main(args: argparse.Namespace) -> int:
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    threads = torch.get_num_threads()
+    os.environ["TVM_NUM_THREADS"] = str(threads)
+    target = get_target(args.target)
+    report: dict[str, Any] = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                              "machine": machine(threads), "target": target.config, "repeat": args.repeat,
+                              "load_before": [round(v, 2) for v in os.getloadavg()], "cases": []}
+    specs = args.specs if args.specs_given else MATRIX_SPECS
+    batches = args.batches if args.batches_given else MATRIX_BATCHES
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"cpu_matrix_{report['machine']['llvm_cpu']}"
+    if args.first_compile:
+        print("first compile of mixer_b16 batch 1 without records", file=sys.stderr, flush=True)
+        report["first_compile"] = first_compile("mixer_b16", 1, args.target)
+    with tempfile.TemporaryDirectory(prefix="bench-cpu-") as tmp:
+        for name in specs:
+            for batch in batches:
+                for gelu in args.gelus:
+                    print(f"{name} batch {batch} {gelu}", file=sys.stderr, flush=True)
+                    report["cases"].append(matrix_case(name, batch, gelu, target, args.peers, args.repeat,
+                                                       args.warmup, Path(tmp)))
+                    report["load_after"] = [round(v, 2) for v in os.getloadavg()]
+                    (out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")  # kept as it grows
+                    (out / f"{stem}.md").write_text(matrix_markdown(report))
+    print(matrix_markdown(report))
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--matrix", action="store_true", help="the defaults/shipped/peers matrix (module docstring)")
+    ap.add_argument("--gelus", nargs="+", default=MATRIX_GELUS, choices=MATRIX_GELUS)
+    ap.add_argument("--peers", nargs="+", default=["onnxruntime", "torch_compile"],
+                    choices=["onnxruntime", "torch_compile"], help="matrix mode: the peers timed")
+    ap.add_argument("--first-compile", action="store_true",
+                    help="matrix mode: also time a whole first compile of Mixer-B/16 without records")
     ap.add_argument("--specs", nargs="+", default=["mixer_s16", "mixer_b16"])
     ap.add_argument("--batches", nargs="+", type=int, default=[1, 8])
     ap.add_argument("--target", default="llvm")
@@ -279,6 +475,10 @@ def main() -> int:
     ap.add_argument("--curves-only", metavar="JSON", help="recompute the latency-vs-trials curves of a "
                     "results file from --trials-db and rewrite it (no timing)")
     args = ap.parse_args()
+    args.specs_given = "--specs" in sys.argv
+    args.batches_given = "--batches" in sys.argv
+    if args.matrix:
+        return matrix_main(args)
     if args.curves_only:
         return refresh_curves(Path(args.curves_only), [Path(d) for d in args.trials_db or []], get_target(args.target))
 
@@ -301,14 +501,8 @@ def main() -> int:
                 spec = spec.with_gelu_for("random")
                 x = np.random.default_rng(1).standard_normal((batch, 3, *spec.image_size)).astype(np.float32)
                 kernels = kernel_breakdown(spec, target)
-                missing = [r["kernel"] for r in kernels if r["ms_per_call"] is None]
-                if missing:  # untuned code takes seconds to minutes per call: not even validated
-                    model, info = None, {"validation": "not built", "tuning": {
-                        "kernels": len(kernels), "tuned": [r["kernel"] for r in kernels if r["ms_per_call"]],
-                        "untuned": missing}}
-                else:
-                    print(f"{spec.fingerprint()}: building", file=sys.stderr, flush=True)
-                    model, info = ours(spec, args.target, work)
+                print(f"{spec.fingerprint()}: building", file=sys.stderr, flush=True)
+                model, info = ours(spec, args.target, work)  # kernels without a record get default schedules
                 fns = peers(spec, weights, x, work)
                 if model is not None:
                     fns = {"mixer-compile": lambda m=model: m(x), **fns}
