@@ -66,9 +66,10 @@ def cmd_compile(args: argparse.Namespace) -> int:
     print(f"  weights    {r.metadata.weights}")
     print(f"  validation {r.validation.summary()}")
     if r.metadata.batch:
+        checked = [v["batch"] for v in r.metadata.validation.get("batches", [])] or [r.validation.batch]
         print(f"  batches    {r.metadata.batch['min']}-{r.metadata.batch['max']} served by entries "
-              f"{', '.join(map(str, r.metadata.batch['entries']))} (validated at "
-              f"{', '.join(str(v['batch']) for v in r.metadata.validation.get('batches', []))})")
+              f"{', '.join(map(str, r.metadata.batch['entries']))} (validated at batch "
+              f"{', '.join(map(str, checked))})")
     if r.metadata.tuning:
         t = r.metadata.tuning
         print(f"  tuning     {len(t['tuned'])}/{t['kernels']} kernels tuned, records from "

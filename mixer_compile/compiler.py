@@ -128,7 +128,8 @@ def compile_model(opts: CompileOptions, progress: Progress | None = None) -> Com
         checks = [(spec.batch, runner.run)]
     shown = ", ".join(str(b) for b, _ in checks)
     with progress.stage("validate", f"batch{'es' if len(checks) > 1 else ''} {shown}, the first "
-                        f"{min(checks[-1][0], REFERENCE_IMAGES)} of each vs the float64 reference"):
+                        f"{min(checks[-1][0], REFERENCE_IMAGES)}{' of each' if len(checks) > 1 else ''} "
+                        "vs the float64 reference"):
         where = runner.where + (f", at batch {runner.batch}" if runner.batch is not None else "")
         results = []
         for batch, run in checks:
