@@ -219,11 +219,34 @@ def schedule_kernels(fused: tvm.IRModule, target: TargetInfo, database: Any = No
             continue
         (applied.tuned if from_record else applied.defaults).append(name)
         mod = _replace(mod, gv, _mark(scheduled.mod["main"], func))
+    if database is not None and applied.kernels and not applied.tuned:
+        warnings.warn(f"the tuning database applied to none of the {applied.kernels} kernels: every kernel runs "
+                      "its default schedule (tune to refine them)", UserWarning, stacklevel=3)
     if applied.untuned:
         warnings.warn(f"{len(applied.untuned)} of {applied.kernels} kernels got no schedule and run as plain "
                       f"loops, {SLOWDOWN} slower than scheduled: {', '.join(applied.untuned)} (no record and no "
                       "default rule (backend/cpu_schedules.py) applies to them)", UserWarning, stacklevel=3)
     return mod, applied
+
+
+def default_schedule(mod: tvm.IRModule, target: TargetInfo) -> Any:
+    """The schedule a build gives the kernel `mod["main"]` when no record applies (a Schedule,
+    or None when no rule applies): what tuning starts from (tune/search.py)."""
+    from tvm.s_tir import Schedule
+
+    from mixer_compile.backend import cpu_schedules, gemm_space
+
+    m = machine(target)
+    sch = Schedule(mod)
+    gemm = gemm_space.find_gemm(sch)
+    if gemm is not None and gemm.n % m.lanes == 0 and gemm_space.candidates(gemm, m.vec, m.cores):
+        try:
+            gemm_space.apply(sch, gemm, gemm_space.default_candidate(gemm, m.vec, m.cores), m.lanes)
+            return sch
+        except Exception:  # a primitive refused it: the rules below
+            pass
+    result = cpu_schedules.default_schedule(Schedule(mod), m)
+    return result[0] if result is not None else None
 
 
 def _replace(mod: tvm.IRModule, gv: Any, func: Any) -> tvm.IRModule:

@@ -6,6 +6,12 @@ shared between presets or batch sizes are tuned once. MetaSchedule appends each 
 batch of candidates (`BATCH` trials) to the JSON database before it picks the next, so a
 killed run loses at most the batch in flight and a re-run continues where it stopped; Ctrl-C
 stops once the batch in flight is recorded (`util/interrupt.py`).
+
+Tuning refines the defaults: before searching, the schedule a build would give each kernel
+without records (backend/cpu.py `default_schedule`: gemm_space's register model, the
+cpu_schedules rules) is measured once with the same runner and committed as the kernel's
+first record, so the database's best is never slower than the default, and each kernel's
+line (and `TuneSummary.table`) says what the search gained over it.
 """
 
 from __future__ import annotations
@@ -81,7 +87,9 @@ class TuneSummary:
         for t in self.tasks:
             best = best_latency(db, t.mod, target)
             speed = f"{best * 1e3:9.3f} ms {t.flops / best / 1e9:7.1f} GFLOP/s" if best else "   no valid record"
-            lines.append(f"      {t.name:<{width}} x{t.calls:<3} {t.flops / 1e6:9.1f} MFLOP {t.done:>5} trials {speed}")
+            gain = f", {t.default_secs / best:.2f}x over the default" if best and t.default_secs else ""
+            lines.append(f"      {t.name:<{width}} x{t.calls:<3} {t.flops / 1e6:9.1f} MFLOP {t.done:>5} trials "
+                         f"{speed}{gain}")
         return lines
 
 
@@ -113,8 +121,53 @@ def tune(tasks: list[Task], target: TargetInfo, db_dir: Path, say: Say = print,
         # worker still importing TVM kills it, which here is a plain KeyboardInterrupt in this process
         pools = _worker_pools(tvm_target, runner) if todo else None
         with StopOnInterrupt(say) as interrupt:
-            measured = _tune_tasks(todo, tasks, tvm_target, db, say, seed, interrupt, pools) if todo else 0
+            measured = _measure_defaults([t for t in todo if t.done == 0], target, db, say, pools) if todo else 0
+            todo = [t for t in todo if t.done < t.trials]
+            if todo and not interrupt.requested:
+                measured += _tune_tasks(todo, tasks, tvm_target, db, say, seed, interrupt, pools)
     return TuneSummary(tasks, measured, Path(db_dir), time.perf_counter() - start, interrupt.requested)
+
+
+def _measure_defaults(tasks: list[Task], target: TargetInfo, db: Any, say: Say, pools: tuple[Any, Any, Any]) -> int:
+    """Each task's default schedule (what a build without records runs), built here and
+    measured by the tuning runner in one batch, committed as the task's first record (it
+    counts as a trial). Sets `Task.default_secs`; returns the count measured."""
+    from tvm.s_tir.meta_schedule.arg_info import ArgInfo
+    from tvm.s_tir.meta_schedule.builder import BuilderInput
+    from tvm.s_tir.meta_schedule.database import TuningRecord
+    from tvm.s_tir.meta_schedule.runner import RunnerInput
+
+    from mixer_compile.backend.cpu import default_schedule
+
+    _, inline, runner = pools
+    tvm_target = target.tvm_target()
+    scheduled = [(t, default_schedule(t.mod, target)) for t in tasks]
+    scheduled = [(t, sch) for t, sch in scheduled if sch is not None]
+    if not scheduled:
+        return 0
+    say(f"      measuring the default schedules of {len(scheduled)} kernels (what tuning starts from)")
+    builds = inline.build([BuilderInput(sch.mod, tvm_target) for _, sch in scheduled])
+    device = "cpu" if tvm_target.kind.name == "llvm" else tvm_target.kind.name
+    inputs = [RunnerInput(b.artifact_path, device, ArgInfo.from_prim_func(t.mod["main"]))
+              for (t, _), b in zip(scheduled, builds) if b.error_msg is None]
+    futures = iter(runner.run(inputs)) if inputs else iter(())
+    for (t, sch), b in zip(scheduled, builds):
+        secs, error = None, b.error_msg
+        if error is None:
+            result = next(futures).result()
+            error = result.error_msg
+            if error is None and result.run_secs:
+                secs = [float(x) for x in result.run_secs]
+        if secs:  # a failed default is not recorded: the search still has its whole budget
+            db.commit_tuning_record(TuningRecord(sch.trace, db.commit_workload(t.mod), secs, tvm_target,
+                                                 ArgInfo.from_prim_func(t.mod["main"])))
+            t.done += 1
+            t.default_secs = sum(secs) / len(secs)
+            say(f"      {t.name}: default schedule {t.default_secs * 1e3:.3f} ms "
+                f"({t.flops / t.default_secs / 1e9:.1f} GFLOP/s)")
+        else:
+            say(f"      {t.name}: default schedule failed ({str(error).strip().splitlines()[-1][:150]})")
+    return len(scheduled)
 
 
 def _inline_builder() -> Any:
@@ -183,6 +236,11 @@ def _tune_tasks(todo: list[Task], tasks: list[Task], tvm_target: Any, db: Any, s
                           num_trials_per_iter=min(BATCH, remaining), runner=runner,
                           builder=inline if t.flops < INLINE_BUILD_FLOPS else pool,
                           database=db, measure_callbacks=callbacks, cost_model="xgb", task_scheduler="round-robin")
+            record = db.query_tuning_record(t.mod, tvm_target, "main")
+            best = sum(float(x) for x in record.run_secs) / len(record.run_secs) if record and record.run_secs else None
+            if best and t.default_secs:
+                say(f"      task {index}/{len(tasks)} {t.name}: best {best * 1e3:.3f} ms, the search gained "
+                    f"{t.default_secs / best:.2f}x over the default schedule ({t.default_secs * 1e3:.3f} ms)")
             if interrupt.requested:
                 break
             if t.done < t.trials:  # the search space ran out of new candidates

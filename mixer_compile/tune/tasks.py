@@ -7,7 +7,9 @@ place a model's tasks are made from a spec; tuning, reports and benchmarks all c
 Budget: `trials` per kernel for the kernels that carry at least `BIG_SHARE` of the model's
 FLOPs; the rest (LayerNorm, mean, head, patchify) get a quarter of it: their search spaces
 are small and a few trials find the parallel, vectorised loop nest. GEMM kernels search
-backend/gemm_space.py's micro-kernel candidates instead of the generic space.
+backend/gemm_space.py's micro-kernel candidates instead of the generic space; only their
+micro-tile and loop order matter to a build (the parallel split is the build machine's).
+Tuning starts from each kernel's default schedule (tune/search.py).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ class Task:
     trials: int = 0  # the budget
     done: int = 0  # records in the database
     space: Any = "post-order-apply"  # MetaSchedule's generic space, or gemm_space's candidates
+    default_secs: float | None = None  # the default schedule's measured time, when tuning measured it
 
     @property
     def total_flops(self) -> float:
