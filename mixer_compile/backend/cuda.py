@@ -23,10 +23,11 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
 
-from mixer_compile.backend import Runner
+from mixer_compile.backend import Runner, cutlass
 from mixer_compile.backend.target import TargetInfo, get_target
 from mixer_compile.errors import MixerCompileError, TargetError, TuningError
 from mixer_compile.passes.context import PassContext
@@ -45,9 +46,10 @@ class CudaLibrary:
     so an artifact holds exactly the bytes the child wrote.
     """
 
-    def __init__(self, path: Path, target: TargetInfo) -> None:
+    def __init__(self, path: Path, target: TargetInfo, kernels: list[Any] | None = None) -> None:
         self.path = path
         self.target = target
+        self.kernels = kernels or []  # the CUTLASS GEMMs linked in (lower/library.py)
         self._work: Any = None  # the build's temporary directory, removed with this object
 
     def export_library(self, file_name: str) -> None:
@@ -57,7 +59,8 @@ class CudaLibrary:
         """What GPU code the library carries, for the artifact's metadata."""
         blobs = fatbins(self.path)
         return {"format": "fatbin", "compiler": "nvcc", "arch": str(self.target.tvm_target().attrs["arch"]),
-                "fatbins": len(blobs), "bytes": sum(map(len, blobs))}
+                "fatbins": len(blobs), "bytes": sum(map(len, blobs)),
+                "library_gemms": [k.symbol for k in self.kernels]}
 
 
 def driver_present() -> bool:
@@ -101,8 +104,16 @@ def write_stand_in_libcuda(directory: Path) -> Path:
 
 
 def pass_context(target: TargetInfo, dtype: str) -> PassContext:
-    """GPU kernels keep the (K, N) weight layout: DLight's matmul schedules expect it."""
-    return PassContext(dtype=dtype)
+    """The large half-precision GEMMs go to CUTLASS kernels on sm_80 and sm_90 GPUs
+    (passes/library_gemms.py, backend/cutlass.py); the rest keeps the (K, N) weight layout
+    DLight's schedules expect."""
+    from mixer_compile.backend.cutlass import has_family
+
+    return PassContext(dtype=dtype, gemm_library="cutlass" if has_family(_arch(target)) else "")
+
+
+def _arch(target: TargetInfo) -> str:
+    return str(target.tvm_target().attrs["arch"])
 
 
 def build(mod: Any, target: TargetInfo, database: Any = None, on_applied: Any = None) -> CudaLibrary:
@@ -132,8 +143,23 @@ def runner(executable: CudaLibrary, target: TargetInfo, params: list[Any],
         return Runner(cpu.vm_function(lib, dev, params), f"GPU {dev.device_name}")
     mod, small_params, batch = rebuild(HOST_CHECK_BATCH)
     lib = cpu.build(mod, get_target("llvm"))
+    kernels = cutlass.symbols(mod)
+    if kernels:  # the library GEMMs' CPU implementation, linked in like the GPU build links CUTLASS's
+        lib = _with_addons(lib, [cutlass.host_object(kernels)], executable)
     return Runner(cpu.vm_function(lib, tvm.cpu(), small_params),
-                  f"host CPU: the same lowering and precision built for llvm; GPU run pending ({why})", batch)
+                  f"host CPU: the same lowering and precision built for llvm"
+                  + (f" ({len(kernels)} library GEMMs by their C++ stand-in)" if kernels else "")
+                  + f"; GPU run pending ({why})", batch)
+
+
+def _with_addons(executable: Any, addons: list[Path], keep: CudaLibrary) -> Any:
+    """`executable` exported with `addons` linked in and loaded back (call_dps_packed finds
+    external symbols in the loaded library only)."""
+    import tvm
+
+    path = Path(keep._work.name if keep._work else tempfile.mkdtemp(prefix="mixer-compile-host-")) / "host_check.so"
+    executable.export_library(str(path), addons=[str(a) for a in addons])
+    return tvm.runtime.load_module(str(path))
 
 
 def describe(executable: CudaLibrary) -> dict[str, Any]:
@@ -148,8 +174,12 @@ def build_cuda_library(mod: Any, target: TargetInfo, work_dir: Path) -> CudaLibr
     work_dir.mkdir(parents=True, exist_ok=True)
     module_json, target_json, out = work_dir / "module.json", work_dir / "target.json", work_dir / "model.so"
     module_json.write_text(tvm.ir.save_json(mod))
+    kernels = cutlass.symbols(mod)
+    with ThreadPoolExecutor(max_workers=2) as pool:  # nvcc needs GBs per CUTLASS kernel: two at a time
+        objects = list(pool.map(lambda k: str(cutlass.gpu_object(k, _arch(target))), kernels))
     target_json.write_text(json.dumps({"name": target.name, "description": target.description,
-                                       "config": target.config}))
+                                       "config": target.config, "addons": objects,
+                                       "options": cutlass.link_options() if objects else []}))
     env = {**os.environ, "TVM_CUDA_COMPILE_MODE": "nvcc"}
     if not driver_present():
         stand_in = write_stand_in_libcuda(Path(tempfile.mkdtemp(prefix="stand-in-libcuda.", dir=work_dir)))
@@ -162,7 +192,7 @@ def build_cuda_library(mod: Any, target: TargetInfo, work_dir: Path) -> CudaLibr
     if not fatbins(out):
         raise MixerCompileError(f"the CUDA build for {target.name} embedded no compiled GPU code (TVM fell back "
                                 "to CUDA source); check that nvcc works: nvcc --version")
-    return CudaLibrary(out, target)
+    return CudaLibrary(out, target, kernels)
 
 
 def runnable_here(library: CudaLibrary) -> str | None:
@@ -237,7 +267,8 @@ def _child(module_json: str, target_json: str, out: str) -> None:
     # (Relax's RewriteCUDAGraph; the weights are static inputs, `num_input` = 1), so a small
     # batch is not bound by ~60 launches per call
     with tvm_target, tvm.transform.PassContext(config={CUDA_GRAPH_CONFIG: True}):
-        tvm.compile(mod, tvm_target, relax_pipeline=cuda_pipeline(tvm_target)).export_library(out)
+        executable = tvm.compile(mod, tvm_target, relax_pipeline=cuda_pipeline(tvm_target))
+    executable.export_library(out, addons=info["addons"], options=info["options"])
 
 
 if __name__ == "__main__":

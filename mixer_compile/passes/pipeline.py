@@ -5,9 +5,9 @@
 - "conv": token mixing as a tied full-receptive-field depthwise conv and its mirror,
   channel mixing as 1x1 convs (paper, section 2): the form for conv-only runtimes.
 
-Every form ends with the target's weight layout and the storage precision, in that order, so
-that no rewrite has to reason about packed weights or mixed precisions; both are no-ops when
-the context says so (no panel on GPUs, float32).
+Every form ends with the target's weight layout, the storage precision and the GEMMs handed to
+a kernel library, in that order, so that no rewrite has to reason about packed weights or mixed
+precisions; each is a no-op when the context says so (no panel on GPUs, float32, no library).
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from typing import Callable
 
 from mixer_compile.errors import MixerCompileError
 from mixer_compile.ir.graph import Graph
-from mixer_compile.passes import (channel_mixing_as_conv1x1, fuse_epilogues, pack_kernels, precision,
-                                  token_mixing_as_conv, tokens_major)
+from mixer_compile.passes import (channel_mixing_as_conv1x1, fuse_epilogues, library_gemms, pack_kernels,
+                                  precision, token_mixing_as_conv, tokens_major)
 from mixer_compile.passes.context import PassContext
 
 PassFn = Callable[[Graph, PassContext], tuple[Graph, list[str]]]
@@ -30,11 +30,13 @@ PASSES: dict[str, PassFn] = {
     "fuse_epilogues": fuse_epilogues.run,
     "pack_kernels": pack_kernels.run,
     "precision": precision.run,
+    "library_gemms": library_gemms.run,
 }
 
 FORMS: dict[str, tuple[str, ...]] = {
-    "matmul": ("tokens_major", "fuse_epilogues", "pack_kernels", "precision"),
-    "conv": ("token_mixing_as_conv", "channel_mixing_as_conv1x1", "fuse_epilogues", "pack_kernels", "precision"),
+    "matmul": ("tokens_major", "fuse_epilogues", "pack_kernels", "precision", "library_gemms"),
+    "conv": ("token_mixing_as_conv", "channel_mixing_as_conv1x1", "fuse_epilogues", "pack_kernels", "precision",
+             "library_gemms"),
 }
 
 
