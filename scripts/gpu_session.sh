@@ -2,8 +2,10 @@
 # What a session with a GPU machine (the device tool) runs, by stage:
 #   stage    (device call 1, carry [".gpu/a"])  the first half of the TVM wheel lands; prints the machine
 #   install  (device call 2, carry [".gpu/b"])  joins the wheel, installs TVM into /tmp/site
-#   test     tests/test_cuda_build.py with the GPU tests enabled
+#   test     the GPU tests (tests/test_cuda_build.py, tests/test_library_gemms.py with --runslow: the
+#            CUTLASS sm_90a kernels too), every build validated on the GPU
 #   bench    benchmarks/bench_gpu.py: ours (validated on the GPU) vs PyTorch eager and torch.compile
+#   cpuscale benchmarks/bench_cpu.py on the machine's CPU at 2, 4, 8 and 16 threads (CPU scaling)
 # The machine forgets everything 30 s after a call, so run the calls back to back; stages can be
 # combined: `bash scripts/gpu_session.sh install test bench`. Results land in $OUT (device tool) or
 # ./gpu-results; copy them to benchmarks/results/ and commit. See README, "NVIDIA GPUs".
@@ -28,12 +30,19 @@ for stage in "$@"; do
       [ -f .gpu/a/tvm-part-00 ] || { echo "the first half (.gpu/a) is gone: the machine went cold; run the 'stage' call again, then this one at once"; exit 2; }
       cat .gpu/a/tvm-part-00 .gpu/b/tvm-part-01 > "/tmp/$(cat .gpu/b/tvm-wheel-name)"
       python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
-        "/tmp/$(cat .gpu/b/tvm-wheel-name)" .gpu/b/apache_tvm_ffi-*.whl || exit 2
+        "/tmp/$(cat .gpu/b/tvm-wheel-name)" .gpu/b/apache_tvm_ffi-*.whl .gpu/b/nvidia_cutlass-*.whl || exit 2
+      # this scratch copy runs from source: give it the wheel's layout of the package data
+      ln -sfn ../targets mixer_compile/targets && ln -sfn ../schedules mixer_compile/schedules
       python3 -c 'import tvm; d = tvm.cuda(0); print("tvm", tvm.__version__, "GPU", d.exist and d.device_name, d.exist and d.compute_version)' || exit 2 ;;
     test)
-      python3 -m pytest -q -rs tests/test_cuda_build.py 2>&1 | tee "$OUT/test_cuda_build.log" ;;
+      python3 -m pytest -q -rs --runslow tests/test_cuda_build.py tests/test_library_gemms.py 2>&1 | tee "$OUT/test_gpu.log" ;;
     bench)
       python3 benchmarks/bench_gpu.py --spec "$SPEC" --batches "${BATCHES:-1,64,256}" --artifacts /tmp/bench --out "$OUT" 2>&1 | tee "$OUT/bench.log" ;;
-    *) echo "unknown stage '$stage' (stage, install, test, bench)"; exit 2 ;;
+    cpuscale)
+      for t in ${THREADS:-2 4 8 16}; do
+        python3 benchmarks/bench_cpu.py --specs mixer_b16 --batches 1 8 --threads "$t" --out "$OUT/cpu_threads_$t" \
+          2>&1 | tee "$OUT/cpu_threads_$t.log"
+      done ;;
+    *) echo "unknown stage '$stage' (stage, install, test, bench, cpuscale)"; exit 2 ;;
   esac
 done
