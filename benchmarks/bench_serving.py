@@ -2,6 +2,7 @@
 and a soak run of the loaded artifact under load from many threads.
 
     python benchmarks/bench_serving.py speed --out benchmarks/results             # ~10 min here
+    TVM_NUM_THREADS=1 python benchmarks/bench_serving.py speed --reuse            # one thread each
     python benchmarks/bench_serving.py soak --duration 120 --out benchmarks/results
 
 `speed`: for `--spec` (default mixer_s16, random weights seed 0), builds ONE artifact for
@@ -10,14 +11,18 @@ and a soak run of the loaded artifact under load from many threads.
 weights in a timm-structured PyTorch Mixer exported with `torch.onnx.export` with a dynamic batch
 axis, run by ONNX Runtime. At each batch, rounds interleave the three (bench_cpu.interleaved:
 a pause and an untimed call before each timed call); median, spread and the ratios
-range/fixed and range/ONNX Runtime are reported, with compile times and library sizes.
+range/fixed and range/ONNX Runtime are reported, with compile times and library sizes. Threads:
+TVM_NUM_THREADS for ours and ONNX Runtime alike (default: every CPU); on a loaded shared machine
+one thread each is the steadier comparison (spinning thread pools suffer most from contention).
 
 `soak`: loads the range artifact (built by `speed`, or built here) and runs it from
-`--threads` (8) threads for `--duration` seconds, each call on one of a fixed set of inputs with
-mixed batch sizes across the range; every output must equal (bit for bit) the single-threaded
-output of the same input. Resident memory (VmRSS) is sampled every second; "flat" means the
-last third of the run grew by no more than `--rss-slack-mib` over the end of the warm-up
-(the first fifth). Any error, mismatch or growth fails the run (exit 1).
+`--threads` (8) threads: a warm-up where all threads run each entry batch at once (TVM's pooled
+allocator is shared by the VMs and keeps freed buffers by size, so it then holds as many of
+each as can be in use together), then `--duration` seconds of calls, each on a random one of
+`--inputs` inputs with mixed batch sizes across the range. Every output must equal (bit for bit)
+the single-threaded output of the same input. Resident memory (VmRSS) is sampled every second
+after the warm-up; "flat" means it never grew more than `--rss-slack-mib` above the first
+sample. Any error, mismatch or growth fails the run (exit 1).
 """
 
 from __future__ import annotations
@@ -56,17 +61,20 @@ def torch_mixer(spec: MixerSpec, weights: dict[str, np.ndarray]) -> Any:
     return make(spec, weights)
 
 
-def build(spec: MixerSpec, batches: tuple[int, int], out: Path) -> tuple[Any, dict[str, Any]]:
+def build(spec: MixerSpec, batches: tuple[int, int], out: Path, reuse: bool = False) -> tuple[Any, dict[str, Any]]:
     from mixer_compile import runtime
 
+    if reuse and (out / "info.json").is_file():  # a previous run's build, and what it recorded
+        return runtime.load(out / "artifact"), json.loads((out / "info.json").read_text())
     start = time.perf_counter()
-    result = compile_model(CompileOptions(spec=spec.replace(batch=batches[1]), out_dir=out, batches=batches),
-                           Progress(7, quiet=True))
+    result = compile_model(CompileOptions(spec=spec.replace(batch=batches[1]), out_dir=out / "artifact",
+                                          batches=batches), Progress(7, quiet=True))
     info = {"compile_s": round(time.perf_counter() - start, 1), "validation": result.metadata.validation,
-            "library_bytes": (out / "model.so").stat().st_size, "batch": result.metadata.batch,
+            "library_bytes": (out / "artifact" / "model.so").stat().st_size, "batch": result.metadata.batch,
             "tuning": {k: (len(v) if isinstance(v, list) else v) for k, v in (result.metadata.tuning or {}).items()
                        if k in ("kernels", "tuned", "defaults", "untuned")}}
-    return runtime.load(out), info
+    (out / "info.json").write_text(json.dumps(info, indent=2) + "\n")
+    return runtime.load(out / "artifact"), info
 
 
 def onnx_session(spec: MixerSpec, weights: dict[str, np.ndarray], path: Path, threads: int) -> Any:
@@ -91,10 +99,10 @@ def speed(args: argparse.Namespace) -> int:
     weights = random_weights(spec.replace(gelu=spec.resolved_gelu), 0)
     threads = int(os.environ.get("TVM_NUM_THREADS") or os.cpu_count() or 1)
     print(f"building {spec.name} for batches {low}-{high} and fixed {batches} in {work}", file=sys.stderr)
-    ranged, range_info = build(spec, (low, high), work / f"{spec.name}-range-{low}-{high}")
+    ranged, range_info = build(spec, (low, high), work / f"{spec.name}-range-{low}-{high}", args.reuse)
     fixed, fixed_info = {}, {}
     for b in batches:
-        fixed[b], fixed_info[b] = build(spec, (b, b), work / f"{spec.name}-b{b}")
+        fixed[b], fixed_info[b] = build(spec, (b, b), work / f"{spec.name}-b{b}", args.reuse)
     session = onnx_session(spec, weights, work / f"{spec.name}-dynamic.onnx", threads)
     report: dict[str, Any] = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -120,7 +128,7 @@ def speed(args: argparse.Namespace) -> int:
               f"{row['fixed']['median_ms']:.1f} ms, onnxruntime {row['onnxruntime']['median_ms']:.1f} ms",
               file=sys.stderr)
     report["load_after"] = list(os.getloadavg())
-    stem = f"serving_{report['machine']['llvm_cpu']}_{spec.name}"
+    stem = f"serving_{report['machine']['llvm_cpu']}_{spec.name}_{threads}thread{'s' if threads > 1 else ''}"
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -175,59 +183,80 @@ def soak(args: argparse.Namespace) -> int:
 
     spec = load_spec(args.spec)
     low, high = parse_batch(args.range)
-    artifact = Path(args.work) / f"{spec.name}-range-{low}-{high}"
-    if not (artifact / "metadata.json").is_file():
-        build(spec, (low, high), artifact)
-    model = runtime.load(artifact)
+    model, _ = build(spec, (low, high), Path(args.work) / f"{spec.name}-range-{low}-{high}", reuse=True)
     rng = np.random.default_rng(0)
     sizes = sorted({low, high, *(int(v) for v in rng.integers(low, high + 1, size=args.inputs - 2))})
     inputs = [rng.standard_normal((n, spec.in_channels, *spec.image_size), dtype=np.float32) for n in sizes]
     expected = [model(x) for x in inputs]  # single-threaded, this thread's VM
-    stop = time.monotonic() + args.duration
+    entries = list(model.batches.entries)
+    warm_inputs = [rng.standard_normal((n, spec.in_channels, *spec.image_size), dtype=np.float32) for n in entries]
+    warm_expected = [model(x) for x in warm_inputs]
+    barrier = threading.Barrier(args.threads + 1)
     counts = [0] * args.threads
     images = [0] * args.threads
     problems: list[str] = []
     lock = threading.Lock()
+    stop = [float("inf")]
+
+    def check(i: int, out: np.ndarray, want: np.ndarray) -> None:
+        if not np.array_equal(out, want):
+            with lock:
+                problems.append(f"thread {i}: batch {len(want)} differs from the single-threaded output "
+                                f"(max |diff| {np.abs(out - want).max():.2e})")
 
     def worker(i: int) -> None:
         pick = random.Random(i)
         try:
-            while time.monotonic() < stop and not problems:
+            # Warm-up: every thread runs every entry batch at once, so the (shared, pooled) allocator
+            # holds as many buffers of each size as can ever be in use together: after this, growth
+            # would be a leak.
+            for x, want in zip(warm_inputs, warm_expected):
+                barrier.wait()
+                check(i, model(x), want)
+            barrier.wait()
+            while time.monotonic() < stop[0] and not problems:
                 k = pick.randrange(len(inputs))
-                out = model(inputs[k])
-                if not np.array_equal(out, expected[k]):
-                    with lock:
-                        problems.append(f"thread {i}: batch {len(inputs[k])} differs from the single-threaded "
-                                        f"output (max |diff| {np.abs(out - expected[k]).max():.2e})")
+                check(i, model(inputs[k]), expected[k])
                 counts[i] += 1
                 images[i] += len(inputs[k])
+        except threading.BrokenBarrierError:
+            pass
         except Exception as exc:  # any error fails the soak; it is reported, not raised in a thread
             with lock:
                 problems.append(f"thread {i}: {type(exc).__name__}: {exc}")
+            barrier.abort()
 
     samples: list[tuple[float, int]] = []
-    start = time.monotonic()
     threads = [threading.Thread(target=worker, args=(i,)) for i in range(args.threads)]
+    warm_start = time.monotonic()
     for t in threads:
         t.start()
+    try:
+        for _ in range(len(warm_inputs) + 1):
+            barrier.wait()
+    except threading.BrokenBarrierError:
+        pass
+    warmup_s = time.monotonic() - warm_start
+    start = time.monotonic()
+    stop[0] = start + args.duration
     while any(t.is_alive() for t in threads):
         samples.append((round(time.monotonic() - start, 1), rss_bytes()))
         time.sleep(1.0)
     for t in threads:
         t.join()
     elapsed = time.monotonic() - start
-    warm_end = [r for t, r in samples if t <= elapsed / 5] or [samples[0][1]]
-    last = [r for t, r in samples if t >= 2 * elapsed / 3] or [samples[-1][1]]
-    growth = max(last) - warm_end[-1]
+    baseline = samples[0][1]
+    growth = max(r for _, r in samples) - baseline
     flat = growth <= args.rss_slack_mib * 2**20
     report = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": machine(int(os.environ.get("TVM_NUM_THREADS") or os.cpu_count() or 1)),
         "spec": spec.name, "range": [low, high], "threads": args.threads, "duration_s": round(elapsed, 1),
+        "warmup_s": round(warmup_s, 1), "warmup_batches": entries,
         "input_batches": sizes, "calls": sum(counts), "images": sum(images), "calls_per_thread": counts,
         "images_per_s": sum(images) / elapsed, "problems": problems,
-        "rss_mib": {"after_warmup": warm_end[-1] / 2**20, "max": max(r for _, r in samples) / 2**20,
-                    "last_third_max": max(last) / 2**20, "growth_after_warmup": growth / 2**20},
+        "rss_mib": {"after_warmup": baseline / 2**20, "max": max(r for _, r in samples) / 2**20,
+                    "end": samples[-1][1] / 2**20, "growth_after_warmup": growth / 2**20},
         "rss_flat": flat, "rss_slack_mib": args.rss_slack_mib,
         "rss_samples": [[t, round(r / 2**20, 1)] for t, r in samples],
         "passed": not problems and flat and sum(counts) > 0,
@@ -248,14 +277,16 @@ def soak_markdown(r: dict[str, Any]) -> str:
         f"# Soak: {r['spec']} range artifact ({r['range'][0]}-{r['range'][1]}), {r['threads']} threads, "
         f"{r['duration_s']:.0f} s: {verdict}", "",
         f"{r['date']}; {m['cpu']} (`{m['llvm_cpu']}`), {m['logical_cpus']} logical CPUs, TVM {m['tvm']}.", "",
+        f"- warm-up ({r['warmup_s']:.0f} s): all threads at once on each entry batch "
+        f"({', '.join(map(str, r['warmup_batches']))}); then {r['duration_s']:.0f} s of random picks:",
         f"- {r['calls']} calls, {r['images']} images ({r['images_per_s']:.1f} images/s) on inputs of batch "
         f"{', '.join(map(str, r['input_batches']))}; calls per thread {r['calls_per_thread']}",
         f"- every output equal bit for bit to the single-threaded output of its input: "
         f"{'yes' if not r['problems'] else 'no'}; errors: {len(r['problems'])}"
         + (f" (first: {r['problems'][0]})" if r["problems"] else ""),
-        f"- resident memory: {rss['after_warmup']:.0f} MiB after warm-up (first fifth), "
-        f"{rss['last_third_max']:.0f} MiB at most in the last third, growth {rss['growth_after_warmup']:+.1f} MiB "
-        f"(flat: {'yes' if r['rss_flat'] else 'no'}, slack {r['rss_slack_mib']} MiB); peak {rss['max']:.0f} MiB",
+        f"- resident memory (VmRSS, sampled every second): {rss['after_warmup']:.0f} MiB after warm-up, "
+        f"{rss['end']:.0f} MiB at the end, at most {rss['max']:.0f} MiB: growth {rss['growth_after_warmup']:+.1f} "
+        f"MiB (flat: {'yes' if r['rss_flat'] else 'no'}, slack {r['rss_slack_mib']} MiB)",
         ""])
 
 
@@ -272,6 +303,7 @@ def main() -> int:
     speed_p, soak_p = sub.choices["speed"], sub.choices["soak"]
     speed_p.add_argument("--batches", default="1,3,8,16")
     speed_p.add_argument("--repeat", type=int, default=9)
+    speed_p.add_argument("--reuse", action="store_true", help="load the artifacts a previous run built in --work")
     soak_p.add_argument("--duration", type=float, default=120.0, help="seconds (default 120)")
     soak_p.add_argument("--threads", type=int, default=8)
     soak_p.add_argument("--inputs", type=int, default=8, help="distinct inputs (batch sizes across the range)")
