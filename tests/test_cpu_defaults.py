@@ -187,3 +187,23 @@ def test_loud_warning_when_a_kernel_stays_unscheduled(tiny_spec, no_records, mon
     assert "layer_norm" in applied.untuned and "mean" in applied.untuned
     assert applied.defaults == list(applied.gemms)
     assert f"{len(applied.untuned)} unscheduled" in applied.summary()
+
+
+def test_tuning_starts_from_the_defaults(tiny_spec, no_records) -> None:
+    """With a budget of one trial per kernel, tuning measures each kernel's default schedule (the
+    same the build would run), commits it as the first record, and says what it gained."""
+    from mixer_compile.tune.database import open_database
+    from mixer_compile.tune.search import tune
+
+    target = get_target("llvm")
+    tasks = [t for t in model_tasks(tiny_spec, target, trials=1)][:3]
+    lines: list[str] = []
+    summary = tune(tasks, target, no_records / "db", say=lines.append)
+    assert any("measuring the default schedules of 3 kernels" in line for line in lines), lines
+    assert all(t.default_secs and t.done == 1 for t in tasks), [(t.name, t.default_secs, t.done) for t in tasks]
+    db = open_database(no_records / "db")
+    assert len(db.get_all_tuning_records()) == 3
+    assert all("1.00x over the default" in line for line in summary.table(db, target))
+    fused = cpu.prepare(compose(tiny_spec, target).module, target)
+    _, applied = cpu.schedule_kernels(fused, target, db)
+    assert {t.name for t in tasks} <= set(applied.tuned)

@@ -177,7 +177,7 @@ def _inline_builder() -> Any:
     kernels keep the parallel workers (and their timeout)."""
     from tvm.ir.utils import derived_object
     from tvm.s_tir.meta_schedule.builder import BuilderResult, PyBuilder
-    from tvm.s_tir.meta_schedule.builder.local_builder import default_build, default_export
+    from tvm.s_tir.meta_schedule.builder.local_builder import default_export
 
     @derived_object
     class _InlineBuilder(PyBuilder):
@@ -185,12 +185,22 @@ def _inline_builder() -> Any:
             results = []
             for b in build_inputs:
                 try:
-                    results.append(BuilderResult(default_export(default_build(b.mod, b.target, None)), None))
+                    results.append(BuilderResult(default_export(_build(b.mod, b.target)), None))
                 except Exception as exc:  # a candidate that does not compile is a failed trial, not an error
                     results.append(BuilderResult(None, f"inline build: {exc}"))
             return results
 
     return _InlineBuilder()
+
+
+def _build(mod: Any, target: Any) -> Any:
+    """MetaSchedule's `default_build` without its `import tvm.s_tir.tensor_intrin`: that import
+    parses hundreds of TVMScript intrinsics, each walking the call stack over every loaded
+    module, and took 40 s in a process that has torch loaded (our kernels use none of them)."""
+    from tvm.driver import build as tvm_build
+    from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
+
+    return tvm_build(RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod), target=target)
 
 
 def _search(trials: int) -> Any:
