@@ -438,7 +438,7 @@ def matrix_main(args: argparse.Namespace) -> int:
     batches = args.batches if args.batches_given else MATRIX_BATCHES
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"cpu_matrix_{report['machine']['llvm_cpu']}"
+    stem = f"cpu_matrix_{report['machine']['llvm_cpu']}" + (f"_{args.tag}" if args.tag else "")
     if args.first_compile:
         print("first compile of mixer_b16 batch 1 without records", file=sys.stderr, flush=True)
         report["first_compile"] = first_compile("mixer_b16", 1, args.target)
@@ -462,6 +462,7 @@ def main() -> int:
     ap.add_argument("--gelus", nargs="+", default=MATRIX_GELUS, choices=MATRIX_GELUS)
     ap.add_argument("--peers", nargs="+", default=["onnxruntime", "torch_compile"],
                     choices=["onnxruntime", "torch_compile"], help="matrix mode: the peers timed")
+    ap.add_argument("--tag", default="", help="matrix mode: suffix of the result files' names (one per subset run)")
     ap.add_argument("--first-compile", action="store_true",
                     help="matrix mode: also time a whole first compile of Mixer-B/16 without records")
     ap.add_argument("--specs", nargs="+", default=["mixer_s16", "mixer_b16"])

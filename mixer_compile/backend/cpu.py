@@ -126,15 +126,15 @@ def gemm_decisions(database: Any) -> dict[tuple[Any, ...], list[tuple[float, int
             if key not in shapes:
                 sch = Schedule(rec.workload.mod)
                 gemm = gemm_space.find_gemm(sch)
-                lanes = _panel_lanes(rec)
-                shapes[key] = None if gemm is None else (gemm_space.signature(sch, gemm, lanes), gemm.batch)
+                shapes[key] = None if gemm is None else (sch, gemm)
             if shapes[key] is None:
                 continue
             decision = gemm_space.decision_of(rec.trace)
-            if decision is None:
+            if decision is None:  # a record of MetaSchedule's generic space
                 continue
-            sig, batch = shapes[key]
-            out.setdefault(sig, []).append((sum(secs) / len(secs), batch, decision))
+            sch, gemm = shapes[key]
+            sig = gemm_space.signature(sch, gemm, _panel_lanes(rec))
+            out.setdefault(sig, []).append((sum(secs) / len(secs), gemm.batch, decision))
     for v in out.values():
         v.sort(key=lambda x: x[0])
     return out
