@@ -15,7 +15,7 @@ import numpy as np
 from mixer_compile.artifact.format import BatchRange
 from mixer_compile.backend import backend_for
 from mixer_compile.backend.target import TargetInfo
-from mixer_compile.errors import TuningError
+from mixer_compile.errors import MixerCompileError, TuningError
 from mixer_compile.ir.build import build_graph
 from mixer_compile.ir.graph import Graph
 from mixer_compile.model.spec import MixerSpec
@@ -60,7 +60,20 @@ def compose(spec: MixerSpec, target: TargetInfo, form: str = "matmul", dtype: st
     if batches is not None and batches.is_range:
         graphs = {batches.function(b): graph if b == batches.max else
                   target_graph(spec.replace(batch=b), target, form, dtype)[0] for b in batches.entries}
+        for b, g in zip(batches.entries, graphs.values()):
+            _same_params(g, graph, b, batches.max)
     return Composed(graph, reports, to_relax(graphs, embed=params if embed else None), params)
+
+
+def _same_params(small: Graph, large: Graph, batch: int, top: int) -> None:
+    """The entry functions of a range take one set of weights: every entry's graph must want
+    them in the same layouts. (A pass whose choice depends on the batch, e.g. handing a GEMM to
+    a kernel library only above a size, could store a weight differently at one batch.)"""
+    if list(small.params.items()) == list(large.params.items()):
+        return
+    differ = next((n for n in large.params if small.params.get(n) != large.params[n]), None) or "their order"
+    raise MixerCompileError(f"the batch-{batch} and batch-{top} entries of the range store the weights differently "
+                            f"({differ}); build a narrower range, or fixed batches")
 
 
 def model_tasks(spec: MixerSpec, target: TargetInfo, form: str = "matmul", dtype: str = "float32",
