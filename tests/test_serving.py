@@ -22,7 +22,7 @@ from mixer_compile.artifact.format import BatchRange
 from mixer_compile.errors import ArtifactError, MixerCompileError, SpecError
 from mixer_compile.frontends.timm import read as read_timm
 from mixer_compile.model import reference
-from mixer_compile.model.spec import MixerSpec
+from mixer_compile.model.spec import MixerSpec, parse_batch
 
 try:
     from tests.torch_model import TorchMixer
@@ -122,6 +122,11 @@ def test_batch_range_split_is_binary():
     assert r.split(11) == [8, 2, 1] and r.split(16) == [16] and r.split(15) == [8, 4, 2, 1]
     assert BatchRange.of(1, 12).split(12) == [12] and BatchRange.of(1, 12).split(11) == [8, 2, 1]
     assert BatchRange.of(8, 8).entries == (8,) and BatchRange.of(8, 8).function(8) == "main"
+    assert parse_batch("1-16") == parse_batch((1, 16)) == parse_batch(range(1, 17)) == (1, 16)
+    assert parse_batch(8) == parse_batch("8") == (8, 8)
+    for bad in ("16-1", "0", "1-2-3", "a", 0, (3, 2), True):
+        with pytest.raises(SpecError):
+            parse_batch(bad)
 
 
 def test_checkpoint_compile_reads_its_spec_and_keeps_the_old_schema():
