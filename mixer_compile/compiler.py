@@ -74,13 +74,13 @@ class CompileResult:
 
 
 def compile_model(opts: CompileOptions, progress: Progress | None = None) -> CompileResult:
+    batches = opts.batch_range()
+    spec = opts.spec.replace(batch=batches.max)
+    check_fits(spec, batches, opts.target, opts.dtype)  # before any work (even importing TVM): refuse what cannot fit
+
     import tvm
 
     from mixer_compile.artifact.write import check_writable, write_artifact
-
-    batches = opts.batch_range()
-    spec = opts.spec.replace(batch=batches.max)
-    check_fits(spec, batches, opts.target, opts.dtype)  # before any work: a batch that cannot fit is refused
     use_all_cores()  # before validation or form choice runs a kernel (machine.py)
     progress = progress or Progress((6 if opts.out_dir is not None else 5) + int(opts.choose_form))
     if opts.out_dir is not None:
@@ -205,7 +205,7 @@ def check_fits(spec: MixerSpec, batches: BatchRange, target_name: str, dtype: st
     GPU's memory for a CUDA build when a GPU is visible here."""
     from mixer_compile.machine import local_gpu
 
-    kind = get_target(target_name).kind  # resolving a name is cheap; building starts later
+    kind, arch = _target_kind(target_name)
     gpu = local_gpu() if kind == "cuda" else None
     on_host = kind != "cuda" or gpu is not None  # a CUDA build without a GPU is checked at batch 2 on the host
     need = footprint(spec, batches.max, dtype)
@@ -214,10 +214,37 @@ def check_fits(spec: MixerSpec, batches: BatchRange, target_name: str, dtype: st
             "validation": need["validation"] if on_host else 0.0}
     _refuse_unless_fits(spec, batches, host, host_memory(), "of memory (RAM)", "this machine has",
                         lambda b: footprint(spec, b, dtype), kind != "cuda", on_host)
+    device = {"weights": need["weights"], "activations": need["activations"]}
     if gpu is not None:
-        device = {"weights": need["weights"], "activations": need["activations"]}
-        _refuse_unless_fits(spec, batches, device, int(gpu.total_global_memory), f"of GPU memory",
+        _refuse_unless_fits(spec, batches, device, int(gpu.total_global_memory), "of GPU memory",
                             f"the {gpu.device_name} has", lambda b: footprint(spec, b, dtype), True, False)
+    elif kind == "cuda" and arch in LARGEST_GPU:  # no GPU here: what the largest GPU of the target's kind holds
+        name, have = LARGEST_GPU[arch]
+        _refuse_unless_fits(spec, batches, device, have, "of GPU memory",
+                            f"the largest {arch} GPU ({name}) has", lambda b: footprint(spec, b, dtype), True, False)
+
+
+# The most memory a GPU of an architecture has: with no GPU visible at build time, a batch
+# beyond it cannot run on any GPU the build is for.
+LARGEST_GPU = {"sm_80": ("A100 80GB", 80 * 10**9), "sm_86": ("RTX A6000", 48 * 2**30),
+               "sm_89": ("L40S", 48 * 2**30), "sm_90": ("H200", 141 * 10**9), "sm_90a": ("H200", 141 * 10**9)}
+
+
+def _target_kind(name: str) -> tuple[str, str | None]:
+    """A target's kind (and GPU architecture) from its file, without resolving it (resolving the
+    host CPU or a local GPU imports TVM: seconds a refusal need not wait)."""
+    from mixer_compile.backend.target import known_targets
+
+    for stem, data in known_targets().items():
+        if name == stem or name in data.get("aliases", []):
+            target = data["target"]
+            arch = target.get("arch")
+            arch = data.get("default") if arch == "local" else arch
+            if "kind" in target:
+                return str(target["kind"]), arch
+            break
+    target = get_target(name)  # a tag, or a target file given by path
+    return target.kind, target.config.get("arch")
 
 
 def _refuse_unless_fits(spec: MixerSpec, batches: BatchRange, need: dict[str, float], have: int | None,
