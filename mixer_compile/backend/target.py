@@ -10,13 +10,12 @@ target when none is visible), so `--target cuda` builds for the GPU at hand.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
-from mixer_compile.machine import FEATURES, gpu_arch, local_gpu, normalize_arch
+from mixer_compile.machine import FEATURES, gpu_arch, local_gpu, normalize_arch, physical_cores
 from mixer_compile.errors import TargetError
 
 # the top-level targets/, installed as the package data mixer_compile.targets (pyproject.toml)
@@ -39,15 +38,6 @@ class TargetInfo:
         return tvm.target.Target(self.config)
 
 
-def _host_cores() -> int:
-    try:
-        import psutil
-
-        return psutil.cpu_count(logical=False) or os.cpu_count() or 1
-    except ImportError:
-        return os.cpu_count() or 1
-
-
 def _resolve_host(config: dict[str, Any]) -> dict[str, Any]:
     config = dict(config)
     if config.get("mcpu") == "host":
@@ -55,7 +45,7 @@ def _resolve_host(config: dict[str, Any]) -> dict[str, Any]:
 
         config["mcpu"] = tvm.target.codegen.llvm_get_system_cpu()
     if config.get("num-cores") == "host":
-        config["num-cores"] = _host_cores()
+        config["num-cores"] = physical_cores()
     if isinstance(config.get("host"), dict):
         config["host"] = _resolve_host(config["host"])
     return config
