@@ -1,21 +1,19 @@
-"""Shared fixtures: tiny specs and the outside oracle in ../shared/testdata.
+"""Shared fixtures: the tiny spec (as a spec and as a spec file), and the outside oracle in
+../shared/testdata.
 
 The testdata checkpoints and logits were produced by timm's own MlpMixer; they are the
-peer implementation our reference and our compiled modules are checked against.
+peer implementation our reference and our compiled modules are checked against. The values
+behind the fixtures are in helpers.py.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 
-from mixer_compile.model.spec import MixerSpec, spec_from_dict
-
-REPO = Path(__file__).resolve().parent.parent
-TESTDATA = REPO.parent / "shared" / "testdata"
+from mixer_compile.model.spec import MixerSpec
+from tests.helpers import TESTDATA, TINY, TINY_TOML, testdata_spec
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -31,34 +29,28 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
-def testdata_spec(name: str, batch: int = 2) -> MixerSpec:
-    """The spec of a testdata checkpoint (tiny_square or tiny_wide), GELU left to the weights."""
-    config = json.loads((TESTDATA / "configs.json").read_text())[name]
-    config.pop("tokens")
-    return spec_from_dict(config, name=name).replace(batch=batch)
-
-
-testdata_spec.__test__ = False  # a helper, not a test, when a test module imports it
-
-
 @pytest.fixture(scope="session")
 def testdata() -> Path:
     assert TESTDATA.is_dir(), f"the shared test data is missing: {TESTDATA}"
     return TESTDATA
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def tiny_spec() -> MixerSpec:
-    """32x32 image, patch 8 (16 tokens), C=32, 2 blocks: compiles in about a second."""
-    return MixerSpec("tiny", (32, 32), 8, 32, 16, 128, 2, num_classes=10, batch=2)
+    """32x32 image, patch 8 (16 tokens), C=32, 2 blocks, batch 2: compiles in about a second.
+    Session-scoped (a MixerSpec is frozen), so module-scoped fixtures can build from it."""
+    return TINY
+
+
+@pytest.fixture
+def tiny_toml(tmp_path: Path) -> Path:
+    """The tiny spec as `tiny.toml` in the test's tmp_path (batch left to --batch, default 1)."""
+    path = tmp_path / "tiny.toml"
+    path.write_text(TINY_TOML)
+    return path
 
 
 @pytest.fixture
 def wide_spec() -> MixerSpec:
     """Non-square 32x48 grid (4x6 tokens): catches raster-order mistakes."""
     return testdata_spec("tiny_wide")
-
-
-def rel_error(out: np.ndarray, ref: np.ndarray) -> float:
-    """max |out - ref| / max |ref|: the figure validation uses."""
-    return float(np.abs(np.asarray(out, np.float64) - ref).max() / np.abs(ref).max())

@@ -20,8 +20,6 @@ import pickle
 import re
 import shutil
 import struct
-import subprocess
-import sys
 from pathlib import Path
 from typing import Callable
 
@@ -30,41 +28,30 @@ import pytest
 import torch
 from safetensors.numpy import save_file
 
-from mixer_compile import cli, runtime
+from mixer_compile import runtime
+from mixer_compile.cli import main
 from mixer_compile.compiler import CompileOptions, compile_model
 from mixer_compile.errors import ArtifactError
-from mixer_compile.util.progress import Progress
-from mixer_compile.model.spec import MixerSpec
-from mixer_compile.model.params import random_weights
 from mixer_compile.frontends.timm import to_state_dict
-from tests.test_cli import TINY
-
-SPEC = MixerSpec("tiny", (32, 32), 8, 32, 16, 128, 2, num_classes=10)
+from mixer_compile.model.params import random_weights
+from mixer_compile.util.progress import Progress
+from tests.helpers import TINY, TINY_TOML, cli, edit_metadata, error_line
 
 
 def _snapshot(root: Path) -> dict[str, int]:
     return {str(p.relative_to(root)): p.stat().st_size for p in sorted(root.rglob("*"))}
 
 
-def _error_line(code: int, err: str) -> str:
-    assert code == 2, err
-    assert "Traceback" not in err, err
-    lines = [line for line in err.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1, err
-    return lines[0]
-
-
 def run_cli_process(args: list[str], cwd: Path) -> str:
-    proc = subprocess.run([sys.executable, "-m", "mixer_compile.cli", *args], capture_output=True, text=True,
-                          timeout=120, cwd=cwd)
-    return _error_line(proc.returncode, proc.stderr)
+    proc = cli(*args, cwd=cwd, timeout=120)
+    return error_line(proc.returncode, proc.stderr)
 
 
 def run_cli_here(args: list[str], cwd: Path, capfd: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> str:
     monkeypatch.chdir(cwd)
     capfd.readouterr()
-    code = cli.main(args)
-    return _error_line(code, capfd.readouterr().err)
+    code = main(args)
+    return error_line(code, capfd.readouterr().err)
 
 
 def assert_nothing_left(tmp_path: Path, before: dict[str, int]) -> None:
@@ -74,7 +61,7 @@ def assert_nothing_left(tmp_path: Path, before: dict[str, int]) -> None:
 # --- spec files -----------------------------------------------------------------------------
 
 def _tiny_with(**changes: str) -> str:
-    lines = dict(line.split(" = ", 1) for line in TINY.splitlines())
+    lines = dict(line.split(" = ", 1) for line in TINY_TOML.splitlines())
     for key, value in changes.items():
         if value is None:
             lines.pop(key)
@@ -106,14 +93,14 @@ SPEC_CASES = [
     ("missing-keys", "s.toml", _tiny_with(hidden_dim=None, num_blocks=None), [],
      "spec is missing required keys: hidden_dim, num_blocks"),
     ("empty-toml", "s.toml", "", [], "spec is missing required keys: image_size, patch_size"),
-    ("unknown-key", "s.toml", TINY + "channel_mlp_dim = 4\n", [],
+    ("unknown-key", "s.toml", TINY_TOML + "channel_mlp_dim = 4\n", [],
      "unknown spec key 'channel_mlp_dim'; did you mean 'channels_mlp_dim'"),
     ("absurd-image", "s.toml", _tiny_with(image_size="1099511627776"), [], "more than 4e9 is not a Mixer"),
     ("absurd-width", "s.json", json.dumps({"base": "mixer_b16", "channels_mlp_dim": 10**12}), [], "more than 4e9"),
     ("zero-patch", "s.toml", _tiny_with(patch_size="0"), [], "'patch_size' must be positive, got 0"),
     ("negative-classes", "s.toml", _tiny_with(num_classes="-10"), [], "'num_classes' must be positive"),
     ("patch-not-dividing", "s.toml", _tiny_with(patch_size="5"), [], "image size 32x32 is not divisible by patch size 5"),
-    ("batch-zero-flag", "s.toml", TINY, ["--batch", "0"], "'batch' must be positive, got 0"),
+    ("batch-zero-flag", "s.toml", TINY_TOML, ["--batch", "0"], "'batch' must be positive, got 0"),
     ("bad-toml", "s.toml", 'name = "tiny\n', [], "is not valid TOML"),
     ("bad-json-trailing-comma", "s.json", '{"base": "mixer_s16",}', [], "is not valid JSON"),
     ("empty-json", "s.json", "", [], "is not valid JSON"),
@@ -144,7 +131,7 @@ def test_bad_spec_file(tmp_path, name, contents, extra, message):
 
 def _state(key: str | None = None, edit: Callable[[np.ndarray], np.ndarray] | None = None) -> dict[str, np.ndarray]:
     """timm state dict of the tiny spec's random weights, with tensor `key` replaced by `edit` of it."""
-    sd = to_state_dict(random_weights(SPEC))
+    sd = to_state_dict(random_weights(TINY))
     if key is not None:
         sd[key] = edit(sd[key])
     return sd
@@ -207,18 +194,18 @@ def _with_nan(w: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 WEIGHTS_CASES = [
     # (id, file name, writer, expected fragment of the error line)
-    ("npz-truncated", "w.npz", _truncated(lambda p: p.write_bytes(_npz_bytes(random_weights(SPEC)))),
+    ("npz-truncated", "w.npz", _truncated(lambda p: p.write_bytes(_npz_bytes(random_weights(TINY)))),
      "is not a readable .npz archive"),
     ("npz-not-a-zip", "w.npz", lambda p: p.write_text("I am a text file, not a zip\n"), "is not a readable .npz archive"),
     ("npz-object-array", "w.npz", lambda p: np.savez(p, a=np.array([{"x": 1}], dtype=object)),
      "is not a readable .npz archive (Object arrays cannot be loaded when allow_pickle=False)"),
-    ("npz-nan", "w.npz", lambda p: np.savez(p, **_with_nan(random_weights(SPEC))),
+    ("npz-nan", "w.npz", lambda p: np.savez(p, **_with_nan(random_weights(TINY))),
      "'MixerBlock_1/channel_mixing/Dense_0/kernel' holds NaN"),
     ("npz-complex-dtype", "w.npz",
-     lambda p: np.savez(p, **{**random_weights(SPEC), "head/bias": np.zeros(10, np.complex64)}),
+     lambda p: np.savez(p, **{**random_weights(TINY), "head/bias": np.zeros(10, np.complex64)}),
      "'head/bias' has dtype complex64; expected floating point"),
     ("npz-wrong-shape", "w.npz",
-     lambda p: np.savez(p, **{**random_weights(SPEC), "head/kernel": np.zeros((32, 11), np.float32)}),
+     lambda p: np.savez(p, **{**random_weights(TINY), "head/kernel": np.zeros((32, 11), np.float32)}),
      "wrong shape head/kernel (32, 11) (expected (32, 10))"),
     ("npz-empty-archive", "w.npz", lambda p: np.savez(p), "missing stem/kernel, stem/bias"),
     ("pth-truncated", "w.pth", _truncated(lambda p: _torch_save(p, _state())), "is not a readable torch checkpoint"),
@@ -237,7 +224,7 @@ WEIGHTS_CASES = [
     ("pth-transposed-dense", "w.pth",
      lambda p: _torch_save(p, _state("blocks.1.mlp_channels.fc1.weight", lambda v: np.ascontiguousarray(v.T))),
      "wrong shape MixerBlock_1/channel_mixing/Dense_0/kernel (128, 32) (expected (32, 128))"),
-    ("pth-wrong-spec", "w.pth", lambda p: _torch_save(p, to_state_dict(random_weights(SPEC.replace(hidden_dim=24)))),
+    ("pth-wrong-spec", "w.pth", lambda p: _torch_save(p, to_state_dict(random_weights(TINY.replace(hidden_dim=24)))),
      "do not fit spec 'tiny'"),
     ("safetensors-corrupt-header", "w.safetensors", _corrupt_header, "invalid JSON in header"),
     ("safetensors-huge-header-length", "w.safetensors", lambda p: p.write_bytes(struct.pack("<Q", 10**12) + b"{}"),
@@ -256,8 +243,7 @@ WEIGHTS_CASES = [
 
 
 @pytest.mark.parametrize("name, write, message", [pytest.param(*c[1:], id=c[0]) for c in WEIGHTS_CASES])
-def test_bad_checkpoint(tmp_path, capfd, monkeypatch, name, write, message):
-    (tmp_path / "tiny.toml").write_text(TINY)
+def test_bad_checkpoint(tmp_path, tiny_toml, capfd, monkeypatch, name, write, message):
     write(tmp_path / name)
     before = _snapshot(tmp_path)
     line = run_cli_here(["--spec", "tiny.toml", "--weights", name, "-o", "out"], tmp_path, capfd, monkeypatch)
@@ -266,9 +252,8 @@ def test_bad_checkpoint(tmp_path, capfd, monkeypatch, name, write, message):
     assert_nothing_left(tmp_path, before)
 
 
-def test_pickle_payload_refused_in_a_fresh_process(tmp_path):
+def test_pickle_payload_refused_in_a_fresh_process(tmp_path, tiny_toml):
     """The same refusal through a real process: the payload must not run before the error."""
-    (tmp_path / "tiny.toml").write_text(TINY)
     torch.save({"stem.proj.weight": _Payload(), "head.bias": torch.zeros(10)}, tmp_path / "w.pth")
     line = run_cli_process(["--spec", "tiny.toml", "--weights", "w.pth", "-o", "out"], cwd=tmp_path)
     assert "was refused: it is not a plain tensor state dict" in line
@@ -278,28 +263,25 @@ def test_pickle_payload_refused_in_a_fresh_process(tmp_path):
 # --- artifacts ----------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def artifact(tmp_path_factory) -> Path:
+def artifact(tmp_path_factory, tiny_spec) -> Path:
     out = tmp_path_factory.mktemp("bad-input") / "art"
-    compile_model(CompileOptions(spec=SPEC, seed=5, out_dir=out), Progress(7, quiet=True))
+    compile_model(CompileOptions(spec=tiny_spec.replace(batch=1), seed=5, out_dir=out), Progress(6, quiet=True))
     return out
 
 
 def _edit(change: Callable[[dict], object]) -> Callable[[Path], None]:
-    def apply(art: Path) -> None:
-        meta = json.loads((art / "metadata.json").read_text())
-        change(meta)
-        (art / "metadata.json").write_text(json.dumps(meta))
-    return apply
+    return lambda art: edit_metadata(art, change)
 
 
 def _replace_and_rehash(name: str, data: bytes) -> Callable[[Path], None]:
     """A file swapped for garbage with the metadata made to match: only the loader can tell."""
-    def apply(art: Path) -> None:
-        (art / name).write_bytes(data)
-        meta = json.loads((art / "metadata.json").read_text())
+    def rehash(meta: dict) -> None:
         meta["files"][name] = hashlib.sha256(data).hexdigest()
         meta["file_sizes"][name] = len(data)
-        (art / "metadata.json").write_text(json.dumps(meta))
+
+    def apply(art: Path) -> None:
+        (art / name).write_bytes(data)
+        edit_metadata(art, rehash)
     return apply
 
 
@@ -321,7 +303,9 @@ ARTIFACT_CASES = [
      "metadata.json' is not valid JSON"),
     ("metadata-not-utf8", lambda a: (a / "metadata.json").write_bytes(b"\xff\xfe{}"), "is not valid JSON"),
     ("metadata-a-list", lambda a: (a / "metadata.json").write_text("[1]"), "has format version None"),
-    ("format-version-2", _edit(lambda m: m.update(format_version=2)), "has format version 2; this mixer-compile reads version 1"),
+    ("format-version-2", _edit(lambda m: m.update(format_version=2)),
+     "has metadata schema 2, newer than this mixer-compile reads (1); upgrade mixer-compile or rebuild the artifact"),
+    ("format-version-0", _edit(lambda m: m.update(format_version=0)), "has format version 0; this mixer-compile reads version 1"),
     ("format-version-string", _edit(lambda m: m.update(format_version="1")), "has format version '1'"),
     ("metadata-no-input", _edit(lambda m: m.pop("input")), "field 'input' must be an object, got None"),
     ("metadata-files-a-list", _edit(lambda m: m.update(files=["model.so"])), "field 'files' must be an object"),
@@ -333,6 +317,9 @@ ARTIFACT_CASES = [
      "does not hold the parameters the module takes"),
     ("metadata-cuda-without-arch", _edit(lambda m: m["target"].update(kind="cuda")),
      "a CUDA build without 'target.requires.gpu_arch'"),
+    ("metadata-unknown-field", _edit(lambda m: m.update(signed_by="me")),
+     "has fields this schema does not define (signed_by)"),
+    ("metadata-required-field-missing", _edit(lambda m: m.pop("built_at")), "lacks the fields built_at"),
     ("metadata-tvm-version-number", _edit(lambda m: m.update(tvm_version=27)), "field 'tvm_version' must be a string"),
     ("metadata-missing", lambda a: (a / "metadata.json").unlink(), "is not an artifact: metadata.json is missing"),
 ]
@@ -401,14 +388,13 @@ DATABASE_CASES = [
 
 
 @pytest.mark.parametrize("write, expected", [pytest.param(*c[1:], id=c[0]) for c in DATABASE_CASES])
-def test_bad_tuning_database_is_skipped_by_line(tmp_path, capfd, monkeypatch, recwarn, write, expected):
+def test_bad_tuning_database_is_skipped_by_line(tmp_path, tiny_toml, capfd, monkeypatch, recwarn, write, expected):
     """In this process pytest records the warnings (the CLI prints each as `warning: ...`)."""
-    (tmp_path / "tiny.toml").write_text(TINY)
     write(tmp_path / "db")
     before = _snapshot(tmp_path / "db")
     monkeypatch.chdir(tmp_path)
     capfd.readouterr()
-    code = cli.main(["--spec", "tiny.toml", "--db", "db", "-o", "out"])
+    code = main(["--spec", "tiny.toml", "--db", "db", "-o", "out"])
     err = capfd.readouterr().err
     assert code == 0 and "Traceback" not in err and "error:" not in err, err
     messages = [str(w.message) for w in recwarn]
@@ -419,8 +405,7 @@ def test_bad_tuning_database_is_skipped_by_line(tmp_path, capfd, monkeypatch, re
     assert (tmp_path / "out" / "model.so").is_file()
 
 
-def test_tune_into_a_file_is_one_line_error(tmp_path):
-    (tmp_path / "tiny.toml").write_text(TINY)
+def test_tune_into_a_file_is_one_line_error(tmp_path, tiny_toml):
     (tmp_path / "db").write_text("I am a file\n")
     line = run_cli_process(["tune", "--spec", "tiny.toml", "--trials", "1", "--db", "db"], cwd=tmp_path)
     assert "cannot create tuning database directory 'db'" in line

@@ -1,69 +1,51 @@
 """The command line: subcommands, and every user error as one line with exit status 2."""
 
-import subprocess
-import sys
-
 import numpy as np
-import pytest
 
-from mixer_compile.model.spec import PRESETS
 from mixer_compile.model.params import random_weights
+from mixer_compile.model.spec import PRESETS
+from tests.helpers import TINY_TOML, cli, error_line
 
 
-def cli(*args, cwd=None):
-    proc = subprocess.run([sys.executable, "-m", "mixer_compile.cli", *map(str, args)],
-                          capture_output=True, text=True, timeout=300, cwd=cwd)
+def run(*args):
+    proc = cli(*args)
     return proc.returncode, proc.stdout, proc.stderr
 
 
-def assert_one_line_error(args, message, cwd=None):
-    code, out, err = cli(*args, cwd=cwd)
-    assert code == 2, (out, err)
-    assert "Traceback" not in err
-    lines = [line for line in err.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1 and message in lines[0], err
-
-
-TINY = ('name = "tiny"\nimage_size = 32\npatch_size = 8\nhidden_dim = 32\ntokens_mlp_dim = 16\n'
-        'channels_mlp_dim = 128\nnum_blocks = 2\nnum_classes = 10\n')
-
-
-@pytest.fixture
-def tiny_toml(tmp_path):
-    path = tmp_path / "tiny.toml"
-    path.write_text(TINY)
-    return path
+def assert_one_line_error(args, message):
+    proc = cli(*args)
+    assert message in error_line(proc.returncode, proc.stderr), proc.stderr
 
 
 def test_compile_default_command_end_to_end(tmp_path, tiny_toml):
-    code, out, err = cli("--spec", tiny_toml, "--batch", "2", "-o", tmp_path / "art")
+    code, out, err = run("--spec", tiny_toml, "--batch", "2", "-o", tmp_path / "art")
     assert code == 0, err
     assert "compiled tiny (32x32, patch 8, batch 2, tanh GELU) for llvm" in out
     assert "validation ok: max |out-ref|/max|ref| =" in out
-    for stage in ("target", "weights", "graph", "lower", "build", "validate", "write"):
+    for stage in ("target", "weights", "graph", "build", "validate", "write"):
         assert f"{stage} done in" in err
     assert "random init, seed 0" in err and "tokens_major:" in err
     assert (tmp_path / "art" / "model.so").is_file()
 
 
 def test_specs_show_targets():
-    code, out, _ = cli("specs")
+    code, out, _ = run("specs")
     assert code == 0 and "mixer_b16" in out and "59,880,472" in out and "25.20" in out
-    code, out, _ = cli("show", "--spec", "mixer_s32", "--after", "none")
+    code, out, _ = run("show", "--spec", "mixer_s32", "--after", "none")
     assert code == 0 and out.count("= transpose(") == 16
-    code, out, _ = cli("show", "--spec", "mixer_s32", "--form", "conv")
+    code, out, _ = run("show", "--spec", "mixer_s32", "--form", "conv")
     assert code == 0 and "conv2d_transpose(" in out and "f32[8,1,7,7]" not in out and "f32[256,1,7,7]" in out
-    code, out, _ = cli("targets")
+    code, out, _ = run("targets")
     assert code == 0 and "llvm" in out and "znver4" in out
 
 
 def test_user_errors_are_one_line(tmp_path, tiny_toml):
     assert_one_line_error(["--spec", "mixer_b17"], "unknown preset 'mixer_b17'; did you mean 'mixer_b16'?")
     bad = tmp_path / "bad.toml"
-    bad.write_text(TINY.replace("image_size = 32", "image_size = 36"))
+    bad.write_text(TINY_TOML.replace("image_size = 32", "image_size = 36"))
     assert_one_line_error(["--spec", bad], "image size 36x36 is not divisible by patch size 8")
     typo = tmp_path / "typo.toml"
-    typo.write_text(TINY + "num_block = 3\n")
+    typo.write_text(TINY_TOML + "num_block = 3\n")
     assert_one_line_error(["--spec", typo], "unknown spec key 'num_block'; did you mean 'num_blocks'?")
     assert_one_line_error(["--spec", tiny_toml, "--target", "riscv"], "unknown target 'riscv' (known: ")
     assert_one_line_error(["--spec", tiny_toml, "--weights", tmp_path / "none.npz"], "does not exist")

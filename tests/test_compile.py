@@ -14,17 +14,17 @@ import torch
 import tvm
 
 from mixer_compile import runtime
+from mixer_compile.backend import backend_for
+from mixer_compile.backend.target import get_target
 from mixer_compile.compiler import CompileOptions, compile_model
 from mixer_compile.errors import ArtifactError, MixerCompileError, ValidationError
-from mixer_compile.backend.gemm_space import panel_width
+from mixer_compile.passes.pipeline import passes_for
 from mixer_compile.util.progress import Progress
-from mixer_compile.backend.target import get_target
-from tests.conftest import rel_error, testdata_spec
-
+from tests.helpers import rel_error, testdata_spec
 
 
 def _compile(spec, out=None, **kw):
-    return compile_model(CompileOptions(spec=spec, out_dir=out, **kw), Progress(7, quiet=True))
+    return compile_model(CompileOptions(spec=spec, out_dir=out, **kw), Progress(6, quiet=True))
 
 
 @pytest.mark.parametrize("ext, flavour", [("pth", "erf"), ("npz", "tanh")])
@@ -36,7 +36,8 @@ def test_checkpoint_compiles_to_timms_output_in_a_fresh_process(tmp_path, testda
     # torch made unimportable: loading must need neither torch nor the compiler stack.
     code = ("import sys; sys.modules['torch'] = None; import numpy as np; from mixer_compile import runtime; "
             "m = runtime.load(sys.argv[1]); np.save(sys.argv[3], m(np.load(sys.argv[2]))); "
-            "print(sorted(k for k in ('scipy', 'mixer_compile.compiler', 'mixer_compile.ir') if k in sys.modules))")
+            "print(sorted(k for k in ('scipy', 'mixer_compile.compiler', 'mixer_compile.compose', 'mixer_compile.ir', "
+            "'mixer_compile.passes', 'mixer_compile.backend') if k in sys.modules))")
     out_file = tmp_path / "logits.npy"
     proc = subprocess.run([sys.executable, "-c", code, str(result.artifact), str(testdata / "tiny_wide_input.npy"),
                            str(out_file)], capture_output=True, text=True, timeout=120)
@@ -52,8 +53,12 @@ def test_artifact_contents_and_metadata(tmp_path, tiny_spec):
     meta = json.loads((tmp_path / "art" / "metadata.json").read_text())
     assert meta["spec"]["hidden_dim"] == 32 and meta["weights"] == {"origin": "random", "seed": 4, "embedded": False}
     assert meta["validation"]["passed"] and meta["validation"]["max_rel_error"] < 1e-4
-    lanes = panel_width(get_target("llvm"))  # the host's SIMD width: 16 with AVX-512, 8 with AVX2
-    assert [p["name"] for p in meta["passes"]] == ["tokens_major", "fuse_epilogues", f"pack_kernels_{lanes}"]
+    host = get_target("llvm")
+    lanes = backend_for(host).pass_context(host, "float32").panel  # the host's SIMD width: 16 with AVX-512, 8 with AVX2
+    names = [p["name"] for p in meta["passes"]]  # the form's, in order: the panels of `lanes`, then precision
+    assert names == list(passes_for("matmul")) and names[:4] == ["tokens_major", "fuse_epilogues", "pack_kernels",
+                                                                 "precision"]
+    assert meta["passes"][2]["changes"] and not meta["passes"][3]["changes"]  # float32: precision is a no-op
     stored = tvm.runtime.load_param_dict_from_file(str(tmp_path / "art" / "weights.params"))
     assert tuple(stored["b0.ch.fc1.w"].shape) == (128 // lanes, 32, lanes)  # (K, N) stored as panels
     assert meta["input"]["shape"] == [2, 3, 32, 32] and meta["target"]["kind"] == "llvm"

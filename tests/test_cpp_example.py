@@ -18,7 +18,7 @@ from mixer_compile import runtime
 from mixer_compile.compiler import CompileOptions, compile_model
 from mixer_compile.util.progress import Progress
 from mixer_compile.model.spec import MixerSpec
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 SPEC = MixerSpec("tiny", (32, 48), 8, 32, 16, 64, 2, num_classes=12, batch=2)
 
@@ -37,7 +37,7 @@ def binary(tmp_path_factory):
 @pytest.fixture(scope="module")
 def artifact(tmp_path_factory):
     out = tmp_path_factory.mktemp("cpp_art") / "art"
-    compile_model(CompileOptions(spec=SPEC, seed=5, out_dir=out), Progress(7, quiet=True))
+    compile_model(CompileOptions(spec=SPEC, seed=5, out_dir=out), Progress(6, quiet=True))
     return out
 
 

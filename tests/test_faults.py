@@ -24,30 +24,14 @@ from typing import Iterator
 import numpy as np
 import pytest
 
-from mixer_compile.model import reference
 from mixer_compile import runtime
 from mixer_compile.compiler import CompileOptions, compile_model
 from mixer_compile.errors import ArtifactError
+from mixer_compile.model import reference
+from mixer_compile.model.params import random_weights
 from mixer_compile.util.locking import exclusive, lock_path
 from mixer_compile.util.progress import Progress
-from mixer_compile.model.spec import MixerSpec
-from mixer_compile.model.params import random_weights
-from tests.conftest import rel_error
-from tests.test_cli import TINY
-
-SPEC = MixerSpec("tiny", (32, 32), 8, 32, 16, 128, 2, num_classes=10)
-
-
-def cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "mixer_compile.cli", *args], capture_output=True, text=True,
-                          timeout=300, cwd=cwd)
-
-
-def error_line(proc: subprocess.CompletedProcess) -> str:
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
-    lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1, proc.stderr
-    return lines[0]
+from tests.helpers import cli, error_line, rel_error
 
 
 @contextmanager
@@ -63,7 +47,7 @@ def tmpfs(where: Path, options: str) -> Iterator[Path]:
         subprocess.run(["umount", "-l", str(where)], capture_output=True, timeout=30)
 
 
-def test_full_disk_simulated_names_path_and_problem(tmp_path, monkeypatch):
+def test_full_disk_simulated_names_path_and_problem(tmp_path, tiny_spec, monkeypatch):
     real = pathlib.Path.write_text
 
     def full(self, *args, **kwargs):
@@ -74,30 +58,28 @@ def test_full_disk_simulated_names_path_and_problem(tmp_path, monkeypatch):
     monkeypatch.setattr(pathlib.Path, "write_text", full)
     out = tmp_path / "art"
     with pytest.raises(ArtifactError) as err:
-        compile_model(CompileOptions(spec=SPEC, out_dir=out), Progress(7, quiet=True))
+        compile_model(CompileOptions(spec=tiny_spec.replace(batch=1), out_dir=out), Progress(6, quiet=True))
     assert str(err.value) == f"cannot write artifact to '{out}': No space left on device"
     assert list(tmp_path.iterdir()) == []
 
 
-def test_full_disk_for_real(tmp_path):
-    (tmp_path / "tiny.toml").write_text(TINY)
+def test_full_disk_for_real(tmp_path, tiny_toml):
     with tmpfs(tmp_path / "small", "size=64k") as small:
-        proc = cli(["--spec", "tiny.toml", "-o", str(small / "art")], cwd=tmp_path)
-        line = error_line(proc)
+        proc = cli("--spec", "tiny.toml", "-o", small / "art", cwd=tmp_path)
+        line = error_line(proc.returncode, proc.stderr)
         assert f"cannot write artifact to '{small / 'art'}'" in line and "No space left on device" in line
         assert list(small.iterdir()) == []
 
 
-def test_no_permission_fails_before_the_build(tmp_path):
-    (tmp_path / "tiny.toml").write_text(TINY)
+def test_no_permission_fails_before_the_build(tmp_path, tiny_toml):
     if os.geteuid() == 0:  # root ignores mode bits: a read-only file system refuses it too
         context = tmpfs(tmp_path / "ro", "ro")
     else:
         (tmp_path / "ro").mkdir(mode=0o555)
         context = nullcontext(tmp_path / "ro")
     with context as ro:
-        proc = cli(["--spec", "tiny.toml", "-o", str(ro / "sub" / "art")], cwd=tmp_path)
-        line = error_line(proc)
+        proc = cli("--spec", "tiny.toml", "-o", ro / "sub" / "art", cwd=tmp_path)
+        line = error_line(proc.returncode, proc.stderr)
         assert f"cannot write artifact to '{ro / 'sub' / 'art'}'" in line
         assert "Read-only file system" in line or "Permission denied" in line
         assert "done in" not in proc.stderr  # refused before any stage ran
@@ -126,10 +108,9 @@ def test_lock_serialises_writers_and_leaves_no_file(tmp_path):
     assert list(tmp_path.iterdir()) == []  # the lock file went with its last holder
 
 
-def test_two_compiles_into_one_directory_give_one_good_artifact(tmp_path):
+def test_two_compiles_into_one_directory_give_one_good_artifact(tmp_path, tiny_toml, tiny_spec):
     """Two processes race to the same -o with different weights: the result is one complete
     artifact (library, weights and metadata from the same build), and nothing else."""
-    (tmp_path / "tiny.toml").write_text(TINY)
     procs = [subprocess.Popen([sys.executable, "-m", "mixer_compile.cli", "--spec", "tiny.toml", "--seed", str(seed),
                                "-o", "art"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for seed in (1, 2)]
@@ -145,15 +126,15 @@ def test_two_compiles_into_one_directory_give_one_good_artifact(tmp_path):
     assert seed in (1, 2)
     model = runtime.load(tmp_path / "art")  # checks every file against the metadata's hashes
     images = np.random.default_rng(0).standard_normal((1, 3, 32, 32)).astype(np.float32)
-    ref = reference.forward(SPEC.replace(gelu="tanh"), random_weights(SPEC, seed), images)
+    spec = tiny_spec.replace(batch=1, gelu="tanh")  # tiny.toml without --batch
+    ref = reference.forward(spec, random_weights(spec, seed), images)
     assert rel_error(model(images), ref) < 1e-4
 
 
-def test_second_tuner_waits_for_the_database_lock(tmp_path):
+def test_second_tuner_waits_for_the_database_lock(tmp_path, tiny_toml):
     """A tuning run into a database another process is writing waits (and says so) before it
     reads or repairs a line of it: MetaSchedule records point at workloads by line number, so
     two appending writers would corrupt each other's records."""
-    (tmp_path / "tiny.toml").write_text(TINY)
     db = tmp_path / "db"
     err_path = tmp_path / "stderr.txt"
     with exclusive(db):

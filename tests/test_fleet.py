@@ -28,11 +28,11 @@ from typing import Iterator
 
 import pytest
 
-from mixer_compile.tune import fleet
-from mixer_compile.errors import TuningError
 from mixer_compile.backend.target import get_target
+from mixer_compile.errors import TuningError
+from mixer_compile.tune import fleet
 from mixer_compile.tune.database import RECORDS, scan
-from tests.test_cli import TINY
+from tests.helpers import cli, error_line
 
 KEY = "mixer-test"
 FAILED_SECS = 1e10  # MetaSchedule's run_secs for a candidate whose build or run failed
@@ -122,16 +122,9 @@ def matmul_module(n: int = 60):
     return bb.get()
 
 
-def cli(args: list[str], cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "mixer_compile.cli", *args], capture_output=True, text=True,
-                          cwd=cwd, timeout=timeout)
-
-
-def one_error_line(proc: subprocess.CompletedProcess) -> str:
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
-    lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1, proc.stderr
-    return lines[0]
+def one_error_line(*args: str, cwd: Path) -> str:
+    proc = cli(*args, cwd=cwd, timeout=120)
+    return error_line(proc.returncode, proc.stderr)
 
 
 def test_tracker_check_names_the_problem(tmp_path):
@@ -154,39 +147,44 @@ def test_tracker_check_names_the_problem(tmp_path):
             fleet.servers(fleet.Fleet(here.host, here.port, "other"))
 
 
-def test_bad_tracker_arguments_are_one_line_errors(tmp_path):
-    (tmp_path / "tiny.toml").write_text(TINY)
+def test_bad_tracker_arguments_are_one_line_errors(tmp_path, tiny_toml):
     port = free_port()  # nothing listens there
     tune = ["tune", "--spec", "tiny.toml", "--trials", "1", "--db", "db"]
-    line = one_error_line(cli([*tune, "--rpc-tracker", f"127.0.0.1:{port}", "--rpc-key", KEY], tmp_path))
+    line = one_error_line(*tune, "--rpc-tracker", f"127.0.0.1:{port}", "--rpc-key", KEY, cwd=tmp_path)
     assert f"cannot reach the RPC tracker at 127.0.0.1:{port}" in line and "tvm.exec.rpc_tracker" in line
-    line = one_error_line(cli([*tune, "--rpc-tracker", "127.0.0.1", "--rpc-key", KEY], tmp_path))
+    line = one_error_line(*tune, "--rpc-tracker", "127.0.0.1", "--rpc-key", KEY, cwd=tmp_path)
     assert "--rpc-tracker must be HOST:PORT (e.g. 127.0.0.1:9190), got '127.0.0.1'" in line
-    line = one_error_line(cli([*tune, "--rpc-tracker", f"127.0.0.1:{port}"], tmp_path))
+    line = one_error_line(*tune, "--rpc-tracker", f"127.0.0.1:{port}", cwd=tmp_path)
     assert "--rpc-tracker needs --rpc-key" in line
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.toml"]  # no database was started
 
 
 def test_tune_through_the_fleet_survives_a_killed_server(tmp_path):
-    """Two servers measure; one is killed right after it loads its first candidate. The run
+    """Two servers measure; one is killed right after it loads its first candidate of the search
+    (the kernel's default schedule is measured before the search: tune/search.py). The run
     finishes on the other, every trial has a record, and the lost ones are failed records
     (run_secs 1e10), which the progress lines report."""
+    from mixer_compile.backend.cpu import prepare
     from mixer_compile.tune.search import tune
+    from mixer_compile.tune.tasks import extract_tasks
 
+    target = get_target("llvm")
+    tasks = extract_tasks(prepare(matmul_module(), target), target, 8)
     lines: list[str] = []
     with rpc_fleet(tmp_path / "logs") as (here, servers):
         victim = servers[0]
         killed = threading.Event()
 
         def kill_after_first_load():
-            _wait(lambda: measured_on(tmp_path / "logs")[0] > 0, "the first measurement on server 0", 600)
+            _wait(lambda: any(line.startswith("      task 1/1 ") for line in lines), "the search to start", 600)
+            before = measured_on(tmp_path / "logs")[0]
+            _wait(lambda: measured_on(tmp_path / "logs")[0] > before, "a candidate measured on server 0", 600)
             _stop(victim)
             killed.set()
 
         killer = threading.Thread(target=kill_after_first_load, daemon=True)
         killer.start()
-        summary = tune(matmul_module(), get_target("llvm"), 8, tmp_path / "db", say=lines.append, seed=0,
-                       runner=fleet.rpc_runner(here))
+        summary = tune(tasks, target, tmp_path / "db", say=lines.append, seed=0, runner=fleet.rpc_runner(here))
         assert killed.is_set(), "server 0 never measured anything: " + "\n".join(lines)
         survivors = measured_on(tmp_path / "logs")
     times = records(tmp_path / "db")
@@ -199,11 +197,15 @@ def test_tune_through_the_fleet_survives_a_killed_server(tmp_path):
     assert scan(tmp_path / "db").clean
 
 
-def test_sigint_stops_cleanly_and_the_rerun_resumes_through_the_fleet(tmp_path):
+def test_sigint_stops_cleanly_and_the_rerun_resumes_through_the_fleet(tmp_path, tiny_toml):
     """Ctrl-C (SIGINT to the whole process group, as a terminal sends it) while the first kernel
     is tuned: the tuner records that kernel's batch, says so and exits 130. The re-run through
-    the fleet counts those records as done and keeps them; two Ctrl-C end it at once."""
-    (tmp_path / "tiny.toml").write_text(TINY)
+    the fleet counts those records as done and keeps them; two Ctrl-C end it at once. (Every
+    kernel's default schedule is measured, and recorded as its first trial, before the search.)"""
+    from mixer_compile.compose import model_tasks
+    from mixer_compile.model.spec import load_spec
+
+    tasks = model_tasks(load_spec(tiny_toml), get_target("llvm"), trials=2)  # what `tune` below tunes
     with rpc_fleet(tmp_path / "logs") as (here, _):
         args = [sys.executable, "-m", "mixer_compile.cli", "tune", "--spec", "tiny.toml", "--trials", "2",
                 "--db", "db", "--rpc-tracker", here.address, "--rpc-key", KEY]
@@ -229,11 +231,13 @@ def test_sigint_stops_cleanly_and_the_rerun_resumes_through_the_fleet(tmp_path):
         assert "interrupted: stopping once the trials in flight are recorded" in err
         assert "interrupted: every measured record is kept; run the same command again to resume" in err
         first = (tmp_path / "db" / RECORDS).read_text()
-        assert len(records(tmp_path / "db")) == 2  # the first kernel's batch, and nothing after it
+        # every kernel's default, then the first kernel's batch (its budget less the default), nothing after it
+        assert len(records(tmp_path / "db")) == len(tasks) + tasks[0].trials - 1
         assert all(secs[0] < FAILED_SECS for secs in records(tmp_path / "db")), "Ctrl-C failed a candidate"
         assert sum(measured_on(tmp_path / "logs")) >= 2
 
-        code, err = run_until(r"\d+ kernels, 1 already tuned", interrupts=2)
+        done = 1 + sum(t.trials <= 1 for t in tasks[1:])  # the first kernel, and those a default fills
+        code, err = run_until(rf"{len(tasks)} kernels, {done} already tuned", interrupts=2)
         assert code in (130, -signal.SIGINT), err  # the second Ctrl-C ends it at once
         # a builder worker still importing TVM when Ctrl-C reaches the process group may print its
         # own traceback (it dies before it can ignore SIGINT); the tuner itself must not

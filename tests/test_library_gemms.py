@@ -17,7 +17,6 @@ import pytest
 import tvm
 
 from mixer_compile.backend import cpu, cutlass
-from mixer_compile.backend.cuda import cuobjdump
 from mixer_compile.backend.target import get_target
 from mixer_compile.check.validate import TOLERANCES
 from mixer_compile.compiler import CompileOptions, compile_model
@@ -30,6 +29,7 @@ from mixer_compile.model.params import random_weights
 from mixer_compile.model.spec import MixerSpec
 from mixer_compile.passes.context import PassContext
 from tests.helpers import TINY, rel_error
+from tests.sass import cuobjdump
 
 # Big enough that its channel GEMMs (128 x 128 x 512 per call at batch 2) go to the library,
 # small enough to run in NumPy in a blink; timm's erf GELU.

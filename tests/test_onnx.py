@@ -18,11 +18,11 @@ from mixer_compile.errors import MixerCompileError, ValidationError
 from mixer_compile.tools.export_onnx import export_onnx
 from mixer_compile.frontends.onnx_import import import_onnx
 from mixer_compile.model.spec import MixerSpec, load_spec
-from mixer_compile.torch_model import torch_mixer
+from tests.torch_model import torch_mixer
 from mixer_compile.check.validate import random_images
 from mixer_compile.frontends import load_weights
 from mixer_compile.model.params import random_weights
-from tests.conftest import rel_error
+from tests.helpers import rel_error
 
 # torch's own notices about its exporters, not about our code
 pytestmark = [pytest.mark.filterwarnings("ignore:You are using the legacy TorchScript:DeprecationWarning"),

@@ -11,8 +11,8 @@ import torch
 from mixer_compile.model import reference
 from mixer_compile.frontends import load_weights
 from mixer_compile.model.params import random_weights
-from mixer_compile.torch_model import torch_mixer
-from tests.conftest import rel_error, testdata_spec
+from tests.torch_model import torch_mixer
+from tests.helpers import rel_error, testdata_spec
 
 BOUND = 2e-5
 

@@ -15,7 +15,7 @@ from mixer_compile.frontends import load_weights
 from mixer_compile.model.params import random_weights
 from mixer_compile.frontends.resize import resize_weights, sub_image_tokens
 from mixer_compile.frontends.write import write_weights
-from tests.conftest import rel_error
+from tests.helpers import rel_error
 
 
 @pytest.fixture

@@ -17,17 +17,16 @@ import numpy as np
 import pytest
 import torch
 
-from mixer_compile.model import reference
 from mixer_compile import runtime
-from mixer_compile.machine import build_requirements, check_cpu, check_gpu, host_cpu_features
+from mixer_compile.backend.target import build_requirements
 from mixer_compile.compiler import CompileOptions, compile_model
 from mixer_compile.errors import ArtifactError, MixerCompileError
-from mixer_compile.util.progress import Progress
-from mixer_compile.model.spec import MixerSpec
+from mixer_compile.machine import check_cpu, check_gpu, host_cpu_features
+from mixer_compile.model import reference
 from mixer_compile.model.params import random_weights
-from tests.conftest import rel_error
+from mixer_compile.util.progress import Progress
+from tests.helpers import edit_metadata, rel_error
 
-SPEC = MixerSpec("tiny", (32, 32), 8, 32, 16, 128, 2, num_classes=10, batch=2)
 # /proc/cpuinfo flags of an AVX2 machine without AVX-512 (Intel Haswell).
 HASWELL = ("flags\t\t: fpu vme de pse tsc msr pae mce cx8 apic sep mtrr pge mca cmov pat pse36 clflush mmx fxsr "
            "sse sse2 ss ht syscall nx pdpe1gb rdtscp lm pni pclmulqdq ssse3 fma cx16 pcid sse4_1 sse4_2 x2apic "
@@ -35,9 +34,9 @@ HASWELL = ("flags\t\t: fpu vme de pse tsc msr pae mce cx8 apic sep mtrr pge mca 
 
 
 @pytest.fixture(scope="module")
-def artifact(tmp_path_factory):
+def artifact(tmp_path_factory, tiny_spec):
     out = tmp_path_factory.mktemp("rt") / "art"
-    compile_model(CompileOptions(spec=SPEC, seed=3, out_dir=out), Progress(7, quiet=True))
+    compile_model(CompileOptions(spec=tiny_spec, seed=3, out_dir=out), Progress(6, quiet=True))
     return out
 
 
@@ -47,19 +46,13 @@ def copy(artifact, tmp_path):
     return shutil.copytree(artifact, tmp_path / "art")
 
 
-def _edit_metadata(art, change):
-    meta = json.loads((art / "metadata.json").read_text())
-    change(meta)
-    (art / "metadata.json").write_text(json.dumps(meta))
-
-
 def _images(seed=0, batch=2):
     return np.random.default_rng(seed).standard_normal((batch, 3, 32, 32)).astype(np.float32)
 
 
-def test_output_matches_reference(artifact):
+def test_output_matches_reference(artifact, tiny_spec):
     x = _images()
-    ref = reference.forward(SPEC.replace(gelu="tanh"), random_weights(SPEC, 3), x)
+    ref = reference.forward(tiny_spec.replace(gelu="tanh"), random_weights(tiny_spec, 3), x)
     assert rel_error(runtime.load(artifact)(x), ref) < 1e-4
 
 
@@ -91,10 +84,14 @@ print(json.dumps({"libs": sorted(tvm.base._LOADED_LIBS),
     seen = json.loads(proc.stdout.strip().splitlines()[-1])
     assert seen["libs"] == ["tvm_runtime"]
     assert seen["heavy"] == []
-    compiler = ("ir", "passes", "lower", "tune", "tuning_db", "build", "cuda_build", "validate", "driver",
-                "reference", "weights", "targets", "report", "torch_model")
+    # the compile side, by package or module (the package's __init__ brings mixer_compile.model.spec,
+    # as it brought mixer_compile.spec before the restructure, and the api module: tolerated here,
+    # reported by test_architecture; the model's weights and reference must not come)
+    compiler = ("ir", "passes", "lower", "compose", "compiler", "backend", "tune", "check", "frontends",
+                "tools", "util", "cli", "model.params", "model.reference")
     assert "mixer_compile.runtime" in seen["mixer"]
-    assert [m for m in seen["mixer"] if m.split(".")[1:2] and m.split(".")[1] in compiler] == []
+    assert [m for m in seen["mixer"] if any(m == f"mixer_compile.{c}" or m.startswith(f"mixer_compile.{c}.")
+                                            for c in compiler)] == []
     np.testing.assert_array_equal(np.load(tmp_path / "y.npy"), runtime.load(artifact)(x))
 
 
@@ -178,20 +175,20 @@ def test_avx512_build_is_refused_on_an_avx2_machine():
 
 def test_refusals_happen_before_loading(copy):
     (copy / "model.so").write_bytes(b"not a library" * 10)  # would fail to load, if it got that far
-    _edit_metadata(copy, lambda m: m["target"]["requires"]["cpu"]["features"].append("amx-tile"))
+    edit_metadata(copy, lambda m: m["target"]["requires"]["cpu"]["features"].append("amx-tile"))
     with pytest.raises(ArtifactError, match=r"needs CPU features this machine lacks: amx-tile;"):
         runtime.load(copy)
-    _edit_metadata(copy, lambda m: m["target"]["requires"]["cpu"].update(arch="aarch64"))
+    edit_metadata(copy, lambda m: m["target"]["requires"]["cpu"].update(arch="aarch64"))
     with pytest.raises(ArtifactError, match=r"was built for aarch64 CPUs and this machine is x86_64"):
         runtime.load(copy)
-    _edit_metadata(copy, lambda m: m.update(tvm_version="0.26.0"))
+    edit_metadata(copy, lambda m: m.update(tvm_version="0.26.0"))
     with pytest.raises(ArtifactError, match=r"was built with TVM 0.26.0 and this runtime is TVM 0.27.\S*; "
                                             r"install apache-tvm==0.26.0 or rebuild"):
         runtime.load(copy)
 
 
 def test_cuda_build_is_refused_without_its_gpu(copy):
-    _edit_metadata(copy, lambda m: m["target"].update(kind="cuda", requires={"gpu_arch": "sm_90"}))
+    edit_metadata(copy, lambda m: m["target"].update(kind="cuda", requires={"gpu_arch": "sm_90"}))
     with pytest.raises(ArtifactError, match=r"was built for a CUDA GPU \(sm_90\) and no CUDA GPU is visible here"):
         runtime.load(copy)
     with pytest.raises(ArtifactError, match="it was built for sm_90 and this GPU is sm_80; rebuild it with a target for sm_80"):

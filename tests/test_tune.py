@@ -20,23 +20,19 @@ from pathlib import Path
 
 import pytest
 
-from mixer_compile.tune import database as tuning_db
-from mixer_compile.compiler import CompileOptions, compile_model
-from mixer_compile.util.progress import Progress
-from mixer_compile.model.spec import MixerSpec
 from mixer_compile.backend.target import get_target
-from mixer_compile.tune.search import extract_tasks, model_module, prepare
+from mixer_compile.compiler import CompileOptions, compile_model
+from mixer_compile.compose import model_tasks
+from mixer_compile.model.spec import MixerSpec
+from mixer_compile.tune import database as tuning_db
 from mixer_compile.tune.database import RECORDS, WORKLOADS, TuningWarning, open_database
+from mixer_compile.tune.tasks import best_latency, count_records
+from mixer_compile.util.progress import Progress
+from tests.helpers import TINY, cannot_run
 
 TRIALS = 2  # per large kernel; the small ones get max(1, TRIALS // 4) = 1
-TINY = {"name": "tiny", "image_size": [32, 32], "patch_size": 8, "hidden_dim": 32, "tokens_mlp_dim": 16,
-        "channels_mlp_dim": 128, "num_blocks": 2, "num_classes": 10, "batch": 2}
-
-
-def _spec() -> MixerSpec:
-    from mixer_compile.model.spec import spec_from_dict
-
-    return spec_from_dict(dict(TINY), name="tiny")
+# every test measures or validates znver4 code on this machine
+pytestmark = pytest.mark.skipif(cannot_run("znver4") is not None, reason=str(cannot_run("znver4")))
 
 
 def _lines(path: Path) -> list[str]:
@@ -46,11 +42,9 @@ def _lines(path: Path) -> list[str]:
 def _with_valid_record(db_dir: Path) -> set[str]:
     """Kernels of the tiny spec whose records include a successful measurement (a candidate
     may fail to build in time on a loaded machine; such a kernel has no record to apply)."""
-    from mixer_compile.tune.search import best_latency
-
     target = get_target("znver4")
     database = open_database(db_dir)
-    tasks = extract_tasks(prepare(model_module(_spec(), target), target), target, TRIALS)
+    tasks = model_tasks(TINY, target, trials=TRIALS)
     return {t.name for t in tasks if best_latency(database, t.mod, target) is not None}
 
 
@@ -64,7 +58,7 @@ def tuned(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """A tuning subprocess SIGKILLed once its first records are on disk, then run again to the end."""
     root = tmp_path_factory.mktemp("tune")
     spec_file, db = root / "tiny.json", root / "db"
-    spec_file.write_text(json.dumps(TINY))
+    spec_file.write_text(json.dumps(TINY.to_dict()))
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     # its own process group, killed whole: the tuner and its build/measure workers, as kill -9 of a job would
     first = subprocess.Popen(_tune_cmd(spec_file, db), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -92,10 +86,7 @@ def test_records_survive_sigkill_and_tuning_resumes(tuned: dict) -> None:
     resumed = re.search(r"(\d+) kernels, (\d+) already tuned", tuned["resume_log"])
     assert resumed and int(resumed.group(2)) >= 1, tuned["resume_log"]  # the killed run's kernel is not redone
     # every kernel now has its budget of records, the ones done before the kill not tuned twice
-    spec, target = _spec(), get_target("znver4")
-    tasks = extract_tasks(prepare(model_module(spec, target), target), target, TRIALS)
-    from mixer_compile.tune.search import count_records
-
+    tasks = model_tasks(TINY, get_target("znver4"), trials=TRIALS)
     count_records(open_database(tuned["db"]), tasks)
     for t in tasks:
         assert t.done >= t.trials, (t.name, t.done, t.trials)
@@ -108,9 +99,9 @@ def test_compile_applies_records_and_second_compile_does_not_tune(tuned: dict, t
     db = tmp_path / "db"
     shutil.copytree(tuned["db"], db)
     before = (db / RECORDS).read_text()
-    opts = CompileOptions(spec=_spec(), target="znver4", db=db, tune=True, trials=TRIALS)
-    result = compile_model(opts, Progress(8, quiet=True))
-    tuning = result.metadata["tuning"]
+    opts = CompileOptions(spec=TINY, target="znver4", db=db, tune=True, trials=TRIALS)
+    result = compile_model(opts, Progress(6, quiet=True))
+    tuning = result.metadata.tuning
     assert tuning["kernels"] == 9 and set(tuning["tuned"]) == _with_valid_record(db), tuning
     assert len(tuning["tuned"]) >= 5, tuning  # most kernels: a tiny kernel rarely fails every candidate
     assert result.validation.passed
@@ -166,8 +157,8 @@ def test_shipped_records_apply_for_matching_target(tuned: dict, tmp_path: Path, 
     for target in ("znver4", "llvm"):  # by name; and the host (znver5 here) by instruction sets
         if target == "llvm" and not tuning_db.shipped_db_dirs(get_target("llvm")):
             pytest.skip("this host CPU lacks AVX-512: znver4 records are not for it")
-        result = compile_model(CompileOptions(spec=_spec(), target=target), Progress(7, quiet=True))
-        tuning = result.metadata["tuning"]
+        result = compile_model(CompileOptions(spec=TINY, target=target), Progress(6, quiet=True))
+        tuning = result.metadata.tuning
         assert tuning["databases"] == [str(schedules / "znver4")]
         assert set(tuning["tuned"]) == expected and tuning["kernels"] == 9, (target, tuning)
         assert result.validation.passed
@@ -178,24 +169,24 @@ def test_no_records_warns_untuned_and_says_how_to_tune(tmp_path: Path, monkeypat
     monkeypatch.setattr(tuning_db, "SCHEDULES_DIR", tmp_path / "none")
     monkeypatch.setenv("MIXER_COMPILE_CACHE", str(tmp_path / "cache"))
     with pytest.warns(TuningWarning, match=r"untuned.*mixer-compile tune --spec tiny --batch 2 --target znver4"):
-        result = compile_model(CompileOptions(spec=_spec(), target="znver4"), Progress(7, quiet=True))
-    assert "tuning" not in result.metadata or not result.metadata["tuning"].get("tuned")
+        result = compile_model(CompileOptions(spec=TINY, target="znver4"), Progress(6, quiet=True))
+    assert not (result.metadata.tuning or {}).get("tuned")
 
 
 def test_database_that_matches_nothing_warns_loudly(tuned: dict, tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setattr(tuning_db, "SCHEDULES_DIR", tmp_path / "none")
     other = MixerSpec("other", (32, 32), 8, 24, 8, 48, 1, num_classes=5, batch=1)  # no kernel in common
     with pytest.warns(UserWarning, match="applied to none of the"):
-        result = compile_model(CompileOptions(spec=other, target="znver4", db=tuned["db"]), Progress(7, quiet=True))
-    assert result.metadata["tuning"]["tuned"] == []
+        result = compile_model(CompileOptions(spec=other, target="znver4", db=tuned["db"]), Progress(6, quiet=True))
+    assert result.metadata.tuning["tuned"] == []
 
 
 def test_choose_form_times_the_tuned_form_and_records_the_choice(tuned: dict, tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setattr(tuning_db, "SCHEDULES_DIR", tmp_path / "none")
-    result = compile_model(CompileOptions(spec=_spec(), target="znver4", db=tuned["db"], choose_form=True),
-                           Progress(8, quiet=True))
-    choice = result.metadata["tuning"]["form_choice"]
-    assert choice["chosen"] == result.metadata["form"]
+    result = compile_model(CompileOptions(spec=TINY, target="znver4", db=tuned["db"], choose_form=True),
+                           Progress(7, quiet=True))
+    choice = result.metadata.tuning["form_choice"]
+    assert choice["chosen"] == result.metadata.form
     figures = choice["figures"]
     assert set(figures) == {"matmul", "conv"}
     timed = {f for f, d in figures.items() if d["ms"] is not None}

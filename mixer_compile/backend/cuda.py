@@ -226,35 +226,6 @@ def fatbins(library: Path) -> list[bytes]:
     return found
 
 
-def cuobjdump() -> str | None:
-    """cuobjdump from PATH or from the `nvidia-cuda-cuobjdump` wheel (with nvdisasm beside it)."""
-    try:
-        import nvidia
-
-        bundled = [str(Path(p) / "cu13" / "bin") for p in nvidia.__path__]
-    except ImportError:
-        bundled = []
-    return shutil.which("cuobjdump", path=os.pathsep.join(bundled + [os.environ.get("PATH", "")]))
-
-
-def sass(library: Path) -> dict[str, str]:
-    """The machine code (SASS) of every kernel a library carries, by kernel name."""
-    tool = cuobjdump()
-    if tool is None:
-        raise TargetError("cuobjdump is not installed; pip install nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm")
-    env = {**os.environ, "PATH": os.pathsep.join([str(Path(tool).parent), os.environ.get("PATH", "")])}
-    kernels: dict[str, str] = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for i, blob in enumerate(fatbins(library)):
-            (Path(tmp) / f"{i}.fatbin").write_bytes(blob)
-            text = subprocess.run([tool, "-sass", f"{i}.fatbin"], cwd=tmp, env=env, check=True,
-                                  capture_output=True, text=True).stdout
-            for chunk in text.split("Function : ")[1:]:
-                name, _, body = chunk.partition("\n")
-                kernels[name.strip()] = body
-    return kernels
-
-
 def _child(module_json: str, target_json: str, out: str) -> None:
     import tvm
 

@@ -1,9 +1,9 @@
 """A plain PyTorch Mixer with timm's module names: the peer our outputs are compared with.
 
-Used by the tests (an independent implementation besides the NumPy reference), by the
-benchmarks (PyTorch eager, torch.compile and, via torch.onnx, ONNX Runtime run the very same
-weights as our module) and to write timm-format checkpoints. Its state dict loads into
-timm's own `MlpMixer` and back.
+Used by the tests (an independent implementation besides the NumPy reference) and by the
+benchmarks, which load it from here (PyTorch eager, torch.compile and, via torch.onnx, ONNX
+Runtime run the very same weights as our module); not part of the package. Its state dict
+loads into timm's own `MlpMixer` and back.
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from mixer_compile.model.spec import MixerSpec
 from mixer_compile.frontends.timm import to_state_dict
+from mixer_compile.model.spec import MixerSpec
 
 
 class _Mlp(nn.Module):
