@@ -57,6 +57,16 @@ def test_without_records_every_kernel_is_scheduled_and_correct(tiny_spec, no_rec
     assert validate(run, spec, weights, seed=1).passed
 
 
+def test_odd_token_count_uses_a_predicated_row_tile(no_records) -> None:
+    """25 tokens (a prime square, like the 49 of the /32 presets) at batch 3: the GEMMs take row
+    tiles that do not divide M (the last one predicated) and stay correct."""
+    odd = MixerSpec("odd", (40, 40), 8, 32, 16, 128, 1, num_classes=10, batch=3)
+    spec, weights, run, applied = _build(odd, "erf")
+    assert not applied.untuned
+    assert any(25 % c.mr for c in applied.gemms.values()), applied.gemms
+    assert validate(run, spec, weights, seed=1).passed
+
+
 def test_compile_without_records_is_scheduled(tiny_spec, no_records) -> None:
     from mixer_compile.compiler import CompileOptions, compile_model
     from mixer_compile.util.progress import Progress

@@ -121,7 +121,7 @@ def parallel_split(gemm: Gemm, mr: int, nv: int, lanes: int, cores: int) -> tupl
     the split is the smallest with that share at least 7/8 (E divisible by the cores, or
     E >= 8 x cores), N split before M (each core then streams only its share of the weights).
     A kernel with fewer tiles than that gets its most balanced split."""
-    col_blocks, row_blocks = gemm.n // (nv * lanes), gemm.m // mr
+    col_blocks, row_blocks = gemm.n // (nv * lanes), -(-gemm.m // mr)
 
     def share(e: int) -> float:
         return e / (-(-e // cores) * cores)
@@ -154,26 +154,33 @@ def tile_efficiency(mr: int, nv: int) -> float:
 
 def default_candidate(gemm: Gemm, vec: Vector, cores: int) -> Candidate | None:
     """The candidate chosen without measuring: the micro-tile the register model rates best
-    (`tile_efficiency`; ties to the bigger tile) among those that fit the registers and divide
-    M and N, B panel reused across M (`c_outer`), the parallel split from the cores. When no
-    tile of `candidates`' range fits (M = 1, a prime M), any tile that fits the registers. None
-    when N is not a multiple of the SIMD width."""
+    (`tile_efficiency`, times the share of its rows that are real when M is no multiple of mr:
+    the last row tile is predicated), ties to the bigger tile, then to one that divides M; B
+    panel reused across M (`c_outer`); the parallel split from the cores. The tile's vectors
+    divide N (a predicated vector would turn scalar); None when N is not a multiple of the
+    SIMD width."""
     if gemm.n % vec.lanes:
         return None
     vectors = gemm.n // vec.lanes
-    fits = [(mr, nv) for mr in _divisors(gemm.m) if mr <= 16 for nv in _divisors(vectors) if nv <= 6
+    fits = [(mr, nv) for mr in range(1, min(16, gemm.m) + 1) for nv in _divisors(vectors) if nv <= 6
             if mr * nv <= vec.registers - nv - 1]
     if not fits:
         return None
-    mr, nv = max(fits, key=lambda k: (round(tile_efficiency(*k), 3), k[0] * k[1], k[0]))
+
+    def score(k: tuple[int, int]) -> tuple[float, int, bool, int]:
+        mr, nv = k
+        used = gemm.m / (-(-gemm.m // mr) * mr)
+        return round(tile_efficiency(mr, nv) * used, 3), mr * nv, gemm.m % mr == 0, mr
+
+    mr, nv = max(fits, key=score)
     chunks, mchunks = parallel_split(gemm, mr, nv, vec.lanes, cores)
     return Candidate(mr, nv, chunks, True, mchunks)
 
 
 def with_decision(gemm: Gemm, d: Decision, vec: Vector, cores: int) -> Candidate | None:
     """The candidate that makes decision `d` on this GEMM for this machine's cores (None when
-    its tile does not divide this GEMM)."""
-    if gemm.m % d.mr or gemm.n % (d.nv * vec.lanes) or d.mr * d.nv > vec.registers - d.nv - 1:
+    its vectors do not divide N or its tile does not fit this machine's registers)."""
+    if d.mr > gemm.m or gemm.n % (d.nv * vec.lanes) or d.mr * d.nv > vec.registers - d.nv - 1:
         return None
     chunks, mchunks = parallel_split(gemm, d.mr, d.nv, vec.lanes, cores)
     return Candidate(d.mr, d.nv, chunks, d.c_outer, mchunks)
