@@ -231,3 +231,17 @@ def test_cpp_example_serves_two_batch_sizes_of_a_range(wide, tmp_path):
     six = run(tmp_path / "three.bin", "--batch", "6")
     assert six.returncode == 1 and six.stdout == ""
     assert "batch 6 is outside what this artifact serves (batches 1-5)" in six.stderr
+
+
+def test_timm_mlpmixer_itself_when_installed():
+    """timm's own class (not installed here: then the timm-structured TorchMixer above stands in)."""
+    mlp_mixer = pytest.importorskip("timm.models.mlp_mixer")
+    config = json.loads((TESTDATA / "configs.json").read_text())["tiny_wide"]
+    c = config["hidden_dim"]
+    module = mlp_mixer.MlpMixer(num_classes=config["num_classes"], img_size=tuple(config["image_size"]),
+                                patch_size=config["patch_size"], num_blocks=config["num_blocks"], embed_dim=c,
+                                mlp_ratio=(config["tokens_mlp_dim"] / c, config["channels_mlp_dim"] / c))
+    module.load_state_dict(torch.load(TESTDATA / "tiny_wide.pth", weights_only=True))
+    compiled = mixer_compile.compile(module.eval(), batch="1-2")  # image size from timm's PatchEmbed
+    x = np.load(TESTDATA / "tiny_wide_input.npy")
+    assert _rel(compiled(x), np.load(TESTDATA / "tiny_wide_logits_erf.npy")) < TIMM_TOLERANCE
