@@ -7,11 +7,16 @@ and `nr / lanes` vector loads of B per k, `mr * nr / lanes` FMAs. That loop nest
 once here, compiles (LLVM) to exactly that inner loop and reaches ~500 GFLOP/s on one
 196x768x3072 fc1 + GELU on this 2-core machine.
 
-Every candidate is a fixed loop nest (no random decisions): micro-kernel shape, loop order
-and the parallel split of N. MetaSchedule measures them like any other candidates and keeps
-the records; a record is a trace of stock schedule primitives, so applying it needs nothing
-from this module. Kernels that are not a GEMM with a vectorisable N (LayerNorm, mean, the
-1000-class head) keep MetaSchedule's generic space.
+Every candidate is a fixed loop nest (no random decisions): micro-kernel shape and loop
+order (the `Decision`, which belongs to the machine's registers and caches) and the parallel
+split (`parallel_split`, which belongs to the machine that runs the code: its cores). MetaSchedule
+measures the candidates like any others and keeps the records; a build reads the decision back
+from a record's trace (`decision_of`) and re-applies it with `apply` to any GEMM of the same
+per-call shape (`signature`: any epilogue, any batch), the parallel split recomputed for the
+build target. Without a record, `default_candidate` picks the tile by a model of the core
+(backend/cpu.py). Kernels that are not a GEMM with a vectorisable N (LayerNorm, mean, the
+1000-class head on AVX-512) keep MetaSchedule's generic space when tuned, and
+cpu_schedules.py's rules by default.
 
 Shape of the match: one block with spatial iterators (..., i, j) and one reduction k, reading
 A[..., i, k] (not indexed by j) and B[..., k, j] or its panels B[j // P, k, j % P] (j
@@ -96,9 +101,10 @@ def _divisors(n: int) -> list[int]:
 
 
 def candidates(gemm: Gemm, vec: Vector, cores: int) -> list[Candidate]:
-    """Micro-kernels that keep C's tile in registers (between half of them and all but the
-    few B and A needs), with tiles that divide M and N exactly (a predicated tail would turn
-    the loop scalar), best-balanced first, under each loop order and parallel split."""
+    """The tuning space: micro-kernels that keep C's tile in registers (between half of them
+    and all but the few B and A needs), with tiles that divide M and N exactly (a predicated N
+    tail would turn the vector loop scalar), best-balanced first, under each loop order; the
+    parallel split from `parallel_split` (a build recomputes it anyway)."""
     vectors = gemm.n // vec.lanes
     kernels = [(mr, nv) for mr in _divisors(gemm.m) if mr <= 16 for nv in _divisors(vectors) if nv <= 6
                if vec.registers // 2 <= mr * nv <= vec.registers - nv - 1]
