@@ -24,7 +24,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from mixer_compile import __version__
+from mixer_compile.version import __version__
 from mixer_compile.artifact.format import BatchRange, Metadata
 from mixer_compile.backend import backend_for
 from mixer_compile.backend.target import TargetInfo, build_requirements, get_target

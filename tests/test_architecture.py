@@ -59,12 +59,25 @@ def _within(name: str, modules: dict[str, Path]) -> str | None:
     return name or None
 
 
-def imported_modules(name: str, path: Path, modules: dict[str, Path]) -> set[str]:
-    """The package's modules that `name` imports, anywhere in its source. `from P import n` is
-    module P.n when that is a module, else P (n is a name defined in P)."""
+def _executed_on_import(tree: ast.Module) -> list[ast.AST]:
+    """The nodes that run when the module is imported: all but function bodies."""
+    nodes, todo = [], list(tree.body)
+    while todo:
+        node = todo.pop()
+        nodes.append(node)
+        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+            todo.extend(ast.iter_child_nodes(node))
+    return nodes
+
+
+def imported_modules(name: str, path: Path, modules: dict[str, Path], on_import: bool = False) -> set[str]:
+    """The package's modules that `name` imports, anywhere in its source (`on_import`: only
+    where importing it runs them, outside functions). `from P import n` is module P.n when that
+    is a module, else P (n is a name defined in P)."""
     is_package = path.name == "__init__.py"
+    tree = ast.parse(path.read_text(), str(path))
     found = set()
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+    for node in _executed_on_import(tree) if on_import else ast.walk(tree):
         if isinstance(node, ast.Import):
             targets = [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom):
@@ -86,11 +99,12 @@ def imported_modules(name: str, path: Path, modules: dict[str, Path]) -> set[str
     return found
 
 
-def import_graph() -> dict[str, set[str]]:
+def import_graph(on_import: bool = False) -> dict[str, set[str]]:
     """Module -> the package modules its source imports (explicit imports only: that importing
-    a.b.c also runs a/__init__.py is no dependency of a.b.c's code; see `loaded_with`)."""
+    a.b.c also runs a/__init__.py is no dependency of a.b.c's code; see `loaded_with`).
+    `on_import`: only the imports that run when the module is imported (outside functions)."""
     modules = package_modules()
-    return {name: imported_modules(name, path, modules) for name, path in modules.items()}
+    return {name: imported_modules(name, path, modules, on_import) for name, path in modules.items()}
 
 
 def import_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
@@ -147,47 +161,28 @@ def a_cycle(component: list[str], graph: dict[str, set[str]]) -> list[str]:
     raise AssertionError(f"{component} is no strongly connected component")
 
 
-def loaded_with(module: str, graph: dict[str, set[str]]) -> set[str]:
-    """Every package module that importing `module` can run: its imports, transitively, and the
-    __init__ of every package on the way (importing a.b.c runs a/__init__.py and a/b/__init__.py)."""
-    seen: set[str] = set()
-    todo = [module]
+def loaded_with(module: str, graph: dict[str, set[str]], on_import: dict[str, set[str]] | None = None) -> set[str]:
+    """Every package module that importing `module` can run: its imports (anywhere in its code),
+    transitively, and the __init__ of every package on the way (importing a.b.c runs
+    a/__init__.py and a/b/__init__.py), of which only what runs on import counts (`on_import`:
+    a package's lazy `__getattr__` entry points run when someone asks for them, and then the
+    asker has imported them)."""
+    on_import = graph if on_import is None else on_import
+    seen: set[tuple[str, bool]] = set()
+    todo = [(module, False)]
     while todo:
-        m = todo.pop()
-        if m in seen:
+        m, as_parent = todo.pop()
+        if (m, as_parent) in seen:
             continue
-        seen.add(m)
+        seen.add((m, as_parent))
         parents = [".".join(m.split(".")[:i]) for i in range(1, m.count(".") + 1)]
-        todo += [p for p in parents if p in graph] + sorted(graph.get(m, ()))
-    return seen
+        todo += [(p, True) for p in parents if p in graph]
+        todo += [(d, False) for d in sorted((on_import if as_parent else graph).get(m, ()))]
+    return {m for m, _ in seen}
 
 
 RUNTIME_SIDE = {"mixer_compile", "mixer_compile.runtime", "mixer_compile.errors", "mixer_compile.machine",
-                "mixer_compile.artifact", "mixer_compile.artifact.format"}
-
-# Found by these tests and reported, not special-cased in the walker. While the findings below
-# are all there is, the two tests are expected failures (xfail, naming what they found); fixed,
-# by removing these imports or otherwise, they pass; a new cycle or a new way from the runtime
-# to the compiler fails them whatever the known ones.
-KNOWN_CYCLE_EDGES = {
-    # `backend_for` (backend/__init__.py) imports backend.cpu and backend.cuda, which import the
-    # package back for `Runner`
-    ("mixer_compile.backend.cpu", "mixer_compile.backend"),
-    ("mixer_compile.backend.cuda", "mixer_compile.backend"),
-    # the package's __init__ imports api, whose compile() imports compiler, which imports the
-    # package for __version__
-    ("mixer_compile.compiler", "mixer_compile"),
-}
-KNOWN_RUNTIME_EDGES = {
-    # every `import mixer_compile.runtime` runs mixer_compile/__init__.py, which imports the spec
-    # (for its re-exports) and api (whose compile() imports the whole compiler, lazily)
-    ("mixer_compile", "mixer_compile.model.spec"),
-    ("mixer_compile", "mixer_compile.api"),
-}
-
-
-def without(graph: dict[str, set[str]], edges: set[tuple[str, str]]) -> dict[str, set[str]]:
-    return {m: {d for d in deps if (m, d) not in edges} for m, deps in graph.items()}
+                "mixer_compile.artifact", "mixer_compile.artifact.format", "mixer_compile.version"}
 
 
 def test_the_walker_sees_function_level_and_from_imports():
@@ -200,29 +195,24 @@ def test_the_walker_sees_function_level_and_from_imports():
     toy = {"a": {"b"}, "b": {"c", "d"}, "c": {"a"}, "d": {"e"}, "e": {"d"}, "f": {"a"}}
     assert import_cycles(toy) == [["a", "b", "c"], ["d", "e"]]
     assert a_cycle(["a", "b", "c"], toy) == ["a", "b", "c", "a"]
-    assert import_cycles(without(toy, {("c", "a"), ("e", "d")})) == []
+    assert import_cycles({**toy, "c": set(), "e": set()}) == []
     assert loaded_with("a.b", {"a": {"c"}, "a.b": set(), "c": set(), "d": set()}) == {"a", "a.b", "c"}
+    lazy = {"a": {"c", "d"}, "a.b": set(), "c": set(), "d": set()}  # a/__init__ imports d in a function
+    assert loaded_with("a.b", lazy, {**lazy, "a": {"c"}}) == {"a", "a.b", "c"}
 
 
 def test_no_import_cycle_among_the_package_modules():
     graph = import_graph()
     cycles = import_cycles(graph)
-    named = "; ".join(f"{' -> '.join(a_cycle(c, graph))} (in cycle: {', '.join(c)})" for c in cycles)
-    left = import_cycles(without(graph, KNOWN_CYCLE_EDGES))
-    assert not left, f"import cycles: {named}"
-    if cycles:
-        pytest.xfail(f"known, reported: {named}")
+    assert not cycles, "import cycles: " + "; ".join(f"{' -> '.join(a_cycle(c, graph))}" for c in cycles)
 
 
 def test_runtime_imports_nothing_from_the_compile_side():
-    graph = import_graph()
-    extra = loaded_with("mixer_compile.runtime", graph) - RUNTIME_SIDE
-    left = loaded_with("mixer_compile.runtime", without(graph, KNOWN_RUNTIME_EDGES)) - RUNTIME_SIDE
-    assert not left, f"importing mixer_compile.runtime can run compile-side modules: {sorted(left)}"
-    if extra:
-        known = sorted(f"{a} -> {b}" for a, b in KNOWN_RUNTIME_EDGES if b in graph[a])
-        pytest.xfail(f"known, reported: {'; '.join(known)} bring {len(extra)} compile-side modules, "
-                     f"e.g. {', '.join(sorted(extra)[:4])}")
+    compile_side = loaded_with("mixer_compile.runtime", import_graph(), import_graph(on_import=True)) - RUNTIME_SIDE
+    assert not compile_side, f"importing mixer_compile.runtime can run compile-side modules: {sorted(compile_side)}"
+    # the package's compiler entry point is there, lazily: asking for it loads the compiler
+    assert "mixer_compile.api" in import_graph()["mixer_compile"]
+    assert "mixer_compile.api" not in import_graph(on_import=True)["mixer_compile"]
 
 
 # --- `show` prints the graph the build lowers -------------------------------------------------

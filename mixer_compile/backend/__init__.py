@@ -2,7 +2,7 @@
 
     pass_context(target, dtype) -> PassContext     what the passes may know of the target
     build(mod, target, database=None, on_applied=None) -> executable
-    runner(executable, target, params, rebuild) -> Runner   how validation runs a build, where
+    runner(executable, target, params, rebuild) -> Runner   how validation runs a build, where (runner.py)
     describe(executable) -> dict                   what the artifact's metadata says of its code
     TUNABLE                                        whether MetaSchedule records apply
 
@@ -13,22 +13,10 @@ kind it holds.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from types import ModuleType
-from typing import Any, Callable
 
 from mixer_compile.backend.target import TargetInfo
 from mixer_compile.errors import TargetError
-
-
-@dataclass
-class Runner:
-    """A build made callable for validation: images in, logits out (NumPy), and where it ran
-    (`batch`: the batch it runs at, when not the build's own: a GPU build checked on the host)."""
-
-    run: Callable[[Any], Any]
-    where: str
-    batch: int | None = None
 
 
 def backend_for(target: TargetInfo) -> ModuleType:

@@ -19,7 +19,7 @@ from typing import Any, Callable
 import tvm
 from tvm import relax
 
-from mixer_compile.backend import Runner
+from mixer_compile.backend.runner import Runner
 from mixer_compile.backend.gemm_space import vector_unit
 from mixer_compile.backend.target import TargetInfo
 from mixer_compile.passes.context import PassContext

@@ -27,7 +27,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
 
-from mixer_compile.backend import Runner, cutlass
+from mixer_compile.backend import cutlass
+from mixer_compile.backend.runner import Runner
 from mixer_compile.backend.target import TargetInfo, get_target
 from mixer_compile.errors import MixerCompileError, TargetError, TuningError
 from mixer_compile.passes.context import PassContext
