@@ -83,3 +83,31 @@ def test_cpp_refuses_a_wrong_sized_image(binary, artifact, tmp_path):
     rc, out, err = _run(binary, artifact, tmp_path / "small.bin")
     assert rc == 1 and out == ""
     assert f"small.bin holds 40 bytes; expected {3 * 32 * 48 * 4} (one float32 NCHW image)" in err
+
+
+@pytest.fixture(scope="module")
+def range_artifact(tmp_path_factory):
+    """The same model serving batches 1-4 (entries main_b1, main_b2, main_b4)."""
+    out = tmp_path_factory.mktemp("cpp_range") / "art"
+    compile_model(CompileOptions(spec=SPEC, seed=5, out_dir=out, batches=(1, 4)), Progress(6, quiet=True))
+    return out
+
+
+def test_cpp_serves_two_batch_sizes_of_a_range(binary, range_artifact, tmp_path):
+    images = np.random.default_rng(11).standard_normal((3, 3, 32, 48)).astype(np.float32)
+    images.tofile(tmp_path / "three.bin")
+    logits = runtime.load(range_artifact)(images)
+    rc, out, err = _run(binary, range_artifact, tmp_path / "three.bin")  # batch 3: the file's images, 2+1
+    assert rc == 0 and "batch 3 = 2+1" in err, err
+    blocks = [block.split("\n", 1)[1] for block in out.strip().split("\n\n")]  # "# image I" then its top-5
+    assert len(blocks) == 3
+    for block, row in zip(blocks, logits):
+        top = np.argsort(-row, kind="stable")[:5]
+        _assert_same(_parse(block), [(int(i), float(row[i])) for i in top])
+    rc, out, err = _run(binary, range_artifact, tmp_path / "three.bin", "--batch", "4")  # one call of main_b4
+    assert rc == 0 and "batch 4 = 4" in err, err
+    row = runtime.load(range_artifact)(images[[0, 1, 2, 0]])[0]
+    _assert_same(_parse(out.strip().split("\n\n")[0].split("\n", 1)[1]),
+                 [(int(i), float(row[i])) for i in np.argsort(-row, kind="stable")[:5]])
+    rc, out, err = _run(binary, range_artifact, tmp_path / "three.bin", "--batch", "5")
+    assert rc == 1 and out == "" and "batch 5 is outside what this artifact serves (batches 1-4)" in err

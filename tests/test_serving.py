@@ -176,63 +176,6 @@ def test_a_batch_that_cannot_fit_is_refused_before_any_work(tmp_path, capsys):
         mixer_compile.compile("mixer_b16", batch="1-100000")
 
 
-def _top5_blocks(stdout: str) -> list[list[tuple[int, float]]]:
-    blocks = [[]]
-    for line in stdout.strip().splitlines():
-        if line.startswith("# image"):
-            if blocks[-1]:
-                blocks.append([])
-        elif line.strip():
-            c, v = line.split()
-            blocks[-1].append((int(c), float(v)))
-    return blocks
-
-
-def _assert_top5(block, logits):
-    top = np.argsort(-logits, kind="stable")[:5]
-    assert [c for c, _ in block] == [int(i) for i in top]
-    np.testing.assert_allclose([v for _, v in block], logits[top], rtol=1e-7, atol=0)
-
-
-def test_cpp_example_serves_two_batch_sizes_of_a_range(wide, tmp_path):
-    import os
-    import subprocess
-    import sys
-
-    if shutil.which(os.environ.get("CXX", "g++")) is None:
-        pytest.skip("no C++ compiler (g++) on this machine")
-    _, saved = wide
-    binary = tmp_path / "mixer_infer"
-    repo = Path(__file__).resolve().parent.parent
-    built = subprocess.run(["sh", str(repo / "examples" / "cpp" / "build.sh"), str(binary)], capture_output=True,
-                           text=True, timeout=300, env={**os.environ, "PYTHON": sys.executable})
-    assert built.returncode == 0, built.stderr
-    model = runtime.load(saved)
-    images = np.random.default_rng(11).standard_normal((3, 3, 32, 48), dtype=np.float32)
-    images.tofile(tmp_path / "three.bin")
-
-    def run(*args):
-        return subprocess.run([str(binary), str(saved), *map(str, args)], capture_output=True, text=True, timeout=120)
-
-    three = run(tmp_path / "three.bin")  # batch 3: the file's three images, split 2+1
-    assert three.returncode == 0, three.stderr
-    assert "batch 3 = 2+1" in three.stderr
-    blocks = _top5_blocks(three.stdout)
-    assert len(blocks) == 3
-    for block, logits in zip(blocks, model(images)):
-        _assert_top5(block, logits)
-
-    five = run(tmp_path / "three.bin", "--batch", "5")  # batch 5: one call of the top entry, images in turn
-    assert five.returncode == 0 and "batch 5 = 5" in five.stderr, five.stderr
-    cycled = images[np.arange(5) % 3]
-    for block, logits in zip(_top5_blocks(five.stdout), model(cycled)[:3]):
-        _assert_top5(block, logits)
-
-    six = run(tmp_path / "three.bin", "--batch", "6")
-    assert six.returncode == 1 and six.stdout == ""
-    assert "batch 6 is outside what this artifact serves (batches 1-5)" in six.stderr
-
-
 def test_timm_mlpmixer_itself_when_installed():
     """timm's own class (not installed here: then the timm-structured TorchMixer above stands in)."""
     mlp_mixer = pytest.importorskip("timm.models.mlp_mixer")
