@@ -55,10 +55,8 @@ from mixer_compile.util.progress import Progress  # noqa: E402
 
 def torch_mixer(spec: MixerSpec, weights: dict[str, np.ndarray]) -> Any:
     """The timm-structured PyTorch Mixer (module and parameter names as timm's MlpMixer)."""
-    try:
-        from tests.torch_model import torch_mixer as make
-    except ImportError:
-        from mixer_compile.torch_model import torch_mixer as make
+    from tests.torch_model import torch_mixer as make
+
     return make(spec, weights)
 
 

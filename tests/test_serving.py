@@ -24,10 +24,7 @@ from mixer_compile.frontends.timm import read as read_timm
 from mixer_compile.model import reference
 from mixer_compile.model.spec import MixerSpec, parse_batch
 
-try:
-    from tests.torch_model import TorchMixer
-except ImportError:  # before the test helpers moved
-    from mixer_compile.torch_model import TorchMixer
+from tests.torch_model import TorchMixer
 
 TESTDATA = Path(__file__).resolve().parent.parent.parent / "shared" / "testdata"
 TIMM_TOLERANCE = 2e-5
