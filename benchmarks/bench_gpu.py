@@ -88,7 +88,7 @@ def ours(artifact: Path, images: np.ndarray, sync: Callable[[], None], number: i
 def torch_contenders(torch: Any, spec: MixerSpec, weights: dict[str, np.ndarray], device: str,
                      dtypes: list[str], compiled: bool) -> dict[str, tuple[Callable[[Any], Any], str]]:
     """name -> (forward taking float32 images, dtype) for PyTorch eager and torch.compile."""
-    from mixer_compile.torch_model import torch_mixer
+    from tests.torch_model import torch_mixer  # the repository's PyTorch Mixer (timm's names)
 
     torch._dynamo.reset()  # a fresh compile per batch size, not a dynamic-shape recompile mid-timing
     fp32 = torch_mixer(spec, weights).to(device)

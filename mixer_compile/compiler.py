@@ -119,7 +119,7 @@ def compile_model(opts: CompileOptions, progress: Progress | None = None) -> Com
 
     params = [] if opts.embed_weights else list(model.params.values())
     runner = backend.runner(executable, target, params, rebuild)
-    if runner.batch is not None:  # a stand-in (a GPU build checked on this CPU): its own batch
+    if runner.batch is not None:  # a stand-in (a build this machine cannot run, checked on this CPU)
         checks = [(runner.batch, runner.run)]
     elif batches.is_range:
         run = _range_runner(executable, target, params, batches)
@@ -130,7 +130,7 @@ def compile_model(opts: CompileOptions, progress: Progress | None = None) -> Com
     with progress.stage("validate", f"batch{'es' if len(checks) > 1 else ''} {shown}, the first "
                         f"{min(checks[-1][0], REFERENCE_IMAGES)}{' of each' if len(checks) > 1 else ''} "
                         "vs the float64 reference"):
-        where = runner.where + (f", at batch {runner.batch}" if runner.batch is not None else "")
+        where = runner.where + (f", at batch {runner.batch}" if runner.batch not in (None, spec.batch) else "")
         results = []
         for batch, run in checks:
             results.append(validate(run, spec.replace(batch=batch), weights, seed=opts.validation_seed,

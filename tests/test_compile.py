@@ -110,6 +110,23 @@ def test_runtime_inputs_and_refusals(tmp_path, tiny_spec):
         runtime.load(tmp_path)
 
 
+def test_build_for_a_cpu_this_machine_lacks_is_checked_here_not_run(tmp_path, tiny_spec):
+    """A build for another CPU (Sapphire Rapids: AMX and AVX-512 FP16, which no AMD CPU has) is
+    not run here, where it would die of an illegal instruction: the same lowering is built for
+    this CPU and validated, and the record names what is missing and that the target's run is
+    pending; the artifact is the target's."""
+    target = tmp_path / "spr.json"
+    target.write_text(json.dumps({"target": {"kind": "llvm", "mtriple": "x86_64-linux-gnu",
+                                             "mcpu": "sapphirerapids", "num-cores": 4}}))
+    result = compile_model(CompileOptions(spec=tiny_spec, target=str(target), out_dir=tmp_path / "a"))
+    assert result.validation.passed and result.validation.max_rel_error < 1e-4
+    assert "the same lowering built for it; spr run pending" in result.validation.where
+    assert "amx-tile" in result.validation.where
+    assert result.metadata.target["requires"]["cpu"]["mcpu"] == "sapphirerapids"
+    with pytest.raises(ArtifactError, match="needs CPU features this machine lacks"):
+        runtime.load(tmp_path / "a")
+
+
 def test_rebuild_replaces_artifact_atomically(tmp_path, tiny_spec):
     _compile(tiny_spec, tmp_path / "art", seed=1)
     _compile(tiny_spec, tmp_path / "art", seed=2)

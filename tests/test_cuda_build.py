@@ -114,9 +114,6 @@ def test_build_without_gpu_is_validated_on_host_cpu_and_says_so(cuda_builds, arc
     if local_gpu() is None:
         assert v["where"].startswith("host CPU") and "GPU run pending" in v["where"]
         assert v["batch"] == 2
-        if dtype != "float32" and v["where"].endswith(", at batch 2"):  # the half builds are of batch 2
-            pytest.xfail("known, reported: since a8e8cf1 backend.cuda.runner gives Runner.batch even when it is "
-                         "the build's own, so the record says ', at batch 2' of a batch-2 build")
         assert v["where"].endswith(", at batch 2") == (dtype == "float32")  # only when not the build's batch
 
 

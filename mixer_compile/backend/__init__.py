@@ -7,8 +7,8 @@
     TUNABLE                                        whether MetaSchedule records apply
 
 `target.py` reads the target files. Adding a target kind is one module here and one entry in
-BACKENDS, plus a target file in the top-level `targets/`; the compile driver never asks which
-kind it holds.
+`backend_for`'s table, plus a target file in the top-level `targets/`; the compile driver
+never asks which kind it holds.
 """
 
 from __future__ import annotations

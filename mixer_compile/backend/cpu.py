@@ -12,6 +12,7 @@ came from.
 
 from __future__ import annotations
 
+import sys
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -281,7 +282,22 @@ def build(mod: tvm.IRModule, target: TargetInfo, database: Any = None,
 
 def runner(executable: Any, target: TargetInfo, params: list[Any],
            rebuild: Callable[[int], tuple[tvm.IRModule, list[Any], int]]) -> Runner:
-    """Runs the build itself, on this CPU (`rebuild` is for backends that cannot run here)."""
+    """Runs the build itself on this CPU when this CPU has every instruction set the target's
+    code uses. A build for another CPU (`--target znver4` on an AVX2 machine) would die of an
+    illegal instruction: the same Relax module (`rebuild`, at the build's batch: same lowering,
+    same weight panels) is then built for this CPU and checked here, and the record says so."""
+    from mixer_compile.backend.target import build_requirements, get_target
+    from mixer_compile.errors import ArtifactError
+    from mixer_compile.machine import check_cpu
+
+    try:
+        check_cpu(build_requirements(target.tvm_target())["cpu"], f"the {target.name} build")
+    except ArtifactError as exc:
+        mod, host_params, batch = rebuild(sys.maxsize)
+        host = get_target("llvm")
+        return Runner(vm_function(build(mod, host), tvm.cpu(), host_params),
+                      f"this CPU ({host.config.get('mcpu')}): the same lowering built for it; "
+                      f"{target.name} run pending ({str(exc).split(';')[0]})", batch)
     return Runner(vm_function(executable, tvm.cpu(), params), "this CPU")
 
 
