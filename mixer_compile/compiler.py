@@ -27,6 +27,7 @@ import numpy as np
 from mixer_compile.version import __version__
 from mixer_compile.artifact.format import BatchRange, Metadata
 from mixer_compile.backend import backend_for
+from mixer_compile.backend.runner import Runner
 from mixer_compile.backend.target import TargetInfo, build_requirements, get_target
 from mixer_compile.check.validate import REFERENCE_IMAGES, TOLERANCES, Validation, validate
 from mixer_compile.compose import compose
@@ -120,12 +121,12 @@ def compile_model(opts: CompileOptions, progress: Progress | None = None) -> Com
     params = [] if opts.embed_weights else list(model.params.values())
     runner = backend.runner(executable, target, params, rebuild)
     if runner.batch is not None:  # a stand-in (a build this machine cannot run, checked on this CPU)
-        checks = [(runner.batch, runner.run)]
+        checks = [(runner.batch, runner.function())]
     elif batches.is_range:
-        run = _range_runner(executable, target, params, batches)
+        run = _range_runner(runner, batches)
         checks = [(b, run) for b in validation_batches(batches)]
     else:
-        checks = [(spec.batch, runner.run)]
+        checks = [(spec.batch, runner.function())]
     shown = ", ".join(str(b) for b, _ in checks)
     with progress.stage("validate", f"batch{'es' if len(checks) > 1 else ''} {shown}, the first "
                         f"{min(checks[-1][0], REFERENCE_IMAGES)}{' of each' if len(checks) > 1 else ''} "
@@ -276,25 +277,15 @@ def validation_batches(batches: BatchRange) -> list[int]:
     return sorted({batches.min, batches.max} | ({odd} if odd is not None else set()))
 
 
-def _range_runner(executable: Any, target: TargetInfo, params: list[Any],
-                  batches: BatchRange) -> Callable[[np.ndarray], np.ndarray]:
+def _range_runner(runner: Runner, batches: BatchRange) -> Callable[[np.ndarray], np.ndarray]:
     """A range build run as the runtime runs it: the batch split over the entry functions
-    (BatchRange.split), the logits concatenated. On this machine's CPU, or its GPU for a CUDA
-    build that runs here (the backend's runner said so)."""
-    import tvm
-    from tvm import relax
-
-    if target.kind == "cuda":  # the backend exported the library; a GPU build runs from its file
-        library, dev = tvm.runtime.load_module(str(executable.path)), tvm.cuda()
-    else:
-        library, dev = executable, tvm.cpu()
-    vm = relax.VirtualMachine(library, dev)
-    args = [tvm.runtime.tensor(v, dev) for v in params]
+    (BatchRange.split), the logits concatenated."""
+    entries = {b: runner.function(batches.function(b)) for b in batches.entries}
 
     def run(images: np.ndarray) -> np.ndarray:
         out, at = [], 0
         for b in batches.split(len(images)):
-            out.append(vm[batches.function(b)](tvm.runtime.tensor(images[at:at + b], dev), *args).numpy())
+            out.append(entries[b](images[at:at + b]))
             at += b
         return np.concatenate(out)
 

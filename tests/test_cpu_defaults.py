@@ -17,6 +17,7 @@ from tvm.s_tir.meta_schedule.arg_info import ArgInfo
 from tvm.s_tir.meta_schedule.database import MemoryDatabase, TuningRecord
 
 from mixer_compile.backend import cpu, cpu_schedules, gemm_space
+from mixer_compile.backend.runner import Runner
 from mixer_compile.backend.target import TargetInfo, get_target
 from mixer_compile.check.validate import validate
 from mixer_compile.compose import compose, model_tasks
@@ -43,7 +44,7 @@ def _build(spec: MixerSpec, gelu: str, database=None, target=None):
     model = compose(spec, target, weights=weights)
     applied: list[cpu.Applied] = []
     executable = cpu.build(model.module, target, database, on_applied=applied.append)
-    run = cpu.vm_function(executable, tvm.cpu(), list(model.params.values()))
+    run = Runner(executable, tvm.cpu(), list(model.params.values()), "this CPU").function()
     return spec, weights, run, applied[0]
 
 

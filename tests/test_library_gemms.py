@@ -17,6 +17,7 @@ import pytest
 import tvm
 
 from mixer_compile.backend import cpu, cutlass
+from mixer_compile.backend.runner import Runner
 from mixer_compile.backend.target import get_target
 from mixer_compile.check.validate import TOLERANCES
 from mixer_compile.compiler import CompileOptions, compile_model
@@ -98,7 +99,7 @@ def test_relax_program_with_library_calls_matches_reference_on_cpu(tmp_path, mon
     library = tmp_path / "host.so"
     cpu.build(model.module, get_target("llvm")).export_library(str(library),
                                                                addons=[str(cutlass.host_object(kernels))])
-    run = cpu.vm_function(tvm.runtime.load_module(str(library)), tvm.cpu(), list(model.params.values()))
+    run = Runner(tvm.runtime.load_module(str(library)), tvm.cpu(), list(model.params.values()), "this CPU").function()
     x = np.random.default_rng(2).standard_normal((2, 3, 64, 64)).astype(np.float32)
     assert rel_error(run(x), reference.forward(spec, weights, x)) < TOLERANCES[dtype]
 

@@ -295,17 +295,10 @@ def runner(executable: Any, target: TargetInfo, params: list[Any],
     except ArtifactError as exc:
         mod, host_params, batch = rebuild(sys.maxsize)
         host = get_target("llvm")
-        return Runner(vm_function(build(mod, host), tvm.cpu(), host_params),
+        return Runner(build(mod, host), tvm.cpu(), host_params,
                       f"this CPU ({host.config.get('mcpu')}): the same lowering built for it; "
                       f"{target.name} run pending ({str(exc).split(';')[0]})", batch)
-    return Runner(vm_function(executable, tvm.cpu(), params), "this CPU")
-
-
-def vm_function(library: Any, dev: Any, params: list[Any]) -> Callable[[Any], Any]:
-    """`main` of a compiled module on `dev` with its weights bound: NumPy images in and out."""
-    vm = relax.VirtualMachine(library, dev)
-    args = [tvm.runtime.tensor(v, dev) for v in params]
-    return lambda x: vm["main"](tvm.runtime.tensor(x, dev), *args).numpy()
+    return Runner(executable, tvm.cpu(), params, "this CPU")
 
 
 def describe(executable: Any) -> dict[str, Any]:

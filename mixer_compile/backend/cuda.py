@@ -141,13 +141,13 @@ def runner(executable: CudaLibrary, target: TargetInfo, params: list[Any],
     if why is None:
         dev = tvm.cuda()
         lib = tvm.runtime.load_module(str(executable.path))
-        return Runner(cpu.vm_function(lib, dev, params), f"GPU {dev.device_name}")
+        return Runner(lib, dev, params, f"GPU {dev.device_name}")
     mod, small_params, batch = rebuild(HOST_CHECK_BATCH)
     lib = cpu.build(mod, get_target("llvm"))
     kernels = cutlass.symbols(mod)
     if kernels:  # the library GEMMs' CPU implementation, linked in like the GPU build links CUTLASS's
         lib = _with_addons(lib, [cutlass.host_object(kernels)], executable)
-    return Runner(cpu.vm_function(lib, tvm.cpu(), small_params),
+    return Runner(lib, tvm.cpu(), small_params,
                   f"host CPU: the same lowering and precision built for llvm"
                   + (f" ({len(kernels)} library GEMMs by their C++ stand-in)" if kernels else "")
                   + f"; GPU run pending ({why})", batch)
