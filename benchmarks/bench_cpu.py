@@ -312,6 +312,7 @@ def matrix_case(name: str, batch: int, gelu: str, target: TargetInfo, peer_names
     import tvm
 
     from mixer_compile.backend import cpu
+    from mixer_compile.backend.runner import Runner
     from mixer_compile.compose import compose
     from mixer_compile.tune.database import open_union, shipped_db_dirs
 
@@ -328,7 +329,7 @@ def matrix_case(name: str, batch: int, gelu: str, target: TargetInfo, peer_names
         start = time.perf_counter()
         executable = cpu.build(model.module, target, database, on_applied=applied.append)
         seconds = time.perf_counter() - start
-        run = cpu.vm_function(executable, tvm.cpu(), params)
+        run = Runner(executable, tvm.cpu(), params, "this CPU").function()
         fns[label] = lambda run=run: run(x)
         case["builds"][label] = {"build_s": seconds, "applied": applied[0].to_dict(),
                                  "summary": applied[0].summary()}
