@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import datetime
 import platform
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -207,7 +206,7 @@ def _tuning_records(opts: CompileOptions, spec: MixerSpec, target: TargetInfo,
     how to tune, when there is none."""
     from mixer_compile.compose import model_tasks
     from mixer_compile.passes.pipeline import FORMS
-    from mixer_compile.tune.database import TuningWarning, has_records, open_union, shipped_db_dirs, user_db_dir
+    from mixer_compile.tune.database import has_records, open_union, shipped_db_dirs, user_db_dir
     from mixer_compile.tune.search import tune
     from mixer_compile.tune.tasks import unique
 
@@ -220,10 +219,10 @@ def _tuning_records(opts: CompileOptions, spec: MixerSpec, target: TargetInfo,
         progress.say(f"      tuning: {summary.tuned_now} trials measured in {summary.seconds:.0f}s")
     dirs = [d for d in (user_db, *shipped) if has_records(d)]
     database = open_union(dirs)
-    if database is None:
-        warnings.warn(f"no tuning records for target '{target.name}': the code is untuned and very slow "
-                      f"(Mixer-B/16 ~30 s per image); tune with `mixer-compile tune --spec {spec.name} "
-                      f"--batch {spec.batch} --target {target.name}` or compile with --tune", TuningWarning)
+    if database is None:  # not a problem since every kernel has a default schedule (backend/cpu_schedules.py)
+        progress.say(f"      no tuning records for target '{target.name}': every kernel gets its default schedule; "
+                     f"`mixer-compile tune --spec {spec.name} --batch {spec.batch} --target {target.name}` "
+                     "(or --tune) refines them")
     return database, {"databases": [str(d) for d in dirs], "tuned_now": opts.tune}
 
 

@@ -130,8 +130,8 @@ def build(mod: Any, target: TargetInfo, database: Any = None, on_applied: Any = 
 def runner(executable: CudaLibrary, target: TargetInfo, params: list[Any],
            rebuild: Callable[[int], tuple[Any, list[Any], int]]) -> Runner:
     """On this machine's GPU when it has one that runs the build; otherwise the same Relax
-    module (same lowering, same precision) at a small batch (`rebuild(at_most)`: untuned CPU code
-    at the GPU's batch, 256 say, would take hours), compiled for this CPU, and the record says
+    module (same lowering, same precision) at a small batch (`rebuild(at_most)`: the GPU's
+    batch, 256 say, would cost the host minutes), compiled for this CPU, and the record says
     the GPU run is pending."""
     import tvm
 

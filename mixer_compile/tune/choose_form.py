@@ -2,9 +2,10 @@
 keep the fastest.
 
 Which form is fastest depends on the target and on which kernels have tuning records, so
-it is measured, not assumed. A form with untuned kernels is not timed when another form is
-fully tuned: untuned code is ~100x slower (B/16: ~30 s per image), timing it would cost
-minutes and could only lose. Opt-in (`--choose-form`): it builds the model once per form.
+it is measured, not assumed. A form with unscheduled kernels (plain loops, ~100x slower: a
+kernel no default rule of backend/cpu_schedules.py takes) is not timed when another form has
+none: timing it would cost minutes and could only lose. Opt-in (`--choose-form`): it builds
+the model once per form.
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ def choose_form(spec: MixerSpec, weights: dict[str, np.ndarray], target: TargetI
     for form, (executable, params, applied) in built.items():
         figures = {"tuned": f"{len(applied.tuned)}/{applied.kernels}", "ms": None}
         if complete and form not in complete:
-            figures["note"] = f"untuned kernels: {', '.join(applied.untuned)}"
+            figures["note"] = f"unscheduled kernels: {', '.join(applied.untuned)}"
         else:
             figures["ms"] = time_call(executable, [x, *params]) * 1e3
             say(f"      form {form}: {figures['ms']:.2f} ms ({figures['tuned']} kernels tuned)")
