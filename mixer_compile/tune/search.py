@@ -131,7 +131,8 @@ def tune(tasks: list[Task], target: TargetInfo, db_dir: Path, say: Say = print,
 def _measure_defaults(tasks: list[Task], target: TargetInfo, db: Any, say: Say, pools: tuple[Any, Any, Any]) -> int:
     """Each task's default schedule (what a build without records runs), built here and
     measured by the tuning runner in one batch, committed as the task's first record (it
-    counts as a trial). Sets `Task.default_secs`; returns the count measured."""
+    counts as a trial). Sets `Task.default_secs`; returns how many were recorded (a failed one
+    is not: the search keeps its whole budget for that kernel)."""
     from tvm.s_tir.meta_schedule.arg_info import ArgInfo
     from tvm.s_tir.meta_schedule.builder import BuilderInput
     from tvm.s_tir.meta_schedule.database import TuningRecord
@@ -146,6 +147,7 @@ def _measure_defaults(tasks: list[Task], target: TargetInfo, db: Any, say: Say, 
     if not scheduled:
         return 0
     say(f"      measuring the default schedules of {len(scheduled)} kernels (what tuning starts from)")
+    recorded = 0
     builds = inline.build([BuilderInput(sch.mod, tvm_target) for _, sch in scheduled])
     device = "cpu" if tvm_target.kind.name == "llvm" else tvm_target.kind.name
     inputs = [RunnerInput(b.artifact_path, device, ArgInfo.from_prim_func(t.mod["main"]))
@@ -162,12 +164,13 @@ def _measure_defaults(tasks: list[Task], target: TargetInfo, db: Any, say: Say, 
             db.commit_tuning_record(TuningRecord(sch.trace, db.commit_workload(t.mod), secs, tvm_target,
                                                  ArgInfo.from_prim_func(t.mod["main"])))
             t.done += 1
+            recorded += 1
             t.default_secs = sum(secs) / len(secs)
             say(f"      {t.name}: default schedule {t.default_secs * 1e3:.3f} ms "
                 f"({t.flops / t.default_secs / 1e9:.1f} GFLOP/s)")
         else:
             say(f"      {t.name}: default schedule failed ({str(error).strip().splitlines()[-1][:150]})")
-    return len(scheduled)
+    return recorded
 
 
 def _inline_builder() -> Any:
