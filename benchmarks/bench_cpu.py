@@ -4,7 +4,7 @@ For each spec and batch (default mixer_s16 and mixer_b16, batches 1 and 8): our 
 for `--target` (default llvm, the host CPU) with the tuning records a compile finds by itself
 (the user cache merged with the shipped `schedules/`; default schedules for kernels without
 one), validated by the compile; the same
-random weights (seed 0) in a PyTorch Mixer (`mixer_compile.torch_model`) run eager, through
+random weights (seed 0) in a PyTorch Mixer (`tests/torch_model.py`, timm's names) run eager, through
 torch.compile, and exported with torch.onnx to ONNX Runtime. All run with `--threads` threads
 (default: the physical cores) on the same input.
 
@@ -90,32 +90,40 @@ def ours(spec: MixerSpec, target: str, work: Path) -> tuple[Callable[[np.ndarray
     return model, info
 
 
-def peers(spec: MixerSpec, weights: dict[str, np.ndarray], x: np.ndarray, work: Path) -> dict[str, Callable]:
+def onnxruntime_session(model: Any, x: np.ndarray, path: Path) -> Callable[[], Any]:
+    """`model` as `torch.onnx.export` writes it (what a user of timm would deploy), run by ONNX
+    Runtime on as many threads as torch uses."""
     import onnxruntime as ort
     import torch
 
-    from mixer_compile.torch_model import torch_mixer
+    with torch.inference_mode():
+        torch.onnx.export(model, (torch.from_numpy(x),), str(path), dynamo=False, input_names=["image"],
+                          opset_version=17)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return lambda: session.run(None, {"image": x})[0]
+
+
+def in_inference_mode(fn: Callable[[Any], Any], xt: Any) -> Callable[[], Any]:
+    import torch
+
+    def call() -> Any:
+        with torch.inference_mode():
+            return fn(xt)
+
+    return call
+
+
+def peers(spec: MixerSpec, weights: dict[str, np.ndarray], x: np.ndarray, work: Path) -> dict[str, Callable]:
+    import torch
+
+    from tests.torch_model import torch_mixer  # the repository's PyTorch Mixer with timm's names
 
     model = torch_mixer(spec, weights)
     xt = torch.from_numpy(x)
-    compiled = torch.compile(model)
-    onnx_path = work / f"{spec.fingerprint()}.onnx"
-    with torch.inference_mode():
-        torch.onnx.export(model, (xt,), str(onnx_path), dynamo=False, input_names=["image"], opset_version=17)
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = torch.get_num_threads()
-    session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
-
-    def eager() -> Any:
-        with torch.inference_mode():
-            return model(xt)
-
-    def tc() -> Any:
-        with torch.inference_mode():
-            return compiled(xt)
-
-    return {"pytorch_eager": eager, "torch_compile": tc,
-            "onnxruntime": lambda: session.run(None, {"image": x})[0]}
+    return {"pytorch_eager": in_inference_mode(model, xt), "torch_compile": in_inference_mode(torch.compile(model), xt),
+            "onnxruntime": onnxruntime_session(model, x, work / f"{spec.fingerprint()}.onnx")}
 
 
 def sgemms(threads: int) -> dict[str, Callable[[], Any]]:
@@ -245,7 +253,7 @@ def markdown(report: dict[str, Any]) -> str:
             out += ["", "Per kernel (best tuned time x calls, from the records):", "",
                     "| kernel | calls | MFLOP/call | FLOP share | ms total | time share | GFLOP/s |", "|---|---|---|---|---|---|---|"]
             for r in case["kernels"]:
-                ms = f"{r['ms_total']:.2f}" if r["ms_total"] is not None else "untuned"
+                ms = f"{r['ms_total']:.2f}" if r["ms_total"] is not None else "no record"
                 gf = f"{r['gflops']:.1f}" if r["gflops"] else "-"
                 ts = f"{r['time_share']:.0%}" if r["time_share"] is not None else "-"
                 out.append(f"| {r['kernel']} | {r['calls']} | {r['mflop_per_call']:.1f} | {r['flop_share']:.1%} "
@@ -261,8 +269,9 @@ def markdown(report: dict[str, Any]) -> str:
 
 def _tuned(info: dict[str, Any]) -> str:
     t = info.get("tuning") or {}
-    return f"{len(t.get('tuned', []))}/{t.get('kernels', '?')} kernels tuned" + (
-        "" if not t.get("untuned") else f" (not built or timed: no records for {', '.join(t['untuned'])})")
+    return (f"{t.get('kernels', '?')} kernels: {len(t.get('tuned', []))} from records, "
+            f"{len(t.get('defaults', []))} default schedules") + (
+        "" if not t.get("untuned") else f" (not timed: unscheduled {', '.join(t['untuned'])})")
 
 
 CURVE_POINTS = [1, 2, 4, 8, 16, 24, 32]
@@ -291,23 +300,8 @@ def matrix_spec(name: str, batch: int, gelu: str) -> MixerSpec:
     return spec.replace(gelu=gelu)
 
 
-def torch_model_module() -> Any:
-    """The PyTorch Mixer with timm's module names, loaded by path (tests/torch_model.py, or
-    mixer_compile/torch_model.py before it moved): not part of the package's API."""
-    import importlib.util
-
-    for path in (REPO / "tests" / "torch_model.py", REPO / "mixer_compile" / "torch_model.py"):
-        if path.is_file():
-            spec = importlib.util.spec_from_file_location("bench_torch_model", path)
-            module = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(module)
-            return module
-    raise SystemExit("no torch_model.py in tests/ or mixer_compile/")
-
-
 def matrix_case(name: str, batch: int, gelu: str, target: TargetInfo, peer_names: list[str], repeat: int,
                 warmup: int, work: Path) -> dict[str, Any]:
-    import onnxruntime as ort
     import torch
     import tvm
 
@@ -315,6 +309,7 @@ def matrix_case(name: str, batch: int, gelu: str, target: TargetInfo, peer_names
     from mixer_compile.backend.runner import Runner
     from mixer_compile.compose import compose
     from mixer_compile.tune.database import open_union, shipped_db_dirs
+    from tests.torch_model import torch_mixer
 
     spec = matrix_spec(name, batch, gelu)
     weights = random_weights(spec, 0)
@@ -334,27 +329,14 @@ def matrix_case(name: str, batch: int, gelu: str, target: TargetInfo, peer_names
         case["builds"][label] = {"build_s": seconds, "applied": applied[0].to_dict(),
                                  "summary": applied[0].summary()}
         print(f"  {label}: built in {seconds:.1f} s; {applied[0].summary()}", file=sys.stderr, flush=True)
-    tm = torch_model_module().torch_mixer(spec, weights)
+    tm = torch_mixer(spec, weights)
     xt = torch.from_numpy(x)
-    onnx_path = work / f"{spec.fingerprint()}.onnx"
-    with torch.inference_mode():
-        torch.onnx.export(tm, (xt,), str(onnx_path), dynamo=False, input_names=["image"], opset_version=17)
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = torch.get_num_threads()
-    session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
-    fns["onnxruntime"] = lambda: session.run(None, {"image": x})[0]
+    fns["onnxruntime"] = onnxruntime_session(tm, x, work / f"{spec.fingerprint()}.onnx")
     if "torch_compile" in peer_names:
-        compiled = torch.compile(tm)
+        fns["torch_compile"] = in_inference_mode(torch.compile(tm), xt)
         start = time.perf_counter()
-        with torch.inference_mode():
-            compiled(xt)
+        fns["torch_compile"]()
         case["torch_compile_s"] = time.perf_counter() - start
-
-        def tc() -> Any:
-            with torch.inference_mode():
-                return compiled(xt)
-
-        fns["torch_compile"] = tc
     reference = np.asarray(fns["onnxruntime"](), np.float64)
     case["rel_error_vs_ort"] = {k: float(np.abs(np.asarray(fns[k]() if k != "torch_compile" else
                                                           fns[k]().numpy(), np.float64) - reference).max()
