@@ -232,13 +232,20 @@ def built_for(report: dict[str, Any]) -> str:
     return report["target"].get("mcpu", report["machine"]["llvm_cpu"])
 
 
-def markdown(report: dict[str, Any]) -> str:
+def heading(report: dict[str, Any], title: str) -> list[str]:
+    """The first lines of a results file: the machine, the software, the load."""
     m = report["machine"]
-    out = [f"# CPU benchmark: {m['cpu']} ({m['llvm_cpu']}), {m['threads']} threads; ours built for `{built_for(report)}`",
-           "", f"{report['date']}; torch {m['torch']}, onnxruntime {m['onnxruntime']}, TVM {m['tvm']}, "
-           f"Python {m['python']}. Load average before {report['load_before']}, after {report['load_after']} "
-           f"(the machine is shared; figures move between runs). {report['repeat']} interleaved rounds, "
-           f"median and spread per implementation. sgemm ceiling: the faster of torch.mm and ONNX Runtime's MatMul, {SGEMM_N}^3, in the same run.", ""]
+    return [f"# {title}: {m['cpu']} ({m['llvm_cpu']}), {m['threads']} threads; ours built for `{built_for(report)}`",
+            "", f"{report['date']}; torch {m['torch']}, onnxruntime {m['onnxruntime']}, TVM {m['tvm']}. Load "
+            f"average before {report['load_before']}, after {report['load_after']} (a shared machine: figures move "
+            f"between runs). {report['repeat']} interleaved rounds, "]
+
+
+def markdown(report: dict[str, Any]) -> str:
+    out = heading(report, "CPU benchmark")
+    out[-1] += (f"median and spread per implementation. sgemm ceiling: the faster of torch.mm and ONNX Runtime's "
+                f"MatMul, {SGEMM_N}^3, in the same run.")
+    out.append("")
     for case in report["cases"]:
         out += [f"## {case['spec']} batch {case['batch']} ({case['gflop']:.2f} GFLOP per call)", "",
                 f"ours: {case['ours']['validation']}; {_tuned(case['ours'])}; "
@@ -354,18 +361,14 @@ def matrix_case(name: str, batch: int, gelu: str, target: TargetInfo, peer_names
 
 
 def matrix_markdown(report: dict[str, Any]) -> str:
-    m = report["machine"]
-    out = [f"# CPU matrix: {m['cpu']} ({m['llvm_cpu']}), {m['threads']} threads; ours built for `{built_for(report)}`",
-           "", f"{report['date']}; torch {m['torch']}, onnxruntime {m['onnxruntime']}, TVM {m['tvm']}. Load average "
-           f"before {report['load_before']}, after {report['load_after']} (a shared machine: figures move between "
-           f"runs). {report['repeat']} interleaved rounds, medians. `defaults`: no user cache and no shipped records "
-           "(every kernel by the default rules); `shipped`: the shipped records only (`schedules/`); ONNX Runtime "
-           "runs the PyTorch Mixer with timm's names exported by torch.onnx (same weights and GELU). Build: "
-           "`cpu.build` wall time (legalize, schedule, LLVM). Ratios are to ONNX Runtime; max rel. error is "
-           "against ONNX Runtime's logits.", "",
-           "| spec | batch | GELU | defaults ms | shipped ms | ONNX Runtime ms | torch.compile ms | defaults / ORT "
-           "| shipped / ORT | defaults / shipped | shipped records | build s (defaults) | max rel. error |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    out = heading(report, "CPU matrix")
+    out[-1] += ("medians. `defaults`: no user cache and no shipped records (every kernel by the default rules); "
+                "`shipped`: the shipped records only (`schedules/`); ONNX Runtime runs the PyTorch Mixer with timm's "
+                "names exported by torch.onnx (same weights and GELU). Build: `cpu.build` wall time (legalize, "
+                "schedule, LLVM). Ratios are to ONNX Runtime; max rel. error is against ONNX Runtime's logits.")
+    out += ["", "| spec | batch | GELU | defaults ms | shipped ms | ONNX Runtime ms | torch.compile ms | defaults / ORT "
+            "| shipped / ORT | defaults / shipped | shipped records | build s (defaults) | max rel. error |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for c in report["cases"]:
         r = c["results"]
 
