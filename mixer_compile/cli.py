@@ -72,8 +72,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
               f"{', '.join(map(str, checked))})")
     if r.metadata.tuning:
         t = r.metadata.tuning
-        print(f"  tuning     {len(t['tuned'])}/{t['kernels']} kernels tuned, records from "
-              f"{', '.join(t['databases']) or 'nowhere'}")
+        print(f"  schedules  {t['kernels']} kernels: {len(t['tuned'])} from records, {len(t.get('defaults', []))} "
+              f"default, {len(t['untuned'])} unscheduled; records from {', '.join(t['databases']) or 'nowhere'}")
         if "form_choice" in t:
             print("  form       " + ", ".join(f"{f} {d['ms']:.2f} ms" if d["ms"] is not None else f"{f} not timed"
                                           for f, d in t["form_choice"]["figures"].items())
