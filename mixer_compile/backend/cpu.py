@@ -23,6 +23,7 @@ from tvm import relax
 from mixer_compile.backend.runner import Runner
 from mixer_compile.backend.gemm_space import vector_unit
 from mixer_compile.backend.target import TargetInfo
+from mixer_compile.machine import physical_cores
 from mixer_compile.passes.context import PassContext
 
 TUNABLE = True
@@ -83,13 +84,7 @@ def machine(target: TargetInfo) -> Any:
 
     tvm_target = target.tvm_target()
     cores = tvm_target.attrs.get("num-cores")
-    return Machine(vector_unit(tvm_target), int(cores) if cores else _host_cores())
-
-
-def _host_cores() -> int:
-    from mixer_compile.machine import physical_cores
-
-    return physical_cores()
+    return Machine(vector_unit(tvm_target), int(cores) if cores else physical_cores())
 
 
 def _leaf_databases(database: Any) -> list[Any]:
@@ -232,21 +227,13 @@ def schedule_kernels(fused: tvm.IRModule, target: TargetInfo, database: Any = No
 
 def default_schedule(mod: tvm.IRModule, target: TargetInfo) -> Any:
     """The schedule a build gives the kernel `mod["main"]` when no record applies (a Schedule,
-    or None when no rule applies): what tuning starts from (tune/search.py)."""
+    or None when no rule applies): what tuning starts from (tune/search.py). The default
+    rules' first, `gemm`, is the register model's micro-kernel `schedule_kernels` applies."""
     from tvm.s_tir import Schedule
 
-    from mixer_compile.backend import cpu_schedules, gemm_space
+    from mixer_compile.backend import cpu_schedules
 
-    m = machine(target)
-    sch = Schedule(mod)
-    gemm = gemm_space.find_gemm(sch)
-    if gemm is not None and gemm.n % m.lanes == 0 and gemm_space.candidates(gemm, m.vec, m.cores):
-        try:
-            gemm_space.apply(sch, gemm, gemm_space.default_candidate(gemm, m.vec, m.cores), m.lanes)
-            return sch
-        except Exception:  # a primitive refused it: the rules below
-            pass
-    result = cpu_schedules.default_schedule(Schedule(mod), m)
+    result = cpu_schedules.default_schedule(Schedule(mod), machine(target))
     return result[0] if result is not None else None
 
 
@@ -254,12 +241,6 @@ def _replace(mod: tvm.IRModule, gv: Any, func: Any) -> tvm.IRModule:
     mod = mod.shallow_copy() if hasattr(mod, "shallow_copy") else tvm.IRModule(dict(mod.functions), attrs=mod.attrs)
     mod[gv] = func
     return mod
-
-
-def apply_database(fused: tvm.IRModule, target: TargetInfo, database: Any) -> tuple[tvm.IRModule, Applied]:
-    """`fused` (prepare's output) with every kernel scheduled (`schedule_kernels`): from the
-    `database`'s records where one applies, else by the default rules."""
-    return schedule_kernels(fused, target, database)
 
 
 def build(mod: tvm.IRModule, target: TargetInfo, database: Any = None,
