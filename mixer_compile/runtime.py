@@ -141,29 +141,29 @@ class CompiledMixer:
         if torch is not None and isinstance(images, torch.Tensor):
             self._check(tuple(images.shape), str(images.dtype).removeprefix("torch."))
             x = images.detach().contiguous()
-            pieces = self.batches.split(x.shape[0])
-            if len(pieces) == 1:
-                return torch.from_dlpack(self._run(self._entry(pieces[0]), _torch_tensor(tvm, x)))
-            out, at = None, 0
-            for b in pieces:
-                logits = torch.from_dlpack(self._run(self._entry(b), _torch_tensor(tvm, x[at:at + b])))
-                if out is None:
-                    out = torch.empty((x.shape[0], *logits.shape[1:]), dtype=logits.dtype, device=logits.device)
-                out[at:at + b].copy_(logits)
-                at += b
-            return out
+            return self._pieces(x.shape[0], lambda at, b: torch.from_dlpack(
+                self._run(self._entry(b), _torch_tensor(tvm, x[at:at + b]))),
+                lambda first: torch.empty((x.shape[0], *first.shape[1:]), dtype=first.dtype, device=first.device))
         images = np.asarray(images)
         self._check(images.shape, str(images.dtype))
         if not (images.flags.c_contiguous and images.flags.writeable):
             images = np.ascontiguousarray(images)
-        pieces = self.batches.split(images.shape[0])
+        return self._pieces(images.shape[0], lambda at, b: self._numpy(
+            self._run(self._entry(b), self._tensor(tvm, images[at:at + b]))),
+            lambda first: np.empty((images.shape[0], *first.shape[1:]), first.dtype))
+
+    def _pieces(self, n: int, run: Any, empty: Any) -> Any:
+        """A batch of `n` run as its pieces (BatchRange.split): `run(at, b)` gives the logits of
+        images [at, at + b); one piece is returned as it comes (no copy), several are written
+        into one output made by `empty(first piece's logits)`."""
+        pieces = self.batches.split(n)
         if len(pieces) == 1:
-            return self._numpy(self._run(self._entry(pieces[0]), self._tensor(tvm, images)))
+            return run(0, n)
         out, at = None, 0
         for b in pieces:
-            logits = self._numpy(self._run(self._entry(b), self._tensor(tvm, images[at:at + b])))
+            logits = run(at, b)
             if out is None:
-                out = np.empty((images.shape[0], *logits.shape[1:]), logits.dtype)
+                out = empty(logits)
             out[at:at + b] = logits
             at += b
         return out
