@@ -93,16 +93,11 @@ def _is_torch_module(model: Any) -> bool:
 
 def _checkpoint(path: Path, spec: str | MixerSpec | None, size: tuple[int, int] | None) -> tuple[MixerSpec, Path]:
     """A checkpoint's spec: the one named, else read off its shapes."""
-    from mixer_compile.frontends import checkpoint_format
+    from mixer_compile.frontends import read_checkpoint
     from mixer_compile.frontends.torch_module import spec_from_weights
 
     if isinstance(spec, MixerSpec):
         return spec, path
     if spec is not None:
         return load_spec(spec, image_size=size), path
-    if not path.is_file():
-        raise MixerCompileError(f"weights file '{path}' " + ("is not a file" if path.exists() else "does not exist"))
-    from mixer_compile.frontends import npz, timm
-
-    raw = (npz.read if checkpoint_format(path) == "jax" else timm.read)(path)
-    return spec_from_weights(raw, path.stem, size), path
+    return spec_from_weights(read_checkpoint(path)[0], path.stem, size), path

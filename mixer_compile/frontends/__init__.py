@@ -28,16 +28,23 @@ def checkpoint_format(path: str | Path) -> str:
     return FORMATS[suffix]
 
 
-def load_weights(path: str | Path, spec: MixerSpec) -> tuple[Weights, str]:
-    """Loads a checkpoint by extension; returns canonical weights and their origin (jax|timm)."""
+def read_checkpoint(path: str | Path) -> tuple[Weights, str]:
+    """A checkpoint's weights in the canonical keys, unchecked (no spec yet: see load_weights),
+    and their origin (jax|timm), by the file's extension."""
     from mixer_compile.frontends import npz, timm  # one module per checkpoint family
 
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"weights file '{path}' " + ("is not a file" if path.exists() else "does not exist"))
     origin = checkpoint_format(path)
-    reader = npz.read if origin == "jax" else timm.read
-    return check_weights(reader(path), spec, str(path)), origin
+    return (npz.read if origin == "jax" else timm.read)(path), origin
+
+
+def load_weights(path: str | Path, spec: MixerSpec) -> tuple[Weights, str]:
+    """Loads a checkpoint by extension; returns canonical weights checked against `spec`, and
+    their origin (jax|timm)."""
+    weights, origin = read_checkpoint(path)
+    return check_weights(weights, spec, str(path)), origin
 
 
 @dataclass
