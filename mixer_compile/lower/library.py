@@ -9,6 +9,10 @@ A dense op that passes/library_gemms.py handed to a kernel library becomes
 
 and a backend links an implementation of every such symbol the module calls into the library
 (backend/cutlass.py: CUTLASS kernels for GPUs, plain C++ for the host-CPU check).
+
+The lowering names what a call computes; the backend may then pick *how* per call site (a
+CUTLASS tile configuration, or another library) and rename the call to `<symbol>__<variant>`:
+the same contract, one exported symbol per implementation linked in.
 """
 
 from __future__ import annotations
@@ -24,10 +28,12 @@ EPILOGUES = ("bias", "gelu_erf", "gelu_tanh", "residual")
 class GemmKernel:
     dtype: str  # float16 | bfloat16
     epilogue: str  # one of EPILOGUES
+    variant: str = ""  # how the backend implements it ("" = its default); part of the symbol
 
     @property
     def symbol(self) -> str:
-        return f"{PREFIX}{DTYPES[self.dtype]}_{self.epilogue}"
+        base = f"{PREFIX}{DTYPES[self.dtype]}_{self.epilogue}"
+        return f"{base}__{self.variant}" if self.variant else base
 
     @property
     def residual(self) -> bool:
@@ -40,6 +46,7 @@ def kernel_for(dtype: str, gelu: str | None, residual: bool) -> GemmKernel:
 
 
 def from_symbol(symbol: str) -> GemmKernel:
-    dtype_tag, _, epilogue = symbol.removeprefix(PREFIX).partition("_")
+    name, _, variant = symbol.removeprefix(PREFIX).partition("__")
+    dtype_tag, _, epilogue = name.partition("_")
     dtype = {v: k for k, v in DTYPES.items()}[dtype_tag]
-    return GemmKernel(dtype, epilogue)
+    return GemmKernel(dtype, epilogue, variant)
