@@ -1,8 +1,9 @@
-"""GPU GEMMs by CUTLASS (passes/library_gemms.py, lower/library.py, backend/cutlass.py), checked
-without a GPU: which GEMMs go to the library, the whole Relax program with its external calls
-run on this CPU against the reference (the calls served by their C++ stand-in), the compiled
-kernels' machine code (wgmma + TMA on sm_90a, mma.sync + cp.async on sm_80), and a CUDA
-artifact that links them in.
+"""GPU GEMMs by CUTLASS (passes/library_gemms.py, lower/library.py, backend/cutlass.py,
+backend/gemm_choice.py), checked without a GPU: which GEMMs go to the library and in which form,
+the configuration each call site gets, the whole Relax program with its external calls run on
+this CPU against the reference (the calls served by their C++ stand-in), the compiled kernels'
+machine code (wgmma + TMA on sm_90a, mma.sync + cp.async on sm_80), and a CUDA artifact that
+links them in.
 """
 
 from __future__ import annotations
@@ -16,14 +17,14 @@ import numpy as np
 import pytest
 import tvm
 
-from mixer_compile.backend import cpu, cutlass
+from mixer_compile.backend import cpu, cutlass, gemm_choice
 from mixer_compile.backend.runner import Runner
 from mixer_compile.backend.target import get_target
 from mixer_compile.check.validate import TOLERANCES
 from mixer_compile.compiler import CompileOptions, compile_model
 from mixer_compile.compose import compose, optimized_graph
 from mixer_compile.ir import interpret
-from mixer_compile.lower.library import GemmKernel, from_symbol, kernel_for
+from mixer_compile.lower.library import GemmKernel, GemmShape, from_symbol, kernel_for
 from mixer_compile.machine import gpu_arch, local_gpu
 from mixer_compile.model import reference
 from mixer_compile.model.params import random_weights
@@ -35,6 +36,9 @@ from tests.sass import cuobjdump
 # Big enough that its channel GEMMs (128 x 128 x 512 per call at batch 2) go to the library,
 # small enough to run in NumPy in a blink; timm's erf GELU.
 MID = MixerSpec("mid", (64, 64), 8, 128, 32, 512, 2, num_classes=10, batch=2, gelu="erf")
+# 196 tokens, as every /16 preset at 224 px: token mixing's GEMMs (2 x 64 x 256 x 196) large
+# enough for the library, with a contraction (196) that is not a multiple of 8
+TOKENS = MixerSpec("tokens", (112, 112), 8, 256, 64, 512, 2, num_classes=10, batch=2, gelu="erf")
 
 needs_nvcc = pytest.mark.skipif(shutil.which("nvcc") is None, reason="compiling CUTLASS kernels needs nvcc")
 needs_cuobjdump = pytest.mark.skipif(cuobjdump() is None, reason="reading SASS needs cuobjdump: "
@@ -77,30 +81,56 @@ def test_gpu_targets_use_the_library_and_the_cpu_does_not():
     assert not _library_ops(target_graph(MID, get_target("llvm"), dtype="float16")[0])
 
 
-def test_symbols_name_dtype_and_epilogue():
-    assert kernel_for("float16", "erf", False).symbol == "mixer_gemm_f16_gelu_erf"
-    assert kernel_for("bfloat16", None, True).symbol == "mixer_gemm_bf16_residual"
-    assert kernel_for("float16", None, False).symbol == "mixer_gemm_f16_bias"
-    for k in (GemmKernel("bfloat16", "gelu_tanh"), GemmKernel("float16", "residual")):
+def test_symbols_name_form_dtype_epilogue_and_variant():
+    assert kernel_for("float16", "erf", False).symbol == "mixer_gemm_xw_f16_gelu_erf"
+    assert kernel_for("bfloat16", None, True, "wx").symbol == "mixer_gemm_wx_bf16_residual"
+    assert kernel_for("float16", None, False, "wtx").symbol == "mixer_gemm_wtx_f16_bias"
+    chosen = GemmKernel("float16", "gelu_tanh", "wtx", "t128x256x64_c1x1_coop")
+    assert chosen.symbol == "mixer_gemm_wtx_f16_gelu_tanh__t128x256x64_c1x1_coop"
+    for k in (GemmKernel("bfloat16", "gelu_tanh"), GemmKernel("float16", "residual", "wx"), chosen):
         assert from_symbol(k.symbol) == k
+
+
+def test_token_mixing_goes_to_the_library_on_sm90_with_its_kernel_layout_chosen_for_tma():
+    """fc1 contracts the 196 tokens: its kernel is stored (K, M) so that no contiguous axis is
+    196 long; fc2 contracts 64 and keeps (M, K). sm_80 kernels are right products only."""
+    from mixer_compile.compose import target_graph
+
+    graph = target_graph(TOKENS, get_target("sm_90"), dtype="float16")[0]
+    ops = {op.output.name: op for op in graph.ops if op.attrs.get("library")}
+    assert {"b0.tok.gelu.t", "b0.tok.res", "b0.ch.gelu", "b0.ch.res", "stem.bias"} <= set(ops)
+    fc1, fc2 = ops["b0.tok.gelu.t"], ops["b0.tok.res"]
+    assert fc1.attrs["kernel_layout"] == "KN" and graph.params[fc1.inputs[1]].tensor.shape == (196, 64)
+    assert fc2.attrs["kernel_layout"] == "NK" and graph.params[fc2.inputs[1]].tensor.shape == (196, 64)
+    sm80 = target_graph(TOKENS, get_target("sm_80"), dtype="float16")[0]
+    assert not any(op.attrs.get("library") and op.attrs["axis"] == 1 for op in sm80.ops)
+    assert sum(bool(op.attrs.get("library")) for op in sm80.ops) == 5  # stem + 2 x (fc1, fc2)
+    weights = random_weights(TOKENS, 0)
+    x = np.random.default_rng(1).standard_normal((2, 3, 112, 112)).astype(np.float32)
+    plain, _ = optimized_graph(TOKENS, "matmul", PassContext(dtype="float16"))
+    assert rel_error(interpret(graph, graph.materialize_params(weights), x),
+                     interpret(plain, plain.materialize_params(weights), x)) < 1e-9
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 @pytest.mark.parametrize("gelu", ["erf", "tanh"])
 def test_relax_program_with_library_calls_matches_reference_on_cpu(tmp_path, monkeypatch, dtype, gelu):
-    """The GPU build's very Relax program (layouts, bias direction, residual, the calls) on
-    this CPU, the calls served by the C++ stand-in of the CUTLASS kernels."""
+    """The GPU build's very Relax program (layouts, bias direction, residual, the calls in all
+    three forms, each renamed to its chosen variant) on this CPU, the calls served by the C++
+    stand-in of the CUTLASS kernels."""
     monkeypatch.setenv("MIXER_COMPILE_CACHE", str(tmp_path))
-    spec = MID.replace(gelu=gelu)
+    spec = TOKENS.replace(gelu=gelu)
     weights = random_weights(spec, 0)
     model = compose(spec, get_target("sm_90"), "matmul", dtype, weights)
-    kernels = cutlass.symbols(model.module)
-    assert {k.epilogue for k in kernels} == {f"gelu_{gelu}", "residual"} and {k.dtype for k in kernels} == {dtype}
+    module, choices = gemm_choice.apply_choices(model.module, "sm_90a")
+    kernels = cutlass.symbols(module)
+    assert {(k.form, k.epilogue) for k in kernels} == {("xw", "bias"), ("xw", f"gelu_{gelu}"), ("xw", "residual"),
+                                                      ("wtx", f"gelu_{gelu}"), ("wx", "residual")}
+    assert {k.dtype for k in kernels} == {dtype} and all(k.variant for k in kernels) and len(choices) == 9
     library = tmp_path / "host.so"
-    cpu.build(model.module, get_target("llvm")).export_library(str(library),
-                                                               addons=[str(cutlass.host_object(kernels))])
+    cpu.build(module, get_target("llvm")).export_library(str(library), addons=[str(cutlass.host_object(kernels))])
     run = Runner(tvm.runtime.load_module(str(library)), tvm.cpu(), list(model.params.values()), "this CPU").function()
-    x = np.random.default_rng(2).standard_normal((2, 3, 64, 64)).astype(np.float32)
+    x = np.random.default_rng(2).standard_normal((2, 3, 112, 112)).astype(np.float32)
     assert rel_error(run(x), reference.forward(spec, weights, x)) < TOLERANCES[dtype]
 
 
@@ -113,6 +143,14 @@ def _sass(path: Path) -> str:
 # sm_90a kernels take about a minute of CPU each to compile (CUTLASS 3.x), sm_80 ones ~20 s: the
 # default run checks sm_80, the slow run (--runslow) Hopper too
 ARCHS = [pytest.param("sm_90", marks=pytest.mark.slow), "sm_80"]
+FAMILY = {"sm_90": "sm_90a", "sm_80": "sm_80"}
+
+
+def _mid_residual(arch: str) -> GemmKernel:
+    """MID's channel fc2 as its build will call it (the artifact test below then finds it cached)."""
+    kernel = GemmKernel("bfloat16", "residual")
+    shape = GemmShape(2 * 64, 128, 512)
+    return kernel.with_variant(gemm_choice.default_config(kernel, shape, FAMILY[arch]).variant)
 TENSOR_CORE_CODE = {"sm_90": ("HGMMA", "UTMALDG"), "sm_80": ("HMMA.16816.F32", "LDGSTS")}
 
 
@@ -123,7 +161,7 @@ def test_cutlass_kernels_compile_to_tensor_core_code(kernel_cache, monkeypatch, 
     """sm_90a: wgmma (HGMMA) fed by TMA (UTMALDG), no mma.sync; sm_80: mma.sync m16n8k16
     (HMMA.16816) fed by cp.async (LDGSTS); each exports its tvm-ffi symbol; compiled once."""
     monkeypatch.setenv("MIXER_COMPILE_CACHE", str(kernel_cache))
-    kernel = GemmKernel("bfloat16", "residual")
+    kernel = _mid_residual(arch)
     obj = cutlass.gpu_object(kernel, arch)
     code = _sass(obj)
     assert all(instruction in code for instruction in TENSOR_CORE_CODE[arch])
@@ -142,13 +180,30 @@ def test_cuda_artifact_links_the_library_gemms_and_validates_on_host(tmp_path, k
     monkeypatch.setenv("MIXER_COMPILE_CACHE", str(kernel_cache))
     result = compile_model(CompileOptions(spec=MID, target=arch, dtype="bfloat16", out_dir=tmp_path / "a"))
     meta = json.loads((tmp_path / "a" / "metadata.json").read_text())
-    assert meta["gpu_code"]["library_gemms"] == ["mixer_gemm_bf16_gelu_erf", "mixer_gemm_bf16_residual"]
+    linked = [from_symbol(s) for s in meta["gpu_code"]["library_gemms"]]
+    assert [(k.form, k.epilogue) for k in linked] == [("xw", "gelu_erf"), ("xw", "residual")]
+    assert _mid_residual(arch) in linked
+    assert [c["from"] for c in meta["gpu_code"]["gemm_choices"]] == ["default"] * 4
     gpu = local_gpu()
     on_gpu = gpu is not None and gpu_arch(gpu)[:4] == arch[:4]  # same major version: it runs there
     assert result.validation.passed
     assert ("C++ stand-in" in result.validation.where) != on_gpu, result.validation.where
     library = tmp_path / "a" / "model.so"
     exported = subprocess.run(["nm", "-D", str(library)], check=True, capture_output=True, text=True).stdout
-    assert all(f" T __tvm_ffi_mixer_gemm_bf16_{e}" in exported for e in ("gelu_erf", "residual"))
+    assert all(f" T __tvm_ffi_{k.symbol}" in exported for k in linked)
     assert b"vm.builtin.cuda_graph.run_or_capture" in library.read_bytes()  # the forward pass is a CUDA graph
     assert TENSOR_CORE_CODE[arch][0] in _sass(library)
+
+
+@needs_nvcc
+@needs_cuobjdump
+@pytest.mark.slow
+@pytest.mark.parametrize("kernel", [GemmKernel("float16", "gelu_erf", "wtx", "t128x256x64_c1x1_coop"),
+                                    GemmKernel("bfloat16", "residual", "wx", "t64x128x64_c1x1_pp")],
+                         ids=lambda k: k.form)
+def test_token_mixing_kernels_are_batched_wgmma_fed_by_tma(kernel_cache, monkeypatch, kernel):
+    """The left products (one W for every image, per-row bias) compile to the same wgmma + TMA
+    code as the right ones, in both kernel layouts and both schedules."""
+    monkeypatch.setenv("MIXER_COMPILE_CACHE", str(kernel_cache))
+    code = _sass(cutlass.gpu_object(kernel, "sm_90"))
+    assert "HGMMA" in code and "UTMALDG" in code and "HMMA" not in code.replace("HGMMA", "")

@@ -51,20 +51,32 @@ void Check(bool ok, const char* what) {
   if (!ok) TVM_FFI_THROW(RuntimeError) << "SYMBOL: " << what;
 }
 
-// A [..., K] and D [..., N] (leading dims = M), W [N, K], bias [N] float32, all on the GPU.
-void CheckArgs(const tvm::ffi::TensorView& a, const tvm::ffi::TensorView& w, const tvm::ffi::TensorView& bias,
-               const tvm::ffi::TensorView& d, int code, int64_t* m, int64_t* n, int64_t* k) {
-  for (const auto* t : {&a, &w, &d}) {
-    Check(t->dtype().code == code && t->dtype().bits == 16, "A, W and D must have the kernel's 16-bit dtype");
-    Check(t->device().device_type == kDLCUDA, "tensors must be on the GPU");
+// The problem of a call (lower/library.py): D [L, M, N] = epilogue(product), W shared by all L.
+//   xw:  X [..., K] (M = rows), W [N, K], bias [N]      wx: X [L, K, N], W [M, K], bias [M]
+//   wtx: X [L, K, N], W [K, M], bias [M]
+struct Problem { int64_t m, n, k, l; };
+
+Problem CheckArgs(const tvm::ffi::TensorView& x, const tvm::ffi::TensorView& w, const tvm::ffi::TensorView& bias,
+                  const tvm::ffi::TensorView& d, int code) {
+  for (const auto* t : {&x, &w, &d}) {
+    Check(t->dtype().code == code && t->dtype().bits == 16, "X, W and D must have the kernel's 16-bit dtype");
+    Check(t->device().device_type == DEVICE, "tensors must be on the kernel's device");
   }
-  Check(bias.dtype().code == kDLFloat && bias.dtype().bits == 32 && bias.ndim() == 1, "bias must be float32 [N]");
-  Check(w.ndim() == 2, "W must be [N, K]");
-  *n = w.size(0);
-  *k = w.size(1);
-  Check(a.size(a.ndim() - 1) == *k && d.size(d.ndim() - 1) == *n && bias.size(0) == *n, "shape mismatch");
-  *m = a.numel() / *k;
-  Check(d.numel() == *m * *n, "D must be [M, N]");
+  Check(bias.dtype().code == kDLFloat && bias.dtype().bits == 32 && bias.ndim() == 1, "bias must be float32, 1-d");
+  Check(w.ndim() == 2, "W must be 2-d");
+  Problem p;
+  if (FORM_XW) {
+    p = {0, w.size(0), w.size(1), 1};
+    Check(x.size(x.ndim() - 1) == p.k, "X's last axis must be W's K");
+    p.m = x.numel() / p.k;
+  } else {
+    Check(x.ndim() == 3, "X must be [L, K, N]");
+    p = {FORM_WX ? w.size(0) : w.size(1), x.size(2), x.size(1), x.size(0)};
+    Check((FORM_WX ? w.size(1) : w.size(0)) == p.k, "W's K must be X's K");
+  }
+  Check(d.numel() == p.l * p.m * p.n, "D must be [L, M, N]");
+  Check(bias.size(0) == (FORM_XW ? p.n : p.m), "bias must have one value per output feature");
+  return p;
 }
 }  // namespace
 """
@@ -79,50 +91,56 @@ _SM90 = r"""
 #include "cutlass/gemm/device/gemm_universal_adapter.h"
 #include "cutlass/gemm/kernel/gemm_universal.hpp"
 #include "cutlass/gemm/kernel/tile_scheduler.hpp"
+#include "cutlass/util/packed_stride.hpp"
 
 using namespace cute;
 
 namespace {
 using Element = ELEMENT;
-using Layout = cutlass::layout::RowMajor;            // A [M, K], C/D [M, N]
-using LayoutW = cutlass::layout::ColumnMajor;        // W [N, K]: K-major
+using LayoutA = LAYOUT_A;   // xw: X [M, K]; wx: W [M, K]; wtx: W [K, M]
+using LayoutB = LAYOUT_B;   // xw: W [N, K] (ColumnMajor B); left: X[l] [K, N] (RowMajor B)
+using LayoutD = cutlass::layout::RowMajor;
 constexpr int kAlign = 8;
-using TileShape = Shape<_128, _256, _64>;
-using ClusterShape = Shape<_2, _1, _1>;
+using TileShape = Shape<_TILE_M, _TILE_N, _TILE_K>;
+using ClusterShape = Shape<_CLUSTER_M, _CLUSTER_N, _1>;
 using FusionOp = FUSION;
 
 using Epilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
     cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape,
-    cutlass::epilogue::collective::EpilogueTileAuto, float, float, Element, Layout, kAlign, Element, Layout, kAlign,
-    cutlass::epilogue::TmaWarpSpecializedCooperative, FusionOp>::CollectiveOp;
+    cutlass::epilogue::collective::EpilogueTileAuto, float, float, Element, LayoutD, kAlign, Element, LayoutD, kAlign,
+    EPILOGUE_SCHEDULE, FusionOp>::CollectiveOp;
 using Mainloop = typename cutlass::gemm::collective::CollectiveBuilder<
-    cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, Element, Layout, kAlign, Element, LayoutW, kAlign, float,
+    cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, Element, LayoutA, kAlign, Element, LayoutB, kAlign, float,
     TileShape, ClusterShape,
     cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(sizeof(typename Epilogue::SharedStorage))>,
-    cutlass::gemm::KernelTmaWarpSpecializedCooperative>::CollectiveOp;
+    KERNEL_SCHEDULE>::CollectiveOp;
 using Kernel = cutlass::gemm::kernel::GemmUniversal<Shape<int, int, int, int>, Mainloop, Epilogue,
                                                     cutlass::gemm::PersistentScheduler>;
 using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
 
-void Run(tvm::ffi::TensorView a, tvm::ffi::TensorView w, tvm::ffi::TensorView bias, RESIDUAL_PARAM
+void Run(tvm::ffi::TensorView x, tvm::ffi::TensorView w, tvm::ffi::TensorView bias, RESIDUAL_PARAM
          tvm::ffi::TensorView d) {
-  int64_t m, n, k;
-  CheckArgs(a, w, bias, d, DLCODE, &m, &n, &k);
+  Problem p = CheckArgs(x, w, bias, d, DLCODE);
+  int m = int(p.m), n = int(p.n), k = int(p.k), l = int(p.l);
   const void* source = RESIDUAL_PTR;
-  auto sa = cute::make_stride(int64_t(k), cute::Int<1>{}, int64_t(m) * k);
-  auto sw = cute::make_stride(int64_t(k), cute::Int<1>{}, int64_t(n) * k);
-  auto sd = cute::make_stride(int64_t(n), cute::Int<1>{}, int64_t(m) * n);
+  const void* a = FORM_XW ? x.data_ptr() : w.data_ptr();
+  const void* b = FORM_XW ? w.data_ptr() : x.data_ptr();
+  auto sa = cutlass::make_cute_packed_stride(typename Kernel::StrideA{}, cute::make_shape(m, k, l));
+  auto sb = cutlass::make_cute_packed_stride(typename Kernel::StrideB{}, cute::make_shape(n, k, l));
+  auto sd = cutlass::make_cute_packed_stride(typename Kernel::StrideD{}, cute::make_shape(m, n, l));
+  if (FORM_XW) cute::get<2>(sb) = 0; else cute::get<2>(sa) = 0;  // one W for every l
   typename Gemm::Arguments args{
       cutlass::gemm::GemmUniversalMode::kGemm,
-      {int(m), int(n), int(k), 1},
-      {static_cast<const Element*>(a.data_ptr()), sa, static_cast<const Element*>(w.data_ptr()), sw},
+      {m, n, k, l},
+      {static_cast<const Element*>(a), sa, static_cast<const Element*>(b), sb},
       {{}, static_cast<const Element*>(source), sd, static_cast<Element*>(d.data_ptr()), sd}};
   args.epilogue.thread.alpha = 1.0f;
   args.epilogue.thread.beta = source ? 1.0f : 0.0f;
   args.epilogue.thread.bias_ptr = static_cast<const float*>(bias.data_ptr());
   Gemm gemm;
-  Check(gemm.can_implement(args) == cutlass::Status::kSuccess, "CUTLASS cannot run this shape (K and N % 8)");
-  auto stream = static_cast<cudaStream_t>(TVMFFIEnvGetStream(kDLCUDA, a.device().device_id));
+  Check(gemm.can_implement(args) == cutlass::Status::kSuccess,
+        "CUTLASS cannot run this shape (the contiguous axes must be multiples of 8)");
+  auto stream = static_cast<cudaStream_t>(TVMFFIEnvGetStream(kDLCUDA, x.device().device_id));
   size_t workspace_size = Gemm::get_workspace_size(args);
   void* workspace = nullptr;
   if (workspace_size) Check(cudaMallocAsync(&workspace, workspace_size, stream) == cudaSuccess, "workspace");
@@ -144,27 +162,27 @@ _SM80 = r"""
 
 namespace {
 using Element = ELEMENT;
-// Z = Activation(A @ W^T + beta * C + bias): C is the residual (beta 1) or absent (beta 0)
+// Z = Activation(X @ W^T + beta * C + bias): C is the residual (beta 1) or absent (beta 0)
 using EpilogueOp = cutlass::epilogue::thread::LinearCombinationBiasElementwise<
     Element, float, float, Element, Element, 8, ACTIVATION<float>, cutlass::plus<float>, false, float>;
 using Gemm = cutlass::gemm::device::GemmUniversalWithBroadcast<
     Element, cutlass::layout::RowMajor, Element, cutlass::layout::ColumnMajor, Element, cutlass::layout::RowMajor,
-    float, cutlass::arch::OpClassTensorOp, cutlass::arch::Sm80, cutlass::gemm::GemmShape<128, 128, 32>,
-    cutlass::gemm::GemmShape<64, 64, 32>, cutlass::gemm::GemmShape<16, 8, 16>, EpilogueOp,
-    cutlass::gemm::threadblock::GemmIdentityThreadblockSwizzle<8>, 4, 8, 8>;  // 64 KB of shared memory: sm_86/89 too
+    float, cutlass::arch::OpClassTensorOp, cutlass::arch::Sm80, cutlass::gemm::GemmShape<_TILE_M, _TILE_N, _TILE_K>,
+    cutlass::gemm::GemmShape<_WARP_M, _WARP_N, _TILE_K>, cutlass::gemm::GemmShape<16, 8, 16>, EpilogueOp,
+    cutlass::gemm::threadblock::GemmIdentityThreadblockSwizzle<8>, _STAGES, 8, 8>;
 
-void Run(tvm::ffi::TensorView a, tvm::ffi::TensorView w, tvm::ffi::TensorView bias, RESIDUAL_PARAM
+void Run(tvm::ffi::TensorView x, tvm::ffi::TensorView w, tvm::ffi::TensorView bias, RESIDUAL_PARAM
          tvm::ffi::TensorView d) {
-  int64_t m, n, k;
-  CheckArgs(a, w, bias, d, DLCODE, &m, &n, &k);
+  Problem p = CheckArgs(x, w, bias, d, DLCODE);
+  int64_t m = p.m, n = p.n, k = p.k;
   const void* source = RESIDUAL_PTR;
   typename Gemm::Arguments args(
       cutlass::gemm::GemmUniversalMode::kGemm, {int(m), int(n), int(k)}, 1,
-      {1.0f, source ? 1.0f : 0.0f}, a.data_ptr(), w.data_ptr(), const_cast<void*>(source), d.data_ptr(),
+      {1.0f, source ? 1.0f : 0.0f}, x.data_ptr(), w.data_ptr(), const_cast<void*>(source), d.data_ptr(),
       const_cast<void*>(bias.data_ptr()), nullptr, 0, 0, 0, 0, 0, 0, k, k, source ? n : 0, n, 0, 0);
   Gemm gemm;
   Check(gemm.can_implement(args) == cutlass::Status::kSuccess, "CUTLASS cannot run this shape (K and N % 8)");
-  auto stream = static_cast<cudaStream_t>(TVMFFIEnvGetStream(kDLCUDA, a.device().device_id));
+  auto stream = static_cast<cudaStream_t>(TVMFFIEnvGetStream(kDLCUDA, x.device().device_id));
   Check(gemm.initialize(args, nullptr, stream) == cutlass::Status::kSuccess, "initialize");
   Check(gemm(stream) == cutlass::Status::kSuccess, "run");
 }
@@ -174,25 +192,95 @@ TVM_FFI_DLL_EXPORT_TYPED_FUNC(SYMBOL, Run);
 """
 
 
+@dataclass(frozen=True)
+class Config:
+    """A CUTLASS kernel configuration, spelt in the variant of a symbol (lower/library.py).
+
+    sm_90a: `t<M>x<N>x<K>_c<m>x<n>_<coop|pp>`: CTA tile, thread-block cluster, and the
+    warp-specialized schedule (cooperative: two consumer warp groups share a 128-row tile;
+    ping-pong: each owns a tile, so 64-row tiles suit small M). sm_80: `t<M>x<N>x<K>_w<M>x<N>_s<S>`:
+    CTA tile, warp tile and pipeline stages.
+    """
+
+    tile: tuple[int, int, int]
+    cluster: tuple[int, int] = (1, 1)
+    schedule: str = "coop"  # sm_90a: coop | pp
+    warp: tuple[int, int] = (0, 0)  # sm_80
+    stages: int = 0  # sm_80
+
+    @property
+    def variant(self) -> str:
+        t = "x".join(map(str, self.tile))
+        if self.stages:
+            return f"t{t}_w{self.warp[0]}x{self.warp[1]}_s{self.stages}"
+        return f"t{t}_c{self.cluster[0]}x{self.cluster[1]}_{self.schedule}"
+
+    @staticmethod
+    def parse(variant: str) -> "Config":
+        parts = variant.split("_")
+
+        def dims(part: str) -> tuple[int, ...]:
+            return tuple(int(v) for v in part[1:].split("x"))
+
+        try:
+            tile = dims(parts[0])
+            if parts[1].startswith("w"):
+                return Config(tile, warp=dims(parts[1]), stages=int(parts[2][1:]))  # type: ignore[arg-type]
+            return Config(tile, dims(parts[1]), parts[2])  # type: ignore[arg-type]
+        except (IndexError, ValueError):
+            raise TargetError(f"'{variant}' is not a CUTLASS configuration (t128x256x64_c2x1_coop, "
+                              "t128x128x32_w64x64_s4)") from None
+
+
 def _sm90_fusion(kernel: GemmKernel, element: str) -> str:
     ops = "cutlass::epilogue::fusion"
+    per = "Row" if kernel.left else "Col"  # the bias runs along the output features: D's rows in a left product
     if kernel.epilogue.startswith("gelu"):
         act = "GELU" if kernel.epilogue == "gelu_erf" else "GELU_taylor"
-        return f"{ops}::LinCombPerColBiasEltAct<cutlass::epilogue::thread::{act}, {element}, float, float, {element}, float>"
-    return f"{ops}::LinCombPerColBias<{element}, float, float, {element}, float>"
+        return f"{ops}::LinCombPer{per}BiasEltAct<cutlass::epilogue::thread::{act}, {element}, float, float, {element}, float>"
+    return f"{ops}::LinCombPer{per}Bias<{element}, float, float, {element}, float>"
 
 
-def gpu_source(kernel: GemmKernel, arch: str) -> str:
-    """The CUDA source of one kernel for `arch` (sm_90a or sm_80)."""
-    element = "cutlass::half_t" if kernel.dtype == "float16" else "cutlass::bfloat16_t"
-    body = _SM90 if arch == "sm_90a" else _SM80
-    activation = {"gelu_erf": "cutlass::epilogue::thread::GELU", "gelu_tanh": "cutlass::epilogue::thread::GELU_taylor"}
-    text = (_COMMON + _CHECKS + body).replace("ELEMENT", element).replace("SYMBOL", kernel.symbol)
-    text = text.replace("FUSION", _sm90_fusion(kernel, element))
-    text = text.replace("ACTIVATION", activation.get(kernel.epilogue, "cutlass::epilogue::thread::Identity"))
+def _schedules(config: Config) -> tuple[str, str]:
+    if config.schedule == "pp":
+        return "cutlass::gemm::KernelTmaWarpSpecializedPingpong", "cutlass::epilogue::TmaWarpSpecialized"
+    return "cutlass::gemm::KernelTmaWarpSpecializedCooperative", "cutlass::epilogue::TmaWarpSpecializedCooperative"
+
+
+def _with_form(text: str, kernel: GemmKernel, device: str) -> str:
+    """The argument checks of `kernel`'s form on `device` (kDLCUDA, or kDLCPU for the host)."""
+    text = text.replace("SYMBOL", kernel.symbol).replace("DEVICE", device)
+    text = text.replace("FORM_XW", str(kernel.form == "xw").lower()).replace("FORM_WX", str(kernel.form == "wx").lower())
     text = text.replace("DLCODE", "kDLFloat" if kernel.dtype == "float16" else "kDLBfloat")
     text = text.replace("RESIDUAL_PARAM", "tvm::ffi::TensorView r," if kernel.residual else "")
     return text.replace("RESIDUAL_PTR", "r.data_ptr()" if kernel.residual else "nullptr")
+
+
+def gpu_source(kernel: GemmKernel, arch: str) -> str:
+    """The CUDA source of one kernel for `arch` (sm_90a or sm_80), configured by its variant."""
+    from mixer_compile.backend.gemm_choice import family_default
+
+    if kernel.left and arch != "sm_90a":
+        raise TargetError(f"{kernel.symbol}: left-product GEMMs have CUTLASS kernels for sm_90a only")
+    config = Config.parse(kernel.variant) if kernel.variant else family_default(arch)
+    element = "cutlass::half_t" if kernel.dtype == "float16" else "cutlass::bfloat16_t"
+    text = _COMMON + _CHECKS + (_SM90 if arch == "sm_90a" else _SM80)
+    for name, value in zip(("_TILE_M", "_TILE_N", "_TILE_K"), config.tile):
+        text = text.replace(name, f"_{value}" if arch == "sm_90a" else str(value))
+    if arch == "sm_90a":
+        mainloop, epilogue = _schedules(config)
+        layouts = {"xw": ("RowMajor", "ColumnMajor"), "wx": ("RowMajor", "RowMajor"), "wtx": ("ColumnMajor", "RowMajor")}
+        layout_a, layout_b = layouts[kernel.form]
+        text = (text.replace("_CLUSTER_M", f"_{config.cluster[0]}").replace("_CLUSTER_N", f"_{config.cluster[1]}")
+                .replace("KERNEL_SCHEDULE", mainloop).replace("EPILOGUE_SCHEDULE", epilogue)
+                .replace("LAYOUT_A", f"cutlass::layout::{layout_a}").replace("LAYOUT_B", f"cutlass::layout::{layout_b}")
+                .replace("FUSION", _sm90_fusion(kernel, element)))
+    else:
+        activation = {"gelu_erf": "cutlass::epilogue::thread::GELU", "gelu_tanh": "cutlass::epilogue::thread::GELU_taylor"}
+        text = (text.replace("_WARP_M", str(config.warp[0])).replace("_WARP_N", str(config.warp[1]))
+                .replace("_STAGES", str(config.stages))
+                .replace("ACTIVATION", activation.get(kernel.epilogue, "cutlass::epilogue::thread::Identity")))
+    return _with_form(text.replace("ELEMENT", element), kernel, "kDLCUDA")
 
 
 def has_family(arch: str) -> bool:
@@ -221,7 +309,7 @@ def gpu_arch_flag(arch: str) -> tuple[str, str]:
 
 _HOST = r"""
 // CPU implementation of the mixer_gemm_* interface (backend/cutlass.py): the host-CPU check
-// of a GPU build runs the same Relax program with these in place of the CUTLASS kernels.
+// of a GPU build runs the same Relax program with these in place of the GPU kernels.
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -245,49 +333,65 @@ void Store(uint16_t* p, int64_t i, float x, bool bf16) {
   }
   _Float16 v = _Float16(x); std::memcpy(&p[i], &v, 2);
 }
-void Gemm(tvm::ffi::TensorView a, tvm::ffi::TensorView w, tvm::ffi::TensorView bias, const uint16_t* r,
-          tvm::ffi::TensorView d, int act) {
-  bool bf16 = a.dtype().code == kDLBfloat;
-  int64_t n = w.size(0), k = w.size(1), m = a.numel() / k;
-  if (d.numel() != m * n || bias.numel() != n) TVM_FFI_THROW(RuntimeError) << "mixer_gemm (host): shape mismatch";
-  auto A = static_cast<const uint16_t*>(a.data_ptr());
+// D[l, i, j] = act(sum_p A(i, p) B(l, p, j) + bias) (+ R): A and B as lower/library.py's forms say
+void Gemm(int64_t m, int64_t n, int64_t k, int64_t l, const char* form, const tvm::ffi::TensorView& x,
+          const tvm::ffi::TensorView& w, const tvm::ffi::TensorView& bias, const uint16_t* r,
+          const tvm::ffi::TensorView& d, int act) {
+  bool bf16 = x.dtype().code == kDLBfloat, xw = form[0] == 'x', wtx = form[1] == 't';
+  auto X = static_cast<const uint16_t*>(x.data_ptr());
   auto W = static_cast<const uint16_t*>(w.data_ptr());
-  auto B = static_cast<const float*>(bias.data_ptr());
+  auto bias_ = static_cast<const float*>(bias.data_ptr());
   auto D = static_cast<uint16_t*>(d.data_ptr());
-  std::vector<float> wt(static_cast<size_t>(n * k)), row(static_cast<size_t>(k));
-  for (int64_t i = 0; i < n * k; ++i) wt[size_t(i)] = Load(W, i, bf16);
-  for (int64_t i = 0; i < m; ++i) {
-    for (int64_t p = 0; p < k; ++p) row[size_t(p)] = Load(A, i * k + p, bf16);
-    for (int64_t j = 0; j < n; ++j) {
-      const float* wj = &wt[size_t(j * k)];
-      float acc = 0.f;
-      for (int64_t p = 0; p < k; ++p) acc += row[size_t(p)] * wj[p];
-      float y = acc + B[j];
-      if (act == 1) y = 0.5f * y * (1.f + std::erf(y * 0.70710678f));
-      if (act == 2) y = 0.5f * y * (1.f + std::tanh(0.7978845608f * (y + 0.044715f * y * y * y)));
-      if (r) y += Load(r, i * n + j, bf16);
-      Store(D, i * n + j, y, bf16);
+  std::vector<float> a(static_cast<size_t>(m * k)), b(static_cast<size_t>(k * n)), acc(static_cast<size_t>(n));
+  for (int64_t i = 0; i < m; ++i)
+    for (int64_t p = 0; p < k; ++p)
+      a[size_t(i * k + p)] = Load(xw ? X : W, xw ? i * k + p : wtx ? p * m + i : i * k + p, bf16);
+  for (int64_t batch = 0; batch < l; ++batch) {
+    for (int64_t p = 0; p < k; ++p)
+      for (int64_t j = 0; j < n; ++j)
+        b[size_t(p * n + j)] = xw ? Load(W, j * k + p, bf16) : Load(X, (batch * k + p) * n + j, bf16);
+    for (int64_t i = 0; i < m; ++i) {
+      std::fill(acc.begin(), acc.end(), 0.f);
+      for (int64_t p = 0; p < k; ++p) {
+        const float ap = a[size_t(i * k + p)];
+        const float* bp = &b[size_t(p * n)];
+        for (int64_t j = 0; j < n; ++j) acc[size_t(j)] += ap * bp[j];
+      }
+      for (int64_t j = 0; j < n; ++j) {
+        const int64_t at = (batch * m + i) * n + j;
+        float y = acc[size_t(j)] + bias_[xw ? j : i];
+        if (act == 1) y = 0.5f * y * (1.f + std::erf(y * 0.70710678f));
+        if (act == 2) y = 0.5f * y * (1.f + std::tanh(0.7978845608f * (y + 0.044715f * y * y * y)));
+        if (r) y += Load(r, at, bf16);
+        Store(D, at, y, bf16);
+      }
     }
   }
 }
 }  // namespace
 """
 
+_HOST_ENTRY = r"""
+namespace host_SYMBOL {
+void Run(tvm::ffi::TensorView x, tvm::ffi::TensorView w, tvm::ffi::TensorView bias, RESIDUAL_PARAM
+         tvm::ffi::TensorView d) {
+  Problem p = CheckArgs(x, w, bias, d, DLCODE);
+  Gemm(p.m, p.n, p.k, p.l, "FORM", x, w, bias, static_cast<const uint16_t*>(RESIDUAL_PTR), d, ACT);
+}
+}  // namespace host_SYMBOL
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(SYMBOL, host_SYMBOL::Run);
+"""
+
 
 def _host_entry(kernel: GemmKernel) -> str:
     act = {"gelu_erf": 1, "gelu_tanh": 2}.get(kernel.epilogue, 0)
-    name = f"Host_{kernel.symbol}"
-    if kernel.residual:
-        body = (f"void {name}(tvm::ffi::TensorView a, tvm::ffi::TensorView w, tvm::ffi::TensorView bias, "
-                f"tvm::ffi::TensorView r, tvm::ffi::TensorView d) {{ "
-                f"Gemm(a, w, bias, static_cast<const uint16_t*>(r.data_ptr()), d, {act}); }}")
-    else:
-        body = (f"void {name}(tvm::ffi::TensorView a, tvm::ffi::TensorView w, tvm::ffi::TensorView bias, "
-                f"tvm::ffi::TensorView d) {{ Gemm(a, w, bias, nullptr, d, {act}); }}")
-    return f"namespace {{ {body} }}\nTVM_FFI_DLL_EXPORT_TYPED_FUNC({kernel.symbol}, {name});\n"
+    checks = _CHECKS.replace("namespace {", "namespace host_SYMBOL {", 1)
+    return _with_form(checks + _HOST_ENTRY.replace("FORM", kernel.form).replace("ACT", str(act)), kernel, "kDLCPU")
 
 
 def host_source(kernels: list[GemmKernel]) -> str:
+    """The C++ stand-in of `kernels` for this CPU: every symbol, variants included, computes the
+    same contract (the variant only says how a GPU would)."""
     return _HOST + "".join(_host_entry(k) for k in sorted(set(kernels), key=lambda k: k.symbol))
 
 
@@ -299,15 +403,17 @@ def _include_dirs() -> list[str]:
     return list(tvm_ffi.libinfo.include_paths())
 
 
-def cutlass_include() -> str:
+def cutlass_includes() -> list[str]:
+    """CUTLASS's headers and its utility headers (packed strides) from the nvidia-cutlass wheel."""
     try:
         import cutlass_library
     except ImportError:
         raise TargetError("CUDA builds need CUTLASS's headers: pip install nvidia-cutlass==4.2.0.0") from None
-    path = Path(cutlass_library.__file__).parent / "source" / "include"
-    if not (path / "cutlass" / "cutlass.h").is_file():
-        raise TargetError(f"the nvidia-cutlass package has no headers at {path}; reinstall nvidia-cutlass==4.2.0.0")
-    return str(path)
+    source = Path(cutlass_library.__file__).parent / "source"
+    paths = [source / "include", source / "tools" / "util" / "include"]
+    if not (paths[0] / "cutlass" / "cutlass.h").is_file() or not (paths[1] / "cutlass" / "util").is_dir():
+        raise TargetError(f"the nvidia-cutlass package has no headers under {source}; reinstall nvidia-cutlass==4.2.0.0")
+    return [str(p) for p in paths]
 
 
 def _cache_dir() -> Path:
@@ -316,7 +422,7 @@ def _cache_dir() -> Path:
     return cache_root() / "kernels"
 
 
-def _compile(source: str, command: list[str], suffix: str, what: str) -> Path:
+def compile_cached(source: str, command: list[str], suffix: str, what: str) -> Path:
     """`command` (with SRC and OBJ placeholders) run once per distinct source and compiler;
     the object is cached, written atomically, so concurrent builds share it."""
     tool_version = subprocess.run([command[0], "--version"], capture_output=True, text=True).stdout
@@ -347,19 +453,23 @@ def gpu_object(kernel: GemmKernel, arch: str) -> Path:
     if nvcc is None:
         raise TargetError("'nvcc' is not on PATH; install the CUDA toolkit (it compiles the GPU kernels)")
     command = [nvcc, "-std=c++17", "-O3", "-DNDEBUG", "--expt-relaxed-constexpr", "-Xcompiler=-fPIC",
-               "-gencode", gencode, f"-I{cutlass_include()}", *(f"-I{d}" for d in _include_dirs()),
+               "-gencode", gencode, *(f"-I{d}" for d in cutlass_includes() + _include_dirs()),
                "-c", "SRC", "-o", "OBJ"]
-    return _compile(gpu_source(kernel, family), command, ".o",
+    return compile_cached(gpu_source(kernel, family), command, ".o",
                     f"the CUTLASS kernel {kernel.symbol} for {family} (about a minute)")
+
+
+def host_compiler() -> str:
+    cxx = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
+    if cxx is None:
+        raise TargetError("no C++ compiler (g++) on PATH; install one (it compiles and links the GEMM kernels)")
+    return cxx
 
 
 def host_object(kernels: list[GemmKernel]) -> Path:
     """This CPU's implementation of `kernels` (cached)."""
-    cxx = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
-    if cxx is None:
-        raise TargetError("no C++ compiler (g++) on PATH; install one to check GPU builds on this CPU")
-    command = [cxx, "-std=c++17", "-O2", "-fPIC", *(f"-I{d}" for d in _include_dirs()), "-c", "SRC", "-o", "OBJ"]
-    return _compile(host_source(kernels), command, ".o", "the host implementation of the GEMM kernels")
+    command = [host_compiler(), "-std=c++17", "-O2", "-fPIC", *(f"-I{d}" for d in _include_dirs()), "-c", "SRC", "-o", "OBJ"]
+    return compile_cached(host_source(kernels), command, ".o", "the host implementation of the GEMM kernels")
 
 
 def link_options() -> list[str]:

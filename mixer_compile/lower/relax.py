@@ -21,7 +21,7 @@ from tvm import relax, te
 from tvm.relax import op as R
 
 from mixer_compile.ir.graph import Graph, Op
-from mixer_compile.lower.library import kernel_for
+from mixer_compile.lower.library import form_of, kernel_for
 
 OUT_ELEMWISE_FUSABLE = 4  # relax's OpPatternKind kOutEWiseFusable
 
@@ -107,7 +107,8 @@ def _emit(bb: relax.BlockBuilder, graph: Graph, op: Op, args: list[relax.Expr]) 
         y = R.permute_dims(y, (0, 2, 4, 3, 5, 1))
         return bb.emit(R.reshape(y, op.output.shape))
     if op.kind == "dense" and a.get("library"):  # one library call, epilogue included (passes/library_gemms.py)
-        symbol = kernel_for(op.output.dtype, a.get("gelu"), bool(a.get("residual"))).symbol
+        form = form_of(a["axis"], len(op.output.shape), a["kernel_layout"])
+        symbol = kernel_for(op.output.dtype, a.get("gelu"), bool(a.get("residual")), form).symbol
         return bb.emit(R.call_dps_packed(symbol, [x, *rest], relax.TensorType(op.output.shape, op.output.dtype)))
     if op.kind == "dense":
         y = _dense(bb, op, x, rest.pop(0))

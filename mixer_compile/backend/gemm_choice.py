@@ -1,0 +1,191 @@
+"""How each library GEMM of a GPU build runs: a CUTLASS configuration (or cuBLASLt) per call site.
+
+The lowering names *what* a call computes (lower/library.py); before the build, every call is
+renamed to `<symbol>__<variant>` with the variant chosen for its problem (M, N, K, L):
+
+1. a record measured on a GPU of the family, when one matches the call exactly: the user's
+   (`$MIXER_COMPILE_CACHE/library_gemms/<family>.json`, written by tune/gemms.py) before the
+   shipped ones (`schedules/<family>/library_gemms.json`);
+2. otherwise a default chosen by the shape, so that the first build is sound: a problem with
+   many output tiles takes the large tile (and a 2-CTA cluster, sharing the W loads, where its
+   M tiles pair up), one that would leave most of the GPU's SMs idle takes smaller tiles.
+
+Each distinct (kernel, variant) is one compiled object (cached by backend/cutlass.py), so a
+default set that is small keeps first builds short.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+from mixer_compile.backend.cutlass import Config
+from mixer_compile.errors import TuningError
+from mixer_compile.lower.library import PREFIX, GemmKernel, GemmShape, from_symbol, shape_of
+
+RECORDS = "library_gemms.json"
+SMS = {"sm_90a": 132, "sm_80": 108}  # SMs of the family's flagship (H100/H200 SXM, A100)
+
+# The candidates, largest first: what the default picks from and what tune/gemms.py measures.
+CANDIDATES = {
+    "sm_90a": (Config((128, 256, 64), (2, 1), "coop"), Config((128, 256, 64), (1, 1), "coop"),
+               Config((128, 128, 64), (1, 1), "coop"), Config((64, 256, 64), (1, 1), "pp"),
+               Config((64, 128, 64), (1, 1), "pp")),
+    "sm_80": (Config((128, 128, 32), warp=(64, 64), stages=4), Config((64, 128, 32), warp=(32, 64), stages=4),
+              Config((64, 64, 32), warp=(32, 32), stages=6)),
+}
+
+
+@dataclass(frozen=True)
+class Record:
+    """One measured choice: the variant that ran a problem fastest on a GPU of the family."""
+
+    form: str
+    dtype: str
+    epilogue: str
+    m: int
+    n: int
+    k: int
+    l: int
+    variant: str
+    us: float  # its time per call
+    device: str  # the GPU that measured it
+
+    def key(self) -> tuple:
+        return (self.form, self.dtype, self.epilogue, self.m, self.n, self.k, self.l)
+
+
+def key_of(kernel: GemmKernel, shape: GemmShape) -> tuple:
+    return (kernel.form, kernel.dtype, kernel.epilogue, shape.m, shape.n, shape.k, shape.l)
+
+
+def family_default(family: str) -> Config:
+    """The configuration of a call whose shape is not known (the largest candidate)."""
+    return CANDIDATES[family][0]
+
+
+def _tiles(config: Config, shape: GemmShape) -> int:
+    return math.ceil(shape.m / config.tile[0]) * math.ceil(shape.n / config.tile[1]) * shape.l
+
+
+def default_config(kernel: GemmKernel, shape: GemmShape, family: str) -> Config:
+    """The largest candidate that gives every SM at least two tiles (a cluster only where the M
+    tiles pair up); the smallest one when none does."""
+    for config in CANDIDATES[family]:
+        pairs = config.cluster[0] == 1 or math.ceil(shape.m / config.tile[0]) % config.cluster[0] == 0
+        if pairs and _tiles(config, shape) >= 2 * SMS[family]:
+            return config
+    return CANDIDATES[family][-1]
+
+
+def user_records_path(family: str) -> Path:
+    from mixer_compile.tune.database import cache_root
+
+    return cache_root() / "library_gemms" / f"{family}.json"
+
+
+def shipped_records_path(family: str) -> Path:
+    from mixer_compile.tune.database import SCHEDULES_DIR
+
+    return Path(SCHEDULES_DIR) / family / RECORDS
+
+
+def read_records(path: Path) -> list[Record]:
+    if not path.is_file():
+        return []
+    try:
+        return [Record(**r) for r in json.loads(path.read_text())["records"]]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise TuningError(f"cannot read GEMM records '{path}' ({exc}); delete it or re-run the GEMM tuning") from None
+
+
+def write_records(path: Path, records: Iterable[Record]) -> None:
+    """Merges `records` into the file at `path` (a record replaces one of the same problem), atomically."""
+    from mixer_compile.util.atomic import write_bytes
+
+    merged = {r.key(): r for r in read_records(path)}
+    merged.update({r.key(): r for r in records})
+    body = {"records": [asdict(r) for r in sorted(merged.values(), key=lambda r: r.key())]}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_bytes(path, (json.dumps(body, indent=1) + "\n").encode())
+
+
+def records_for(family: str) -> dict[tuple, Record]:
+    """The records a build of `family` applies: the user's win over the shipped ones."""
+    found = {r.key(): r for r in read_records(shipped_records_path(family))}
+    found.update({r.key(): r for r in read_records(user_records_path(family))})
+    return found
+
+
+def choose(kernel: GemmKernel, shape: GemmShape, family: str, records: dict[tuple, Record]) -> tuple[str, str]:
+    """The variant of one call site, and where it came from ("record" or "default")."""
+    record = records.get(key_of(kernel, shape))
+    if record is not None:
+        return record.variant, "record"
+    return default_config(kernel, shape, family).variant, "default"
+
+
+def call_sites(mod: Any) -> list[tuple[GemmKernel, GemmShape]]:
+    """Every library GEMM call of a Relax module, with its problem."""
+    found: list[tuple[GemmKernel, GemmShape]] = []
+    _visit_calls(mod, lambda kernel, shape: found.append((kernel, shape)) or None)
+    return found
+
+
+def apply_choices(mod: Any, family: str, records: dict[tuple, Record] | None = None) -> tuple[Any, list[dict]]:
+    """`mod` with every library GEMM call renamed to its chosen variant; one line per call site
+    (problem, variant, origin) for the build's report."""
+    records = records_for(family) if records is None else records
+    report: list[dict] = []
+
+    def rename(kernel: GemmKernel, shape: GemmShape) -> str:
+        variant, origin = choose(kernel, shape, family, records)
+        report.append({"symbol": kernel.symbol, **asdict(shape), "variant": variant, "from": origin})
+        return kernel.with_variant(variant).symbol
+
+    return _visit_calls(mod, rename), report
+
+
+def gpu_object(kernel: GemmKernel, arch: str) -> Path:
+    """The compiled object of a chosen kernel: its variant names the library that implements it."""
+    from mixer_compile.backend import cublaslt, cutlass
+
+    return cublaslt.gpu_object(kernel, arch) if kernel.variant == cublaslt.VARIANT else cutlass.gpu_object(kernel, arch)
+
+
+def link_options(kernels: list[GemmKernel]) -> list[str]:
+    """Linker options for a library holding `kernels`' objects (the CUDA runtime; cuBLASLt if called)."""
+    from mixer_compile.backend import cublaslt, cutlass
+
+    uses_cublaslt = any(k.variant == cublaslt.VARIANT for k in kernels)
+    return cutlass.link_options() + (cublaslt.link_options() if uses_cublaslt else [])
+
+
+def _visit_calls(mod: Any, rename: Any) -> Any:
+    """Calls `rename(kernel, shape)` on each library call; a returned symbol replaces the call's."""
+    import tvm
+    from tvm import relax
+
+    @relax.expr_functor.mutator
+    class Rename(relax.PyExprMutator):
+        def visit_call_(self, call: Any) -> Any:  # noqa: N802 (TVM's visitor name)
+            call = super().visit_call_(call)
+            func = call.args[0] if call.args else None
+            if not isinstance(func, relax.ExternFunc) or not str(func.global_symbol).startswith(PREFIX):
+                return call
+            kernel = from_symbol(str(func.global_symbol))
+            x, w = call.args[1].fields[0], call.args[1].fields[1]
+            shape = shape_of(kernel, tuple(int(d) for d in x.ty.shape),
+                             tuple(int(d) for d in w.ty.shape))
+            symbol = rename(kernel, shape)
+            if symbol is None:
+                return call
+            return relax.Call(call.op, [relax.ExternFunc(symbol), call.args[1]], call.attrs, call.ty_args)
+
+    mutator = Rename()
+    out = tvm.IRModule({gvar: mutator.visit_expr(func) if isinstance(func, relax.Function) else func
+                        for gvar, func in mod.functions.items()}, attrs=mod.attrs)
+    return out

@@ -1,0 +1,91 @@
+"""How each library GEMM call of a GPU build is configured (backend/gemm_choice.py): a default
+by shape when nothing was measured, a record measured on a GPU when one matches, the user's
+records before the shipped ones; and the variants' spelling (backend/cutlass.py Config)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from mixer_compile.backend import gemm_choice
+from mixer_compile.backend.cutlass import Config
+from mixer_compile.backend.gemm_choice import Record, apply_choices, default_config, records_for, write_records
+from mixer_compile.backend.target import get_target
+from mixer_compile.compose import compose
+from mixer_compile.errors import TargetError, TuningError
+from mixer_compile.lower.library import GemmKernel, GemmShape, from_symbol
+from mixer_compile.model.spec import MixerSpec
+
+FC1 = GemmKernel("float16", "gelu_erf")
+TOKEN_FC1 = GemmKernel("float16", "gelu_erf", "wtx")
+SMALL = MixerSpec("small", (112, 112), 8, 256, 64, 512, 1, num_classes=10, batch=2, gelu="erf")
+
+
+@pytest.mark.parametrize("kernel,shape,family,variant", [
+    # Mixer-B/16 at batch 256: thousands of tiles; W loads shared by a 2-CTA cluster
+    (FC1, GemmShape(50176, 3072, 768), "sm_90a", "t128x256x64_c2x1_coop"),
+    # its token fc1: 384 rows are 3 M tiles, which do not pair up in a cluster
+    (TOKEN_FC1, GemmShape(384, 768, 196, 256), "sm_90a", "t128x256x64_c1x1_coop"),
+    # batch 1: 196 rows would fill 24 of 132 SMs with 128x256 tiles: the smallest tiles instead
+    (FC1, GemmShape(196, 3072, 768), "sm_90a", "t64x128x64_c1x1_pp"),
+    (FC1, GemmShape(50176, 3072, 768), "sm_80", "t128x128x32_w64x64_s4"),
+    (FC1, GemmShape(196, 768, 768), "sm_80", "t64x64x32_w32x32_s6"),
+])
+def test_default_configuration_follows_the_shape(kernel, shape, family, variant):
+    assert default_config(kernel, shape, family).variant == variant
+
+
+def test_variants_round_trip_and_a_bad_one_is_named():
+    for configs in gemm_choice.CANDIDATES.values():
+        for config in configs:
+            assert Config.parse(config.variant) == config
+    with pytest.raises(TargetError, match="'t128x' is not a CUTLASS configuration"):
+        Config.parse("t128x")
+
+
+def _record(shape: GemmShape, variant: str, us: float = 10.0, kernel: GemmKernel = FC1) -> Record:
+    return Record(kernel.form, kernel.dtype, kernel.epilogue, shape.m, shape.n, shape.k, shape.l, variant, us, "test GPU")
+
+
+def test_records_win_over_defaults_and_the_users_over_the_shipped(tmp_path, monkeypatch):
+    monkeypatch.setenv("MIXER_COMPILE_CACHE", str(tmp_path / "cache"))
+    shipped = tmp_path / "schedules" / "sm_90a" / gemm_choice.RECORDS
+    monkeypatch.setattr(gemm_choice, "shipped_records_path", lambda family: shipped)
+    big, small = GemmShape(50176, 3072, 768), GemmShape(196, 3072, 768)
+    write_records(shipped, [_record(big, "t128x128x64_c1x1_coop"), _record(small, "t64x256x64_c1x1_pp")])
+    write_records(gemm_choice.user_records_path("sm_90a"), [_record(small, "t128x128x64_c1x1_coop")])
+    records = records_for("sm_90a")
+    assert gemm_choice.choose(FC1, big, "sm_90a", records) == ("t128x128x64_c1x1_coop", "record")
+    assert gemm_choice.choose(FC1, small, "sm_90a", records) == ("t128x128x64_c1x1_coop", "record")
+    other = GemmShape(12544, 3072, 768)  # no record for this batch: the default
+    assert gemm_choice.choose(FC1, other, "sm_90a", records) == ("t128x256x64_c2x1_coop", "default")
+    # a record replaces the one of the same problem; the file stays one sorted list
+    write_records(shipped, [_record(big, "t64x256x64_c1x1_pp", 9.0)])
+    assert [r.variant for r in gemm_choice.read_records(shipped)] == ["t64x256x64_c1x1_pp", "t64x256x64_c1x1_pp"]
+
+
+def test_unreadable_records_are_one_line_naming_the_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("MIXER_COMPILE_CACHE", str(tmp_path))
+    path = gemm_choice.user_records_path("sm_80")
+    path.parent.mkdir(parents=True)
+    path.write_text("{not json")
+    with pytest.raises(TuningError, match=f"cannot read GEMM records '{path}'.*delete it") as info:
+        records_for("sm_80")
+    assert "\n" not in str(info.value)
+
+
+def test_every_call_site_is_renamed_to_its_choice(tmp_path, monkeypatch):
+    monkeypatch.setenv("MIXER_COMPILE_CACHE", str(tmp_path))
+    model = compose(SMALL, get_target("sm_90"), "matmul", "float16")
+    token_fc1 = GemmShape(64, 256, 196, 2)
+    records = {gemm_choice.key_of(TOKEN_FC1, token_fc1): _record(token_fc1, "t128x128x64_c1x1_coop", kernel=TOKEN_FC1)}
+    module, report = apply_choices(model.module, "sm_90a", records)
+    assert len(report) == 5  # stem, token fc1 + fc2, channel fc1 + fc2 of its one block
+    called = {from_symbol(r["symbol"]).form for r in report}
+    chosen = [(r["symbol"], r["variant"], r["from"]) for r in report]
+    assert ("mixer_gemm_wtx_f16_gelu_erf", "t128x128x64_c1x1_coop", "record") in chosen
+    assert {origin for *_, origin in chosen} == {"record", "default"} and called == {"xw", "wtx", "wx"}
+    linked = {kernel.symbol for kernel, _ in gemm_choice.call_sites(module)}
+    assert linked == {f"{symbol}__{variant}" for symbol, variant, _ in chosen}
+    assert json.dumps(report)  # the artifact's metadata carries it
