@@ -89,3 +89,45 @@ def test_every_call_site_is_renamed_to_its_choice(tmp_path, monkeypatch):
     linked = {kernel.symbol for kernel, _ in gemm_choice.call_sites(module)}
     assert linked == {f"{symbol}__{variant}" for symbol, variant, _ in chosen}
     assert json.dumps(report)  # the artifact's metadata carries it
+
+
+def test_gemm_tuning_needs_a_gpu_of_the_family(monkeypatch):
+    from mixer_compile import machine
+    from mixer_compile.tune.gemms import tune_gemms
+
+    monkeypatch.setattr(machine, "local_gpu", lambda: None)
+    model = compose(SMALL, get_target("sm_90"), "matmul", "float16")
+    with pytest.raises(TuningError, match="measures on a sm_90a GPU, and none is visible here; build with the defaults"):
+        tune_gemms(model.module, "sm_90", print)
+
+
+def test_gemm_tuning_measures_every_candidate_records_the_fastest_and_resumes(tmp_path, monkeypatch):
+    """The whole measure -> record -> apply loop, with this CPU standing in for the GPU: each
+    candidate's object is the C++ stand-in (one object serving every variant), timed by TVM."""
+    import tvm
+
+    from mixer_compile import machine
+    from mixer_compile.backend import cutlass
+    from mixer_compile.tune import gemms
+
+    monkeypatch.setenv("MIXER_COMPILE_CACHE", str(tmp_path))
+    monkeypatch.setattr(machine, "local_gpu", lambda: tvm.cpu(0))
+    monkeypatch.setattr(machine, "gpu_arch", lambda dev: "sm_90")
+    model = compose(SMALL.replace(image_size=(64, 64)), get_target("sm_90"), "matmul", "float16")
+    problems = {(k.symbol, s) for k, s in gemm_choice.call_sites(model.module)}
+    kernels = [k.with_variant(v) for k, _ in gemm_choice.call_sites(model.module)
+               for v in gemms.candidates(k, "sm_90a")]
+    stand_in = cutlass.host_object(kernels)
+    monkeypatch.setattr(gemm_choice, "gpu_object", lambda kernel, arch: stand_in)
+    monkeypatch.setattr(gemm_choice, "link_options", lambda kernels: [])
+    lines: list[str] = []
+    records = gemms.tune_gemms(model.module, "sm_90", lines.append, jobs=1)
+    assert len(records) == len(problems) == 3  # stem, channel fc1 and fc2 (64 tokens: token mixing too small)
+    assert all(r.variant in gemms.candidates(GemmKernel(r.dtype, r.epilogue, r.form), "sm_90a") for r in records)
+    assert all(r.us > 0 for r in records) and f"[{len(problems)}/{len(problems)}]" in lines[-1]
+    assert {r["from"] for r in apply_choices(model.module, "sm_90a")[1]} == {"record"}
+    # measured problems are not measured again
+    monkeypatch.setattr(gemm_choice, "gpu_object", lambda kernel, arch: pytest.fail("compiled again"))
+    lines.clear()
+    assert gemms.tune_gemms(model.module, "sm_90", lines.append) == []
+    assert lines == [f"library GEMMs: {len(problems)} problems, {len(problems)} already measured on None"]

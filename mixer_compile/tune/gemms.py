@@ -1,0 +1,130 @@
+"""GPU tuning of the library GEMMs: every candidate configuration of each call site, timed on the GPU.
+
+MetaSchedule tunes the kernels TVM generates; the library GEMMs are CUTLASS templates (and
+cuBLASLt where it serves the epilogue) whose knobs are the tile, the cluster and the schedule
+(backend/gemm_choice.py CANDIDATES). For each distinct problem of a model (form, dtype,
+epilogue, M, N, K, L) every candidate is compiled (cached like any build's kernels), linked
+into one library, called on random data on the GPU and timed with TVM's time evaluator; the
+fastest becomes a record in the user's GEMM records, which every later build of the family
+applies (gemm_choice.records_for). A problem is written as soon as it is measured, and one
+already measured on this GPU is skipped: an interrupted run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from mixer_compile.backend import cutlass, gemm_choice
+from mixer_compile.backend.gemm_choice import Record
+from mixer_compile.errors import TargetError, TuningError
+from mixer_compile.lower.library import GemmKernel, GemmShape
+
+Say = Callable[[str], None]
+REPEAT = 5  # timed runs per candidate (each averaging `number` calls sized to ~10 ms)
+
+
+def candidates(kernel: GemmKernel, family: str) -> list[str]:
+    """The variants measured for `kernel`: every CUTLASS candidate, and cuBLASLt where it
+    implements the epilogue (right products; tanh GELU only)."""
+    from mixer_compile.backend import cublaslt
+
+    variants = [c.variant for c in gemm_choice.CANDIDATES[family]]
+    return variants + (["cublaslt"] if cublaslt.supports(kernel) else [])
+
+
+def _arrays(kernel: GemmKernel, shape: GemmShape, dev: Any) -> list[Any]:
+    """Random X, W, bias[, R] and the output D of one call, on `dev`."""
+    import ml_dtypes
+    import tvm
+
+    rng = np.random.default_rng(0)
+    storage = np.float16 if kernel.dtype == "float16" else ml_dtypes.bfloat16
+
+    def tensor(dims: tuple[int, ...], dtype: Any = storage) -> Any:
+        return tvm.runtime.tensor((rng.standard_normal(dims) * 0.1).astype(dtype), dev)
+
+    m, n, k, l = shape.m, shape.n, shape.k, shape.l
+    if kernel.form == "xw":
+        x, w, d = (m, k), (n, k), (m, n)
+    else:
+        x, w, d = (l, k, n), ((m, k) if kernel.form == "wx" else (k, m)), (l, m, n)
+    args = [tensor(x), tensor(w), tensor((n if kernel.form == "xw" else m,), np.float32)]
+    if kernel.residual:
+        args.append(tensor(d))
+    return args + [tensor(d)]
+
+
+def _objects(kernel: GemmKernel, variants: list[str], arch: str, jobs: int, say: Say) -> dict[str, Path]:
+    """The compiled object of each variant; one that cannot be built here (a candidate that
+    does not compile, cuBLASLt not installed) is dropped, and said."""
+
+    def build(variant: str) -> tuple[str, Path | None]:
+        try:
+            return variant, gemm_choice.gpu_object(kernel.with_variant(variant), arch)
+        except TargetError as exc:
+            say(f"    {variant}: skipped ({str(exc).splitlines()[0]})")
+            return variant, None
+
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        return {v: obj for v, obj in pool.map(build, variants) if obj is not None}
+
+
+def _link(kernels: list[GemmKernel], objects: list[Path], out: Path) -> Path:
+    proc = subprocess.run([cutlass.host_compiler(), "-shared", "-o", str(out), *map(str, dict.fromkeys(objects)),
+                           *gemm_choice.link_options(kernels)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise TuningError(f"linking the GEMM candidates failed: {proc.stderr.strip().splitlines()[-1]}")
+    return out
+
+
+def _time(lib: Any, symbol: str, args: list[Any], dev: Any) -> float:
+    """Seconds per call: one warm-up, then REPEAT timings of enough calls for ~10 ms each."""
+    probe = lib.time_evaluator(symbol, dev, number=1, repeat=1)(*args).mean
+    number = max(1, min(1000, int(0.01 / max(probe, 1e-7))))
+    return float(lib.time_evaluator(symbol, dev, number=number, repeat=REPEAT, min_repeat_ms=0)(*args).min)
+
+
+def tune_gemms(mod: Any, arch: str, say: Say, jobs: int = 8) -> list[Record]:
+    """Measures every candidate of every library GEMM problem of `mod` on this machine's GPU
+    and records the fastest of each in the user's GEMM records; returns the new records."""
+    import tvm
+
+    from mixer_compile.machine import gpu_arch, local_gpu
+
+    family = cutlass.gpu_arch_flag(arch)[0]
+    dev = local_gpu()
+    if dev is None or cutlass.gpu_arch_flag(gpu_arch(dev) or "sm_0")[0] != family:
+        raise TuningError(f"tuning the GEMMs of a {family} build measures on a {family} GPU, and none is visible "
+                          "here; build with the defaults, or tune on such a machine")
+    device = str(dev.device_name)
+    path = gemm_choice.user_records_path(family)
+    done = {r.key() for r in gemm_choice.read_records(path) if r.device == device}
+    problems = sorted({(k.with_variant(""), s) for k, s in gemm_choice.call_sites(mod)}, key=lambda p: p[0].symbol)
+    todo = [(k, s) for k, s in problems if gemm_choice.key_of(k, s) not in done]
+    say(f"library GEMMs: {len(problems)} problems, {len(problems) - len(todo)} already measured on {device}")
+    new = []
+    for i, (kernel, shape) in enumerate(todo, 1):
+        objects = _objects(kernel, candidates(kernel, family), arch, jobs, say)
+        if not objects:
+            raise TuningError(f"no candidate of {kernel.symbol} compiled; see the lines above")
+        with tempfile.TemporaryDirectory(prefix="mixer-gemm-tune-") as tmp:
+            kernels = [kernel.with_variant(v) for v in objects]
+            lib = tvm.runtime.load_module(str(_link(kernels, list(objects.values()), Path(tmp) / "candidates.so")))
+            args = _arrays(kernel, shape, dev)
+            times = {v: _time(lib, kernel.with_variant(v).symbol, args, dev) for v in objects}
+        best = min(times, key=times.__getitem__)
+        default = gemm_choice.default_config(kernel, shape, family).variant
+        record = Record(kernel.form, kernel.dtype, kernel.epilogue, shape.m, shape.n, shape.k, shape.l, best,
+                        round(times[best] * 1e6, 2), device)
+        gemm_choice.write_records(path, [record])
+        new.append(record)
+        gain = times.get(default, times[best]) / times[best]
+        say(f"  [{i}/{len(todo)}] {kernel.symbol} {shape.m}x{shape.n}x{shape.k}x{shape.l}: {best} "
+            f"{record.us} us ({gain:.2f}x the default {default})")
+    return new
