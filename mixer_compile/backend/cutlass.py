@@ -459,6 +459,22 @@ def gpu_object(kernel: GemmKernel, arch: str) -> Path:
                     f"the CUTLASS kernel {kernel.symbol} for {family} (about a minute)")
 
 
+NVCC_MEMORY = 4 << 30  # peak memory of one sm_90a CUTLASS kernel's nvcc
+
+
+def compile_jobs() -> int:
+    """How many kernels to compile at once: one per core, as memory allows (nvcc is
+    single-threaded and takes GBs per CUTLASS 3.x kernel)."""
+    from mixer_compile.machine import physical_cores
+
+    try:
+        meminfo = Path("/proc/meminfo").read_text()
+        available = int(meminfo.split("MemAvailable:")[1].split()[0]) * 1024
+    except (OSError, IndexError, ValueError):
+        available = 2 * NVCC_MEMORY
+    return max(1, min(physical_cores(), available // NVCC_MEMORY))
+
+
 def host_compiler() -> str:
     cxx = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
     if cxx is None:

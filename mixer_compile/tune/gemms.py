@@ -60,19 +60,20 @@ def _arrays(kernel: GemmKernel, shape: GemmShape, dev: Any) -> list[Any]:
     return args + [tensor(d)]
 
 
-def _objects(kernel: GemmKernel, variants: list[str], arch: str, jobs: int, say: Say) -> dict[str, Path]:
-    """The compiled object of each variant; one that cannot be built here (a candidate that
-    does not compile, cuBLASLt not installed) is dropped, and said."""
+def _objects(kernels: list[GemmKernel], arch: str, jobs: int, say: Say) -> dict[GemmKernel, Path]:
+    """The compiled object of each chosen kernel, `jobs` at once (all problems' candidates in one
+    pool: a many-core machine compiles them side by side); one that cannot be built here (a
+    candidate that does not compile, cuBLASLt not installed) is dropped, and said."""
 
-    def build(variant: str) -> tuple[str, Path | None]:
+    def build(kernel: GemmKernel) -> tuple[GemmKernel, Path | None]:
         try:
-            return variant, gemm_choice.gpu_object(kernel.with_variant(variant), arch)
+            return kernel, gemm_choice.gpu_object(kernel, arch)
         except TargetError as exc:
-            say(f"    {variant}: skipped ({str(exc).splitlines()[0]})")
-            return variant, None
+            say(f"    {kernel.symbol}: skipped ({str(exc).splitlines()[0]})")
+            return kernel, None
 
     with ThreadPoolExecutor(max_workers=jobs) as pool:
-        return {v: obj for v, obj in pool.map(build, variants) if obj is not None}
+        return {k: obj for k, obj in pool.map(build, kernels) if obj is not None}
 
 
 def _link(kernels: list[GemmKernel], objects: list[Path], out: Path) -> Path:
@@ -90,9 +91,10 @@ def _time(lib: Any, symbol: str, args: list[Any], dev: Any) -> float:
     return float(lib.time_evaluator(symbol, dev, number=number, repeat=REPEAT, min_repeat_ms=0)(*args).min)
 
 
-def tune_gemms(mod: Any, arch: str, say: Say, jobs: int = 8) -> list[Record]:
+def tune_gemms(mod: Any, arch: str, say: Say, jobs: int = 0) -> list[Record]:
     """Measures every candidate of every library GEMM problem of `mod` on this machine's GPU
-    and records the fastest of each in the user's GEMM records; returns the new records."""
+    and records the fastest of each in the user's GEMM records; returns the new records.
+    `jobs` kernels compile at once (0: as many as cores and memory allow)."""
     import tvm
 
     from mixer_compile.machine import gpu_arch, local_gpu
@@ -108,16 +110,20 @@ def tune_gemms(mod: Any, arch: str, say: Say, jobs: int = 8) -> list[Record]:
     problems = sorted({(k.with_variant(""), s) for k, s in gemm_choice.call_sites(mod)}, key=lambda p: p[0].symbol)
     todo = [(k, s) for k, s in problems if gemm_choice.key_of(k, s) not in done]
     say(f"library GEMMs: {len(problems)} problems, {len(problems) - len(todo)} already measured on {device}")
+    chosen = [k.with_variant(v) for k, _ in todo for v in candidates(k, family)]
+    if chosen:
+        say(f"  compiling {len(set(chosen))} candidate kernels ({jobs or cutlass.compile_jobs()} at once; cached)")
+    objects = _objects(sorted(set(chosen), key=lambda k: k.symbol), arch, jobs or cutlass.compile_jobs(), say)
     new = []
     for i, (kernel, shape) in enumerate(todo, 1):
-        objects = _objects(kernel, candidates(kernel, family), arch, jobs, say)
-        if not objects:
+        built = {k.variant: obj for k, obj in objects.items() if k.with_variant("") == kernel}
+        if not built:
             raise TuningError(f"no candidate of {kernel.symbol} compiled; see the lines above")
         with tempfile.TemporaryDirectory(prefix="mixer-gemm-tune-") as tmp:
-            kernels = [kernel.with_variant(v) for v in objects]
-            lib = tvm.runtime.load_module(str(_link(kernels, list(objects.values()), Path(tmp) / "candidates.so")))
+            kernels = [kernel.with_variant(v) for v in built]
+            lib = tvm.runtime.load_module(str(_link(kernels, list(built.values()), Path(tmp) / "candidates.so")))
             args = _arrays(kernel, shape, dev)
-            times = {v: _time(lib, kernel.with_variant(v).symbol, args, dev) for v in objects}
+            times = {v: _time(lib, kernel.with_variant(v).symbol, args, dev) for v in built}
         best = min(times, key=times.__getitem__)
         default = gemm_choice.default_config(kernel, shape, family).variant
         record = Record(kernel.form, kernel.dtype, kernel.epilogue, shape.m, shape.n, shape.k, shape.l, best,
