@@ -184,7 +184,10 @@ def main(argv: list[str] | None = None) -> int:
         for dtype in dtypes:
             artifact, meta = build_ours(spec, args.target, dtype, Path(args.artifacts))
             v = meta["validation"]
-            validation[f"batch {batch} {dtype}"] = f"{v['max_rel_error']:.2e} (bound {v['tolerance']:.0e}) on {v['where']}"
+            origins = [c["from"] for c in meta.get("gpu_code", {}).get("gemm_choices", [])]
+            gemms = f"; library GEMM calls: {origins.count('record')} from records, {origins.count('default')} default"
+            validation[f"batch {batch} {dtype}"] = (f"{v['max_rel_error']:.2e} (bound {v['tolerance']:.0e}) on {v['where']}"
+                                                    + (gemms if origins else ""))
             entries.append((f"mixer-compile ({target.name})", dtype,
                             ours(artifact, images, sync, args.number, args.repeat)))
         x = torch.from_numpy(images).to(device)
