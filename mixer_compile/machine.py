@@ -18,13 +18,23 @@ a CPU name also holds tuning flags (`fast-lzcnt`, `macrofusion`) and system feat
 hypervisors commonly hide (`rdseed`, `shstk`, `movdir64b`): an artifact built with `mcpu`
 detected on a VM would be refused on that very VM if those counted. The host's side comes from
 /proc/cpuinfo, so the check needs neither LLVM nor the TVM compiler.
+
+Run-time libraries: a build may link a library beyond TVM's and CUDA's runtimes (cuBLASLt, for
+the GEMMs measured faster with it: backend/cublaslt.py). Its artifact names it
+(`Metadata.runtime_libraries`) and the loader loads each here before model.so, so that a missing
+one is one line naming the pip command rather than dlopen's error from deep inside TVM. NVIDIA's
+wheels put their libraries in site-packages/nvidia/cu13/lib, on no loader's search path, so a
+library not found by name is looked for in the pip package that ships it.
 """
 
 from __future__ import annotations
 
+import ctypes
+import importlib.metadata
 import os
 import platform
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -167,3 +177,58 @@ def local_gpu() -> Any | None:
 def gpu_arch(dev: Any | None) -> str | None:
     """A CUDA device's architecture as 'sm_XY' (None for no device)."""
     return None if dev is None else "sm_" + dev.compute_version.replace(".", "")
+
+
+@dataclass(frozen=True)
+class RuntimeLibrary:
+    """A shared library an artifact may link beyond TVM's and CUDA's runtimes, and the pip
+    package (and our extra) that installs it."""
+
+    soname: str
+    what: str  # what the user knows it as
+    distribution: str  # the pip package shipping it
+    extra: str  # mixer-compile's extra that installs that package
+
+    @property
+    def pip(self) -> str:
+        return f"pip install 'mixer-compile[{self.extra}]'"
+
+
+CUBLASLT = RuntimeLibrary("libcublasLt.so.13", "cuBLASLt", "nvidia-cublas", "cublas")
+KNOWN_LIBRARIES = {lib.soname: lib for lib in (CUBLASLT,)}
+
+
+def package_file(distribution: str, name: str) -> Path | None:
+    """The file called `name` that the installed pip package `distribution` holds, or None (no
+    such package, or no such file in it): found through the package's record, not a guessed path."""
+    try:
+        files = importlib.metadata.distribution(distribution).files or []
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    found = (Path(str(f.locate())) for f in files if f.name == name)
+    return next((path for path in found if path.is_file()), None)
+
+
+def load_runtime_libraries(names: list[str], where: str) -> None:
+    """Loads each library an artifact declares, by name (LD_LIBRARY_PATH, the system's paths),
+    else from the pip package known to ship it, so that the dynamic loader resolves model.so's
+    dependency on it by soname. A library that cannot be loaded is refused in one line."""
+    for name in names:
+        try:
+            ctypes.CDLL(name, mode=ctypes.RTLD_GLOBAL)
+            continue
+        except OSError:
+            pass
+        known = KNOWN_LIBRARIES.get(name)
+        if known is None:
+            raise ArtifactError(f"{where} needs {name}, which is not installed here: put its directory on "
+                                "LD_LIBRARY_PATH")
+        shipped = package_file(known.distribution, name)
+        if shipped is None:
+            raise ArtifactError(f"{where} calls {known.what} ({name}), which is not installed here: {known.pip} "
+                                "(or put it on LD_LIBRARY_PATH)")
+        try:
+            ctypes.CDLL(str(shipped), mode=ctypes.RTLD_GLOBAL)
+        except OSError as exc:  # installed, but damaged or built for another machine
+            raise ArtifactError(f"{where} calls {known.what} ({name}), which does not load from {shipped} "
+                                f"({str(exc).splitlines()[0]}); reinstall it: {known.pip}") from None

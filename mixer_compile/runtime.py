@@ -6,8 +6,10 @@ set `TVM_USE_RUNTIME_LIB=1` before TVM is first imported so that TVM loads
 `libtvm_runtime.so` alone, not its compiler library (LLVM).
 
 Everything in the metadata is checked before any code of the library runs: the TVM version,
-the CPU features (or GPU architecture) the build needs, and the size and SHA-256 of every
-file. A refusal is an ArtifactError with a one-line message naming the problem and the fix.
+the CPU features (or GPU architecture) the build needs, the run-time libraries it links
+(cuBLASLt, say: loaded here first, from its pip package if need be), and the size and
+SHA-256 of every file. A refusal is an ArtifactError with a one-line message naming the
+problem and the fix.
 
 Inputs are NCHW float32 images at the batch size the module was built for, or at any batch of
 its range (a `--batch 1-16` build), as a NumPy array or a torch tensor; the output is of the
@@ -40,7 +42,8 @@ import numpy as np
 
 from mixer_compile.artifact.format import LIBRARY, METADATA, WEIGHTS, BatchRange, read_metadata, sha256
 from mixer_compile.errors import ArtifactError, MixerCompileError
-from mixer_compile.machine import check_cpu, check_gpu, check_tvm_version, gpu_arch, local_gpu, use_all_cores
+from mixer_compile.machine import (check_cpu, check_gpu, check_tvm_version, gpu_arch, load_runtime_libraries,
+                                   local_gpu, use_all_cores)
 
 ALIGNMENT = 64  # TVM refuses DLPack tensors with less (kAllocAlignment)
 
@@ -88,6 +91,7 @@ class CompiledMixer:
             check_gpu(requires["gpu_arch"], gpu_arch(local_gpu()), where)
         if "cpu" in requires:
             check_cpu(requires["cpu"], where)
+        load_runtime_libraries(self.metadata.runtime_libraries or [], where)
 
     def _check_files(self) -> None:
         sizes = self.metadata.file_sizes

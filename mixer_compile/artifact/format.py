@@ -15,6 +15,11 @@ weights. A batch of n runs as the binary decomposition of n over those entries (
 no padding); the logits are concatenated. The record is the optional `batch` field of the
 metadata; without it (a single-batch build, and every artifact written before ranges) the
 library has one entry, `main`, at the batch of `input.shape`.
+
+Run-time libraries: a library beyond TVM's and CUDA's runtimes that `model.so` links (cuBLASLt,
+where a build chose it for some GEMMs) is named in the optional `runtime_libraries` field, by
+file name (soname), and the loader loads each before the library (machine.py). Without the
+field (every older artifact, and every build that links none) nothing more is needed.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,7 +35,7 @@ from typing import Any
 from mixer_compile.errors import ArtifactError
 
 LIBRARY, WEIGHTS, METADATA = "model.so", "weights.params", "metadata.json"
-SCHEMA_VERSION = 1  # `batch` is optional, so artifacts without it (every older one) read as before
+SCHEMA_VERSION = 1  # `batch` and `runtime_libraries` are optional: artifacts without them read as before
 
 
 @dataclass(frozen=True)
@@ -108,6 +114,7 @@ class Metadata:
     tuning: dict[str, Any] | None = None  # CPU: databases, kernels with a record
     batch: dict[str, Any] | None = None  # a range build: min, max, entries, functions (BatchRange)
     gpu_code: dict[str, Any] | None = None  # CUDA: the fatbins the library carries
+    runtime_libraries: list[str] | None = None  # sonames model.so needs beyond TVM's and CUDA's runtimes
     timings_s: dict[str, float] = field(default_factory=dict)
     files: dict[str, str] = field(default_factory=dict)  # name -> SHA-256
     file_sizes: dict[str, int] = field(default_factory=dict)
@@ -178,7 +185,13 @@ _FIELDS: dict[str, tuple[Any, str]] = {
     "params": (_is_list_of(str), "a list of parameter names"),
     "weights": (lambda v: isinstance(v, dict) and isinstance(v.get("embedded"), bool), "an object with 'embedded'"),
     "spec": (lambda v: isinstance(v, dict), "an object"),
+    "runtime_libraries": (lambda v: v is None or _is_library_names(v), "a list of library file names (libX.so.N)"),
 }
+
+
+def _is_library_names(value: Any) -> bool:
+    """File names only: the loader loads each, and a path would load whatever it points at."""
+    return _is_list_of(str)(value) and all(re.fullmatch(r"lib[\w.+-]+\.so[\d.]*", x) for x in value)
 
 
 def _check_fields(meta: dict[str, Any], path: Path) -> None:

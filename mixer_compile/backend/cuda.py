@@ -164,7 +164,9 @@ def _with_addons(executable: Any, addons: list[Path], keep: CudaLibrary) -> Any:
 
 
 def describe(executable: CudaLibrary) -> dict[str, Any]:
-    return {"gpu_code": executable.describe()}
+    from mixer_compile.backend.cublaslt import runtime_libraries
+
+    return {"gpu_code": executable.describe(), "runtime_libraries": runtime_libraries(executable.kernels) or None}
 
 
 def build_cuda_library(mod: Any, target: TargetInfo, work_dir: Path) -> CudaLibrary:
