@@ -9,7 +9,7 @@ import json
 import pytest
 
 from mixer_compile.backend import gemm_choice
-from mixer_compile.backend.cutlass import Config
+from mixer_compile.backend.cutlass import CANDIDATES, Config
 from mixer_compile.backend.gemm_choice import Record, apply_choices, default_config, records_for, write_records
 from mixer_compile.backend.target import get_target
 from mixer_compile.compose import compose
@@ -37,7 +37,7 @@ def test_default_configuration_follows_the_shape(kernel, shape, family, variant)
 
 
 def test_variants_round_trip_and_a_bad_one_is_named():
-    for configs in gemm_choice.CANDIDATES.values():
+    for configs in CANDIDATES.values():
         for config in configs:
             assert Config.parse(config.variant) == config
     with pytest.raises(TargetError, match="'t128x' is not a CUTLASS configuration"):

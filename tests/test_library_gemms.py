@@ -134,6 +134,19 @@ def test_relax_program_with_library_calls_matches_reference_on_cpu(tmp_path, mon
     assert rel_error(run(x), reference.forward(spec, weights, x)) < TOLERANCES[dtype]
 
 
+def test_kernel_cache_keys_do_not_depend_on_where_the_packages_are_installed(tmp_path, monkeypatch):
+    """A cache filled here serves a machine whose packages live elsewhere (the GPU machine's
+    /tmp/site): include directories enter the key relative to their site directory."""
+    import sys
+
+    elsewhere = tmp_path / "site" / "cutlass_library" / "source" / "include"
+    elsewhere.mkdir(parents=True)
+    monkeypatch.setattr(sys, "path", [str(tmp_path / "site"), *sys.path])
+    here = cutlass.cutlass_includes()[0]
+    assert cutlass._portable(f"-I{elsewhere}") == cutlass._portable(f"-I{here}")
+    assert cutlass._portable(f"-I{here}").startswith("-Icutlass_library/source/include (nvidia-cutlass ")
+
+
 def _sass(path: Path) -> str:
     tool = cuobjdump()
     env = {"PATH": f"{Path(tool).parent}:/usr/bin:/bin"}

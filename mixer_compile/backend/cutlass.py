@@ -23,6 +23,7 @@ included, against the float64 reference.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import shutil
@@ -232,6 +233,17 @@ class Config:
                               "t128x128x32_w64x64_s4)") from None
 
 
+# The design space of each family, largest tile first: what backend/gemm_choice.py picks a
+# default from and what tune/gemms.py measures.
+CANDIDATES = {
+    "sm_90a": (Config((128, 256, 64), (2, 1), "coop"), Config((128, 256, 64), (1, 1), "coop"),
+               Config((128, 128, 64), (1, 1), "coop"), Config((64, 256, 64), (1, 1), "pp"),
+               Config((64, 128, 64), (1, 1), "pp")),
+    "sm_80": (Config((128, 128, 32), warp=(64, 64), stages=4), Config((64, 128, 32), warp=(32, 64), stages=4),
+              Config((64, 64, 32), warp=(32, 32), stages=6)),
+}
+
+
 def _sm90_fusion(kernel: GemmKernel, element: str) -> str:
     ops = "cutlass::epilogue::fusion"
     per = "Row" if kernel.left else "Col"  # the bias runs along the output features: D's rows in a left product
@@ -257,12 +269,11 @@ def _with_form(text: str, kernel: GemmKernel, device: str) -> str:
 
 
 def gpu_source(kernel: GemmKernel, arch: str) -> str:
-    """The CUDA source of one kernel for `arch` (sm_90a or sm_80), configured by its variant."""
-    from mixer_compile.backend.gemm_choice import family_default
-
+    """The CUDA source of one kernel for `arch` (sm_90a or sm_80), configured by its variant
+    (without one: the family's largest tile)."""
     if kernel.left and arch != "sm_90a":
         raise TargetError(f"{kernel.symbol}: left-product GEMMs have CUTLASS kernels for sm_90a only")
-    config = Config.parse(kernel.variant) if kernel.variant else family_default(arch)
+    config = Config.parse(kernel.variant) if kernel.variant else CANDIDATES[arch][0]
     element = "cutlass::half_t" if kernel.dtype == "float16" else "cutlass::bfloat16_t"
     text = _COMMON + _CHECKS + (_SM90 if arch == "sm_90a" else _SM80)
     for name, value in zip(("_TILE_M", "_TILE_N", "_TILE_K"), config.tile):
@@ -422,11 +433,31 @@ def _cache_dir() -> Path:
     return cache_root() / "kernels"
 
 
+@functools.lru_cache(maxsize=None)
+def _portable(arg: str) -> str:
+    """A compiler argument as the cache key sees it: an include directory inside an installed
+    package is named relative to its site directory, with the versions of the distributions
+    that install that package, so a cache filled on one machine serves another with the same
+    packages (the device script carries one) and an upgrade of the headers misses it."""
+    from importlib.metadata import packages_distributions, version
+
+    if not arg.startswith("-I"):
+        return arg
+    path = Path(arg[2:]).resolve()
+    for root in sorted((Path(p).resolve() for p in sys.path if p), key=lambda r: -len(r.parts)):
+        if root in path.parents:
+            relative = path.relative_to(root)
+            dists = sorted(set(packages_distributions().get(relative.parts[0], [])))
+            return f"-I{relative} ({', '.join(f'{d} {version(d)}' for d in dists)})"
+    return arg
+
+
 def compile_cached(source: str, command: list[str], suffix: str, what: str) -> Path:
-    """`command` (with SRC and OBJ placeholders) run once per distinct source and compiler;
-    the object is cached, written atomically, so concurrent builds share it."""
+    """`command` (with SRC and OBJ placeholders) run once per distinct source, compiler version
+    and header packages; the object is cached, written atomically, so concurrent builds share it."""
     tool_version = subprocess.run([command[0], "--version"], capture_output=True, text=True).stdout
-    key = hashlib.sha256("\0".join([source, tool_version, *command]).encode()).hexdigest()[:24]
+    key_parts = [source, tool_version, Path(command[0]).name, *map(_portable, command[1:])]
+    key = hashlib.sha256("\0".join(key_parts).encode()).hexdigest()[:24]
     obj = _cache_dir() / f"{key}{suffix}"
     if obj.is_file():
         return obj

@@ -22,22 +22,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
-from mixer_compile.backend.cutlass import Config
+from mixer_compile.backend.cutlass import CANDIDATES, Config
 from mixer_compile.errors import TuningError
 from mixer_compile.lower.library import PREFIX, GemmKernel, GemmShape, from_symbol, shape_of
 
 RECORDS = "library_gemms.json"
 SMS = {"sm_90a": 132, "sm_80": 108}  # SMs of the family's flagship (H100/H200 SXM, A100)
-
-# The candidates, largest first: what the default picks from and what tune/gemms.py measures.
-CANDIDATES = {
-    "sm_90a": (Config((128, 256, 64), (2, 1), "coop"), Config((128, 256, 64), (1, 1), "coop"),
-               Config((128, 128, 64), (1, 1), "coop"), Config((64, 256, 64), (1, 1), "pp"),
-               Config((64, 128, 64), (1, 1), "pp")),
-    "sm_80": (Config((128, 128, 32), warp=(64, 64), stages=4), Config((64, 128, 32), warp=(32, 64), stages=4),
-              Config((64, 64, 32), warp=(32, 32), stages=6)),
-}
-
 
 @dataclass(frozen=True)
 class Record:
@@ -60,11 +50,6 @@ class Record:
 
 def key_of(kernel: GemmKernel, shape: GemmShape) -> tuple:
     return (kernel.form, kernel.dtype, kernel.epilogue, shape.m, shape.n, shape.k, shape.l)
-
-
-def family_default(family: str) -> Config:
-    """The configuration of a call whose shape is not known (the largest candidate)."""
-    return CANDIDATES[family][0]
 
 
 def _tiles(config: Config, shape: GemmShape) -> int:

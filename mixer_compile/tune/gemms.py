@@ -34,7 +34,7 @@ def candidates(kernel: GemmKernel, family: str) -> list[str]:
     implements the epilogue (right products; tanh GELU only)."""
     from mixer_compile.backend import cublaslt
 
-    variants = [c.variant for c in gemm_choice.CANDIDATES[family]]
+    variants = [c.variant for c in cutlass.CANDIDATES[family]]
     return variants + (["cublaslt"] if cublaslt.supports(kernel) else [])
 
 
