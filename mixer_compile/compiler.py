@@ -49,7 +49,7 @@ class CompileOptions:
     embed_weights: bool = False
     out_dir: Path | None = None
     validation_seed: int = 1234
-    tune: bool = False  # tune the kernels that lack records before building (CPU)
+    tune: bool = False  # tune the kernels that lack records before building (a GPU target: on this GPU)
     trials: int = 64  # per large kernel, when tuning
     db: Path | None = None  # tuning database; default the user cache (tune/database.user_db_dir)
     choose_form: bool = False  # build every IR form, time each, keep the fastest (CPU)
@@ -93,7 +93,7 @@ def compile_model(opts: CompileOptions, progress: Progress | None = None) -> Com
         progress.say(f"      GELU flavour: {spec.resolved_gelu} "
                      + ("(set by the spec)" if opts.spec.gelu else f"(from the {source['origin']} weights)"))
     form, database, tuning = opts.form, None, {}
-    if opts.choose_form and backend.TUNABLE:
+    if opts.choose_form and target.kind == "llvm":  # choose_form times CPU builds on this CPU
         from mixer_compile.tune.choose_form import choose_form
 
         with progress.stage("choose", "build every IR form, time each on this CPU"):
@@ -201,7 +201,7 @@ def _range_runner(runner: Runner, batches: BatchRange) -> Callable[[np.ndarray],
 
 def _tuning_records(opts: CompileOptions, spec: MixerSpec, target: TargetInfo,
                     progress: Progress, batches: BatchRange | None = None) -> tuple[Any, dict[str, Any]]:
-    """The database a CPU build applies: the user's (tuned first with --tune, every form that
+    """The database a build applies: the user's (tuned first with --tune, every form that
     will be built) merged with the shipped records for the target; None, with a warning saying
     how to tune, when there is none."""
     from mixer_compile.compose import model_tasks

@@ -30,10 +30,10 @@ from typing import Any, Callable
 from mixer_compile.backend import cutlass
 from mixer_compile.backend.runner import Runner
 from mixer_compile.backend.target import TargetInfo, get_target
-from mixer_compile.errors import MixerCompileError, TargetError, TuningError
+from mixer_compile.errors import MixerCompileError, TargetError
 from mixer_compile.passes.context import PassContext
 
-TUNABLE = False
+TUNABLE = True
 HOST_CHECK_BATCH = 2  # batch of the CPU stand-in check of a GPU build that cannot run here
 CUDA_ERROR_NO_DEVICE = 100
 CUDA_GRAPH_CONFIG = "relax.backend.use_cuda_graph"
@@ -118,13 +118,33 @@ def _arch(target: TargetInfo) -> str:
 
 
 def build(mod: Any, target: TargetInfo, database: Any = None, on_applied: Any = None) -> CudaLibrary:
-    """Compiles `mod` for the CUDA `target` (DLight's default schedules) in a child process."""
-    if database is not None:
-        raise TuningError("tuning databases are supported for CPU (llvm) targets only")
+    """Compiles `mod` for the CUDA `target` in a child process. The records of `database` are
+    applied here, where the database is open (cuda_schedules.apply_records); the child gives
+    DLight's default schedules to the other kernels. `on_applied` hears which kernel got what."""
+    from mixer_compile.backend.cuda_schedules import apply_records
+
+    mod, applied = apply_records(prepare(mod, target), target, database)
+    if on_applied is not None:
+        on_applied(applied)
     work = tempfile.TemporaryDirectory(prefix="mixer-compile-cuda-")
     library = build_cuda_library(mod, target, Path(work.name))
     library._work = work
     return library
+
+
+def prepare(mod: Any, target: TargetInfo) -> Any:
+    """The legalized, fused module whose kernels are the tuning tasks (cuda_schedules.prepare)."""
+    from mixer_compile.backend import cuda_schedules
+
+    return cuda_schedules.prepare(mod, target)
+
+
+def default_schedule(mod: Any, target: TargetInfo) -> Any:
+    """The schedule a build without records gives the kernel `mod["main"]`: DLight's
+    (cuda_schedules.default_schedule), what tuning measures first."""
+    from mixer_compile.backend import cuda_schedules
+
+    return cuda_schedules.default_schedule(mod, target)
 
 
 def runner(executable: CudaLibrary, target: TargetInfo, params: list[Any],
@@ -232,15 +252,19 @@ def fatbins(library: Path) -> list[bytes]:
 def _child(module_json: str, target_json: str, out: str) -> None:
     import tvm
 
-    from mixer_compile.backend.cuda_schedules import cuda_pipeline
+    from mixer_compile.backend.cuda_schedules import BUILD_CONFIG, cuda_pipeline
 
     mod = tvm.ir.load_json(Path(module_json).read_text())
+    # kernels arriving scheduled got a tuning record (build()): built as they were measured
+    recorded = any(isinstance(f, tvm.tirx.PrimFunc) and f.attrs is not None and "tirx.is_scheduled" in f.attrs
+                   for f in mod.functions.values())
     info = json.loads(Path(target_json).read_text())
     tvm_target = TargetInfo(info["name"], info["description"], info["config"]).tvm_target()
     # CUDA graphs: the kernel launches of the forward pass are captured once and replayed
     # (Relax's RewriteCUDAGraph; the weights are static inputs, `num_input` = 1), so a small
     # batch is not bound by ~60 launches per call
-    with tvm_target, tvm.transform.PassContext(config={CUDA_GRAPH_CONFIG: True}):
+    with tvm_target, tvm.transform.PassContext(config={CUDA_GRAPH_CONFIG: True,
+                                                       **(BUILD_CONFIG if recorded else {})}):
         executable = tvm.compile(mod, tvm_target, relax_pipeline=cuda_pipeline(tvm_target))
     executable.export_library(out, addons=info["addons"], options=info["options"])
 

@@ -1,4 +1,10 @@
-"""The CUDA build pipeline: TVM's default one, with bf16 matmuls on tensor cores too.
+"""The CUDA build pipeline: TVM's default one in two halves around the tuning records, with
+bf16 matmuls on tensor cores too.
+
+`prepare` legalizes and fuses: its PrimFuncs are the tuning tasks (tune/tasks.py) and the
+kernels `apply_records` gives their records to; `cuda_pipeline` then schedules every kernel
+left with DLight's rules and lowers. Kernels with a record are built with `BUILD_CONFIG`, the
+PassContext they were measured under (tune/search.py).
 
 DLight's default Matmul rule (TVM 0.27) tensorizes fp16 matmuls with WMMA 16x16x16 and
 leaves bf16 ones on CUDA cores (FFMA), roughly 15x slower on an H100, because its intrinsic
@@ -21,10 +27,20 @@ import inspect
 from typing import Any, Iterator
 
 import tvm
+from tvm import relax
 from tvm.relax.backend.cuda import pipeline as cuda
 from tvm.s_tir import TensorIntrin, dlight as dl
 from tvm.s_tir.dlight.analysis import get_root_block
+from tvm.s_tir.dlight.base.transform import _apply_rules, _is_scheduled
 from tvm.s_tir.dlight.gpu import matmul as dlight_matmul
+
+from mixer_compile.backend.cpu import Applied, is_kernel
+from mixer_compile.backend.target import TargetInfo
+
+# StorageRewrite lets an fp32 accumulator's staging buffer share an fp16 operand's shared
+# memory, and the WMMA store's tvm_access_ptr then fails its element-type check: without this
+# nearly every fp32-accumulate tensor-core candidate of MetaSchedule fails to build (DESIGN.md 6)
+BUILD_CONFIG = {"tirx.disable_storage_rewrite": True}
 
 
 @contextlib.contextmanager
@@ -88,7 +104,7 @@ def _as_fp16_for_dispatch(block: Any) -> tuple[str, str]:
 @contextlib.contextmanager
 def _bf16_as_fp16() -> Iterator[None]:
     """Inside: DLight's Matmul dispatch sees bf16 inputs as fp16, and its tensorization picks
-    the bf16 intrinsics. Builds run single-threaded in their own process (cuda_build.py)."""
+    the bf16 intrinsics. Rules run on one thread: the build's child process (cuda.py) or the tuner's."""
     intrinsics.get_wmma_intrin_group, dlight_matmul.get_in_out_dtypes = _bf16_group, _as_fp16_for_dispatch
     try:
         yield
@@ -110,11 +126,44 @@ class BF16Matmul(dl.gpu.Matmul):
             return super().apply(func, target, tunable)
 
 
+def _default_rules() -> list[Any]:
+    return [BF16Matmul(), dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(),
+            dl.gpu.Fallback()]
+
+
+def prepare(mod: tvm.IRModule, target: TargetInfo) -> tvm.IRModule:
+    """Legalized and fused, nothing scheduled: TVM's CUDA dispatch and legalize passes without
+    their last step, DLight (`cuda_pipeline` runs it after the records)."""
+    tvm_target = target.tvm_target()
+    with tvm_target:
+        passes = cuda.library_dispatch_passes(tvm_target) + cuda.legalize_passes(tvm_target)[:-1]
+        return tvm.transform.Sequential(passes)(mod)
+
+
+def apply_records(fused: tvm.IRModule, target: TargetInfo, database: Any) -> tuple[tvm.IRModule, Applied]:
+    """`fused` (prepare's output) with each kernel's record from `database` (None: none)
+    applied and marked scheduled, so DLight leaves it alone; the other kernels are the
+    defaults DLight schedules in the build."""
+    kernels = [gv.name_hint for gv, func in fused.functions.items() if is_kernel(func)]
+    mod = fused
+    if database is not None:
+        with target.tvm_target(), database:
+            mod = relax.transform.MetaScheduleApplyDatabase()(fused)
+    tuned = [name for name in kernels if _is_scheduled(mod[name])]
+    return mod, Applied(len(kernels), tuned=tuned, defaults=[name for name in kernels if name not in tuned])
+
+
+def default_schedule(mod: tvm.IRModule, target: TargetInfo) -> Any:
+    """The schedule a build gives the kernel `mod["main"]` without a record (the first DLight
+    rule that takes it; None when none does): what CUDA tuning measures first (tune/search.py)."""
+    tvm_target = target.tvm_target()
+    with tvm_target:
+        found = _apply_rules(mod["main"], tvm_target, _default_rules(), tunable=False)
+    return found[0] if found else None
+
+
 def cuda_pipeline(target: Any) -> tvm.transform.Pass:
-    """TVM's default CUDA pipeline (dispatch, legalize + fuse + DLight, lower, finalize) with
-    BF16Matmul ahead of DLight's default rules."""
-    legalize = cuda.legalize_passes(target)[:-1] + [dl.ApplyDefaultSchedule(
-        BF16Matmul(), dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(),
-        dl.gpu.Fallback())]
-    return tvm.transform.Sequential(cuda.library_dispatch_passes(target) + legalize
+    """The rest of TVM's default CUDA pipeline after `prepare`: DLight's default rules, with
+    BF16Matmul ahead, on every kernel no record scheduled, then lowering and finalizing."""
+    return tvm.transform.Sequential([dl.ApplyDefaultSchedule(*_default_rules())]
                                     + cuda.dataflow_lower_passes(target) + cuda.finalize_passes(target))

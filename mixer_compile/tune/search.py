@@ -12,6 +12,11 @@ without records (backend/cpu.py `default_schedule`: gemm_space's register model,
 cpu_schedules rules) is measured once with the same runner and committed as the kernel's
 first record, so the database's best is never slower than the default, and each kernel's
 line (and `TuneSummary.table`) says what the search gained over it.
+
+A GPU target is tuned the same way, measured by MetaSchedule's local runner on this machine's
+GPU (or an RPC runner's): its default is DLight's schedule, its candidates MetaSchedule's
+tensor-core space (tasks.py), each built with the PassContext the model build applies their
+records under (`_build`).
 """
 
 from __future__ import annotations
@@ -24,9 +29,10 @@ from typing import Any, Callable
 
 from tvm.s_tir import meta_schedule as ms
 
+from mixer_compile.backend import backend_for
 from mixer_compile.backend.target import TargetInfo
-from mixer_compile.errors import TuningError
-from mixer_compile.machine import use_all_cores
+from mixer_compile.errors import ArtifactError, TuningError
+from mixer_compile.machine import physical_cores, use_all_cores
 from mixer_compile.tune.database import open_database
 from mixer_compile.tune.tasks import Task, best_latency, count_records
 from mixer_compile.util.interrupt import StopOnInterrupt, ignore_sigint
@@ -99,6 +105,7 @@ def tune(tasks: list[Task], target: TargetInfo, db_dir: Path, say: Say = print,
     database at `db_dir`; kernels already there, or in the read-only database `known` (the
     shipped records), are skipped. `runner`: where candidates are measured (default a
     LocalRunner here; fleet.rpc_runner for remote devices)."""
+    _check_measurable(target, runner)
     use_all_cores()  # measured as deployed: on every core (the runner processes inherit it)
     start = time.perf_counter()
     tvm_target = target.tvm_target()
@@ -128,6 +135,24 @@ def tune(tasks: list[Task], target: TargetInfo, db_dir: Path, say: Say = print,
     return TuneSummary(tasks, measured, Path(db_dir), time.perf_counter() - start, interrupt.requested)
 
 
+def _check_measurable(target: TargetInfo, runner: Any) -> None:
+    """Refuses, before any work, to tune a GPU target with no GPU to measure on: MetaSchedule's
+    local runner would fail every candidate, one timeout after the other."""
+    if target.kind != "cuda" or runner is not None:
+        return
+    from mixer_compile.machine import check_gpu, gpu_arch, local_gpu
+
+    arch, local = str(target.tvm_target().attrs["arch"]), gpu_arch(local_gpu())
+    if local is None:
+        raise TuningError(f"tuning for {target.name} measures on a GPU; none is visible here (build with the "
+                          "defaults, or tune on a GPU machine)")
+    try:
+        check_gpu(arch, local, f"tuning for {target.name}")
+    except ArtifactError:
+        raise TuningError(f"tuning for {target.name} measures on a {arch} GPU; this one is {local} (tune with "
+                          f"--target {local}, or on a {arch} machine)") from None
+
+
 def _measure_defaults(tasks: list[Task], target: TargetInfo, db: Any, say: Say, pools: tuple[Any, Any, Any]) -> int:
     """Each task's default schedule (what a build without records runs), built here and
     measured by the tuning runner in one batch, committed as the task's first record (it
@@ -138,10 +163,9 @@ def _measure_defaults(tasks: list[Task], target: TargetInfo, db: Any, say: Say, 
     from tvm.s_tir.meta_schedule.database import TuningRecord
     from tvm.s_tir.meta_schedule.runner import RunnerInput
 
-    from mixer_compile.backend.cpu import default_schedule
-
     _, inline, runner = pools
     tvm_target = target.tvm_target()
+    default_schedule = backend_for(target).default_schedule
     scheduled = [(t, default_schedule(t.mod, target)) for t in tasks]
     scheduled = [(t, sch) for t, sch in scheduled if sch is not None]
     if not scheduled:
@@ -196,14 +220,23 @@ def _inline_builder() -> Any:
     return _InlineBuilder()
 
 
-def _build(mod: Any, target: Any) -> Any:
-    """MetaSchedule's `default_build` without its `import tvm.s_tir.tensor_intrin`: that import
-    parses hundreds of TVMScript intrinsics, each walking the call stack over every loaded
-    module, and took 40 s in a process that has torch loaded (our kernels use none of them)."""
+def _build(mod: Any, target: Any, _params: Any = None) -> Any:
+    """MetaSchedule's `default_build` (both builders' build function) without its `import
+    tvm.s_tir.tensor_intrin`: that import parses hundreds of TVMScript intrinsics, each walking
+    the call stack over every loaded module, and took 40 s in a process that has torch loaded
+    (a scheduled candidate needs none of them). CUDA candidates build under
+    cuda_schedules.BUILD_CONFIG, as the model build applying their records does."""
+    import tvm
     from tvm.driver import build as tvm_build
     from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
 
-    return tvm_build(RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod), target=target)
+    config: dict[str, Any] = {}
+    if target.kind.name == "cuda":
+        from mixer_compile.backend.cuda_schedules import BUILD_CONFIG
+
+        config = BUILD_CONFIG
+    with tvm.transform.PassContext(config=config):
+        return tvm_build(RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod), target=target)
 
 
 def _search(trials: int) -> Any:
@@ -222,8 +255,8 @@ def _worker_pools(tvm_target: Any, runner: Any) -> tuple[Any, Any, Any]:
     # Candidates are timed warm (MetaSchedule's default): flushing the caches before each run
     # (enable_cpu_cache_flush, to mimic weights arriving from DRAM) picked records that made
     # Mixer-B/16 batch 1 slower in the model, 70-77 ms against 61-63 ms in an A/B run here.
-    pool = ms.builder.LocalBuilder(max_workers=int(tvm_target.attrs["num-cores"]), timeout_sec=90,
-                                   initializer=ignore_sigint)
+    pool = ms.builder.LocalBuilder(max_workers=int(tvm_target.attrs.get("num-cores") or physical_cores()),
+                                   timeout_sec=90, f_build=_build, initializer=ignore_sigint)
     inline = _inline_builder()
     return pool, inline, runner or ms.runner.LocalRunner(timeout_sec=120, initializer=ignore_sigint)
 

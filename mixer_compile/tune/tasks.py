@@ -9,6 +9,8 @@ FLOPs; the rest (LayerNorm, mean, head, patchify) get a quarter of it: their sea
 are small and a few trials find the parallel, vectorised loop nest. GEMM kernels search
 backend/gemm_space.py's micro-kernel candidates instead of the generic space; only their
 micro-tile and loop order matter to a build (the parallel split is the build machine's).
+On a GPU every kernel searches MetaSchedule's tensor-core space: WMMA tiles for the half-
+precision GEMMs (fp32 accumulators), the generic CUDA rules for the rest.
 Tuning starts from each kernel's default schedule (tune/search.py).
 """
 
@@ -62,7 +64,10 @@ def extract_tasks(fused: tvm.IRModule, target: TargetInfo, trials: int) -> list[
     total = sum(t.total_flops for t in tasks) or 1.0
     for t in tasks:
         t.trials = trials if t.total_flops / total >= BIG_SHARE else max(1, trials // 4)
-        _use_gemm_space(t, tvm_target)
+        if tvm_target.kind.name == "cuda":
+            t.space = tensor_core_space()
+        else:
+            _use_gemm_space(t, tvm_target)
     return sorted(tasks, key=lambda t: -t.total_flops)
 
 
@@ -79,6 +84,15 @@ def _use_gemm_space(task: Task, tvm_target: Any) -> None:
         task.space = ms.space_generator.ScheduleFn(lambda sch: design_spaces(sch, vec, cores),
                                                    sch_rules=[], postprocs=[], mutator_probs={})
         task.trials = min(task.trials, count)
+
+
+def tensor_core_space() -> Any:
+    """MetaSchedule's CUDA space with its tensor-core rules ahead (one per task: a tuning
+    context takes its space generator over)."""
+    import mixer_compile.backend.cuda_schedules  # noqa: F401 (registers the WMMA intrinsics the rules name, quickly)
+
+    return ms.space_generator.PostOrderApply(sch_rules="cuda-tensorcore", postprocs="cuda-tensorcore",
+                                             mutator_probs="cuda-tensorcore")
 
 
 def unique(tasks: list[Task]) -> list[Task]:
