@@ -300,6 +300,7 @@ def test_vector_unit_refuses_an_unknown_isa():
 # --- backends ---------------------------------------------------------------------------------
 
 INTERFACE = ("pass_context", "build", "runner", "describe")
+TUNING_INTERFACE = ("prepare", "default_schedule")  # what tune/ needs of a TUNABLE backend
 
 
 def test_every_backend_has_the_same_interface():
@@ -308,9 +309,10 @@ def test_every_backend_has_the_same_interface():
     signatures = {}
     for name, backend in backends.items():
         assert isinstance(backend.TUNABLE, bool), name
-        signatures[name] = {f: list(inspect.signature(getattr(backend, f)).parameters) for f in INTERFACE}
+        functions = INTERFACE + (TUNING_INTERFACE if backend.TUNABLE else ())
+        signatures[name] = {f: list(inspect.signature(getattr(backend, f)).parameters) for f in functions}
         assert isinstance(backend.pass_context(get_target(name), "float16"), PassContext)
     assert signatures["llvm"] == signatures["sm_90"], signatures
-    assert backends["llvm"].TUNABLE and not backends["sm_90"].TUNABLE
+    assert backends["llvm"].TUNABLE and backends["sm_90"].TUNABLE  # MetaSchedule on CPUs and GPUs
     with pytest.raises(TargetError, match="has kind 'c'; mixer-compile builds for llvm, cuda"):
         backend_for(TargetInfo("c", "", {"kind": "c"}))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -58,10 +59,11 @@ def test_a_build_declares_libcublaslt_only_when_it_links_a_cublaslt_gemm(tmp_pat
     cutlass_only = [GemmKernel("float16", "gelu_erf", variant="t128x256x64_c2x1_coop")]
     assert cublaslt.runtime_libraries(cutlass_only) == []
     assert cublaslt.runtime_libraries(cutlass_only + [lt("float16", "residual")]) == ["libcublasLt.so.13"]
-    (tmp_path / "model.so").write_bytes(b"")
+    work = tempfile.TemporaryDirectory(dir=tmp_path)
+    (Path(work.name) / "model.so").write_bytes(b"")
     target = get_target("sm_90")
-    assert describe(CudaLibrary(tmp_path / "model.so", target, cutlass_only))["runtime_libraries"] is None
-    mixed = describe(CudaLibrary(tmp_path / "model.so", target, cutlass_only + [lt("float16", "bias")]))
+    assert describe(CudaLibrary(work, target, cutlass_only))["runtime_libraries"] is None
+    mixed = describe(CudaLibrary(work, target, cutlass_only + [lt("float16", "bias")]))
     assert mixed["runtime_libraries"] == [cublaslt.RUNTIME_LIBRARY]
 
 

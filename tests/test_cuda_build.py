@@ -73,7 +73,7 @@ def test_library_carries_compiled_gpu_code_not_source(cuda_builds, arch, dtype):
     assert b"__global__" not in library and b"extern \"C\"" not in library  # no CUDA source fallback
     meta = _metadata(artifact)
     assert meta["gpu_code"] == {"format": "fatbin", "compiler": "nvcc", "arch": arch, "fatbins": 1,
-                                "bytes": len(blobs[0]), "library_gemms": []}  # all GEMMs too small for CUTLASS
+                                "bytes": len(blobs[0]), "library_gemms": [], "gemm_choices": []}  # all too small for CUTLASS
     assert meta["target"]["requires"]["gpu_arch"] == arch
     assert meta["precision"]["dtype"] == dtype
     assert sorted(p.name for p in artifact.iterdir()) == ["metadata.json", "model.so", "weights.params"]

@@ -4,7 +4,9 @@
     build(mod, target, database=None, on_applied=None) -> executable
     runner(executable, target, params, rebuild) -> Runner   how validation runs a build, where (runner.py)
     describe(executable) -> dict                   what the artifact's metadata says of its code
-    TUNABLE                                        whether MetaSchedule records apply
+    TUNABLE                                        whether MetaSchedule records apply; if so also
+    prepare(mod, target) -> mod                    the legalized, fused module whose kernels are the tasks
+    default_schedule(mod, target) -> mod           a kernel as a build without records schedules it
 
 `target.py` reads the target files. Adding a target kind is one module here and one entry in
 `backend_for`'s table, plus a target file in the top-level `targets/`; the compile driver

@@ -27,7 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
 
-from mixer_compile.backend import cutlass
+from mixer_compile.backend import cutlass, gemm_choice
 from mixer_compile.backend.runner import Runner
 from mixer_compile.backend.target import TargetInfo, get_target
 from mixer_compile.errors import MixerCompileError, TargetError
@@ -47,11 +47,13 @@ class CudaLibrary:
     so an artifact holds exactly the bytes the child wrote.
     """
 
-    def __init__(self, path: Path, target: TargetInfo, kernels: list[Any] | None = None) -> None:
-        self.path = path
+    def __init__(self, work: tempfile.TemporaryDirectory, target: TargetInfo, kernels: list[Any] | None = None,
+                 choices: list[dict] | None = None) -> None:
+        self.work = work  # the build's directory (model.so, the host check's library), removed with this object
+        self.path = Path(work.name) / "model.so"
         self.target = target
-        self.kernels = kernels or []  # the CUTLASS GEMMs linked in (lower/library.py)
-        self._work: Any = None  # the build's temporary directory, removed with this object
+        self.kernels = kernels or []  # the library GEMMs linked in (lower/library.py)
+        self.choices = choices or []  # how each call site runs (backend/gemm_choice.py)
 
     def export_library(self, file_name: str) -> None:
         shutil.copyfile(self.path, file_name)
@@ -61,7 +63,7 @@ class CudaLibrary:
         blobs = fatbins(self.path)
         return {"format": "fatbin", "compiler": "nvcc", "arch": str(self.target.tvm_target().attrs["arch"]),
                 "fatbins": len(blobs), "bytes": sum(map(len, blobs)),
-                "library_gemms": [k.symbol for k in self.kernels]}
+                "library_gemms": [k.symbol for k in self.kernels], "gemm_choices": self.choices}
 
 
 def driver_present() -> bool:
@@ -106,11 +108,13 @@ def write_stand_in_libcuda(directory: Path) -> Path:
 
 def pass_context(target: TargetInfo, dtype: str) -> PassContext:
     """The large half-precision GEMMs go to CUTLASS kernels on sm_80 and sm_90 GPUs
-    (passes/library_gemms.py, backend/cutlass.py); the rest keeps the (K, N) weight layout
-    DLight's schedules expect."""
-    from mixer_compile.backend.cutlass import has_family
-
-    return PassContext(dtype=dtype, gemm_library="cutlass" if has_family(_arch(target)) else "")
+    (passes/library_gemms.py, backend/cutlass.py), token mixing's left products too on sm_90
+    (batched TMA + wgmma kernels; the sm_80 family has right products only); the rest keeps the
+    (K, N) weight layout DLight's schedules expect."""
+    arch = _arch(target)
+    if not cutlass.has_family(arch):
+        return PassContext(dtype=dtype)
+    return PassContext(dtype=dtype, gemm_library="cutlass", library_left=cutlass.gpu_arch_flag(arch)[0] == "sm_90a")
 
 
 def _arch(target: TargetInfo) -> str:
@@ -126,10 +130,7 @@ def build(mod: Any, target: TargetInfo, database: Any = None, on_applied: Any = 
     mod, applied = apply_records(prepare(mod, target), target, database)
     if on_applied is not None:
         on_applied(applied)
-    work = tempfile.TemporaryDirectory(prefix="mixer-compile-cuda-")
-    library = build_cuda_library(mod, target, Path(work.name))
-    library._work = work
-    return library
+    return build_cuda_library(mod, target)
 
 
 def prepare(mod: Any, target: TargetInfo) -> Any:
@@ -166,19 +167,18 @@ def runner(executable: CudaLibrary, target: TargetInfo, params: list[Any],
     lib = cpu.build(mod, get_target("llvm"))
     kernels = cutlass.symbols(mod)
     if kernels:  # the library GEMMs' CPU implementation, linked in like the GPU build links CUTLASS's
-        lib = _with_addons(lib, [cutlass.host_object(kernels)], executable)
+        lib = _with_addons(lib, [cutlass.host_object(kernels)], Path(executable.work.name) / "host_check.so")
     return Runner(lib, tvm.cpu(), small_params,
                   f"host CPU: the same lowering and precision built for llvm"
                   + (f" ({len(kernels)} library GEMMs by their C++ stand-in)" if kernels else "")
                   + f"; GPU run pending ({why})", batch)
 
 
-def _with_addons(executable: Any, addons: list[Path], keep: CudaLibrary) -> Any:
-    """`executable` exported with `addons` linked in and loaded back (call_dps_packed finds
-    external symbols in the loaded library only)."""
+def _with_addons(executable: Any, addons: list[Path], path: Path) -> Any:
+    """`executable` exported to `path` with `addons` linked in and loaded back (call_dps_packed
+    finds external symbols in the loaded library only)."""
     import tvm
 
-    path = Path(keep._work.name if keep._work else tempfile.mkdtemp(prefix="mixer-compile-host-")) / "host_check.so"
     executable.export_library(str(path), addons=[str(a) for a in addons])
     return tvm.runtime.load_module(str(path))
 
@@ -189,20 +189,23 @@ def describe(executable: CudaLibrary) -> dict[str, Any]:
     return {"gpu_code": executable.describe(), "runtime_libraries": runtime_libraries(executable.kernels) or None}
 
 
-def build_cuda_library(mod: Any, target: TargetInfo, work_dir: Path) -> CudaLibrary:
-    """Compiles `mod` for the CUDA `target` in a child process; the library lands in `work_dir`."""
+def build_cuda_library(mod: Any, target: TargetInfo) -> CudaLibrary:
+    """Compiles `mod` for the CUDA `target` in a child process, into a directory of its own."""
     import tvm
 
     _tool("nvcc", "install the CUDA toolkit (nvcc compiles the GPU kernels at build time)")
-    work_dir.mkdir(parents=True, exist_ok=True)
+    work = tempfile.TemporaryDirectory(prefix="mixer-compile-cuda-")
+    work_dir = Path(work.name)
     module_json, target_json, out = work_dir / "module.json", work_dir / "target.json", work_dir / "model.so"
+    mod, choices = gemm_choice.apply_choices(mod, cutlass.gpu_arch_flag(_arch(target))[0]) \
+        if cutlass.has_family(_arch(target)) else (mod, [])
     module_json.write_text(tvm.ir.save_json(mod))
     kernels = cutlass.symbols(mod)
-    with ThreadPoolExecutor(max_workers=2) as pool:  # nvcc needs GBs per CUTLASS kernel: two at a time
-        objects = list(pool.map(lambda k: str(cutlass.gpu_object(k, _arch(target))), kernels))
+    with ThreadPoolExecutor(max_workers=cutlass.compile_jobs()) as pool:
+        objects = list(pool.map(lambda k: str(gemm_choice.gpu_object(k, _arch(target))), kernels))
     target_json.write_text(json.dumps({"name": target.name, "description": target.description,
                                        "config": target.config, "addons": objects,
-                                       "options": cutlass.link_options() if objects else []}))
+                                       "options": gemm_choice.link_options(kernels) if objects else []}))
     env = {**os.environ, "TVM_CUDA_COMPILE_MODE": "nvcc"}
     if not driver_present():
         stand_in = write_stand_in_libcuda(Path(tempfile.mkdtemp(prefix="stand-in-libcuda.", dir=work_dir)))
@@ -215,7 +218,7 @@ def build_cuda_library(mod: Any, target: TargetInfo, work_dir: Path) -> CudaLibr
     if not fatbins(out):
         raise MixerCompileError(f"the CUDA build for {target.name} embedded no compiled GPU code (TVM fell back "
                                 "to CUDA source); check that nvcc works: nvcc --version")
-    return CudaLibrary(out, target, kernels)
+    return CudaLibrary(work, target, kernels, choices)
 
 
 def runnable_here(library: CudaLibrary) -> str | None:
