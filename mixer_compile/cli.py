@@ -204,6 +204,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     from mixer_compile.backend.target import get_target
     from mixer_compile.compose import model_tasks
     from mixer_compile.tune.database import open_database, user_db_dir
+    from mixer_compile.tune.gemms import tune_model_gemms
     from mixer_compile.tune.search import tune
 
     spec, target = _load_spec(args), get_target(args.target)
@@ -222,8 +223,13 @@ def cmd_tune(args: argparse.Namespace) -> int:
         from mixer_compile.artifact.format import BatchRange
 
         batches = BatchRange.of(*args.batch)
+    def say(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    if runner is None:  # the library GEMMs first: measured on this machine's GPU (tune/gemms.py)
+        tune_model_gemms(spec, target, args.form, args.dtype, batches, say)
     summary = tune(model_tasks(spec, target, args.form, args.dtype, args.trials, batches), target, db_dir,
-                   say=lambda line: print(line, file=sys.stderr, flush=True), runner=runner)
+                   say=say, runner=runner)
     print(f"tuned {spec.fingerprint()} for {target.name}: {summary.tuned_now} trials measured now, "
           f"{summary.seconds / 60:.1f} min; database {db_dir}")
     for line in summary.table(open_database(db_dir), target):

@@ -207,6 +207,7 @@ def _tuning_records(opts: CompileOptions, spec: MixerSpec, target: TargetInfo,
     from mixer_compile.compose import model_tasks
     from mixer_compile.passes.pipeline import FORMS
     from mixer_compile.tune.database import has_records, open_union, shipped_db_dirs, user_db_dir
+    from mixer_compile.tune.gemms import tune_model_gemms
     from mixer_compile.tune.search import tune
     from mixer_compile.tune.tasks import unique
 
@@ -214,6 +215,8 @@ def _tuning_records(opts: CompileOptions, spec: MixerSpec, target: TargetInfo,
     if opts.tune:
         forms = list(FORMS) if opts.choose_form else [opts.form]
         progress.say(f"      tuning: {opts.trials} trials per large kernel into {user_db} ({', '.join(forms)})")
+        for form in forms:  # the library GEMMs of a GPU build (tune/gemms.py), then MetaSchedule's kernels
+            tune_model_gemms(spec, target, form, opts.dtype, batches, progress.say)
         tasks = unique([t for form in forms for t in model_tasks(spec, target, form, opts.dtype, opts.trials, batches)])
         summary = tune(tasks, target, user_db, say=progress.say, known=open_union(shipped))
         progress.say(f"      tuning: {summary.tuned_now} trials measured in {summary.seconds:.0f}s")

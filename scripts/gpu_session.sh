@@ -4,6 +4,10 @@
 #   install  (device call 2, carry [".gpu/b"])  joins the wheel, installs TVM into /tmp/site
 #   test     the GPU tests (tests/test_cuda_build.py, tests/test_library_gemms.py with --runslow: the
 #            CUTLASS sm_90a kernels too), every build validated on the GPU
+#   tune     mixer-compile tune for the GPU at batch 256, fp16: the library GEMMs' CUTLASS (and cuBLASLt)
+#            candidates measured per problem, then MetaSchedule on TVM's kernels (TRIALS, default 8);
+#            the records land in $OUT (commit library_gemms to schedules/<family>/) and the next
+#            stages' builds apply them
 #   bench    benchmarks/bench_gpu.py: ours (validated on the GPU) vs PyTorch eager and torch.compile
 #   cpuscale benchmarks/bench_cpu.py on the machine's CPU at 2, 4, 8 and 16 threads (CPU scaling)
 # The machine forgets everything 30 s after a call, so run the calls back to back; stages can be
@@ -38,6 +42,11 @@ for stage in "$@"; do
       python3 -c 'import tvm; d = tvm.cuda(0); print("tvm", tvm.__version__, "GPU", d.exist and d.device_name, d.exist and d.compute_version)' || exit 2 ;;
     test)
       python3 -m pytest -q -rs --runslow tests/test_cuda_build.py tests/test_library_gemms.py 2>&1 | tee "$OUT/test_gpu.log" ;;
+    tune)
+      export MIXER_COMPILE_CACHE=${MIXER_COMPILE_CACHE:-/tmp/mixer-cache}
+      python3 -m mixer_compile.cli tune --spec "$SPEC" --target cuda --dtype float16 --batch "${TUNE_BATCH:-256}" \
+        --trials "${TRIALS:-8}" 2>&1 | tee "$OUT/tune.log"
+      cp -r "$MIXER_COMPILE_CACHE/library_gemms" "$MIXER_COMPILE_CACHE/tuning" "$OUT/" 2>/dev/null ;;
     bench)
       python3 benchmarks/bench_gpu.py --spec "$SPEC" --batches "${BATCHES:-1,64,256}" --artifacts /tmp/bench --out "$OUT" 2>&1 | tee "$OUT/bench.log" ;;
     cpuscale)
@@ -45,6 +54,6 @@ for stage in "$@"; do
         python3 benchmarks/bench_cpu.py --specs mixer_b16 --batches 1 8 --threads "$t" --out "$OUT/cpu_threads_$t" \
           2>&1 | tee "$OUT/cpu_threads_$t.log"
       done ;;
-    *) echo "unknown stage '$stage' (stage, install, test, bench, cpuscale)"; exit 2 ;;
+    *) echo "unknown stage '$stage' (stage, install, test, tune, bench, cpuscale)"; exit 2 ;;
   esac
 done

@@ -131,3 +131,19 @@ def test_gemm_tuning_measures_every_candidate_records_the_fastest_and_resumes(tm
     lines.clear()
     assert gemms.tune_gemms(model.module, "sm_90", lines.append) == []
     assert lines == [f"library GEMMs: {len(problems)} problems, {len(problems)} already measured on None"]
+
+
+def test_tune_for_a_gpu_measures_the_library_gemms_first_and_refuses_without_a_gpu(tmp_path, capsys, monkeypatch):
+    """`mixer-compile tune --target sm_90 --dtype float16`: a model with library GEMMs starts
+    with them, and on this GPU-less machine stops in one line before compiling anything."""
+    from mixer_compile import machine
+    from mixer_compile.cli import main
+    from tests.helpers import spec_toml
+
+    monkeypatch.setattr(machine, "local_gpu", lambda: None)
+    spec = tmp_path / "small.toml"
+    spec.write_text(spec_toml(SMALL))
+    code = main(["tune", "--spec", str(spec), "--target", "sm_90", "--dtype", "float16", "--db", str(tmp_path / "db")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[-1].startswith("error: tuning the GEMMs of a sm_90a build measures on a sm_90a GPU")
+    assert not (tmp_path / "db").exists() and not any(tmp_path.glob("**/*.o"))

@@ -134,3 +134,17 @@ def tune_gemms(mod: Any, arch: str, say: Say, jobs: int = 0) -> list[Record]:
         say(f"  [{i}/{len(todo)}] {kernel.symbol} {shape.m}x{shape.n}x{shape.k}x{shape.l}: {best} "
             f"{record.us} us ({gain:.2f}x the default {default})")
     return new
+
+
+def tune_model_gemms(spec: Any, target: Any, form: str, dtype: str, batches: Any, say: Say) -> list[Record]:
+    """tune_gemms on the library GEMMs of `spec` built for `target` (every entry batch of a
+    range); nothing to do for a target without library GEMMs (CPUs, float32)."""
+    from mixer_compile.backend import backend_for
+    from mixer_compile.compose import compose
+
+    if not backend_for(target).pass_context(target, dtype).gemm_library:
+        return []
+    module = compose(spec, target, form, dtype, batches=batches).module
+    if not gemm_choice.call_sites(module):
+        return []
+    return tune_gemms(module, str(target.tvm_target().attrs["arch"]), say)
