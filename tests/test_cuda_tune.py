@@ -204,3 +204,26 @@ def test_the_tuning_driver_runs_a_gpu_target(gpu_tasks, tmp_path):
     records = db.get_all_tuning_records()
     assert len(records) == 4 and all(r.run_secs and float(r.run_secs[0]) < 1 for r in records)  # all built
     assert any("wmma_sync_16x16x16_f16f16f32" in str(r.trace) and "meta_schedule" in str(r.trace) for r in records)
+
+
+def test_a_search_that_meets_a_metaschedule_error_is_retried_with_another_seed(gpu_tasks, tmp_path, monkeypatch):
+    """MetaSchedule applies mutated traces unguarded, so a tensor-core candidate can abort a
+    task's search; the task is searched again (its records so far kept), the run goes on."""
+    from mixer_compile.tune import search
+
+    real, calls = search._search_task, []
+
+    def flaky(t, *args):
+        calls.append(t.name)
+        if len(calls) == 1:
+            raise tvm.error.InternalError("ScheduleError: The scope s_tir.SBlock#0 is not a stage pipeline.")
+        return real(t, *args)
+
+    monkeypatch.setattr(search, "_search_task", flaky)
+    task = next(t for t in gpu_tasks if t.name.startswith("fused_layer_norm"))
+    task.trials, task.done = 2, 0
+    lines: list[str] = []
+    summary = tune([task], get_target("sm_90"), tmp_path / "db", say=lines.append, runner=_unmeasured_runner())
+    assert summary.tuned_now == 2 and calls == [task.name, task.name]
+    assert any("the search stopped on a MetaSchedule error (ScheduleError: The scope" in line
+               and line.endswith("retrying with another seed") for line in lines)

@@ -39,6 +39,10 @@ from mixer_compile.util.interrupt import StopOnInterrupt, ignore_sigint
 from mixer_compile.util.locking import exclusive
 
 BATCH = 16
+# MetaSchedule applies mutated traces without catching schedule errors (evolutionary_search.cc):
+# a candidate of the CUDA tensor-core space can abort a task's whole search ("not a stage
+# pipeline" in compute-at); a new seed usually gets past it, and the records so far are kept
+SEARCH_ATTEMPTS = 3
 INLINE_BUILD_FLOPS = 10e6  # kernels below this are compiled in this process (see _InlineBuilder)
 Say = Callable[[str], None]
 
@@ -261,9 +265,22 @@ def _worker_pools(tvm_target: Any, runner: Any) -> tuple[Any, Any, Any]:
     return pool, inline, runner or ms.runner.LocalRunner(timeout_sec=120, initializer=ignore_sigint)
 
 
+def _search_task(t: Task, index: int, total: int, tvm_target: Any, db: Any, say: Say, clock: dict[str, Any],
+                 work_dir: str, pools: tuple[Any, Any, Any], rand_state: int) -> None:
+    """One MetaSchedule search over the trials `t` has left; what it measures is in `db` as it goes."""
+    pool, inline, runner = pools
+    context = ms.TuneContext(mod=t.mod, target=tvm_target, space_generator=t.space, search_strategy=_search(t.trials),
+                             task_name=t.name, rand_state=rand_state, num_threads="physical")
+    callbacks = [*ms.measure_callback.MeasureCallback.create("default"), _progress_callback(t, index, total, clock, say)]
+    remaining = t.trials - t.done
+    ms.tune_tasks(tasks=[context], task_weights=[1.0], work_dir=work_dir, max_trials_global=remaining,
+                  num_trials_per_iter=min(BATCH, remaining), runner=runner,
+                  builder=inline if t.flops < INLINE_BUILD_FLOPS else pool,
+                  database=db, measure_callbacks=callbacks, cost_model="xgb", task_scheduler="round-robin")
+
+
 def _tune_tasks(todo: list[Task], tasks: list[Task], tvm_target: Any, db: Any, say: Say, seed: int | None,
                 interrupt: StopOnInterrupt, pools: tuple[Any, Any, Any]) -> int:
-    pool, inline, runner = pools
     clock: dict[str, Any] = {"start": time.perf_counter(), "measured": 0, "interrupt": interrupt,
                              "remaining": lambda: sum(max(0, t.trials - t.done) for t in todo)}
     with tempfile.TemporaryDirectory(prefix="mixer-compile-tune-") as work_dir:  # MetaSchedule's logs
@@ -272,16 +289,21 @@ def _tune_tasks(todo: list[Task], tasks: list[Task], tvm_target: Any, db: Any, s
             clock.pop("best", None)
             say(f"      task {index}/{len(tasks)} {t.name}: x{t.calls}, {t.flops / 1e6:.1f} MFLOP per call, "
                 f"{t.done}/{t.trials} trials done")
-            context = ms.TuneContext(mod=t.mod, target=tvm_target, space_generator=t.space,
-                                     search_strategy=_search(t.trials), task_name=t.name,
-                                     rand_state=-1 if seed is None else seed + index, num_threads="physical")
-            callbacks = [*ms.measure_callback.MeasureCallback.create("default"),
-                         _progress_callback(t, index, len(tasks), clock, say)]
-            remaining = t.trials - t.done
-            ms.tune_tasks(tasks=[context], task_weights=[1.0], work_dir=work_dir, max_trials_global=remaining,
-                          num_trials_per_iter=min(BATCH, remaining), runner=runner,
-                          builder=inline if t.flops < INLINE_BUILD_FLOPS else pool,
-                          database=db, measure_callbacks=callbacks, cost_model="xgb", task_scheduler="round-robin")
+            for attempt in range(SEARCH_ATTEMPTS):
+                if t.done >= t.trials:
+                    break
+                try:
+                    _search_task(t, index, len(tasks), tvm_target, db, say, clock, work_dir, pools,
+                                 -1 if seed is None else seed + index + 1000 * attempt)
+                    break
+                except Exception as exc:  # noqa: BLE001 (TVM raises its own error types from C++)
+                    last = str(exc).strip().splitlines()
+                    say(f"      task {index}/{len(tasks)} {t.name}: the search stopped on a MetaSchedule error "
+                        f"({(last[0] if last else type(exc).__name__)[:120]}); "
+                        + ("retrying with another seed" if attempt + 1 < SEARCH_ATTEMPTS
+                           else "the kernel keeps its best record so far"))
+            else:
+                t.trials = t.done
             record = db.query_tuning_record(t.mod, tvm_target, "main")
             best = sum(float(x) for x in record.run_secs) / len(record.run_secs) if record and record.run_secs else None
             if best and t.default_secs:
