@@ -90,9 +90,10 @@ def ours(spec: MixerSpec, target: str, work: Path) -> tuple[Callable[[np.ndarray
     return model, info
 
 
-def onnxruntime_session(model: Any, x: np.ndarray, path: Path) -> Callable[[], Any]:
+def onnxruntime_session(model: Any, x: np.ndarray, path: Path,
+                        providers: tuple[str, ...] = ("CPUExecutionProvider",)) -> Callable[[], Any]:
     """`model` as `torch.onnx.export` writes it (what a user of timm would deploy), run by ONNX
-    Runtime on as many threads as torch uses."""
+    Runtime (on as many threads as torch uses; `providers`: bench_gpu.py asks for CUDA)."""
     import onnxruntime as ort
     import torch
 
@@ -101,7 +102,7 @@ def onnxruntime_session(model: Any, x: np.ndarray, path: Path) -> Callable[[], A
                           opset_version=17)
     options = ort.SessionOptions()
     options.intra_op_num_threads = torch.get_num_threads()
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(str(path), options, providers=list(providers))
     return lambda: session.run(None, {"image": x})[0]
 
 

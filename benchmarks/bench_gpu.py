@@ -3,7 +3,9 @@
 For each batch size (default 1, 64, 256): our module built for `--target` (default cuda, the
 local GPU) in fp16 and bf16 and validated on the GPU by the compile itself; PyTorch eager
 with fp16 autocast, PyTorch eager in bf16 (weights and inputs bf16), and torch.compile of
-both (at batch 1 also with mode="reduce-overhead", i.e. CUDA graphs, as ours); then a large
+both (at batch 1 also with mode="reduce-overhead", i.e. CUDA graphs, as ours), and timm's model
+as torch.onnx.export writes it in ONNX Runtime's CUDA provider where onnxruntime-gpu is
+installed (said in the table otherwise); then a large
 fp16 matmul (torch, 8192^3) to measure the tensor-core peak the GPU targets refer to. Same
 random weights (seed 0) everywhere.
 
@@ -122,6 +124,26 @@ def torch_contenders(torch: Any, spec: MixerSpec, weights: dict[str, np.ndarray]
     return out
 
 
+def onnxruntime_cuda(spec: MixerSpec, weights: dict[str, np.ndarray], images: np.ndarray,
+                     work: Path) -> tuple[Callable[[], Any] | None, str]:
+    """timm's model exported by `torch.onnx.export` (float32, what its users deploy) in ONNX
+    Runtime's CUDA provider: the peer a user would otherwise run; None, and why, where the
+    installed onnxruntime has no CUDA provider (the CPU wheel)."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return None, "onnxruntime is not installed"
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return None, f"onnxruntime {ort.__version__} has no CUDA provider (install onnxruntime-gpu)"
+    from benchmarks.bench_cpu import onnxruntime_session
+    from tests.torch_model import torch_mixer
+
+    work.mkdir(parents=True, exist_ok=True)
+    run = onnxruntime_session(torch_mixer(spec, weights), images, work / f"{spec.fingerprint()}.onnx",
+                              ("CUDAExecutionProvider",))
+    return run, ""
+
+
 def markdown(report: dict[str, Any]) -> str:
     peak = report["tensor_core_peak"]
     lines = [f"# {report['spec']} on {report['device']}", "",
@@ -136,6 +158,7 @@ def markdown(report: dict[str, Any]) -> str:
         pct = f"{100 * r['fraction_of_peak']:.0f}%" if r.get("fraction_of_peak") is not None else ""
         lines.append(f"| {r['batch']} | {r['contender']} | {r['dtype']} | {1e3 * r['seconds']:.3f} | "
                      f"{r['images_per_s']:,.0f} | {r['tflops']:.1f} | {pct} |")
+    lines += [f"\n{k}: not measured, {v}." for k, v in report.get("not_measured", {}).items()]
     lines += ["", "Ours / torch.compile (same batch and dtype, images/s):", ""]
     lines += [f"- batch {k}: {v:.2f}x" for k, v in report["ours_vs_torch_compile"].items()]
     validation = [f"- {k}: {v}" for k, v in report["validation"].items()]
@@ -195,6 +218,12 @@ def main(argv: list[str] | None = None) -> int:
             for label, (fn, dtype) in torch_contenders(torch, spec, weights, device, dtypes,
                                                        not args.no_torch_compile).items():
                 entries.append((label, dtype, timed(lambda: fn(x), sync, args.number, args.repeat, warmup=5)))
+        ort_run, why_not = onnxruntime_cuda(spec, weights, images, Path(args.artifacts) / "onnx")
+        if ort_run is None:
+            report["not_measured"] = {"ONNX Runtime (CUDA)": why_not}
+        else:
+            entries.append(("ONNX Runtime CUDA, fp32 (timm's torch.onnx.export)", "float32",
+                            timed(ort_run, sync, args.number, args.repeat, warmup=5)))
         for contender, dtype, seconds in entries:
             row = {"batch": batch, "contender": contender, "dtype": dtype, "seconds": seconds,
                    "images_per_s": batch / seconds, "tflops": flop / seconds / 1e12}
