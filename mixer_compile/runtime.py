@@ -30,10 +30,8 @@ threads run concurrently without a lock.
 
 from __future__ import annotations
 
-import os
 import shutil
 import sys
-import tempfile
 import threading
 from pathlib import Path
 from typing import Any
@@ -41,6 +39,7 @@ from typing import Any
 import numpy as np
 
 from mixer_compile.artifact.format import LIBRARY, METADATA, WEIGHTS, BatchRange, read_metadata, sha256
+from mixer_compile.artifact.place import refuse_foreign, swap_into_place, temp_dir_beside
 from mixer_compile.errors import ArtifactError, MixerCompileError
 from mixer_compile.machine import (check_cpu, check_gpu, check_tvm_version, gpu_arch, load_runtime_libraries,
                                    local_gpu, use_all_cores)
@@ -190,33 +189,24 @@ class CompiledMixer:
         return self._vm()[function](x, *self._params)
 
     def save(self, out_dir: str | Path) -> Path:
-        """Copies this artifact (metadata.json and every file it lists) to `out_dir`, atomically:
-        into a temporary sibling first, renamed into place when complete. An existing artifact
+        """Copies this artifact (metadata.json and every file it lists) to `out_dir`, atomically
+        and under its lock, as a compile writes one (artifact/place.py). An existing artifact
         at `out_dir` is replaced; anything else there is refused."""
         out = Path(out_dir).resolve()
         if out == self.path.resolve():
             return out
-        if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / METADATA).is_file())):
-            raise ArtifactError(f"'{out}' exists and is not a mixer-compile artifact; choose another directory")
+        refuse_foreign(out)
+        tmp = temp_dir_beside(out)
         try:
-            out.parent.mkdir(parents=True, exist_ok=True)
-            tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-            try:
-                for name in [*self.metadata.files, METADATA]:
-                    shutil.copyfile(self.path / name, tmp / name)
-                os.chmod(tmp, 0o755)
-                if out.exists():
-                    old = out.with_name(f".{out.name}.old-{os.getpid()}")
-                    os.rename(out, old)
-                    os.rename(tmp, out)
-                    shutil.rmtree(old, ignore_errors=True)
-                else:
-                    os.rename(tmp, out)
-            except BaseException:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise
+            for name in [*self.metadata.files, METADATA]:
+                shutil.copyfile(self.path / name, tmp / name)
+            swap_into_place(tmp, out)
         except OSError as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
             raise ArtifactError(f"cannot save the artifact to '{out}': {exc.strerror or exc}") from None
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         return out
 
     def __repr__(self) -> str:

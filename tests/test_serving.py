@@ -185,3 +185,28 @@ def test_timm_mlpmixer_itself_when_installed():
     compiled = mixer_compile.compile(module.eval(), batch="1-2")  # image size from timm's PatchEmbed
     x = np.load(TESTDATA / "tiny_wide_input.npy")
     assert _rel(compiled(x), np.load(TESTDATA / "tiny_wide_logits_erf.npy")) < TIMM_TOLERANCE
+
+
+def test_save_waits_for_a_writer_of_its_destination_and_refuses_a_foreign_one(wide, tmp_path):
+    """`save` swaps into place under the destination's lock, as a compile does (artifact/place.py):
+    while another writer holds it, nothing appears; afterwards the copy is complete."""
+    import threading
+
+    from mixer_compile.util.locking import exclusive
+
+    compiled, _ = wide
+    out = tmp_path / "copy"
+    with exclusive(out):
+        saver = threading.Thread(target=compiled.save, args=(out,))
+        saver.start()
+        saver.join(timeout=2)
+        assert saver.is_alive() and not out.exists()
+    saver.join(timeout=30)
+    assert not saver.is_alive() and sorted(p.name for p in out.iterdir()) == sorted(
+        [*compiled.metadata.files, "metadata.json"])
+    assert mixer_compile.runtime.load(out).metadata.files == compiled.metadata.files
+    (tmp_path / "foreign").mkdir()
+    (tmp_path / "foreign" / "notes.txt").write_text("mine")
+    with pytest.raises(mixer_compile.errors.ArtifactError, match="exists and is not a mixer-compile artifact"):
+        compiled.save(tmp_path / "foreign")
+    assert not list(tmp_path.glob(".foreign.*"))  # nothing half-written left beside it

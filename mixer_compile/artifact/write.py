@@ -1,7 +1,7 @@
 """The artifact directory (format.py says what it holds), written atomically.
 
-Everything is written into a temporary sibling directory and renamed into place
-only when complete, so a crash or a failed validation never leaves a half-written artifact
+Everything is written into a temporary sibling directory and renamed into place only when
+complete (place.py), so a crash or a failed validation never leaves a half-written artifact
 where a good one is expected.
 """
 
@@ -18,8 +18,8 @@ from typing import Any
 import numpy as np
 
 from mixer_compile.artifact.format import LIBRARY, METADATA, WEIGHTS, Metadata, sha256
+from mixer_compile.artifact.place import refuse_foreign, swap_into_place, temp_dir_beside
 from mixer_compile.errors import ArtifactError
-from mixer_compile.util.locking import exclusive
 
 
 def write_artifact(out_dir: str | Path, executable: Any, params: dict[str, np.ndarray] | None,
@@ -29,7 +29,7 @@ def write_artifact(out_dir: str | Path, executable: Any, params: dict[str, np.nd
     import tvm
 
     out = Path(out_dir).resolve()
-    tmp = _temp_dir_beside(out)
+    tmp = temp_dir_beside(out)
     try:
         try:
             executable.export_library(str(tmp / LIBRARY))
@@ -44,8 +44,7 @@ def write_artifact(out_dir: str | Path, executable: Any, params: dict[str, np.nd
         sizes = {name: (tmp / name).stat().st_size for name in files}
         meta = dataclasses.replace(metadata, files=files, file_sizes=sizes)
         (tmp / METADATA).write_text(json.dumps(meta.to_json(), indent=2, default=_json_default) + "\n")
-        with exclusive(out):  # a concurrent compile into `out` swaps before or after, never between
-            _swap_into_place(tmp, out)
+        swap_into_place(tmp, out)  # a concurrent compile into `out` swaps before or after, never between
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         raise ArtifactError(f"cannot write artifact to '{out}': {exc.strerror or exc}") from None
@@ -60,7 +59,7 @@ def check_writable(out_dir: str | Path) -> None:
     (no permission, a read-only or full file system, a file or a foreign directory in the way).
     Creates nothing that outlives the check, not even the missing parent directories."""
     out = Path(out_dir).resolve()
-    _refuse_foreign(out)
+    refuse_foreign(out)
     existing = next(p for p in out.parents if p.exists())
     if not existing.is_dir():
         raise ArtifactError(f"cannot write artifact to '{out}': '{existing}' is not a directory")
@@ -70,39 +69,10 @@ def check_writable(out_dir: str | Path) -> None:
         raise ArtifactError(f"cannot write artifact to '{out}': {exc.strerror or exc}") from None
 
 
-def _temp_dir_beside(out: Path) -> Path:
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would make the artifact private
-    except OSError as exc:
-        raise ArtifactError(f"cannot write artifact to '{out}': {exc.strerror or exc}") from None
-    return tmp
-
-
 def _linker_problem(exc: RuntimeError) -> str:
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     failed = [line for line in lines if "failed" in line or "No space" in line or "Permission" in line]
     return (failed or lines or [type(exc).__name__])[0]
-
-
-def _refuse_foreign(out: Path) -> None:
-    if out.exists() and (not out.is_dir() or not (out / METADATA).is_file() and any(out.iterdir())):
-        raise ArtifactError(f"'{out}' exists and is not a mixer-compile artifact; "
-                            "choose another output directory")
-
-
-def _swap_into_place(tmp: Path, out: Path) -> None:
-    _refuse_foreign(out)
-    if not out.exists():
-        os.rename(tmp, out)
-        return
-    old = out.with_name(f".{out.name}.old-{os.getpid()}")
-    os.rename(out, old)
-    os.rename(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def _json_default(value: Any) -> Any:
