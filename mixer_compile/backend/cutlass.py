@@ -1,15 +1,18 @@
 """Library-speed GEMMs for NVIDIA GPUs: CUTLASS kernels generated and compiled at build time.
 
 TVM 0.27 has no schedule that reaches Hopper's wgmma, and DLight's WMMA matmuls ran the
-Mixer at ~10% of an H100's tensor-core peak. So a CUDA build lowers its large right-product
-GEMMs (patchify, channel fc1, channel fc2; `passes/library_gemms.py` picks them) to calls of
-the `mixer_gemm_*` interface (`lower/library.py`), and this module instantiates each called
-symbol from CUTLASS templates with its epilogue fused: bias (float32, per output column), then
-GELU (erf or tanh, as the spec says) or the residual add, rounded once to the storage dtype.
+Mixer at ~10% of an H100's tensor-core peak. So a CUDA build lowers its large GEMMs (patchify,
+channel fc1 and fc2, and token fc1 and fc2 as batched left products; `passes/library_gemms.py`
+picks them) to calls of the `mixer_gemm_*` interface (`lower/library.py`), and this module
+instantiates each called symbol from CUTLASS templates with its epilogue fused: bias (float32,
+per output feature), then GELU (erf or tanh, as the spec says) or the residual add, rounded
+once to the storage dtype.
 
 sm_90/sm_90a: CUTLASS 3.x, TMA + wgmma, warp-specialized cooperative persistent kernels,
 compiled for `sm_90a` (wgmma needs the arch-specific target). sm_80/86/89: CUTLASS 2.x,
-mma.sync m16n8k16 + cp.async multistage, bias and residual through the broadcast epilogue.
+mma.sync m16n8k16 + cp.async multistage; right products add bias and residual through the
+broadcast epilogue, which broadcasts per column, so left products (bias per row) use an
+epilogue visitor tree instead (column broadcast of the bias, GELU or an auxiliary load of R).
 The objects export tvm-ffi's C ABI (`__tvm_ffi_<name>`), are linked into the artifact's
 `model.so` (`export_library(addons=...)`) and are found there by `R.call_dps_packed`, so the
 artifact stays self-contained (TVM runtime, CUDA runtime and driver). One sm_90a kernel takes
@@ -154,7 +157,9 @@ void Run(tvm::ffi::TensorView x, tvm::ffi::TensorView w, tvm::ffi::TensorView bi
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(SYMBOL, Run);
 """
 
-_SM80 = r"""
+# sm_80 family: one kernel part per product (its includes, the `Gemm` type and `MakeArguments`),
+# inside an anonymous namespace that the shared launch (_SM80_RUN) closes.
+_SM80_XW = r"""
 #include "cutlass/cutlass.h"
 #include "cutlass/epilogue/thread/activation.h"
 #include "cutlass/epilogue/thread/linear_combination_bias_elementwise.h"
@@ -172,17 +177,70 @@ using Gemm = cutlass::gemm::device::GemmUniversalWithBroadcast<
     cutlass::gemm::GemmShape<_WARP_M, _WARP_N, _TILE_K>, cutlass::gemm::GemmShape<16, 8, 16>, EpilogueOp,
     cutlass::gemm::threadblock::GemmIdentityThreadblockSwizzle<8>, _STAGES, 8, 8>;
 
+typename Gemm::Arguments MakeArguments(const Problem& p, const void* x, const void* w, const void* bias,
+                                       const void* source, void* d) {
+  return typename Gemm::Arguments(
+      cutlass::gemm::GemmUniversalMode::kGemm, {int(p.m), int(p.n), int(p.k)}, 1,
+      {1.0f, source ? 1.0f : 0.0f}, x, w, const_cast<void*>(source), d,
+      const_cast<void*>(bias), nullptr, 0, 0, 0, 0, 0, 0, p.k, p.k, source ? p.n : 0, p.n, 0, 0);
+}
+"""
+
+# The left products: the broadcast epilogue above adds its vector per column, a left product's
+# bias runs per row, so their epilogue is a visitor tree (EVT), evaluated in float32 on the
+# accumulators and stored once. Batched: grid z walks L, W's batch stride is 0 (one W for all).
+# K (196 tokens) is never a contiguous axis (wtx stores W M-major): its residue is a predicated
+# first k-tile of the multistage mainloop, and can_implement checks only the contiguous axes.
+_SM80_LEFT = r"""
+#include "cutlass/cutlass.h"
+#include "cutlass/epilogue/thread/activation.h"
+#include "cutlass/functional.h"
+#include "cutlass/gemm/device/gemm_universal_adapter.h"
+#include "cutlass/gemm/kernel/default_gemm_universal_with_visitor.h"
+#include "cutlass/epilogue/threadblock/fusion/visitors.hpp"  // after the gemm headers: it names gemm::GemmCoord
+
+namespace {
+using namespace cute;
+using namespace cutlass::epilogue::threadblock;
+using Element = ELEMENT;
+using TileShape = cutlass::gemm::GemmShape<_TILE_M, _TILE_N, _TILE_K>;
+using WarpShape = cutlass::gemm::GemmShape<_WARP_M, _WARP_N, _TILE_K>;
+using ThreadMap = OutputTileThreadLayout<TileShape, WarpShape, Element, 8, 1>;
+constexpr auto kRound = cutlass::FloatRoundStyle::round_to_nearest;
+using StrideLMN = Stride<int64_t, _1, int64_t>;  // R and D [L, M, N]: (row N, column 1, batch M * N)
+// acc + bias[row]: one float32 per output feature, the same for every column and every l
+using WithBias = Sm80EVT<VisitorCompute<cutlass::plus, float, float, kRound>, VisitorAccFetch,
+                         VisitorColBroadcast<ThreadMap, float, Stride<_1, _0, _0>>>;
+using Output = OUTPUT;  // then GELU or + R, converted once to Element
+using Store = Sm80EVT<VisitorAuxStore<ThreadMap, Element, kRound, StrideLMN>, Output>;
+using Kernel = typename cutlass::gemm::kernel::DefaultGemmWithVisitor<
+    Element, LAYOUT_A, cutlass::ComplexTransform::kNone, 8, Element, cutlass::layout::RowMajor,
+    cutlass::ComplexTransform::kNone, 8, Element, cutlass::layout::RowMajor, 8, float, float,
+    cutlass::arch::OpClassTensorOp, cutlass::arch::Sm80, TileShape, WarpShape, cutlass::gemm::GemmShape<16, 8, 16>,
+    Store, cutlass::gemm::threadblock::GemmIdentityThreadblockSwizzle<8>, _STAGES, cutlass::arch::OpMultiplyAdd,
+    1>::GemmKernel;
+using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
+
+// A = W ([M, K] for wx, stored [K, M] for wtx), B = X[l] [K, N]
+typename Gemm::Arguments MakeArguments(const Problem& p, const void* x, const void* w, const void* bias,
+                                       const void* source, void* d) {
+  StrideLMN rows{p.n, _1{}, p.m * p.n};
+  typename Store::Arguments epilogue{
+      {{{}, {static_cast<const float*>(bias), 0.0f, {}}, {}}, OUTPUT_ARGS}, {static_cast<Element*>(d), rows}};
+  return typename Gemm::Arguments(
+      cutlass::gemm::GemmUniversalMode::kBatched, {int(p.m), int(p.n), int(p.k)}, int(p.l), epilogue, w, x,
+      nullptr, nullptr, 0, p.k * p.n, 0, 0, FORM_WX ? p.k : p.m, p.n, 0, 0);
+}
+"""
+
+_SM80_RUN = r"""
 void Run(tvm::ffi::TensorView x, tvm::ffi::TensorView w, tvm::ffi::TensorView bias, RESIDUAL_PARAM
          tvm::ffi::TensorView d) {
   Problem p = CheckArgs(x, w, bias, d, DLCODE);
-  int64_t m = p.m, n = p.n, k = p.k;
-  const void* source = RESIDUAL_PTR;
-  typename Gemm::Arguments args(
-      cutlass::gemm::GemmUniversalMode::kGemm, {int(m), int(n), int(k)}, 1,
-      {1.0f, source ? 1.0f : 0.0f}, x.data_ptr(), w.data_ptr(), const_cast<void*>(source), d.data_ptr(),
-      const_cast<void*>(bias.data_ptr()), nullptr, 0, 0, 0, 0, 0, 0, k, k, source ? n : 0, n, 0, 0);
+  auto args = MakeArguments(p, x.data_ptr(), w.data_ptr(), bias.data_ptr(), RESIDUAL_PTR, d.data_ptr());
   Gemm gemm;
-  Check(gemm.can_implement(args) == cutlass::Status::kSuccess, "CUTLASS cannot run this shape (K and N % 8)");
+  Check(gemm.can_implement(args) == cutlass::Status::kSuccess,
+        "CUTLASS cannot run this shape (the contiguous axes must be multiples of 8)");
   auto stream = static_cast<cudaStream_t>(TVMFFIEnvGetStream(kDLCUDA, x.device().device_id));
   Check(gemm.initialize(args, nullptr, stream) == cutlass::Status::kSuccess, "initialize");
   Check(gemm(stream) == cutlass::Status::kSuccess, "run");
@@ -244,12 +302,18 @@ CANDIDATES = {
 }
 
 
+_LAYOUTS = {"xw": ("RowMajor", "ColumnMajor"), "wx": ("RowMajor", "RowMajor"), "wtx": ("ColumnMajor", "RowMajor")}
+# the elementwise op after acc + bias (a residual is added by the epilogue's binary op instead)
+_ACTIVATIONS = {"gelu_erf": "cutlass::epilogue::thread::GELU", "gelu_tanh": "cutlass::epilogue::thread::GELU_taylor",
+                "bias": "cutlass::epilogue::thread::Identity", "residual": "cutlass::epilogue::thread::Identity"}
+
+
 def _sm90_fusion(kernel: GemmKernel, element: str) -> str:
     ops = "cutlass::epilogue::fusion"
     per = "Row" if kernel.left else "Col"  # the bias runs along the output features: D's rows in a left product
     if kernel.epilogue.startswith("gelu"):
-        act = "GELU" if kernel.epilogue == "gelu_erf" else "GELU_taylor"
-        return f"{ops}::LinCombPer{per}BiasEltAct<cutlass::epilogue::thread::{act}, {element}, float, float, {element}, float>"
+        act = _ACTIVATIONS[kernel.epilogue]
+        return f"{ops}::LinCombPer{per}BiasEltAct<{act}, {element}, float, float, {element}, float>"
     return f"{ops}::LinCombPer{per}Bias<{element}, float, float, {element}, float>"
 
 
@@ -268,29 +332,39 @@ def _with_form(text: str, kernel: GemmKernel, device: str) -> str:
     return text.replace("RESIDUAL_PTR", "r.data_ptr()" if kernel.residual else "nullptr")
 
 
+def _sm80_output(kernel: GemmKernel) -> tuple[str, str]:
+    """The visitor-tree node over acc + bias in an sm_80 left product, and its arguments: + R
+    (an auxiliary load of R [L, M, N]) or the activation, either converting to the storage dtype,
+    so the result is rounded once."""
+    if kernel.residual:
+        return ("Sm80EVT<VisitorCompute<cutlass::plus, Element, float, kRound>, WithBias, "
+                "VisitorAuxLoad<ThreadMap, Element, StrideLMN>>",
+                "{const_cast<Element*>(static_cast<const Element*>(source)), Element(0), rows}, {}")
+    return f"Sm80EVT<VisitorCompute<{_ACTIVATIONS[kernel.epilogue]}, Element, float, kRound>, WithBias>", "{}"
+
+
 def gpu_source(kernel: GemmKernel, arch: str) -> str:
-    """The CUDA source of one kernel for `arch` (sm_90a or sm_80), configured by its variant
-    (without one: the family's largest tile)."""
-    if kernel.left and arch != "sm_90a":
-        raise TargetError(f"{kernel.symbol}: left-product GEMMs have CUTLASS kernels for sm_90a only")
+    """The CUDA source of one kernel, any form, for `arch` (sm_90a or sm_80), configured by its
+    variant (without one: the family's largest tile)."""
     config = Config.parse(kernel.variant) if kernel.variant else CANDIDATES[arch][0]
     element = "cutlass::half_t" if kernel.dtype == "float16" else "cutlass::bfloat16_t"
-    text = _COMMON + _CHECKS + (_SM90 if arch == "sm_90a" else _SM80)
-    for name, value in zip(("_TILE_M", "_TILE_N", "_TILE_K"), config.tile):
-        text = text.replace(name, f"_{value}" if arch == "sm_90a" else str(value))
+    layout_a, layout_b = _LAYOUTS[kernel.form]
     if arch == "sm_90a":
+        text = _COMMON + _CHECKS + _SM90
         mainloop, epilogue = _schedules(config)
-        layouts = {"xw": ("RowMajor", "ColumnMajor"), "wx": ("RowMajor", "RowMajor"), "wtx": ("ColumnMajor", "RowMajor")}
-        layout_a, layout_b = layouts[kernel.form]
         text = (text.replace("_CLUSTER_M", f"_{config.cluster[0]}").replace("_CLUSTER_N", f"_{config.cluster[1]}")
                 .replace("KERNEL_SCHEDULE", mainloop).replace("EPILOGUE_SCHEDULE", epilogue)
-                .replace("LAYOUT_A", f"cutlass::layout::{layout_a}").replace("LAYOUT_B", f"cutlass::layout::{layout_b}")
-                .replace("FUSION", _sm90_fusion(kernel, element)))
+                .replace("LAYOUT_B", f"cutlass::layout::{layout_b}").replace("FUSION", _sm90_fusion(kernel, element)))
+    elif kernel.left:
+        output, output_args = _sm80_output(kernel)
+        text = _COMMON + _CHECKS + _SM80_LEFT.replace("OUTPUT_ARGS", output_args).replace("OUTPUT", output)
+        text += _SM80_RUN
     else:
-        activation = {"gelu_erf": "cutlass::epilogue::thread::GELU", "gelu_tanh": "cutlass::epilogue::thread::GELU_taylor"}
-        text = (text.replace("_WARP_M", str(config.warp[0])).replace("_WARP_N", str(config.warp[1]))
-                .replace("_STAGES", str(config.stages))
-                .replace("ACTIVATION", activation.get(kernel.epilogue, "cutlass::epilogue::thread::Identity")))
+        text = _COMMON + _CHECKS + _SM80_XW.replace("ACTIVATION", _ACTIVATIONS[kernel.epilogue]) + _SM80_RUN
+    for name, value in zip(("_TILE_M", "_TILE_N", "_TILE_K"), config.tile):
+        text = text.replace(name, f"_{value}" if arch == "sm_90a" else str(value))
+    text = (text.replace("_WARP_M", str(config.warp[0])).replace("_WARP_N", str(config.warp[1]))
+            .replace("_STAGES", str(config.stages)).replace("LAYOUT_A", f"cutlass::layout::{layout_a}"))
     return _with_form(text.replace("ELEMENT", element), kernel, "kDLCUDA")
 
 
