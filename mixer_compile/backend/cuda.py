@@ -114,7 +114,7 @@ def pass_context(target: TargetInfo, dtype: str) -> PassContext:
     arch = _arch(target)
     if not cutlass.has_family(arch):
         return PassContext(dtype=dtype)
-    return PassContext(dtype=dtype, gemm_library="cutlass", library_left=True)
+    return PassContext(dtype=dtype, gemm_library="cutlass")
 
 
 def _arch(target: TargetInfo) -> str:

@@ -21,7 +21,6 @@ class PassContext:
     dtype: str = "float32"  # storage precision (precision.py); sums stay ACCUMULATE
     panel: int = 0  # column panel of right-product kernels (pack_kernels.py); 0: keep (K, N)
     gemm_library: str = ""  # "cutlass": large half-precision GEMMs call library kernels (library_gemms.py)
-    library_left: bool = False  # the library takes left products (token mixing) too
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:

@@ -1,9 +1,9 @@
 """GEMMs handed to a kernel library (CUTLASS on NVIDIA GPUs), epilogue included.
 
 A GPU target whose backend provides library GEMMs (`ctx.gemm_library`) gets its patchify and
-channel-mixing dense ops (right products), and where the library takes them
-(`ctx.library_left`) the token-mixing ones (left products, tokens-major: one W for every
-image, a batched GEMM), with their fused bias, GELU and residual, as one call each
+channel-mixing dense ops (right products) and its token-mixing ones (left products,
+tokens-major: one W for every image, a batched GEMM), with their fused bias, GELU and
+residual, as one call each
 (lower/library.py, backend/cutlass.py): TVM's own GPU schedules reach a tenth of the tensor
 cores there. Conditions: half precision storage (tensor cores), a bias, an output in the
 storage dtype (the head's float32 logits stay with TVM), 16-byte aligned rows on every
@@ -73,7 +73,7 @@ def run(graph: Graph, ctx: PassContext) -> tuple[Graph, list[str]]:
         ndim = len(op.output.shape)
         if op.attrs["axis"] == ndim - 1:
             what = _right(g, op)
-        elif op.attrs["axis"] == ndim - 2 and ctx.library_left:
+        elif op.attrs["axis"] == ndim - 2:
             what = _left(g, op)
         else:
             what = None
