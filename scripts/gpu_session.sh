@@ -2,8 +2,9 @@
 # What a session with a GPU machine (the device tool) runs, by stage:
 #   stage    (device call 1, carry [".gpu/a"])  the first half of the TVM wheel lands; prints the machine
 #   install  (device call 2, carry [".gpu/b"])  joins the wheel, installs TVM into /tmp/site
-#   test     the GPU tests (tests/test_cuda_build.py, tests/test_library_gemms.py with --runslow: the
-#            CUTLASS sm_90a kernels too), every build validated on the GPU
+#   test     the GPU tests (tests/test_cuda_build.py, test_library_gemms.py, test_gemm_choice.py and
+#            test_cuda_tune.py with --runslow: the CUTLASS sm_90a kernels too), every build validated
+#            on the GPU
 #   tune     mixer-compile tune for the GPU at batch 256, fp16: the library GEMMs' CUTLASS (and cuBLASLt)
 #            candidates measured per problem, then MetaSchedule on TVM's kernels (TRIALS, default 8);
 #            the records land in $OUT (commit library_gemms to schedules/<family>/) and the next
@@ -41,7 +42,8 @@ for stage in "$@"; do
       ln -sfn ../targets mixer_compile/targets && ln -sfn ../schedules mixer_compile/schedules
       python3 -c 'import tvm; d = tvm.cuda(0); print("tvm", tvm.__version__, "GPU", d.exist and d.device_name, d.exist and d.compute_version)' || exit 2 ;;
     test)
-      python3 -m pytest -q -rs --runslow tests/test_cuda_build.py tests/test_library_gemms.py 2>&1 | tee "$OUT/test_gpu.log" ;;
+      python3 -m pytest -q -rs --runslow tests/test_cuda_build.py tests/test_library_gemms.py tests/test_gemm_choice.py \
+        tests/test_cuda_tune.py 2>&1 | tee "$OUT/test_gpu.log" ;;
     tune)
       export MIXER_COMPILE_CACHE=${MIXER_COMPILE_CACHE:-/tmp/mixer-cache}
       python3 -m mixer_compile.cli tune --spec "$SPEC" --target cuda --dtype float16 --batch "${TUNE_BATCH:-256}" \

@@ -24,6 +24,7 @@ from mixer_compile.check.validate import TOLERANCES
 from mixer_compile.compiler import CompileOptions, compile_model
 from mixer_compile.compose import compose, optimized_graph
 from mixer_compile.ir import interpret
+from mixer_compile.errors import TargetError
 from mixer_compile.lower.library import GemmKernel, GemmShape, from_symbol, kernel_for
 from mixer_compile.machine import gpu_arch, local_gpu
 from mixer_compile.model import reference
@@ -188,8 +189,30 @@ def test_cutlass_kernels_compile_to_tensor_core_code(kernel_cache, monkeypatch, 
     assert all(instruction in code for instruction in TENSOR_CORE_CODE[arch])
     assert ("HMMA" in code) == (arch == "sm_80") and ("HGMMA" in code) == (arch == "sm_90")
     symbols = subprocess.run(["nm", str(obj)], check=True, capture_output=True, text=True).stdout
-    assert f" T __tvm_ffi_{kernel.symbol}" in symbols
+    assert f" T __tvm_ffi_{kernel.symbol}" in symbols and f" T __tvm_ffi_{kernel.symbol}_implementable" in symbols
     assert cutlass.gpu_object(kernel, arch) == obj  # cached: the next build compiles nothing
+
+
+# (kernel, a problem it runs, one it refuses): the contiguous axes must be multiples of 8
+IMPLEMENTABLE = [(_mid_residual("sm_80"), GemmShape(128, 128, 512), GemmShape(128, 128, 196)),
+                 (SM80_LEFT[0], GemmShape(64, 256, 196, 2), GemmShape(196, 256, 64, 2))]
+
+
+@needs_nvcc
+@pytest.mark.parametrize("kernel, runs, refused", IMPLEMENTABLE, ids=lambda v: getattr(v, "form", ""))
+def test_a_kernel_says_on_the_cpu_which_problems_it_can_run(tmp_path, kernel_cache, monkeypatch, kernel, runs,
+                                                            refused):
+    """CUTLASS's can_implement, exported beside each kernel and asked on this CPU (no GPU): a
+    build refuses a choice its kernel would reject at the first call on the GPU."""
+    monkeypatch.setenv("MIXER_COMPILE_CACHE", str(kernel_cache))
+    obj = cutlass.gpu_object(kernel, "sm_80")  # compiled by the test above
+    lib = cutlass.load_on_host([obj], cutlass.link_options(), tmp_path)
+    implementable = lib[f"{kernel.symbol}_implementable"]
+    assert implementable(runs.m, runs.n, runs.k, runs.l) and not implementable(refused.m, refused.n, refused.k, refused.l)
+    gemm_choice.check_implementable([(kernel, runs)], {kernel: obj})
+    with pytest.raises(TargetError, match=f"the CUTLASS kernel {kernel.symbol} cannot run the "
+                                          f"{refused.m}x{refused.n}x{refused.k}x{refused.l} problem"):
+        gemm_choice.check_implementable([(kernel, runs), (kernel, refused)], {kernel: obj})
 
 
 @needs_nvcc
@@ -228,3 +251,18 @@ def test_token_mixing_kernels_are_batched_wgmma_fed_by_tma(kernel_cache, monkeyp
     monkeypatch.setenv("MIXER_COMPILE_CACHE", str(kernel_cache))
     code = _sass(cutlass.gpu_object(kernel, "sm_90"))
     assert "HGMMA" in code and "UTMALDG" in code and "HMMA" not in code.replace("HGMMA", "")
+
+
+@needs_nvcc
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_a_model_with_library_token_mixing_validates_where_it_can_run(tmp_path, kernel_cache, monkeypatch, dtype):
+    """TOKENS (196 tokens) built for this machine's GPU (sm_90 without one): all three forms of
+    library call, validated against the reference on the GPU when there is one (the numerics of
+    the CUTLASS kernels themselves), else on this CPU through the stand-in."""
+    monkeypatch.setenv("MIXER_COMPILE_CACHE", str(kernel_cache))
+    result = compile_model(CompileOptions(spec=TOKENS, target="cuda", dtype=dtype, out_dir=tmp_path / "a"))
+    meta = json.loads((tmp_path / "a" / "metadata.json").read_text())
+    assert {from_symbol(s).form for s in meta["gpu_code"]["library_gemms"]} == {"xw", "wx", "wtx"}
+    assert result.validation.passed and result.validation.max_rel_error < TOLERANCES[dtype]
+    assert result.validation.where.startswith("GPU ") == (local_gpu() is not None), result.validation.where

@@ -202,9 +202,10 @@ def build_cuda_library(mod: Any, target: TargetInfo) -> CudaLibrary:
     module_json.write_text(tvm.ir.save_json(mod))
     kernels = cutlass.symbols(mod)
     with ThreadPoolExecutor(max_workers=cutlass.compile_jobs()) as pool:
-        objects = list(pool.map(lambda k: str(gemm_choice.gpu_object(k, _arch(target))), kernels))
+        objects = list(pool.map(lambda k: gemm_choice.gpu_object(k, _arch(target)), kernels))
+    gemm_choice.check_implementable(gemm_choice.call_sites(mod), dict(zip(kernels, objects)))
     target_json.write_text(json.dumps({"name": target.name, "description": target.description,
-                                       "config": target.config, "addons": objects,
+                                       "config": target.config, "addons": [str(o) for o in objects],
                                        "options": gemm_choice.link_options(kernels) if objects else []}))
     env = {**os.environ, "TVM_CUDA_COMPILE_MODE": "nvcc"}
     if not driver_present():

@@ -35,6 +35,7 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from mixer_compile.errors import TargetError
 from mixer_compile.lower.library import PREFIX, GemmKernel, from_symbol
@@ -122,13 +123,11 @@ using Kernel = cutlass::gemm::kernel::GemmUniversal<Shape<int, int, int, int>, M
                                                     cutlass::gemm::PersistentScheduler>;
 using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
 
-void Run(tvm::ffi::TensorView x, tvm::ffi::TensorView w, tvm::ffi::TensorView bias, RESIDUAL_PARAM
-         tvm::ffi::TensorView d) {
-  Problem p = CheckArgs(x, w, bias, d, DLCODE);
+typename Gemm::Arguments MakeArguments(const Problem& p, const void* x, const void* w, const void* bias,
+                                       const void* source, void* d) {
   int m = int(p.m), n = int(p.n), k = int(p.k), l = int(p.l);
-  const void* source = RESIDUAL_PTR;
-  const void* a = FORM_XW ? x.data_ptr() : w.data_ptr();
-  const void* b = FORM_XW ? w.data_ptr() : x.data_ptr();
+  const void* a = FORM_XW ? x : w;
+  const void* b = FORM_XW ? w : x;
   auto sa = cutlass::make_cute_packed_stride(typename Kernel::StrideA{}, cute::make_shape(m, k, l));
   auto sb = cutlass::make_cute_packed_stride(typename Kernel::StrideB{}, cute::make_shape(n, k, l));
   auto sd = cutlass::make_cute_packed_stride(typename Kernel::StrideD{}, cute::make_shape(m, n, l));
@@ -137,10 +136,17 @@ void Run(tvm::ffi::TensorView x, tvm::ffi::TensorView w, tvm::ffi::TensorView bi
       cutlass::gemm::GemmUniversalMode::kGemm,
       {m, n, k, l},
       {static_cast<const Element*>(a), sa, static_cast<const Element*>(b), sb},
-      {{}, static_cast<const Element*>(source), sd, static_cast<Element*>(d.data_ptr()), sd}};
+      {{}, static_cast<const Element*>(source), sd, static_cast<Element*>(d), sd}};
   args.epilogue.thread.alpha = 1.0f;
   args.epilogue.thread.beta = source ? 1.0f : 0.0f;
-  args.epilogue.thread.bias_ptr = static_cast<const float*>(bias.data_ptr());
+  args.epilogue.thread.bias_ptr = static_cast<const float*>(bias);
+  return args;
+}
+
+void Run(tvm::ffi::TensorView x, tvm::ffi::TensorView w, tvm::ffi::TensorView bias, RESIDUAL_PARAM
+         tvm::ffi::TensorView d) {
+  Problem p = CheckArgs(x, w, bias, d, DLCODE);
+  auto args = MakeArguments(p, x.data_ptr(), w.data_ptr(), bias.data_ptr(), RESIDUAL_PTR, d.data_ptr());
   Gemm gemm;
   Check(gemm.can_implement(args) == cutlass::Status::kSuccess,
         "CUTLASS cannot run this shape (the contiguous axes must be multiples of 8)");
@@ -152,9 +158,20 @@ void Run(tvm::ffi::TensorView x, tvm::ffi::TensorView w, tvm::ffi::TensorView bi
   Check(gemm.run(stream) == cutlass::Status::kSuccess, "run");
   if (workspace) cudaFreeAsync(workspace, stream);
 }
+"""
+
+# Both families end with this: whether the kernel can run a problem (CUTLASS's own checks:
+# alignment of the contiguous axes, shapes), asked on the CPU at build time by
+# backend/gemm_choice.py `check_implementable`, and the exports.
+_IMPLEMENTABLE = r"""
+bool Implementable(int64_t m, int64_t n, int64_t k, int64_t l) {
+  auto args = MakeArguments(Problem{m, n, k, l}, nullptr, nullptr, nullptr, nullptr, nullptr);
+  return Gemm::can_implement(args) == cutlass::Status::kSuccess;
+}
 }  // namespace
 
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(SYMBOL, Run);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(SYMBOL_implementable, Implementable);
 """
 
 # sm_80 family: one kernel part per product (its includes, the `Gemm` type and `MakeArguments`),
@@ -245,9 +262,6 @@ void Run(tvm::ffi::TensorView x, tvm::ffi::TensorView w, tvm::ffi::TensorView bi
   Check(gemm.initialize(args, nullptr, stream) == cutlass::Status::kSuccess, "initialize");
   Check(gemm(stream) == cutlass::Status::kSuccess, "run");
 }
-}  // namespace
-
-TVM_FFI_DLL_EXPORT_TYPED_FUNC(SYMBOL, Run);
 """
 
 
@@ -365,7 +379,7 @@ def gpu_source(kernel: GemmKernel, arch: str) -> str:
         text = text.replace(name, f"_{value}" if arch == "sm_90a" else str(value))
     text = (text.replace("_WARP_M", str(config.warp[0])).replace("_WARP_N", str(config.warp[1]))
             .replace("_STAGES", str(config.stages)).replace("LAYOUT_A", f"cutlass::layout::{layout_a}"))
-    return _with_form(text.replace("ELEMENT", element), kernel, "kDLCUDA")
+    return _with_form((text + _IMPLEMENTABLE).replace("ELEMENT", element), kernel, "kDLCUDA")
 
 
 def has_family(arch: str) -> bool:
@@ -593,16 +607,40 @@ def host_object(kernels: list[GemmKernel]) -> Path:
     return compile_cached(host_source(kernels), command, ".o", "the host implementation of the GEMM kernels")
 
 
-def link_options() -> list[str]:
-    """Linker options for a library holding GPU kernel objects: the CUDA runtime they call
-    (wrapped so that `--as-needed`, which export_library's options precede, keeps it)."""
+def cuda_runtime_dir() -> Path:
+    """The CUDA toolkit's library directory (the CUDA runtime the kernel objects call)."""
     homes = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda",
              str(Path(shutil.which("nvcc") or "/").resolve().parent.parent)]
     dirs = [d / sub for d in map(Path, filter(None, homes)) for sub in ("lib64", "lib")
             if (d / sub / "libcudart.so").exists()]
     if not dirs:
         raise TargetError("the CUDA runtime library (libcudart.so) was not found; set CUDA_HOME to the CUDA toolkit")
-    return ["-Wl,--no-as-needed", f"-L{dirs[0]}", "-lcudart", "-Wl,--as-needed"]
+    return dirs[0]
+
+
+def link_options() -> list[str]:
+    """Linker options for a library holding GPU kernel objects: the CUDA runtime they call
+    (wrapped so that `--as-needed`, which export_library's options precede, keeps it)."""
+    return ["-Wl,--no-as-needed", f"-L{cuda_runtime_dir()}", "-lcudart", "-Wl,--as-needed"]
+
+
+def load_on_host(objects: list[Path], options: list[str], directory: Path) -> Any:
+    """GPU kernel objects linked into one library in `directory` and loaded into this process,
+    GPU or not: their host-side functions (CUTLASS's `can_implement`) run on the CPU, and the
+    CUDA runtime is only loaded, never initialised, until a kernel is launched."""
+    import ctypes
+
+    import tvm
+
+    out = directory / "kernels_on_host.so"
+    proc = subprocess.run([host_compiler(), "-shared", "-o", str(out), *map(str, dict.fromkeys(objects)), *options],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise TargetError(f"linking the GEMM kernels failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}")
+    runtime = sorted(cuda_runtime_dir().glob("libcudart.so.*"))
+    for lib in runtime[-1:]:  # the versioned soname model.so records; not on the loader's path everywhere
+        ctypes.CDLL(str(lib), mode=ctypes.RTLD_GLOBAL)
+    return tvm.runtime.load_module(str(out))
 
 
 def symbols(mod: object) -> list[GemmKernel]:

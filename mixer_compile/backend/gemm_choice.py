@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from mixer_compile.backend.cutlass import CANDIDATES, Config
-from mixer_compile.errors import TuningError
+from mixer_compile.errors import TargetError, TuningError
 from mixer_compile.lower.library import PREFIX, GemmKernel, GemmShape, from_symbol, shape_of
 
 RECORDS = "library_gemms.json"
@@ -147,6 +147,28 @@ def link_options(kernels: list[GemmKernel]) -> list[str]:
 
     uses_cublaslt = any(k.variant == cublaslt.VARIANT for k in kernels)
     return cutlass.link_options() + (cublaslt.link_options() if uses_cublaslt else [])
+
+
+def check_implementable(sites: list[tuple[GemmKernel, GemmShape]], objects: dict[GemmKernel, Path]) -> None:
+    """Asks each compiled CUTLASS kernel, on this CPU, whether it can run the problems it is
+    called with (CUTLASS's `can_implement`: alignment of the contiguous axes, shapes), so that a
+    choice it would refuse fails the build here, in one line, and not the first call on a GPU.
+    cuBLASLt picks its algorithm per call and has no such check."""
+    import tempfile
+
+    from mixer_compile.backend import cublaslt, cutlass
+
+    sites = [(k, s) for k, s in sites if k.variant != cublaslt.VARIANT]
+    if not sites:
+        return
+    kernels = sorted({k for k, _ in sites}, key=lambda k: k.symbol)
+    with tempfile.TemporaryDirectory(prefix="mixer-compile-check-") as tmp:
+        lib = cutlass.load_on_host([objects[k] for k in kernels], cutlass.link_options(), Path(tmp))
+        for kernel, shape in sites:
+            if not lib[f"{kernel.symbol}_implementable"](shape.m, shape.n, shape.k, shape.l):
+                raise TargetError(f"the CUTLASS kernel {kernel.symbol} cannot run the {shape.m}x{shape.n}x{shape.k}"
+                                  f"x{shape.l} problem it was chosen for (its can_implement says no): delete "
+                                  "that problem's record from the GEMM records, or report the default")
 
 
 def _visit_calls(mod: Any, rename: Any) -> Any:

@@ -12,7 +12,6 @@ already measured on this GPU is skipped: an interrupted run resumes where it sto
 
 from __future__ import annotations
 
-import subprocess
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -76,14 +75,6 @@ def _objects(kernels: list[GemmKernel], arch: str, jobs: int, say: Say) -> dict[
         return {k: obj for k, obj in pool.map(build, kernels) if obj is not None}
 
 
-def _link(kernels: list[GemmKernel], objects: list[Path], out: Path) -> Path:
-    proc = subprocess.run([cutlass.host_compiler(), "-shared", "-o", str(out), *map(str, dict.fromkeys(objects)),
-                           *gemm_choice.link_options(kernels)], capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise TuningError(f"linking the GEMM candidates failed: {proc.stderr.strip().splitlines()[-1]}")
-    return out
-
-
 def _time(lib: Any, symbol: str, args: list[Any], dev: Any) -> float:
     """Seconds per call: one warm-up, then REPEAT timings of enough calls for ~10 ms each."""
     probe = lib.time_evaluator(symbol, dev, number=1, repeat=1)(*args).mean
@@ -121,7 +112,7 @@ def tune_gemms(mod: Any, arch: str, say: Say, jobs: int = 0) -> list[Record]:
             raise TuningError(f"no candidate of {kernel.symbol} compiled; see the lines above")
         with tempfile.TemporaryDirectory(prefix="mixer-gemm-tune-") as tmp:
             kernels = [kernel.with_variant(v) for v in built]
-            lib = tvm.runtime.load_module(str(_link(kernels, list(built.values()), Path(tmp) / "candidates.so")))
+            lib = cutlass.load_on_host(list(built.values()), gemm_choice.link_options(kernels), Path(tmp))
             args = _arrays(kernel, shape, dev)
             times = {v: _time(lib, kernel.with_variant(v).symbol, args, dev) for v in built}
         best = min(times, key=times.__getitem__)
