@@ -216,7 +216,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
         here = parse_tracker(args.rpc_tracker or "", args.rpc_key)
         runner = rpc_runner(here)
         print(f"measuring on the RPC tracker {here.address}, key {here.key}", file=sys.stderr)
-    print(f"tuning {spec.fingerprint()} ({args.form}) for {target.name} [{target.config.get('mcpu', '')}], "
+    print(f"tuning {spec.fingerprint()} ({args.form}) for {target.name} [{target.config.get('mcpu') or target.config.get('arch', '')}], "
           f"{args.trials} trials per kernel, database {db_dir}", file=sys.stderr)
     batches = None
     if isinstance(args.batch, tuple) and args.batch[0] != args.batch[1]:  # every entry of the range

@@ -93,7 +93,11 @@ def compile_model(opts: CompileOptions, progress: Progress | None = None) -> Com
         progress.say(f"      GELU flavour: {spec.resolved_gelu} "
                      + ("(set by the spec)" if opts.spec.gelu else f"(from the {source['origin']} weights)"))
     form, database, tuning = opts.form, None, {}
-    if opts.choose_form and target.kind == "llvm":  # choose_form times CPU builds on this CPU
+    if opts.choose_form and not backend.CHOOSES_FORM:
+        with progress.stage("choose", f"not for {target.name}: keeping form {opts.form}"):
+            progress.say(f"      --choose-form times each form's build on this CPU; {target.kind} builds "
+                         "take the form their backend is made for")
+    elif opts.choose_form:
         from mixer_compile.tune.choose_form import choose_form
 
         with progress.stage("choose", "build every IR form, time each on this CPU"):
@@ -213,7 +217,7 @@ def _tuning_records(opts: CompileOptions, spec: MixerSpec, target: TargetInfo,
 
     user_db, shipped = opts.db or user_db_dir(target), shipped_db_dirs(target)
     if opts.tune:
-        forms = list(FORMS) if opts.choose_form else [opts.form]
+        forms = list(FORMS) if opts.choose_form and backend_for(target).CHOOSES_FORM else [opts.form]
         progress.say(f"      tuning: {opts.trials} trials per large kernel into {user_db} ({', '.join(forms)})")
         for form in forms:  # the library GEMMs of a GPU build (tune/gemms.py), then MetaSchedule's kernels
             tune_model_gemms(spec, target, form, opts.dtype, batches, progress.say)

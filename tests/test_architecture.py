@@ -309,7 +309,7 @@ def test_every_backend_has_the_same_interface():
     assert len({b.__name__ for b in backends.values()}) == 2  # one module per kind
     signatures = {}
     for name, backend in backends.items():
-        assert isinstance(backend.TUNABLE, bool), name
+        assert isinstance(backend.TUNABLE, bool) and isinstance(backend.CHOOSES_FORM, bool), name
         functions = INTERFACE + (TUNING_INTERFACE if backend.TUNABLE else ())
         signatures[name] = {f: list(inspect.signature(getattr(backend, f)).parameters) for f in functions}
         assert isinstance(backend.pass_context(get_target(name), "float16"), PassContext)

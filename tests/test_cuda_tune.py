@@ -227,3 +227,26 @@ def test_a_search_that_meets_a_metaschedule_error_is_retried_with_another_seed(g
     assert summary.tuned_now == 2 and calls == [task.name, task.name]
     assert any("the search stopped on a MetaSchedule error (ScheduleError: The scope" in line
                and line.endswith("retrying with another seed") for line in lines)
+
+
+def test_choose_form_on_a_gpu_target_keeps_the_form_and_says_why(monkeypatch, capsys):
+    """--choose-form times builds on this CPU: a CUDA compile keeps its form, in a stage of its
+    own (the stage count stays right), and tunes only that form."""
+    import io
+
+    from mixer_compile.util.progress import Progress
+
+    class Stop(Exception):
+        pass
+
+    def stop(*args, **kwargs):
+        raise Stop
+
+    monkeypatch.setattr(cuda, "build", stop)
+    out = io.StringIO()
+    with pytest.raises(Stop):
+        compile_model(CompileOptions(spec=TENSORIZABLE, target="sm_90", dtype="float16", choose_form=True),
+                      progress=Progress(6, stream=out))
+    lines = out.getvalue().splitlines()
+    assert "[3/6] choose    not for sm_90: keeping form matmul" in lines
+    assert any(line.startswith("[4/6] graph") and "form matmul" in line for line in lines)

@@ -4,6 +4,7 @@
     build(mod, target, database=None, on_applied=None) -> executable
     runner(executable, target, params, rebuild) -> Runner   how validation runs a build, where (runner.py)
     describe(executable) -> dict                   what the artifact's metadata says of its code
+    CHOOSES_FORM                                   whether --choose-form can time its builds here
     TUNABLE                                        whether MetaSchedule records apply; if so also
     prepare(mod, target) -> mod                    the legalized, fused module whose kernels are the tasks
     default_schedule(mod, target) -> mod           a kernel as a build without records schedules it

@@ -27,6 +27,7 @@ from mixer_compile.machine import physical_cores
 from mixer_compile.passes.context import PassContext
 
 TUNABLE = True
+CHOOSES_FORM = True  # --choose-form can time this kind's builds here, on this CPU
 
 
 def pass_context(target: TargetInfo, dtype: str) -> PassContext:

@@ -34,6 +34,7 @@ from mixer_compile.errors import MixerCompileError, TargetError
 from mixer_compile.passes.context import PassContext
 
 TUNABLE = True
+CHOOSES_FORM = False  # its builds run on a GPU, not here; matmul is the form the library GEMMs need
 HOST_CHECK_BATCH = 2  # batch of the CPU stand-in check of a GPU build that cannot run here
 CUDA_ERROR_NO_DEVICE = 100
 CUDA_GRAPH_CONFIG = "relax.backend.use_cuda_graph"
