@@ -8,8 +8,8 @@ instantiates each called symbol from CUTLASS templates with its epilogue fused: 
 per output feature), then GELU (erf or tanh, as the spec says) or the residual add, rounded
 once to the storage dtype.
 
-sm_90/sm_90a: CUTLASS 3.x, TMA + wgmma, warp-specialized cooperative persistent kernels,
-compiled for `sm_90a` (wgmma needs the arch-specific target). sm_80/86/89: CUTLASS 2.x,
+sm_90/sm_90a: CUTLASS 3.x, TMA + wgmma, warp-specialized persistent kernels (cooperative or
+ping-pong, as the variant says), compiled for `sm_90a` (wgmma needs the arch-specific target). sm_80/86/89: CUTLASS 2.x,
 mma.sync m16n8k16 + cp.async multistage; right products add bias and residual through the
 broadcast epilogue, which broadcasts per column, so left products (bias per row) use an
 epilogue visitor tree instead (column broadcast of the bias, GELU or an auxiliary load of R).
@@ -17,7 +17,10 @@ The objects export tvm-ffi's C ABI (`__tvm_ffi_<name>`), are linked into the art
 `model.so` (`export_library(addons=...)`) and are found there by `R.call_dps_packed`, so the
 artifact stays self-contained (TVM runtime, CUDA runtime and driver). One sm_90a kernel takes
 about a minute and several GB of memory to compile, so objects are cached by the hash of their
-source and compiler under the user cache (`$MIXER_COMPILE_CACHE/kernels`).
+source, compiler and header packages under the user cache (`$MIXER_COMPILE_CACHE/kernels`).
+Each kernel's configuration (tile, cluster, schedule; `Config`, `CANDIDATES`) is its symbol's
+variant, chosen per call site by backend/gemm_choice.py; each also exports CUTLASS's
+`can_implement`, which the build asks on the CPU (`load_on_host`).
 
 `host_object` compiles a plain C++ implementation of the same interface for this CPU: the
 host-CPU check of a GPU build (backend/cuda.py) runs the very Relax program, external calls
