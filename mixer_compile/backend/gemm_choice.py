@@ -20,7 +20,7 @@ import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from mixer_compile.backend.cutlass import CANDIDATES, Config
 from mixer_compile.errors import TargetError, TuningError
@@ -171,7 +171,7 @@ def check_implementable(sites: list[tuple[GemmKernel, GemmShape]], objects: dict
                                   "that problem's record from the GEMM records, or report the default")
 
 
-def _visit_calls(mod: Any, rename: Any) -> Any:
+def _visit_calls(mod: Any, rename: Callable[[GemmKernel, GemmShape], str | None]) -> Any:
     """Calls `rename(kernel, shape)` on each library call; a returned symbol replaces the call's."""
     import tvm
     from tvm import relax
@@ -193,6 +193,5 @@ def _visit_calls(mod: Any, rename: Any) -> Any:
             return relax.Call(call.op, [relax.ExternFunc(symbol), call.args[1]], call.attrs, call.ty_args)
 
     mutator = Rename()
-    out = tvm.IRModule({gvar: mutator.visit_expr(func) if isinstance(func, relax.Function) else func
-                        for gvar, func in mod.functions.items()}, attrs=mod.attrs)
-    return out
+    return tvm.IRModule({gvar: mutator.visit_expr(func) if isinstance(func, relax.Function) else func
+                         for gvar, func in mod.functions.items()}, attrs=mod.attrs)
