@@ -66,10 +66,6 @@ class GemmShape:
     k: int
     l: int = 1
 
-    @property
-    def macs(self) -> int:
-        return self.l * self.m * self.n * self.k
-
 
 def form_of(axis: int, ndim: int, kernel_layout: str) -> str:
     """The form of a dense op contracting `axis` of an `ndim`-d input with a kernel stored as
