@@ -1,9 +1,9 @@
 """Our compiled Mixer against PyTorch on the same GPU, in one run.
 
 For each batch size (default 1, 64, 256): our module built for `--target` (default cuda, the
-local GPU) in fp16 and bf16 and validated on the GPU by the compile itself; PyTorch eager
-with fp16 autocast, PyTorch eager in bf16 (weights and inputs bf16), and torch.compile of
-both (at batch 1 also with mode="reduce-overhead", i.e. CUDA graphs, as ours), and timm's model
+local GPU) in fp16, bf16 and fp32 (the default dtype, whose GEMMs stay on DLight: a slow
+case kept in the table) and validated on the GPU by the compile itself; PyTorch eager with
+fp16 autocast, in bf16 (weights and inputs bf16) and in fp32, and torch.compile of each (at batch 1 also with mode="reduce-overhead", i.e. CUDA graphs, as ours), and timm's model
 as torch.onnx.export writes it in ONNX Runtime's CUDA provider where onnxruntime-gpu is
 installed (said in the table otherwise); then a large
 fp16 matmul (torch, 8192^3) to measure the tensor-core peak the GPU targets refer to. Same
@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--spec", default="mixer_b16")
     ap.add_argument("--target", default="cuda")
     ap.add_argument("--batches", default="1,64,256")
-    ap.add_argument("--dtypes", default="float16,bfloat16")
+    ap.add_argument("--dtypes", default="float16,bfloat16,float32")
     ap.add_argument("--number", type=int, default=20)
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--no-torch-compile", action="store_true")
