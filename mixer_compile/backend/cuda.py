@@ -166,7 +166,7 @@ def runner(executable: CudaLibrary, target: TargetInfo, params: list[Any],
         return Runner(lib, dev, params, f"GPU {dev.device_name}")
     mod, small_params, batch = rebuild(HOST_CHECK_BATCH)
     lib = cpu.build(mod, get_target("llvm"))
-    kernels = cutlass.symbols(mod)
+    kernels = gemm_choice.kernels_called(mod)
     if kernels:  # the library GEMMs' CPU implementation, linked in like the GPU build links CUTLASS's
         lib = _with_addons(lib, [cutlass.host_object(kernels)], Path(executable.work.name) / "host_check.so")
     return Runner(lib, tvm.cpu(), small_params,
@@ -201,7 +201,7 @@ def build_cuda_library(mod: Any, target: TargetInfo) -> CudaLibrary:
     mod, choices = gemm_choice.apply_choices(mod, cutlass.gpu_arch_flag(_arch(target))[0]) \
         if cutlass.has_family(_arch(target)) else (mod, [])
     module_json.write_text(tvm.ir.save_json(mod))
-    kernels = cutlass.symbols(mod)
+    kernels = gemm_choice.kernels_called(mod)
     with ThreadPoolExecutor(max_workers=cutlass.compile_jobs()) as pool:
         objects = list(pool.map(lambda k: gemm_choice.gpu_object(k, _arch(target)), kernels))
     gemm_choice.check_implementable(gemm_choice.call_sites(mod), dict(zip(kernels, objects)))

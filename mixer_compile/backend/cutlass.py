@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from mixer_compile.errors import TargetError
-from mixer_compile.lower.library import PREFIX, GemmKernel, from_symbol
+from mixer_compile.lower.library import GemmKernel
 
 # ---------------------------------------------------------------------------- GPU sources
 
@@ -644,19 +644,3 @@ def load_on_host(objects: list[Path], options: list[str], directory: Path) -> An
     for lib in runtime[-1:]:  # the versioned soname model.so records; not on the loader's path everywhere
         ctypes.CDLL(str(lib), mode=ctypes.RTLD_GLOBAL)
     return tvm.runtime.load_module(str(out))
-
-
-def symbols(mod: object) -> list[GemmKernel]:
-    """The GEMM kernels a Relax module calls (`R.call_dps_packed` of a mixer_gemm_* symbol)."""
-    from tvm import relax
-
-    found: set[str] = set()
-
-    def visit(expr: object) -> None:
-        if isinstance(expr, relax.ExternFunc) and str(expr.global_symbol).startswith(PREFIX):
-            found.add(str(expr.global_symbol))
-
-    for func in mod.functions.values():  # type: ignore[attr-defined]
-        if isinstance(func, relax.Function):
-            relax.analysis.post_order_visit(func, visit)
-    return [from_symbol(s) for s in sorted(found)]

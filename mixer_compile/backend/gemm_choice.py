@@ -120,6 +120,11 @@ def call_sites(mod: Any) -> list[tuple[GemmKernel, GemmShape]]:
     return found
 
 
+def kernels_called(mod: Any) -> list[GemmKernel]:
+    """The distinct library kernels a Relax module calls: what its library links."""
+    return sorted({kernel for kernel, _ in call_sites(mod)}, key=lambda k: k.symbol)
+
+
 def apply_choices(mod: Any, family: str, records: dict[tuple, Record] | None = None) -> tuple[Any, list[dict]]:
     """`mod` with every library GEMM call renamed to its chosen variant; one line per call site
     (problem, variant, origin) for the build's report."""
