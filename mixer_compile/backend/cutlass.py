@@ -145,40 +145,10 @@ typename Gemm::Arguments MakeArguments(const Problem& p, const void* x, const vo
   args.epilogue.thread.bias_ptr = static_cast<const float*>(bias);
   return args;
 }
-
-void Run(tvm::ffi::TensorView x, tvm::ffi::TensorView w, tvm::ffi::TensorView bias, RESIDUAL_PARAM
-         tvm::ffi::TensorView d) {
-  Problem p = CheckArgs(x, w, bias, d, DLCODE);
-  auto args = MakeArguments(p, x.data_ptr(), w.data_ptr(), bias.data_ptr(), RESIDUAL_PTR, d.data_ptr());
-  Gemm gemm;
-  Check(gemm.can_implement(args) == cutlass::Status::kSuccess,
-        "CUTLASS cannot run this shape (the contiguous axes must be multiples of 8)");
-  auto stream = static_cast<cudaStream_t>(TVMFFIEnvGetStream(kDLCUDA, x.device().device_id));
-  size_t workspace_size = Gemm::get_workspace_size(args);
-  void* workspace = nullptr;
-  if (workspace_size) Check(cudaMallocAsync(&workspace, workspace_size, stream) == cudaSuccess, "workspace");
-  Check(gemm.initialize(args, workspace, stream) == cutlass::Status::kSuccess, "initialize");
-  Check(gemm.run(stream) == cutlass::Status::kSuccess, "run");
-  if (workspace) cudaFreeAsync(workspace, stream);
-}
-"""
-
-# Both families end with this: whether the kernel can run a problem (CUTLASS's own checks:
-# alignment of the contiguous axes, shapes), asked on the CPU at build time by
-# backend/gemm_choice.py `check_implementable`, and the exports.
-_IMPLEMENTABLE = r"""
-bool Implementable(int64_t m, int64_t n, int64_t k, int64_t l) {
-  auto args = MakeArguments(Problem{m, n, k, l}, nullptr, nullptr, nullptr, nullptr, nullptr);
-  return Gemm::can_implement(args) == cutlass::Status::kSuccess;
-}
-}  // namespace
-
-TVM_FFI_DLL_EXPORT_TYPED_FUNC(SYMBOL, Run);
-TVM_FFI_DLL_EXPORT_TYPED_FUNC(SYMBOL_implementable, Implementable);
 """
 
 # sm_80 family: one kernel part per product (its includes, the `Gemm` type and `MakeArguments`),
-# inside an anonymous namespace that the shared launch (_SM80_RUN) closes.
+# inside an anonymous namespace that _IMPLEMENTABLE closes.
 _SM80_XW = r"""
 #include "cutlass/cutlass.h"
 #include "cutlass/epilogue/thread/activation.h"
@@ -253,7 +223,10 @@ typename Gemm::Arguments MakeArguments(const Problem& p, const void* x, const vo
 }
 """
 
-_SM80_RUN = r"""
+# Every family's kernel continues with its launch, after its `Gemm` type and `MakeArguments` (the CUTLASS 2.x and 3.x
+# device adapters share this interface): the argument checks, CUTLASS's own, then the run on
+# TVM's stream, its workspace (if any) stream-ordered.
+_RUN = r"""
 void Run(tvm::ffi::TensorView x, tvm::ffi::TensorView w, tvm::ffi::TensorView bias, RESIDUAL_PARAM
          tvm::ffi::TensorView d) {
   Problem p = CheckArgs(x, w, bias, d, DLCODE);
@@ -262,9 +235,28 @@ void Run(tvm::ffi::TensorView x, tvm::ffi::TensorView w, tvm::ffi::TensorView bi
   Check(gemm.can_implement(args) == cutlass::Status::kSuccess,
         "CUTLASS cannot run this shape (the contiguous axes must be multiples of 8)");
   auto stream = static_cast<cudaStream_t>(TVMFFIEnvGetStream(kDLCUDA, x.device().device_id));
-  Check(gemm.initialize(args, nullptr, stream) == cutlass::Status::kSuccess, "initialize");
-  Check(gemm(stream) == cutlass::Status::kSuccess, "run");
+  size_t workspace_size = Gemm::get_workspace_size(args);
+  void* workspace = nullptr;
+  if (workspace_size) Check(cudaMallocAsync(&workspace, workspace_size, stream) == cudaSuccess, "workspace");
+  Check(gemm.initialize(args, workspace, stream) == cutlass::Status::kSuccess, "initialize");
+  Check(gemm.run(stream) == cutlass::Status::kSuccess, "run");
+  if (workspace) cudaFreeAsync(workspace, stream);
 }
+"""
+
+
+# ... and end with this: whether the kernel can run a problem (CUTLASS's own checks:
+# alignment of the contiguous axes, shapes), asked on the CPU at build time by
+# backend/gemm_choice.py `check_implementable`, and the exports.
+_IMPLEMENTABLE = r"""
+bool Implementable(int64_t m, int64_t n, int64_t k, int64_t l) {
+  auto args = MakeArguments(Problem{m, n, k, l}, nullptr, nullptr, nullptr, nullptr, nullptr);
+  return Gemm::can_implement(args) == cutlass::Status::kSuccess;
+}
+}  // namespace
+
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(SYMBOL, Run);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(SYMBOL_implementable, Implementable);
 """
 
 
@@ -375,14 +367,13 @@ def gpu_source(kernel: GemmKernel, arch: str) -> str:
     elif kernel.left:
         output, output_args = _sm80_output(kernel)
         text = _COMMON + _CHECKS + _SM80_LEFT.replace("OUTPUT_ARGS", output_args).replace("OUTPUT", output)
-        text += _SM80_RUN
     else:
-        text = _COMMON + _CHECKS + _SM80_XW.replace("ACTIVATION", _ACTIVATIONS[kernel.epilogue]) + _SM80_RUN
+        text = _COMMON + _CHECKS + _SM80_XW.replace("ACTIVATION", _ACTIVATIONS[kernel.epilogue])
     for name, value in zip(("_TILE_M", "_TILE_N", "_TILE_K"), config.tile):
         text = text.replace(name, f"_{value}" if arch == "sm_90a" else str(value))
     text = (text.replace("_WARP_M", str(config.warp[0])).replace("_WARP_N", str(config.warp[1]))
             .replace("_STAGES", str(config.stages)).replace("LAYOUT_A", f"cutlass::layout::{layout_a}"))
-    return _with_form((text + _IMPLEMENTABLE).replace("ELEMENT", element), kernel, "kDLCUDA")
+    return _with_form((text + _RUN + _IMPLEMENTABLE).replace("ELEMENT", element), kernel, "kDLCUDA")
 
 
 def has_family(arch: str) -> bool:
