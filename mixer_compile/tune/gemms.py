@@ -34,7 +34,7 @@ def candidates(kernel: GemmKernel, family: str) -> list[str]:
     from mixer_compile.backend import cublaslt
 
     variants = [c.variant for c in cutlass.CANDIDATES[family]]
-    return variants + (["cublaslt"] if cublaslt.supports(kernel) else [])
+    return variants + ([cublaslt.VARIANT] if cublaslt.supports(kernel) else [])
 
 
 def _arrays(kernel: GemmKernel, shape: GemmShape, dev: Any) -> list[Any]:
@@ -86,8 +86,6 @@ def tune_gemms(mod: Any, arch: str, say: Say, jobs: int = 0) -> list[Record]:
     """Measures every candidate of every library GEMM problem of `mod` on this machine's GPU
     and records the fastest of each in the user's GEMM records; returns the new records.
     `jobs` kernels compile at once (0: as many as cores and memory allow)."""
-    import tvm
-
     from mixer_compile.machine import gpu_arch, local_gpu
 
     family = cutlass.gpu_arch_flag(arch)[0]
@@ -101,10 +99,11 @@ def tune_gemms(mod: Any, arch: str, say: Say, jobs: int = 0) -> list[Record]:
     problems = sorted({(k.with_variant(""), s) for k, s in gemm_choice.call_sites(mod)}, key=lambda p: p[0].symbol)
     todo = [(k, s) for k, s in problems if gemm_choice.key_of(k, s) not in done]
     say(f"library GEMMs: {len(problems)} problems, {len(problems) - len(todo)} already measured on {device}")
-    chosen = [k.with_variant(v) for k, _ in todo for v in candidates(k, family)]
+    chosen = sorted({k.with_variant(v) for k, _ in todo for v in candidates(k, family)}, key=lambda k: k.symbol)
+    jobs = jobs or cutlass.compile_jobs()
     if chosen:
-        say(f"  compiling {len(set(chosen))} candidate kernels ({jobs or cutlass.compile_jobs()} at once; cached)")
-    objects = _objects(sorted(set(chosen), key=lambda k: k.symbol), arch, jobs or cutlass.compile_jobs(), say)
+        say(f"  compiling {len(chosen)} candidate kernels ({jobs} at once; cached)")
+    objects = _objects(chosen, arch, jobs, say)
     new = []
     for i, (kernel, shape) in enumerate(todo, 1):
         built = {k.variant: obj for k, obj in objects.items() if k.with_variant("") == kernel}
