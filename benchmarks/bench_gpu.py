@@ -1,8 +1,8 @@
 """Our compiled Mixer against PyTorch on the same GPU, in one run.
 
 For each batch size (default 1, 64, 256): our module built for `--target` (default cuda, the
-local GPU) in fp16, bf16 and fp32 (the default dtype, whose GEMMs stay on DLight: a slow
-case kept in the table) and validated on the GPU by the compile itself; PyTorch eager with
+local GPU) in fp16, bf16 and fp32 (the default dtype: 3xTF32 CUTLASS GEMMs, float32 accuracy)
+and validated on the GPU by the compile itself; PyTorch eager with
 fp16 autocast, in bf16 (weights and inputs bf16) and in fp32, and torch.compile of each (at batch 1 also with mode="reduce-overhead", i.e. CUDA graphs, as ours), and timm's model
 as torch.onnx.export writes it in ONNX Runtime's CUDA provider where onnxruntime-gpu is
 installed (said in the table otherwise); then a large
@@ -147,7 +147,8 @@ def onnxruntime_cuda(spec: MixerSpec, weights: dict[str, np.ndarray], images: np
 def markdown(report: dict[str, Any]) -> str:
     peak = report["tensor_core_peak"]
     lines = [f"# {report['spec']} on {report['device']}", "",
-             f"{report['date']}; torch {report['torch']}, TVM {report['tvm']}, one run; "
+             f"{report['date']}; torch {report['torch']} (float32 matmul precision "
+             f"'{report['torch_float32_matmul_precision']}'), TVM {report['tvm']}, one run; "
              f"median of {report['repeat']} x {report['number']} calls per entry.", ""]
     if peak:
         lines += [f"Tensor-core peak ({peak['what']}): {peak['tflops']:.0f} TFLOP/s; "
@@ -193,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     validation: dict[str, str] = {}
     report = {"spec": base.name, "device": name, "date": datetime.date.today().isoformat(),
               "torch": torch.__version__, "tvm": tvm.__version__, "python": platform.python_version(),
+              "torch_float32_matmul_precision": torch.get_float32_matmul_precision(),
               "gflop_per_image": base.flops_per_image() / 1e9, "number": args.number, "repeat": args.repeat,
               "tensor_core_peak": peak, "rows": rows, "ours_vs_torch_compile": {}, "validation": validation}
     out = Path(args.out)

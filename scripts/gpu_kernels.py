@@ -6,7 +6,7 @@ does not depend on where the packages are installed (backend/cutlass.py), so the
 finds these objects when its nvcc is the same version.
 
     python scripts/gpu_kernels.py --cache .gpu/a/cache [--spec mixer_b16] [--batches 1,64,256]
-                                  [--dtypes float16,bfloat16] [--candidates float16:256]
+                                  [--dtypes float32,float16,bfloat16] [--candidates float16:256]
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--spec", default="mixer_b16")
     ap.add_argument("--target", default="sm_90")
     ap.add_argument("--batches", default="1,64,256")
-    ap.add_argument("--dtypes", default="float16,bfloat16")
+    ap.add_argument("--dtypes", default="float32,float16,bfloat16")
     ap.add_argument("--candidates", default="", help="DTYPE:BATCH whose GEMMs' tuning candidates to compile too")
     args = ap.parse_args(argv)
     os.environ["MIXER_COMPILE_CACHE"] = str(Path(args.cache).resolve())

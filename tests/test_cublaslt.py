@@ -43,7 +43,7 @@ def lt(dtype: str, epilogue: str) -> GemmKernel:
 
 
 def test_cublaslt_serves_bias_tanh_gelu_and_residual_right_products():
-    for dtype in ("float16", "bfloat16"):
+    for dtype in ("float16", "bfloat16", "float32"):
         assert all(cublaslt.supports(lt(dtype, e)) for e in ("bias", "gelu_tanh", "residual"))
         assert not cublaslt.supports(lt(dtype, "gelu_erf"))  # its GELU epilogue is the tanh one
         assert not cublaslt.supports(GemmKernel(dtype, "bias", "wx", cublaslt.VARIANT))  # bias along D's rows
@@ -53,6 +53,8 @@ def test_cublaslt_serves_bias_tanh_gelu_and_residual_right_products():
     assert "TVM_FFI_DLL_EXPORT_TYPED_FUNC(mixer_gemm_xw_bf16_residual__cublaslt, Run)" in residual
     assert "CUBLASLT_EPILOGUE_BIAS" in residual and "CUDA_R_16BF" in residual and "TensorView r," in residual
     assert "CUBLASLT_EPILOGUE_GELU_BIAS" in cublaslt.source(lt("float16", "gelu_tanh"))
+    sgemm = cublaslt.source(lt("float32", "bias"))  # float32 in float32: SGEMM, as PyTorch's default (no TF32)
+    assert "kType = CUDA_R_32F" in sgemm and "bits == 32" in sgemm and "(&plan->op, CUBLAS_COMPUTE_32F," in sgemm
 
 
 def test_a_build_declares_libcublaslt_only_when_it_links_a_cublaslt_gemm(tmp_path):
@@ -77,7 +79,8 @@ def kernel_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @needs_cublas
-@pytest.mark.parametrize("arch, kernel", [("sm_90a", lt("bfloat16", "gelu_tanh")), ("sm_80", lt("float16", "residual"))])
+@pytest.mark.parametrize("arch, kernel", [("sm_90a", lt("bfloat16", "gelu_tanh")), ("sm_80", lt("float16", "residual")),
+                                          ("sm_90a", lt("float32", "residual"))])
 def test_wrapper_compiles_exports_its_symbol_and_calls_cublaslt(kernel_cache, monkeypatch, arch, kernel):
     monkeypatch.setenv("MIXER_COMPILE_CACHE", str(kernel_cache))
     obj = cublaslt.gpu_object(kernel, arch)

@@ -18,6 +18,7 @@ import pytest
 import tvm
 
 from mixer_compile.backend import cpu, cutlass, gemm_choice
+from mixer_compile.backend.cutlass import Config
 from mixer_compile.backend.runner import Runner
 from mixer_compile.backend.target import get_target
 from mixer_compile.check.validate import TOLERANCES
@@ -56,7 +57,7 @@ def _library_ops(graph) -> dict[str, str]:
     return {op.output.name: op.attrs["library"] for op in graph.ops if op.attrs.get("library")}
 
 
-def test_large_aligned_half_gemms_go_to_the_library_and_keep_their_meaning():
+def test_large_aligned_gemms_go_to_the_library_and_keep_their_meaning():
     ctx = PassContext(dtype="float16", gemm_library="cutlass")
     graph, reports = optimized_graph(MID, "matmul", ctx)
     assert sorted(_library_ops(graph)) == ["b0.ch.gelu", "b0.ch.res", "b1.ch.gelu", "b1.ch.res"]
@@ -69,8 +70,8 @@ def test_large_aligned_half_gemms_go_to_the_library_and_keep_their_meaning():
     assert not _library_ops(plain)
     out = interpret(graph, graph.materialize_params(weights), x)  # in float64: only the layouts differ
     assert rel_error(out, interpret(plain, plain.materialize_params(weights), x)) < 1e-9
-    # not handed over either: float32 storage, or GEMMs too small to gain (the tiny test model)
-    assert not _library_ops(optimized_graph(MID, "matmul", PassContext(gemm_library="cutlass"))[0])
+    # float32 storage goes too (3xTF32 kernels); GEMMs too small to gain (the tiny test model) do not
+    assert _library_ops(optimized_graph(MID, "matmul", PassContext(gemm_library="cutlass"))[0]) == _library_ops(graph)
     assert not _library_ops(optimized_graph(TINY, "matmul", ctx)[0])
 
 
@@ -86,6 +87,7 @@ def test_symbols_name_form_dtype_epilogue_and_variant():
     assert kernel_for("float16", "erf", False).symbol == "mixer_gemm_xw_f16_gelu_erf"
     assert kernel_for("bfloat16", None, True, "wx").symbol == "mixer_gemm_wx_bf16_residual"
     assert kernel_for("float16", None, False, "wtx").symbol == "mixer_gemm_wtx_f16_bias"
+    assert kernel_for("float32", "tanh", False).symbol == "mixer_gemm_xw_f32_gelu_tanh"
     chosen = GemmKernel("float16", "gelu_tanh", "wtx", "t128x256x64_c1x1_coop")
     assert chosen.symbol == "mixer_gemm_wtx_f16_gelu_tanh__t128x256x64_c1x1_coop"
     for k in (GemmKernel("bfloat16", "gelu_tanh"), GemmKernel("float16", "residual", "wx"), chosen):
@@ -113,8 +115,8 @@ def test_token_mixing_goes_to_the_library_with_its_kernel_layout_chosen_for_alig
                      interpret(plain, plain.materialize_params(weights), x)) < 1e-9
 
 
-@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
-@pytest.mark.parametrize("gelu", ["erf", "tanh"])
+@pytest.mark.parametrize("dtype, gelu", [("float16", "erf"), ("float16", "tanh"), ("bfloat16", "erf"),
+                                         ("bfloat16", "tanh"), ("float32", "erf")])
 def test_relax_program_with_library_calls_matches_reference_on_cpu(tmp_path, monkeypatch, dtype, gelu):
     """The GPU build's very Relax program (layouts, bias direction, residual, the calls in all
     three forms, each renamed to its chosen variant) on this CPU, the calls served by the C++
@@ -191,6 +193,23 @@ def test_cutlass_kernels_compile_to_tensor_core_code(kernel_cache, monkeypatch, 
     symbols = subprocess.run(["nm", str(obj)], check=True, capture_output=True, text=True).stdout
     assert f" T __tvm_ffi_{kernel.symbol}" in symbols and f" T __tvm_ffi_{kernel.symbol}_implementable" in symbols
     assert cutlass.gpu_object(kernel, arch) == obj  # cached: the next build compiles nothing
+
+
+# float32 (3xTF32) on both families: mma.sync m16n8k8 on tf32, three per product (big x big,
+# big x small, small x big), fed by cp.async; no wgmma on Hopper (its tf32 would keep 10 bits)
+F32 = (("sm_80", GemmKernel("float32", "gelu_erf", "xw", "t128x128x16_w32x64_s4")),
+       ("sm_90", GemmKernel("float32", "residual", "wx", "t64x64x16_w32x32_s3")))
+
+
+@needs_nvcc
+@needs_cuobjdump
+@pytest.mark.parametrize("arch, kernel", F32, ids=lambda v: getattr(v, "form", v))
+def test_float32_kernels_run_3xtf32_on_tensor_cores(kernel_cache, monkeypatch, arch, kernel):
+    monkeypatch.setenv("MIXER_COMPILE_CACHE", str(kernel_cache))
+    code = _sass(cutlass.gpu_object(kernel, arch))
+    warp_m, warp_n = Config.parse(kernel.variant).warp
+    per_k_tile = 3 * (warp_m // 16) * (warp_n // 8) * (16 // 8)  # m16n8k8 over a warp tile, K tile 16
+    assert code.count("HMMA.1688.F32.TF32") == per_k_tile and "LDGSTS" in code and "HGMMA" not in code
 
 
 # (kernel, a problem it runs, one it refuses): the contiguous axes must be multiples of 8

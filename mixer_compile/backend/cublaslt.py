@@ -39,7 +39,11 @@ HEADER = "cublasLt.h"
 # epilogue's bias is added to alpha * A @ B + beta * C, then the activation applied).
 _EPILOGUES = {"bias": "CUBLASLT_EPILOGUE_BIAS", "gelu_tanh": "CUBLASLT_EPILOGUE_GELU_BIAS",
               "residual": "CUBLASLT_EPILOGUE_BIAS"}
-_TYPES = {"float16": ("__half", "CUDA_R_16F", "kDLFloat"), "bfloat16": ("__nv_bfloat16", "CUDA_R_16BF", "kDLBfloat")}
+# storage dtype: element, cuBLASLt's type, DLPack's code, bits. Every one computes in float32
+# (CUBLAS_COMPUTE_32F: a float32 GEMM is plain SGEMM, no TF32, as PyTorch's default)
+_TYPES = {"float16": ("__half", "CUDA_R_16F", "kDLFloat", "16"),
+          "bfloat16": ("__nv_bfloat16", "CUDA_R_16BF", "kDLBfloat", "16"),
+          "float32": ("float", "CUDA_R_32F", "kDLFloat", "32")}
 
 _SOURCE = r"""
 // SYMBOL: the xw form of mixer_gemm_* (lower/library.py) by cuBLASLt (backend/cublaslt.py):
@@ -87,7 +91,7 @@ struct Problem { int64_t m, n, k; };
 Problem CheckArgs(const tvm::ffi::TensorView& x, const tvm::ffi::TensorView& w, const tvm::ffi::TensorView& bias,
                   const tvm::ffi::TensorView* r, const tvm::ffi::TensorView& d) {
   for (const auto* t : {&x, &w, &d}) {
-    Check(t->dtype().code == DLCODE && t->dtype().bits == 16, "X, W and D must have the kernel's 16-bit dtype");
+    Check(t->dtype().code == DLCODE && t->dtype().bits == BITS, "X, W and D must have the kernel's dtype");
     Check(t->device().device_type == kDLCUDA, "tensors must be on the GPU");
   }
   Check(bias.dtype().code == kDLFloat && bias.dtype().bits == 32 && bias.ndim() == 1 &&
@@ -97,7 +101,7 @@ Problem CheckArgs(const tvm::ffi::TensorView& x, const tvm::ffi::TensorView& w, 
   Check(x.size(x.ndim() - 1) == p.k && bias.size(0) == p.n, "shape mismatch");
   p.m = x.numel() / p.k;
   Check(d.numel() == p.m * p.n, "D must be [M, N]");
-  if (r) Check(r->dtype().code == DLCODE && r->dtype().bits == 16 && r->numel() == d.numel(), "R must be like D");
+  if (r) Check(r->dtype().code == DLCODE && r->dtype().bits == BITS && r->numel() == d.numel(), "R must be like D");
   return p;
 }
 
@@ -273,8 +277,8 @@ def source(kernel: GemmKernel) -> str:
     if not supports(kernel):
         raise TargetError(f"{kernel.symbol}: cuBLASLt has no such GEMM (right products with a bias, tanh GELU or "
                           "residual epilogue only)")
-    element, cuda_type, dlcode = _TYPES[kernel.dtype]
-    fields = {"SYMBOL": kernel.symbol, "ELEMENT": element, "CUDA_TYPE": cuda_type, "DLCODE": dlcode,
+    element, cuda_type, dlcode, bits = _TYPES[kernel.dtype]
+    fields = {"SYMBOL": kernel.symbol, "ELEMENT": element, "CUDA_TYPE": cuda_type, "DLCODE": dlcode, "BITS": bits,
               "EPILOGUE": _EPILOGUES[kernel.epilogue], "RESIDUAL_PARAM": "tvm::ffi::TensorView r," if kernel.residual
               else "", "RESIDUAL_ARG": "&r" if kernel.residual else "nullptr"}
     return re.sub(r"\b(" + "|".join(fields) + r")\b", lambda m: fields[m.group(0)], _SOURCE)

@@ -13,6 +13,7 @@ ping-pong, as the variant says), compiled for `sm_90a` (wgmma needs the arch-spe
 mma.sync m16n8k16 + cp.async multistage; right products add bias and residual through the
 broadcast epilogue, which broadcasts per column, so left products (bias per row) use an
 epilogue visitor tree instead (column broadcast of the bias, GELU or an auxiliary load of R).
+Float32 kernels use those sm_80 templates on every family, as 3xTF32 (`template`).
 The objects export tvm-ffi's C ABI (`__tvm_ffi_<name>`), are linked into the artifact's
 `model.so` (`export_library(addons=...)`) and are found there by `R.call_dps_packed`, so the
 artifact stays self-contained (TVM runtime, CUDA runtime and driver). One sm_90a kernel takes
@@ -67,7 +68,7 @@ struct Problem { int64_t m, n, k, l; };
 Problem CheckArgs(const tvm::ffi::TensorView& x, const tvm::ffi::TensorView& w, const tvm::ffi::TensorView& bias,
                   const tvm::ffi::TensorView& d, int code) {
   for (const auto* t : {&x, &w, &d}) {
-    Check(t->dtype().code == code && t->dtype().bits == 16, "X, W and D must have the kernel's 16-bit dtype");
+    Check(t->dtype().code == code && t->dtype().bits == STORAGE_BITS, "X, W and D must have the kernel's dtype");
     Check(t->device().device_type == DEVICE, "tensors must be on the kernel's device");
   }
   Check(bias.dtype().code == kDLFloat && bias.dtype().bits == 32 && bias.ndim() == 1, "bias must be float32, 1-d");
@@ -160,12 +161,12 @@ namespace {
 using Element = ELEMENT;
 // Z = Activation(X @ W^T + beta * C + bias): C is the residual (beta 1) or absent (beta 0)
 using EpilogueOp = cutlass::epilogue::thread::LinearCombinationBiasElementwise<
-    Element, float, float, Element, Element, 8, ACTIVATION<float>, cutlass::plus<float>, false, float>;
+    Element, float, float, Element, Element, ALIGN, ACTIVATION<float>, cutlass::plus<float>, false, float>;
 using Gemm = cutlass::gemm::device::GemmUniversalWithBroadcast<
     Element, cutlass::layout::RowMajor, Element, cutlass::layout::ColumnMajor, Element, cutlass::layout::RowMajor,
     float, cutlass::arch::OpClassTensorOp, cutlass::arch::Sm80, cutlass::gemm::GemmShape<_TILE_M, _TILE_N, _TILE_K>,
-    cutlass::gemm::GemmShape<_WARP_M, _WARP_N, _TILE_K>, cutlass::gemm::GemmShape<16, 8, 16>, EpilogueOp,
-    cutlass::gemm::threadblock::GemmIdentityThreadblockSwizzle<8>, _STAGES, 8, 8>;
+    cutlass::gemm::GemmShape<_WARP_M, _WARP_N, _TILE_K>, INSTRUCTION, EpilogueOp,
+    cutlass::gemm::threadblock::GemmIdentityThreadblockSwizzle<8>, _STAGES, ALIGN, ALIGN, MATH_OP>;
 
 typename Gemm::Arguments MakeArguments(const Problem& p, const void* x, const void* w, const void* bias,
                                        const void* source, void* d) {
@@ -195,7 +196,7 @@ using namespace cutlass::epilogue::threadblock;
 using Element = ELEMENT;
 using TileShape = cutlass::gemm::GemmShape<_TILE_M, _TILE_N, _TILE_K>;
 using WarpShape = cutlass::gemm::GemmShape<_WARP_M, _WARP_N, _TILE_K>;
-using ThreadMap = OutputTileThreadLayout<TileShape, WarpShape, Element, 8, 1>;
+using ThreadMap = OutputTileThreadLayout<TileShape, WarpShape, Element, ALIGN, 1>;
 constexpr auto kRound = cutlass::FloatRoundStyle::round_to_nearest;
 using StrideLMN = Stride<int64_t, _1, int64_t>;  // R and D [L, M, N]: (row N, column 1, batch M * N)
 // acc + bias[row]: one float32 per output feature, the same for every column and every l
@@ -204,11 +205,10 @@ using WithBias = Sm80EVT<VisitorCompute<cutlass::plus, float, float, kRound>, Vi
 using Output = OUTPUT;  // then GELU or + R, converted once to Element
 using Store = Sm80EVT<VisitorAuxStore<ThreadMap, Element, kRound, StrideLMN>, Output>;
 using Kernel = typename cutlass::gemm::kernel::DefaultGemmWithVisitor<
-    Element, LAYOUT_A, cutlass::ComplexTransform::kNone, 8, Element, cutlass::layout::RowMajor,
-    cutlass::ComplexTransform::kNone, 8, Element, cutlass::layout::RowMajor, 8, float, float,
-    cutlass::arch::OpClassTensorOp, cutlass::arch::Sm80, TileShape, WarpShape, cutlass::gemm::GemmShape<16, 8, 16>,
-    Store, cutlass::gemm::threadblock::GemmIdentityThreadblockSwizzle<8>, _STAGES, cutlass::arch::OpMultiplyAdd,
-    1>::GemmKernel;
+    Element, LAYOUT_A, cutlass::ComplexTransform::kNone, ALIGN, Element, cutlass::layout::RowMajor,
+    cutlass::ComplexTransform::kNone, ALIGN, Element, cutlass::layout::RowMajor, ALIGN, float, float,
+    cutlass::arch::OpClassTensorOp, cutlass::arch::Sm80, TileShape, WarpShape, INSTRUCTION,
+    Store, cutlass::gemm::threadblock::GemmIdentityThreadblockSwizzle<8>, _STAGES, MATH_OP, 1>::GemmKernel;
 using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
 
 // A = W ([M, K] for wx, stored [K, M] for wtx), B = X[l] [K, N]
@@ -308,9 +308,32 @@ CANDIDATES = {
                Config((64, 128, 64), (1, 1), "pp")),
     "sm_80": (Config((128, 128, 32), warp=(64, 64), stages=4), Config((64, 128, 32), warp=(32, 64), stages=4),
               Config((64, 64, 32), warp=(32, 32), stages=6)),
+    # float32 on either family: the sm_80 templates with 3xTF32 (CUTLASS's generator's tiles)
+    "tf32x3": (Config((128, 128, 16), warp=(32, 64), stages=4), Config((128, 64, 16), warp=(64, 32), stages=4),
+               Config((64, 64, 16), warp=(32, 32), stages=3)),
 }
 
 
+def template(family: str, dtype: str) -> str:
+    """The templates a kernel of `dtype` instantiates on a GPU `family`: wgmma has no float32
+    input with float32 accuracy (its tf32 keeps 10 mantissa bits), so float32 GEMMs run as
+    3xTF32 on mma.sync (`OpMultiplyAddFastF32`: a = big + small, three tf32 products, float32
+    accuracy at tensor-core speed) on Hopper as on Ampere."""
+    return "tf32x3" if dtype == "float32" else family
+
+
+def configs(family: str, dtype: str) -> tuple[Config, ...]:
+    """The design space of a `dtype` kernel on `family`, largest tile first."""
+    return CANDIDATES[template(family, dtype)]
+
+
+# per storage dtype: the element type, its 16-byte access in elements, and the sm_80 templates'
+# mma.sync instruction and math operator (3xTF32 for float32: m16n8k8 tf32, float32 accuracy)
+_ELEMENTS = {
+    "float16": ("cutlass::half_t", 8, "cutlass::gemm::GemmShape<16, 8, 16>", "cutlass::arch::OpMultiplyAdd"),
+    "bfloat16": ("cutlass::bfloat16_t", 8, "cutlass::gemm::GemmShape<16, 8, 16>", "cutlass::arch::OpMultiplyAdd"),
+    "float32": ("float", 4, "cutlass::gemm::GemmShape<16, 8, 8>", "cutlass::arch::OpMultiplyAddFastF32"),
+}
 _LAYOUTS = {"xw": ("RowMajor", "ColumnMajor"), "wx": ("RowMajor", "RowMajor"), "wtx": ("ColumnMajor", "RowMajor")}
 # the elementwise op after acc + bias (a residual is added by the epilogue's binary op instead)
 _ACTIVATIONS = {"gelu_erf": "cutlass::epilogue::thread::GELU", "gelu_tanh": "cutlass::epilogue::thread::GELU_taylor",
@@ -336,7 +359,8 @@ def _with_form(text: str, kernel: GemmKernel, device: str) -> str:
     """The argument checks of `kernel`'s form on `device` (kDLCUDA, or kDLCPU for the host)."""
     text = text.replace("SYMBOL", kernel.symbol).replace("DEVICE", device)
     text = text.replace("FORM_XW", str(kernel.form == "xw").lower()).replace("FORM_WX", str(kernel.form == "wx").lower())
-    text = text.replace("DLCODE", "kDLFloat" if kernel.dtype == "float16" else "kDLBfloat")
+    text = text.replace("DLCODE", "kDLBfloat" if kernel.dtype == "bfloat16" else "kDLFloat")
+    text = text.replace("STORAGE_BITS", "32" if kernel.dtype == "float32" else "16")
     text = text.replace("RESIDUAL_PARAM", "tvm::ffi::TensorView r," if kernel.residual else "")
     return text.replace("RESIDUAL_PTR", "r.data_ptr()" if kernel.residual else "nullptr")
 
@@ -352,13 +376,14 @@ def _sm80_output(kernel: GemmKernel) -> tuple[str, str]:
     return f"Sm80EVT<VisitorCompute<{_ACTIVATIONS[kernel.epilogue]}, Element, float, kRound>, WithBias>", "{}"
 
 
-def gpu_source(kernel: GemmKernel, arch: str) -> str:
-    """The CUDA source of one kernel, any form, for `arch` (sm_90a or sm_80), configured by its
-    variant (without one: the family's largest tile)."""
-    config = Config.parse(kernel.variant) if kernel.variant else CANDIDATES[arch][0]
-    element = "cutlass::half_t" if kernel.dtype == "float16" else "cutlass::bfloat16_t"
+def gpu_source(kernel: GemmKernel, family: str) -> str:
+    """The CUDA source of one kernel, any form, for a GPU `family` (sm_90a or sm_80), configured
+    by its variant (without one: the largest tile of its design space)."""
+    kind = template(family, kernel.dtype)
+    config = Config.parse(kernel.variant) if kernel.variant else CANDIDATES[kind][0]
+    element, align, instruction, math_op = _ELEMENTS[kernel.dtype]
     layout_a, layout_b = _LAYOUTS[kernel.form]
-    if arch == "sm_90a":
+    if kind == "sm_90a":
         text = _COMMON + _CHECKS + _SM90
         mainloop, epilogue = _schedules(config)
         text = (text.replace("_CLUSTER_M", f"_{config.cluster[0]}").replace("_CLUSTER_N", f"_{config.cluster[1]}")
@@ -370,9 +395,10 @@ def gpu_source(kernel: GemmKernel, arch: str) -> str:
     else:
         text = _COMMON + _CHECKS + _SM80_XW.replace("ACTIVATION", _ACTIVATIONS[kernel.epilogue])
     for name, value in zip(("_TILE_M", "_TILE_N", "_TILE_K"), config.tile):
-        text = text.replace(name, f"_{value}" if arch == "sm_90a" else str(value))
+        text = text.replace(name, f"_{value}" if kind == "sm_90a" else str(value))
     text = (text.replace("_WARP_M", str(config.warp[0])).replace("_WARP_N", str(config.warp[1]))
-            .replace("_STAGES", str(config.stages)).replace("LAYOUT_A", f"cutlass::layout::{layout_a}"))
+            .replace("_STAGES", str(config.stages)).replace("LAYOUT_A", f"cutlass::layout::{layout_a}")
+            .replace("ALIGN", str(align)).replace("INSTRUCTION", instruction).replace("MATH_OP", math_op))
     return _with_form((text + _RUN + _IMPLEMENTABLE).replace("ELEMENT", element), kernel, "kDLCUDA")
 
 
@@ -412,37 +438,42 @@ _HOST = r"""
 #include <tvm/ffi/function.h>
 
 namespace {
-float Load(const uint16_t* p, int64_t i, bool bf16) {
-  uint16_t h = p[i];
-  if (bf16) { uint32_t u = uint32_t(h) << 16; float f; std::memcpy(&f, &u, 4); return f; }
+enum Storage { kF16, kBF16, kF32 };
+float Load(const void* p, int64_t i, Storage s) {
+  if (s == kF32) return static_cast<const float*>(p)[i];
+  uint16_t h = static_cast<const uint16_t*>(p)[i];
+  if (s == kBF16) { uint32_t u = uint32_t(h) << 16; float f; std::memcpy(&f, &u, 4); return f; }
   _Float16 v; std::memcpy(&v, &h, 2); return float(v);
 }
-void Store(uint16_t* p, int64_t i, float x, bool bf16) {
-  if (bf16) {  // round to nearest even
+void Store(void* p, int64_t i, float x, Storage s) {
+  if (s == kF32) { static_cast<float*>(p)[i] = x; return; }
+  uint16_t* q = static_cast<uint16_t*>(p);
+  if (s == kBF16) {  // round to nearest even
     uint32_t u; std::memcpy(&u, &x, 4);
     u += 0x7FFF + ((u >> 16) & 1);
-    p[i] = uint16_t(u >> 16);
+    q[i] = uint16_t(u >> 16);
     return;
   }
-  _Float16 v = _Float16(x); std::memcpy(&p[i], &v, 2);
+  _Float16 v = _Float16(x); std::memcpy(&q[i], &v, 2);
 }
 // D[l, i, j] = act(sum_p A(i, p) B(l, p, j) + bias) (+ R): A and B as lower/library.py's forms say
 void Gemm(int64_t m, int64_t n, int64_t k, int64_t l, const char* form, const tvm::ffi::TensorView& x,
-          const tvm::ffi::TensorView& w, const tvm::ffi::TensorView& bias, const uint16_t* r,
+          const tvm::ffi::TensorView& w, const tvm::ffi::TensorView& bias, const void* r,
           const tvm::ffi::TensorView& d, int act) {
-  bool bf16 = x.dtype().code == kDLBfloat, xw = form[0] == 'x', wtx = form[1] == 't';
-  auto X = static_cast<const uint16_t*>(x.data_ptr());
-  auto W = static_cast<const uint16_t*>(w.data_ptr());
+  Storage storage = x.dtype().bits == 32 ? kF32 : x.dtype().code == kDLBfloat ? kBF16 : kF16;
+  bool xw = form[0] == 'x', wtx = form[1] == 't';
+  const void* X = x.data_ptr();
+  const void* W = w.data_ptr();
   auto bias_ = static_cast<const float*>(bias.data_ptr());
-  auto D = static_cast<uint16_t*>(d.data_ptr());
+  void* D = d.data_ptr();
   std::vector<float> a(static_cast<size_t>(m * k)), b(static_cast<size_t>(k * n)), acc(static_cast<size_t>(n));
   for (int64_t i = 0; i < m; ++i)
     for (int64_t p = 0; p < k; ++p)
-      a[size_t(i * k + p)] = Load(xw ? X : W, xw ? i * k + p : wtx ? p * m + i : i * k + p, bf16);
+      a[size_t(i * k + p)] = Load(xw ? X : W, xw ? i * k + p : wtx ? p * m + i : i * k + p, storage);
   for (int64_t batch = 0; batch < l; ++batch) {
     for (int64_t p = 0; p < k; ++p)
       for (int64_t j = 0; j < n; ++j)
-        b[size_t(p * n + j)] = xw ? Load(W, j * k + p, bf16) : Load(X, (batch * k + p) * n + j, bf16);
+        b[size_t(p * n + j)] = xw ? Load(W, j * k + p, storage) : Load(X, (batch * k + p) * n + j, storage);
     for (int64_t i = 0; i < m; ++i) {
       std::fill(acc.begin(), acc.end(), 0.f);
       for (int64_t p = 0; p < k; ++p) {
@@ -455,8 +486,8 @@ void Gemm(int64_t m, int64_t n, int64_t k, int64_t l, const char* form, const tv
         float y = acc[size_t(j)] + bias_[xw ? j : i];
         if (act == 1) y = 0.5f * y * (1.f + std::erf(y * 0.70710678f));
         if (act == 2) y = 0.5f * y * (1.f + std::tanh(0.7978845608f * (y + 0.044715f * y * y * y)));
-        if (r) y += Load(r, at, bf16);
-        Store(D, at, y, bf16);
+        if (r) y += Load(r, at, storage);
+        Store(D, at, y, storage);
       }
     }
   }
@@ -469,7 +500,7 @@ namespace host_SYMBOL {
 void Run(tvm::ffi::TensorView x, tvm::ffi::TensorView w, tvm::ffi::TensorView bias, RESIDUAL_PARAM
          tvm::ffi::TensorView d) {
   Problem p = CheckArgs(x, w, bias, d, DLCODE);
-  Gemm(p.m, p.n, p.k, p.l, "FORM", x, w, bias, static_cast<const uint16_t*>(RESIDUAL_PTR), d, ACT);
+  Gemm(p.m, p.n, p.k, p.l, "FORM", x, w, bias, RESIDUAL_PTR, d, ACT);
 }
 }  // namespace host_SYMBOL
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(SYMBOL, host_SYMBOL::Run);
@@ -569,7 +600,7 @@ def gpu_object(kernel: GemmKernel, arch: str) -> Path:
                "-gencode", gencode, *(f"-I{d}" for d in cutlass_includes() + _include_dirs()),
                "-c", "SRC", "-o", "OBJ"]
     return compile_cached(gpu_source(kernel, family), command, ".o",
-                    f"the CUTLASS kernel {kernel.symbol} for {family} (about a minute)")
+                    f"the CUTLASS kernel {kernel.symbol} for {family} (up to a minute)")
 
 
 NVCC_MEMORY = 4 << 30  # peak memory of one sm_90a CUTLASS kernel's nvcc

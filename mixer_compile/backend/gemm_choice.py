@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from mixer_compile.backend.cutlass import CANDIDATES, Config
+from mixer_compile.backend.cutlass import Config, configs
 from mixer_compile.errors import TargetError, TuningError
 from mixer_compile.lower.library import PREFIX, GemmKernel, GemmShape, from_symbol, shape_of
 
@@ -59,11 +59,12 @@ def _tiles(config: Config, shape: GemmShape) -> int:
 def default_config(kernel: GemmKernel, shape: GemmShape, family: str) -> Config:
     """The largest candidate that gives every SM at least two tiles (a cluster only where the M
     tiles pair up); the smallest one when none does."""
-    for config in CANDIDATES[family]:
+    space = configs(family, kernel.dtype)
+    for config in space:
         pairs = config.cluster[0] == 1 or math.ceil(shape.m / config.tile[0]) % config.cluster[0] == 0
         if pairs and _tiles(config, shape) >= 2 * SMS[family]:
             return config
-    return CANDIDATES[family][-1]
+    return space[-1]
 
 
 def user_records_path(family: str) -> Path:

@@ -2,7 +2,7 @@
 
 A dense op that passes/library_gemms.py handed to a kernel library becomes
 
-    R.call_dps_packed("mixer_gemm_<form>_<f16|bf16>_<bias|gelu_erf|gelu_tanh|residual>", X, W, bias[, R]) -> D
+    R.call_dps_packed("mixer_gemm_<form>_<f16|bf16|f32>_<bias|gelu_erf|gelu_tanh|residual>", X, W, bias[, R]) -> D
 
 accumulated in float32, epilogue (bias, then GELU or the residual) in float32, rounded once to
 the storage dtype. The form says which product, and how W is stored:
@@ -29,13 +29,13 @@ from dataclasses import dataclass, replace
 
 PREFIX = "mixer_gemm_"
 FORMS = ("xw", "wx", "wtx")
-DTYPES = {"float16": "f16", "bfloat16": "bf16"}
+DTYPES = {"float16": "f16", "bfloat16": "bf16", "float32": "f32"}
 EPILOGUES = ("bias", "gelu_erf", "gelu_tanh", "residual")
 
 
 @dataclass(frozen=True)
 class GemmKernel:
-    dtype: str  # float16 | bfloat16
+    dtype: str  # float16 | bfloat16 | float32
     epilogue: str  # one of EPILOGUES
     form: str = "xw"  # one of FORMS
     variant: str = ""  # how the backend implements it ("" = not chosen yet); part of the symbol

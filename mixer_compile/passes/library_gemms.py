@@ -5,8 +5,9 @@ channel-mixing dense ops (right products) and its token-mixing ones (left produc
 tokens-major: one W for every image, a batched GEMM), with their fused bias, GELU and
 residual, as one call each
 (lower/library.py, backend/cutlass.py): TVM's own GPU schedules reach a tenth of the tensor
-cores there. Conditions: half precision storage (tensor cores), a bias, an output in the
-storage dtype (the head's float32 logits stay with TVM), 16-byte aligned rows on every
+cores there. Float32 builds too: their kernels run 3xTF32 on the tensor cores, float32
+accuracy (backend/cutlass.py `template`). Conditions: a bias, an output in the storage dtype
+(a half-precision build's float32 logits stay with TVM), 16-byte aligned rows on every
 contiguous axis a TMA load reads, and at least MIN_MACS multiply-adds per call: a smaller GEMM
 fills a handful of the library's 128x128 tiles, so the call buys nothing over TVM's kernel (the
 tiny test models stay on TVM).
@@ -23,12 +24,11 @@ import math
 from mixer_compile.ir.graph import Graph, Op
 from mixer_compile.passes.context import PassContext
 
-HALF = ("float16", "bfloat16")
-ALIGN = 8
+ALIGN = 8  # elements: 16 bytes of half precision (and two such rows of float32)
 MIN_MACS = 1 << 22
 
 
-def _fused_half(op: Op, ctx: PassContext) -> bool:
+def _fused(op: Op, ctx: PassContext) -> bool:
     a = op.attrs
     return op.kind == "dense" and bool(a.get("bias")) and not (a.get("gelu") and a.get("residual")) \
         and op.output.dtype == ctx.dtype
@@ -63,12 +63,12 @@ def _left(g: Graph, op: Op) -> str | None:
 
 
 def run(graph: Graph, ctx: PassContext) -> tuple[Graph, list[str]]:
-    if not ctx.gemm_library or ctx.dtype not in HALF:
+    if not ctx.gemm_library:
         return graph, []
     g = graph.copy()
     changes = []
     for op in g.ops:
-        if not _fused_half(op, ctx) or len(g.consumers(op.inputs[1])) != 1:
+        if not _fused(op, ctx) or len(g.consumers(op.inputs[1])) != 1:
             continue
         ndim = len(op.output.shape)
         if op.attrs["axis"] == ndim - 1:

@@ -2,7 +2,7 @@
 
 MetaSchedule tunes the kernels TVM generates; the library GEMMs are CUTLASS templates (and
 cuBLASLt where it serves the epilogue) whose knobs are the tile, the cluster and the schedule
-(backend/gemm_choice.py CANDIDATES). For each distinct problem of a model (form, dtype,
+(backend/cutlass.py CANDIDATES). For each distinct problem of a model (form, dtype,
 epilogue, M, N, K, L) every candidate is compiled (cached like any build's kernels), linked
 into one library, called on random data on the GPU and timed with TVM's time evaluator; the
 fastest becomes a record in the user's GEMM records, which every later build of the family
@@ -33,7 +33,7 @@ def candidates(kernel: GemmKernel, family: str) -> list[str]:
     implements the epilogue (right products; tanh GELU only)."""
     from mixer_compile.backend import cublaslt
 
-    variants = [c.variant for c in cutlass.CANDIDATES[family]]
+    variants = [c.variant for c in cutlass.configs(family, kernel.dtype)]
     return variants + ([cublaslt.VARIANT] if cublaslt.supports(kernel) else [])
 
 
@@ -43,7 +43,7 @@ def _arrays(kernel: GemmKernel, shape: GemmShape, dev: Any) -> list[Any]:
     import tvm
 
     rng = np.random.default_rng(0)
-    storage = np.float16 if kernel.dtype == "float16" else ml_dtypes.bfloat16
+    storage = {"float16": np.float16, "bfloat16": ml_dtypes.bfloat16, "float32": np.float32}[kernel.dtype]
 
     def tensor(dims: tuple[int, ...], dtype: Any = storage) -> Any:
         return tvm.runtime.tensor((rng.standard_normal(dims) * 0.1).astype(dtype), dev)
@@ -128,7 +128,7 @@ def tune_gemms(mod: Any, arch: str, say: Say, jobs: int = 0) -> list[Record]:
 
 def tune_model_gemms(spec: Any, target: Any, form: str, dtype: str, batches: Any, say: Say) -> list[Record]:
     """tune_gemms on the library GEMMs of `spec` built for `target` (every entry batch of a
-    range); nothing to do for a target without library GEMMs (CPUs, float32)."""
+    range); nothing to do for a target without library GEMMs (CPUs)."""
     from mixer_compile.backend import backend_for
     from mixer_compile.compose import compose
 
