@@ -411,3 +411,32 @@ def test_tune_into_a_file_is_one_line_error(tmp_path, tiny_toml):
     assert "cannot create tuning database directory 'db'" in line
     assert sorted(p.name for p in tmp_path.iterdir()) == ["db", "tiny.toml"]
     assert (tmp_path / "db").read_text() == "I am a file\n"
+
+
+def test_a_batch_beyond_tvms_32_bit_indexing_is_refused_with_the_largest_that_builds():
+    """TVM 0.27 fails deep in its pipeline on a tensor of 2^31 elements or more; such a batch is
+    refused in one line before anything is built. Mixer-B/16's largest tensor per image is the
+    channel-mixing hidden layer, 196 x 3072 (2^31 // 602112 = 3566 images), on a CPU; on a GPU
+    the library GEMMs alone touch it, and the 196 x 768 activations (14266 images) bound it."""
+    from mixer_compile.backend.target import get_target
+    from mixer_compile.compose import compose
+    from mixer_compile.errors import MixerCompileError
+    from mixer_compile.model.spec import load_spec
+
+    b16 = load_spec("mixer_b16")
+    with pytest.raises(MixerCompileError, match=r"^batch 3567 makes the 3567x196x3072 tensor b\d+\.ch\.gelu "
+                                                r"\(2\.15e\+09 elements\), beyond the 2\^31 .* the largest batch is 3566"):
+        compose(b16.replace(batch=3567), get_target("llvm"))
+    assert compose(b16.replace(batch=3567), get_target("sm_90"), dtype="float16").module is not None
+    with pytest.raises(MixerCompileError, match=r"x196x768 tensor .* the largest batch is 14266: run larger batches"):
+        compose(b16.replace(batch=14267), get_target("sm_90"), dtype="float16")
+
+
+def test_a_failed_gpu_build_says_tvms_error_not_the_ir_after_it():
+    from mixer_compile.backend.cuda import _what_failed
+
+    stderr = ("Traceback (most recent call last):\n  File \"x.py\", line 1\nValueError: Check failed: Literal value "
+              "2227814400 exceeds range of int32\n\nError in pass: RewriteDataflowReshape\n" + "    T.evaluate(0)\n" * 200)
+    assert _what_failed(stderr) == ("ValueError: Check failed: Literal value 2227814400 exceeds range of int32 / "
+                                    "Error in pass: RewriteDataflowReshape")
+    assert _what_failed("nvcc fatal: one\ntwo") == "nvcc fatal: one\ntwo"

@@ -19,6 +19,7 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -215,12 +216,20 @@ def build_cuda_library(mod: Any, target: TargetInfo) -> CudaLibrary:
     child = subprocess.run([sys.executable, "-m", "mixer_compile.backend.cuda", str(module_json),
                             str(target_json), str(out)], env=env, capture_output=True, text=True)
     if child.returncode != 0:
-        tail = "\n".join(child.stderr.strip().splitlines()[-15:])
-        raise MixerCompileError(f"the CUDA build for {target.name} failed (exit {child.returncode}):\n{tail}")
+        raise MixerCompileError(f"the CUDA build for {target.name} failed (exit {child.returncode}): "
+                                f"{_what_failed(child.stderr)}")
     if not fatbins(out):
         raise MixerCompileError(f"the CUDA build for {target.name} embedded no compiled GPU code (TVM fell back "
                                 "to CUDA source); check that nvcc works: nvcc --version")
     return CudaLibrary(work, target, kernels, choices)
+
+
+def _what_failed(stderr: str) -> str:
+    """The error of a failed child build: TVM follows its message with the IR it was working on
+    (hundreds of lines), so the exception's line and the pass it names, else the last lines."""
+    lines = stderr.strip().splitlines()
+    found = [line.strip() for line in lines if re.match(r"\w+(Error|Exception): |Error in pass: ", line)]
+    return " / ".join(found[-2:]) if found else "\n".join(lines[-15:])
 
 
 def runnable_here(library: CudaLibrary) -> str | None:

@@ -15,11 +15,14 @@ The image input and the logits stay float32 whatever the storage dtype.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import tvm
 from tvm import relax, te
 from tvm.relax import op as R
 
+from mixer_compile.errors import MixerCompileError
 from mixer_compile.ir.graph import Graph, Op
 from mixer_compile.lower.library import form_of, kernel_for
 
@@ -138,6 +141,26 @@ def _emit(bb: relax.BlockBuilder, graph: Graph, op: Op, args: list[relax.Expr]) 
     raise NotImplementedError(op.kind)
 
 
+INDEX_LIMIT = 2**31  # elements: TVM 0.27's Relax passes build int32 literals of a tensor's size
+
+
+def check_indexable(graph: Graph) -> None:
+    """Refuses, in one line, a batch that makes a tensor TVM's own kernels index hold 2^31
+    elements or more: TVM 0.27 fails deep in its pipeline on such a size (RewriteDataflowReshape:
+    "Literal value ... exceeds range of int32"), whatever the target. Tensors that only library
+    GEMMs read and write (the channel-mixing hidden layer on a GPU) do not count: the kernels
+    index with 64 bits."""
+    shapes = {graph.input.name: graph.input.shape, **{op.output.name: op.output.shape for op in graph.ops}}
+    indexed = {n for op in graph.ops if not op.attrs.get("library") for n in (*op.inputs, op.output.name)}
+    name, shape = max(((n, shapes[n]) for n in indexed if n in shapes), key=lambda item: math.prod(item[1]))
+    size, batch = math.prod(shape), graph.input.shape[0]
+    if size >= INDEX_LIMIT:
+        largest = (INDEX_LIMIT - 1) // (size // batch)
+        raise MixerCompileError(
+            f"batch {batch} makes the {'x'.join(map(str, shape))} tensor {name} ({size:.2e} elements), beyond the "
+            f"2^31 TVM's compiler can index; the largest batch is {largest}: run larger batches as several calls")
+
+
 def to_relax(graph: Graph | dict[str, Graph], embed: dict[str, np.ndarray] | None = None) -> tvm.IRModule:
     """The Relax module of `graph` (one function, `main`), or of several graphs of the one model
     at different batch sizes (a batch-range build: `{"main_b1": g1, "main_b4": g4, ...}`), each
@@ -145,6 +168,8 @@ def to_relax(graph: Graph | dict[str, Graph], embed: dict[str, np.ndarray] | Non
     BlockBuilder, so a kernel two functions share (identical TIR) is emitted once. With
     `embed`, the weights become constants in every function."""
     graphs = {"main": graph} if isinstance(graph, Graph) else dict(graph)
+    for g in graphs.values():
+        check_indexable(g)
     bb = relax.BlockBuilder()
     for name, g in graphs.items():
         _function(bb, name, g)
