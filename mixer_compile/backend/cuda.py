@@ -109,7 +109,7 @@ def write_stand_in_libcuda(directory: Path) -> Path:
 
 
 def pass_context(target: TargetInfo, dtype: str) -> PassContext:
-    """The large GEMMs go to CUTLASS kernels on sm_80 and sm_90 GPUs (passes/library_gemms.py,
+    """The large GEMMs go to CUTLASS kernels on sm_80 and newer GPUs (passes/library_gemms.py,
     backend/cutlass.py), token mixing's left products included (batched kernels: TMA + wgmma
     on sm_90a, mma.sync + cp.async with a visitor-tree epilogue on the sm_80 family and for
     float32, as 3xTF32); the rest keeps the (K, N) weight layout DLight's schedules expect."""

@@ -318,8 +318,11 @@ def template(family: str, dtype: str) -> str:
     """The templates a kernel of `dtype` instantiates on a GPU `family`: wgmma has no float32
     input with float32 accuracy (its tf32 keeps 10 mantissa bits), so float32 GEMMs run as
     3xTF32 on mma.sync (`OpMultiplyAddFastF32`: a = big + small, three tf32 products, float32
-    accuracy at tensor-core speed) on Hopper as on Ampere."""
-    return "tf32x3" if dtype == "float32" else family
+    accuracy at tensor-core speed) on Hopper as on Ampere. Blackwell takes the sm_80 templates
+    (`gpu_arch_flag`)."""
+    if dtype == "float32":
+        return "tf32x3"
+    return "sm_90a" if family == "sm_90a" else "sm_80"
 
 
 def configs(family: str, dtype: str) -> tuple[Config, ...]:
@@ -403,7 +406,7 @@ def gpu_source(kernel: GemmKernel, family: str) -> str:
 
 
 def has_family(arch: str) -> bool:
-    """Whether a GPU of `arch` gets CUTLASS GEMMs (sm_80 to sm_90: Ampere, Ada, Hopper)."""
+    """Whether a GPU of `arch` gets CUTLASS GEMMs (sm_80 and newer: Ampere, Ada, Hopper, Blackwell)."""
     try:
         gpu_arch_flag(arch)
     except TargetError:
@@ -413,10 +416,13 @@ def has_family(arch: str) -> bool:
 
 def gpu_arch_flag(arch: str) -> tuple[str, str]:
     """The kernel family and nvcc -gencode for a target's arch: Hopper gets the sm_90a kernels
-    (wgmma exists on sm_90a only), Ampere and Ada the sm_80 ones."""
-    major_minor = int(arch.removeprefix("sm_").rstrip("a"))
+    (wgmma exists on sm_90a only); Ampere and Ada the sm_80 ones; Blackwell (sm_100 datacenter,
+    sm_120 workstation) the sm_80 templates too, compiled for its own arch: its tcgen05 tensor
+    cores would need CUTLASS's sm_100 collectives, mma.sync runs there as it is. A family names
+    where GEMM records apply (one GPU generation), `template` what it instantiates."""
+    major_minor = int(arch.removeprefix("sm_").rstrip("af"))
     if major_minor >= 100:
-        raise TargetError(f"no CUTLASS GEMM family for {arch} yet (sm_80 and sm_90 are supported)")
+        return f"sm_{major_minor // 10 * 10}", f"arch=compute_{major_minor},code=sm_{major_minor}"
     if major_minor >= 90:
         return "sm_90a", "arch=compute_90a,code=sm_90a"
     if major_minor >= 80:

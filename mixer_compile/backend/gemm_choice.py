@@ -27,7 +27,7 @@ from mixer_compile.errors import TargetError, TuningError
 from mixer_compile.lower.library import PREFIX, GemmKernel, GemmShape, from_symbol, shape_of
 
 RECORDS = "library_gemms.json"
-SMS = {"sm_90a": 132, "sm_80": 108}  # SMs of the family's flagship (H100/H200 SXM, A100)
+SMS = {"sm_90a": 132, "sm_80": 108, "sm_100": 148, "sm_120": 170}  # the flagship's (H100, A100, B200, RTX 5090)
 
 @dataclass(frozen=True)
 class Record:

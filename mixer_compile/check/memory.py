@@ -71,7 +71,8 @@ def check_fits(spec: MixerSpec, batches: BatchRange, target_name: str, dtype: st
 # The most memory a GPU of an architecture has: with no GPU visible at build time, a batch
 # beyond it cannot run on any GPU the build is for.
 LARGEST_GPU = {"sm_80": ("A100 80GB", 80 * 10**9), "sm_86": ("RTX A6000", 48 * 2**30),
-               "sm_89": ("L40S", 48 * 2**30), "sm_90": ("H200", 141 * 10**9), "sm_90a": ("H200", 141 * 10**9)}
+               "sm_89": ("L40S", 48 * 2**30), "sm_90": ("H200", 141 * 10**9), "sm_90a": ("H200", 141 * 10**9),
+               "sm_100": ("B200", 180 * 10**9), "sm_120": ("RTX PRO 6000", 96 * 2**30)}
 
 
 def _target_kind(name: str) -> tuple[str, str | None]:
