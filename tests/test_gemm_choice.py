@@ -104,9 +104,11 @@ def test_gemm_tuning_needs_a_gpu_of_the_family(monkeypatch):
         tune_gemms(model.module, "sm_90", print)
 
 
-def test_gemm_tuning_measures_every_candidate_records_the_fastest_and_resumes(tmp_path, monkeypatch):
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_gemm_tuning_measures_every_candidate_records_the_fastest_and_resumes(tmp_path, monkeypatch, dtype):
     """The whole measure -> record -> apply loop, with this CPU standing in for the GPU: each
-    candidate's object is the C++ stand-in (one object serving every variant), timed by TVM."""
+    candidate's object is the C++ stand-in (one object serving every variant), timed by TVM.
+    float32 measures its own design space (3xTF32 tiles, and cuBLASLt's SGEMM where it serves)."""
     import tvm
 
     from mixer_compile import machine
@@ -116,7 +118,7 @@ def test_gemm_tuning_measures_every_candidate_records_the_fastest_and_resumes(tm
     monkeypatch.setenv("MIXER_COMPILE_CACHE", str(tmp_path))
     monkeypatch.setattr(machine, "local_gpu", lambda: tvm.cpu(0))
     monkeypatch.setattr(machine, "gpu_arch", lambda dev: "sm_90")
-    model = compose(SMALL.replace(image_size=(64, 64)), get_target("sm_90"), "matmul", "float16")
+    model = compose(SMALL.replace(image_size=(64, 64)), get_target("sm_90"), "matmul", dtype)
     problems = {(k.symbol, s) for k, s in gemm_choice.call_sites(model.module)}
     kernels = [k.with_variant(v) for k, _ in gemm_choice.call_sites(model.module)
                for v in gemms.candidates(k, "sm_90a")]
@@ -127,6 +129,9 @@ def test_gemm_tuning_measures_every_candidate_records_the_fastest_and_resumes(tm
     records = gemms.tune_gemms(model.module, "sm_90", lines.append, jobs=1)
     assert len(records) == len(problems) == 3  # stem, channel fc1 and fc2 (64 tokens: token mixing too small)
     assert all(r.variant in gemms.candidates(GemmKernel(r.dtype, r.epilogue, r.form), "sm_90a") for r in records)
+    assert {r.dtype for r in records} == {dtype}
+    space = {c.variant for c in cutlass.CANDIDATES["tf32x3" if dtype == "float32" else "sm_90a"]}
+    assert space <= {k.variant for k in kernels}
     assert all(r.us > 0 for r in records) and f"[{len(problems)}/{len(problems)}]" in lines[-1]
     assert {r["from"] for r in apply_choices(model.module, "sm_90a")[1]} == {"record"}
     # measured problems are not measured again
