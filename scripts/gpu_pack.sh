@@ -4,8 +4,8 @@
 # one device call carries at most 64 MiB, so it is split in two halves: .gpu/a goes with the
 # first call, .gpu/b (second half + tvm-ffi + CUTLASS's headers) with the second; see README,
 # "NVIDIA GPUs". With KERNELS=1 it also compiles here, into .gpu/a/cache, the CUTLASS kernels the
-# session's builds and GEMM tuning need (scripts/gpu_kernels.py: ~40 sm_90a kernels, about half
-# an hour on 2 cores, ~8 MB), so the GPU machine spends no device time on nvcc.
+# session's builds, GEMM tuning and GPU tests need (scripts/gpu_kernels.py: ~40 sm_90a kernels, then
+# the tests' own; about an hour on 2 cores, ~10 MB), so the GPU machine spends no device time on nvcc.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 kept=""
@@ -25,5 +25,8 @@ mv .gpu/dl/apache_tvm_ffi-*.whl .gpu/dl/nvidia_cutlass-*.whl .gpu/b/
 rm -rf .gpu/dl
 if [ "${KERNELS:-0}" = 1 ]; then
   python3 scripts/gpu_kernels.py --cache .gpu/a/cache --spec "${SPEC:-mixer_b16}" --candidates float16:256
+  # the kernels the GPU tests compile (gpu_session.sh `test`), by running them here
+  MIXER_TEST_KERNEL_CACHE=$PWD/.gpu/a/cache python3 -m pytest -q --runslow tests/test_library_gemms.py \
+    tests/test_cublaslt.py
 fi
 du -sh .gpu/a .gpu/b

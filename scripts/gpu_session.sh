@@ -24,7 +24,8 @@ for d in /usr/local/cuda/lib64 /usr/local/cuda/lib $(python3 -c 'import nvidia, 
 done
 SPEC=${SPEC:-mixer_b16}
 # the CUTLASS kernels compiled beforehand (gpu_pack.sh with KERNELS=1), found by their cache key
-[ -d .gpu/a/cache ] && export MIXER_COMPILE_CACHE=$PWD/.gpu/a/cache
+# (the tests' kernels too: tests/conftest.py kernel_cache)
+[ -d .gpu/a/cache ] && export MIXER_COMPILE_CACHE=$PWD/.gpu/a/cache MIXER_TEST_KERNEL_CACHE=$PWD/.gpu/a/cache
 
 for stage in "$@"; do
   echo "=== $stage $(date -u +%H:%M:%S)"

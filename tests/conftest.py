@@ -8,6 +8,7 @@ behind the fixtures are in helpers.py.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -33,6 +34,16 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def testdata() -> Path:
     assert TESTDATA.is_dir(), f"the shared test data is missing: {TESTDATA}"
     return TESTDATA
+
+
+@pytest.fixture(scope="session")
+def kernel_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The cache (MIXER_COMPILE_CACHE) the tests' GPU kernels compile into, once per run: a
+    fresh one, or $MIXER_TEST_KERNEL_CACHE. Kernels are keyed by their source and compiler, so
+    a cache filled beforehand (`KERNELS=1 scripts/gpu_pack.sh`, on a machine with time to spare)
+    spares a GPU session the minutes of nvcc its tests would spend."""
+    given = os.environ.get("MIXER_TEST_KERNEL_CACHE")
+    return Path(given) if given else tmp_path_factory.mktemp("cache")
 
 
 @pytest.fixture(scope="session")

@@ -72,12 +72,6 @@ def test_a_build_declares_libcublaslt_only_when_it_links_a_cublaslt_gemm(tmp_pat
 # --- the wrapper, compiled and linked -------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def kernel_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One kernel cache for this module: each wrapper is compiled once."""
-    return tmp_path_factory.mktemp("cache")
-
-
 @needs_cublas
 @pytest.mark.parametrize("arch, kernel", [("sm_90a", lt("bfloat16", "gelu_tanh")), ("sm_80", lt("float16", "residual")),
                                           ("sm_90a", lt("float32", "residual"))])

@@ -47,12 +47,6 @@ needs_cuobjdump = pytest.mark.skipif(cuobjdump() is None, reason="reading SASS n
                                      "pip install nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm")
 
 
-@pytest.fixture(scope="module")
-def kernel_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One kernel cache for this module's builds: each CUTLASS kernel is compiled once."""
-    return tmp_path_factory.mktemp("cache")
-
-
 def _library_ops(graph) -> dict[str, str]:
     return {op.output.name: op.attrs["library"] for op in graph.ops if op.attrs.get("library")}
 
