@@ -26,7 +26,8 @@ defaults only (no user cache, no shipped records: every kernel scheduled by the 
 and gemm_space's register model) and with the shipped records only; against ONNX Runtime on
 the PyTorch Mixer with timm's module names (`torch.onnx.export`, same weights and GELU) and
 torch.compile. Nothing is left out because it is slow; `--specs/--batches/--gelus/--peers`
-pick a subset that fits the machine's time. Every output is checked against ONNX Runtime's.
+pick a subset that fits the machine's time; `--dtypes float16 bfloat16` adds our defaults in those
+storage dtypes. Every output is checked against ONNX Runtime's.
 
     python benchmarks/bench_cpu.py --matrix --specs mixer_s16 mixer_b16 --batches 1 8 --gelus erf \
         --peers onnxruntime --repeat 5
@@ -309,7 +310,7 @@ def matrix_spec(name: str, batch: int, gelu: str) -> MixerSpec:
 
 
 def matrix_case(name: str, batch: int, gelu: str, target: TargetInfo, peer_names: list[str], repeat: int,
-                warmup: int, work: Path) -> dict[str, Any]:
+                warmup: int, work: Path, dtypes: tuple[str, ...] = ()) -> dict[str, Any]:
     import torch
     import tvm
 
@@ -337,6 +338,10 @@ def matrix_case(name: str, batch: int, gelu: str, target: TargetInfo, peer_names
         case["builds"][label] = {"build_s": seconds, "applied": applied[0].to_dict(),
                                  "summary": applied[0].summary()}
         print(f"  {label}: built in {seconds:.1f} s; {applied[0].summary()}", file=sys.stderr, flush=True)
+    for dtype in dtypes:  # half-precision storage, defaults only: the same model as a user's --dtype build
+        half = compose(spec, target, dtype=dtype, weights=weights)
+        run = Runner(cpu.build(half.module, target), tvm.cpu(), list(half.params.values()), "this CPU").function()
+        fns[f"ours_{dtype}"] = lambda run=run: run(x)
     tm = torch_mixer(spec, weights)
     xt = torch.from_numpy(x)
     fns["onnxruntime"] = onnxruntime_session(tm, x, work / f"{spec.fingerprint()}.onnx")
@@ -367,9 +372,14 @@ def matrix_markdown(report: dict[str, Any]) -> str:
                 "`shipped`: the shipped records only (`schedules/`); ONNX Runtime runs the PyTorch Mixer with timm's "
                 "names exported by torch.onnx (same weights and GELU). Build: `cpu.build` wall time (legalize, "
                 "schedule, LLVM). Ratios are to ONNX Runtime; max rel. error is against ONNX Runtime's logits.")
+    dtypes = sorted({k.removeprefix("ours_") for c in report["cases"] for k in c["results"]} & {"float16", "bfloat16"})
+    if dtypes:
+        out[-1] += (f" {' and '.join(dtypes)}: our defaults with that storage dtype (sums in float32), against "
+                    "ONNX Runtime in float32; max rel. error is of the float32 builds.")
     out += ["", "| spec | batch | GELU | defaults ms | shipped ms | ONNX Runtime ms | torch.compile ms | defaults / ORT "
-            "| shipped / ORT | defaults / shipped | shipped records | build s (defaults) | max rel. error |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+            "| shipped / ORT | defaults / shipped | shipped records | build s (defaults) | max rel. error |"
+            + "".join(f" {d} ms (/ ORT) |" for d in dtypes),
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|" + "---|" * len(dtypes)]
     for c in report["cases"]:
         r = c["results"]
 
@@ -384,7 +394,9 @@ def matrix_markdown(report: dict[str, Any]) -> str:
                    f"| {r['ours_defaults']['median_ms'] / r['ours_shipped']['median_ms']:.2f}x "
                    f"| {len(shipped['tuned'])}/{shipped['kernels']} "
                    f"| {c['builds']['ours_defaults']['build_s']:.1f} "
-                   f"| {max(c['rel_error_vs_ort'].values()):.1e} |")
+                   f"| {max(v for k, v in c['rel_error_vs_ort'].items() if k.removeprefix('ours_') not in dtypes):.1e} |"
+                   + "".join(f" {ms('ours_' + d)} ({r['ours_' + d]['vs_onnxruntime']:.2f}x) |" if 'ours_' + d in r
+                             else " - |" for d in dtypes))
     if report.get("first_compile"):
         f = report["first_compile"]
         out += ["", f"First compile of {f['spec']} batch {f['batch']} without records (`mixer-compile compile`, "
@@ -435,7 +447,7 @@ def matrix_main(args: argparse.Namespace) -> int:
                 for gelu in args.gelus:
                     print(f"{name} batch {batch} {gelu}", file=sys.stderr, flush=True)
                     report["cases"].append(matrix_case(name, batch, gelu, target, args.peers, args.repeat,
-                                                       args.warmup, Path(tmp)))
+                                                       args.warmup, Path(tmp), tuple(args.dtypes)))
                     report["load_after"] = [round(v, 2) for v in os.getloadavg()]
                     (out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")  # kept as it grows
                     (out / f"{stem}.md").write_text(matrix_markdown(report))
@@ -449,6 +461,8 @@ def main() -> int:
     ap.add_argument("--gelus", nargs="+", default=MATRIX_GELUS, choices=MATRIX_GELUS)
     ap.add_argument("--peers", nargs="+", default=["onnxruntime", "torch_compile"],
                     choices=["onnxruntime", "torch_compile"], help="matrix mode: the peers timed")
+    ap.add_argument("--dtypes", nargs="*", default=[], choices=["float16", "bfloat16"],
+                    help="matrix mode: also our defaults with these storage dtypes")
     ap.add_argument("--tag", default="", help="matrix mode: suffix of the result files' names (one per subset run)")
     ap.add_argument("--first-compile", action="store_true",
                     help="matrix mode: also time a whole first compile of Mixer-B/16 without records")

@@ -120,3 +120,19 @@ def test_right_product_kernels_stored_in_panels(case, panel):
             assert layout == "KN" and param.tensor.shape[1] % panel
         else:
             assert layout == "NK"  # left products (token mixing) keep (N, K)
+
+
+def test_half_precision_stores_activations_in_half_only_where_the_hardware_computes_in_half(tiny_spec):
+    """GPUs (tensor cores) keep every activation in the storage dtype; a CPU, whose arithmetic is
+    float32 whatever the storage, keeps activations in float32 and only the weight matrices in
+    half (passes/precision.py): a half-precision activation costs a conversion at every use."""
+    from mixer_compile.backend.target import get_target
+    from mixer_compile.compose import target_graph
+
+    cpu, reports = target_graph(tiny_spec, get_target("llvm"), dtype="bfloat16")
+    gpu, _ = target_graph(tiny_spec, get_target("sm_90"), dtype="bfloat16")
+    for graph, activations in ((cpu, "float32"), (gpu, "bfloat16")):
+        assert {p.tensor.dtype for p in graph.params.values() if len(p.tensor.shape) > 1} == {"bfloat16"}
+        assert {op.output.dtype for op in graph.ops if op.output.name != graph.output} == {activations}
+        assert graph.meta["precision"] == {"dtype": "bfloat16", "activations": activations, "accumulate": "float32"}
+    assert f"stored in bfloat16, {len(cpu.ops) - 1} activations in float32" in reports[-2].changes[0]

@@ -104,7 +104,7 @@ class Metadata:
     spec: dict[str, Any]  # MixerSpec.to_dict()
     target: dict[str, Any]  # name, kind, config (the TVM target), requires (what the loading machine needs)
     form: str  # the IR form lowered (passes/pipeline.py)
-    precision: dict[str, Any]  # dtype, accumulate
+    precision: dict[str, Any]  # dtype (weights), activations, accumulate
     passes: list[dict[str, Any]]  # one PassReport each, in order
     weights: dict[str, Any]  # origin, file or seed, embedded
     params: list[str]  # the module's parameters, in call order

@@ -20,7 +20,10 @@ ACCUMULATE = "float32"
 class PassContext:
     dtype: str = "float32"  # storage precision (precision.py); sums stay ACCUMULATE
     panel: int = 0  # column panel of right-product kernels (pack_kernels.py); 0: keep (K, N)
-    gemm_library: str = ""  # "cutlass": large half-precision GEMMs call library kernels (library_gemms.py)
+    gemm_library: str = ""  # "cutlass": large GEMMs call library kernels (library_gemms.py)
+    # where activations are stored: `dtype` ("") where the hardware computes on half precision
+    # (GPU tensor cores), "float32" where every operand is converted to float32 anyway (CPUs)
+    activation_dtype: str = ""
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:

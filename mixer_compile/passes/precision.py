@@ -11,6 +11,14 @@ half-precision copy would cost a cast kernel per call on the GPU. The ops that r
 `accumulate = float32` and the lowering computes them, and their fused epilogues, in
 float32 before rounding the result once to `dtype`. The model's interface stays float32:
 float32 images in, float32 logits out (the last op writes float32 directly).
+
+Activations follow `dtype` only where the hardware computes on half precision (GPU tensor
+cores). A CPU's arithmetic is float32 whatever the storage, and a half-precision activation
+costs a conversion at every use: each A element of a GEMM micro-kernel is re-converted for
+every column panel, which made half-precision CPU builds far slower than float32 ones
+(benchmarks/results/cpu_matrix_*_dtypes.md). There the backend asks for float32 activations
+(`ctx.activation_dtype`) and only the weights, the bytes a small batch streams from memory,
+are stored in `dtype`.
 """
 
 from __future__ import annotations
@@ -33,13 +41,14 @@ def run(graph: Graph, ctx: PassContext) -> tuple[Graph, list[str]]:
     g.params = {n: dataclasses.replace(p, tensor=dataclasses.replace(p.tensor, dtype=dtype))
                 if len(p.tensor.shape) > 1 else p for n, p in g.params.items()}
     matrices = sum(p.tensor.dtype == dtype for p in g.params.values())
+    activations = ctx.activation_dtype or dtype
     reducing = 0
     for op in g.ops:
         if op.output.name != g.output:  # the logits stay float32 (see above)
-            op.output = dataclasses.replace(op.output, dtype=dtype)
+            op.output = dataclasses.replace(op.output, dtype=activations)
         if op.kind in REDUCING:
             op.attrs["accumulate"] = ACCUMULATE
             reducing += 1
-    g.meta["precision"] = {"dtype": dtype, "accumulate": ACCUMULATE}
-    return g, [f"{matrices} weight matrices and {len(g.ops) - 1} activations stored in {dtype}",
+    g.meta["precision"] = {"dtype": dtype, "activations": activations, "accumulate": ACCUMULATE}
+    return g, [f"{matrices} weight matrices stored in {dtype}, {len(g.ops) - 1} activations in {activations}",
                f"{reducing} reducing ops accumulate in {ACCUMULATE}"]
