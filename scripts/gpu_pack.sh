@@ -4,7 +4,7 @@
 # one device call carries at most 64 MiB, so it is split in two halves: .gpu/a goes with the
 # first call, .gpu/b (second half + tvm-ffi + CUTLASS's headers) with the second; see README,
 # "NVIDIA GPUs". With KERNELS=1 it also compiles here, into .gpu/a/cache, the CUTLASS kernels the
-# session's builds, GEMM tuning and GPU tests need (scripts/gpu_kernels.py: ~40 sm_90a kernels, then
+# session's builds, GEMM tuning and GPU tests need (scripts/gpu_kernels.py: ~50 sm_90a kernels, then
 # the tests' own; about an hour on 2 cores, ~10 MB), so the GPU machine spends no device time on nvcc.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -27,8 +27,12 @@ SMALL = MixerSpec("small", (112, 112), 8, 256, 64, 512, 1, num_classes=10, batch
     (FC1, GemmShape(50176, 3072, 768), "sm_90a", "t128x256x64_c2x1_coop"),
     # its token fc1: 384 rows are 3 M tiles, which do not pair up in a cluster
     (TOKEN_FC1, GemmShape(384, 768, 196, 256), "sm_90a", "t128x256x64_c1x1_coop"),
-    # batch 1: 196 rows would fill 24 of 132 SMs with 128x256 tiles: the smallest tiles instead
-    (FC1, GemmShape(196, 3072, 768), "sm_90a", "t64x128x64_c1x1_pp"),
+    # batch 1: 196 rows would fill 24 of 132 SMs with 128x256 tiles; 48 128x128 tiles with 12 K
+    # steps each: stream-K divides the K loops among the SMs
+    (FC1, GemmShape(196, 3072, 768), "sm_90a", "t128x128x64_c1x1_sk"),
+    (GemmKernel("float16", "residual"), GemmShape(196, 768, 3072), "sm_90a", "t128x128x64_c1x1_sk"),
+    # batch 1's token fc1: 18 tiles, but only 4 K steps (196 tokens): the smallest tiles
+    (TOKEN_FC1, GemmShape(384, 768, 196, 1), "sm_90a", "t64x128x64_c1x1_pp"),
     (FC1, GemmShape(50176, 3072, 768), "sm_80", "t128x128x32_w64x64_s4"),
     (FC1, GemmShape(196, 768, 768), "sm_80", "t64x64x32_w32x32_s6"),
     # float32 on Hopper: the 3xTF32 mma.sync kernels (wgmma's tf32 would lose float32 accuracy)

@@ -277,11 +277,14 @@ def test_cuda_artifact_links_the_library_gemms_and_validates_on_host(tmp_path, k
 @needs_cuobjdump
 @pytest.mark.slow
 @pytest.mark.parametrize("kernel", [GemmKernel("float16", "gelu_erf", "wtx", "t128x256x64_c1x1_coop"),
-                                    GemmKernel("bfloat16", "residual", "wx", "t64x128x64_c1x1_pp")],
-                         ids=lambda k: k.form)
+                                    GemmKernel("bfloat16", "residual", "wx", "t64x128x64_c1x1_pp"),
+                                    GemmKernel("float16", "residual", "xw", "t128x128x64_c1x1_sk"),
+                                    GemmKernel("bfloat16", "residual", "wx", "t128x128x64_c1x1_sk")],
+                         ids=lambda k: f"{k.form}-{k.variant.rsplit('_', 1)[1]}")
 def test_token_mixing_kernels_are_batched_wgmma_fed_by_tma(kernel_cache, monkeypatch, kernel):
     """The left products (one W for every image, per-row bias) compile to the same wgmma + TMA
-    code as the right ones, in both kernel layouts and both schedules."""
+    code as the right ones, in both kernel layouts and every schedule (stream-K included, for
+    right and left products)."""
     monkeypatch.setenv("MIXER_COMPILE_CACHE", str(kernel_cache))
     code = _sass(cutlass.gpu_object(kernel, "sm_90"))
     assert "HGMMA" in code and "UTMALDG" in code and "HMMA" not in code.replace("HGMMA", "")

@@ -124,7 +124,7 @@ using Mainloop = typename cutlass::gemm::collective::CollectiveBuilder<
     cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(sizeof(typename Epilogue::SharedStorage))>,
     KERNEL_SCHEDULE>::CollectiveOp;
 using Kernel = cutlass::gemm::kernel::GemmUniversal<Shape<int, int, int, int>, Mainloop, Epilogue,
-                                                    cutlass::gemm::PersistentScheduler>;
+                                                    TILE_SCHEDULER>;
 using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
 
 typename Gemm::Arguments MakeArguments(const Problem& p, const void* x, const void* w, const void* bias,
@@ -264,15 +264,16 @@ TVM_FFI_DLL_EXPORT_TYPED_FUNC(SYMBOL_implementable, Implementable);
 class Config:
     """A CUTLASS kernel configuration, spelt in the variant of a symbol (lower/library.py).
 
-    sm_90a: `t<M>x<N>x<K>_c<m>x<n>_<coop|pp>`: CTA tile, thread-block cluster, and the
+    sm_90a: `t<M>x<N>x<K>_c<m>x<n>_<coop|pp|sk>`: CTA tile, thread-block cluster, and the
     warp-specialized schedule (cooperative: two consumer warp groups share a 128-row tile;
-    ping-pong: each owns a tile, so 64-row tiles suit small M). sm_80: `t<M>x<N>x<K>_w<M>x<N>_s<S>`:
-    CTA tile, warp tile and pipeline stages.
+    ping-pong: each owns a tile, so 64-row tiles suit small M; stream-K: cooperative, with the
+    K loop of the output tiles divided among the SMs, for problems of fewer tiles than SMs).
+    sm_80: `t<M>x<N>x<K>_w<M>x<N>_s<S>`: CTA tile, warp tile and pipeline stages.
     """
 
     tile: tuple[int, int, int]
     cluster: tuple[int, int] = (1, 1)
-    schedule: str = "coop"  # sm_90a: coop | pp
+    schedule: str = "coop"  # sm_90a: coop | pp | sk
     warp: tuple[int, int] = (0, 0)  # sm_80
     stages: int = 0  # sm_80
 
@@ -305,7 +306,7 @@ class Config:
 CANDIDATES = {
     "sm_90a": (Config((128, 256, 64), (2, 1), "coop"), Config((128, 256, 64), (1, 1), "coop"),
                Config((128, 128, 64), (1, 1), "coop"), Config((64, 256, 64), (1, 1), "pp"),
-               Config((64, 128, 64), (1, 1), "pp")),
+               Config((64, 128, 64), (1, 1), "pp"), Config((128, 128, 64), (1, 1), "sk")),
     "sm_80": (Config((128, 128, 32), warp=(64, 64), stages=4), Config((64, 128, 32), warp=(32, 64), stages=4),
               Config((64, 64, 32), warp=(32, 32), stages=6)),
     # float32 on either family: the sm_80 templates with 3xTF32 (CUTLASS's generator's tiles)
@@ -352,10 +353,14 @@ def _sm90_fusion(kernel: GemmKernel, element: str) -> str:
     return f"{ops}::LinCombPer{per}Bias<{element}, float, float, {element}, float>"
 
 
-def _schedules(config: Config) -> tuple[str, str]:
+def _schedules(config: Config) -> tuple[str, str, str]:
+    """The mainloop, epilogue and tile scheduler of an sm_90a configuration."""
     if config.schedule == "pp":
-        return "cutlass::gemm::KernelTmaWarpSpecializedPingpong", "cutlass::epilogue::TmaWarpSpecialized"
-    return "cutlass::gemm::KernelTmaWarpSpecializedCooperative", "cutlass::epilogue::TmaWarpSpecializedCooperative"
+        return ("cutlass::gemm::KernelTmaWarpSpecializedPingpong", "cutlass::epilogue::TmaWarpSpecialized",
+                "cutlass::gemm::PersistentScheduler")
+    scheduler = "cutlass::gemm::StreamKScheduler" if config.schedule == "sk" else "cutlass::gemm::PersistentScheduler"
+    return ("cutlass::gemm::KernelTmaWarpSpecializedCooperative", "cutlass::epilogue::TmaWarpSpecializedCooperative",
+            scheduler)
 
 
 def _with_form(text: str, kernel: GemmKernel, device: str) -> str:
@@ -388,9 +393,10 @@ def gpu_source(kernel: GemmKernel, family: str) -> str:
     layout_a, layout_b = _LAYOUTS[kernel.form]
     if kind == "sm_90a":
         text = _COMMON + _CHECKS + _SM90
-        mainloop, epilogue = _schedules(config)
+        mainloop, epilogue, scheduler = _schedules(config)
         text = (text.replace("_CLUSTER_M", f"_{config.cluster[0]}").replace("_CLUSTER_N", f"_{config.cluster[1]}")
                 .replace("KERNEL_SCHEDULE", mainloop).replace("EPILOGUE_SCHEDULE", epilogue)
+                .replace("TILE_SCHEDULER", scheduler)
                 .replace("LAYOUT_B", f"cutlass::layout::{layout_b}").replace("FUSION", _sm90_fusion(kernel, element)))
     elif kernel.left:
         output, output_args = _sm80_output(kernel)

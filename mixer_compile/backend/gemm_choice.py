@@ -27,6 +27,7 @@ from mixer_compile.errors import TargetError, TuningError
 from mixer_compile.lower.library import PREFIX, GemmKernel, GemmShape, from_symbol, shape_of
 
 RECORDS = "library_gemms.json"
+STREAM_K_MIN_STEPS = 8  # K tiles a problem needs before dividing its K loop can pay
 SMS = {"sm_90a": 132, "sm_80": 108, "sm_100": 148, "sm_120": 170}  # the flagship's (H100, A100, B200, RTX 5090)
 
 @dataclass(frozen=True)
@@ -57,14 +58,21 @@ def _tiles(config: Config, shape: GemmShape) -> int:
 
 
 def default_config(kernel: GemmKernel, shape: GemmShape, family: str) -> Config:
-    """The largest candidate that gives every SM at least two tiles (a cluster only where the M
-    tiles pair up); the smallest one when none does."""
+    """The largest data-parallel candidate that gives every SM at least two tiles (a cluster
+    only where the M tiles pair up). When none does, a problem of fewer tiles than SMs with a
+    long K loop (batch 1's channel GEMMs: 12 tiles of K = 3072 on 132 SMs) takes stream-K where
+    the family has it, dividing its K loop among the SMs (CUTLASS's heuristic decomposition
+    keeps a tile whole where splitting does not pay); any other, the smallest tiles."""
     space = configs(family, kernel.dtype)
-    for config in space:
+    parallel = [c for c in space if c.schedule != "sk"]
+    for config in parallel:
         pairs = config.cluster[0] == 1 or math.ceil(shape.m / config.tile[0]) % config.cluster[0] == 0
         if pairs and _tiles(config, shape) >= 2 * SMS[family]:
             return config
-    return space[-1]
+    for config in (c for c in space if c.schedule == "sk"):
+        if _tiles(config, shape) < SMS[family] and shape.k >= STREAM_K_MIN_STEPS * config.tile[2]:
+            return config
+    return parallel[-1]
 
 
 def user_records_path(family: str) -> Path:
