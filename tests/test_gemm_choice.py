@@ -35,6 +35,11 @@ SMALL = MixerSpec("small", (112, 112), 8, 256, 64, 512, 1, num_classes=10, batch
     (TOKEN_FC1, GemmShape(384, 768, 196, 1), "sm_90a", "t64x128x64_c1x1_pp"),
     (FC1, GemmShape(50176, 3072, 768), "sm_80", "t128x128x32_w64x64_s4"),
     (FC1, GemmShape(196, 768, 768), "sm_80", "t64x64x32_w32x32_s6"),
+    # datacenter Blackwell: 2-SM tcgen05 tiles (a 256-row tile per SM pair) for the large
+    # problems, stream-K for batch 1's channel GEMMs, the smallest 1-SM tile else
+    (FC1, GemmShape(50176, 3072, 768), "sm_100", "t256x128x64_c2x1_auto"),
+    (FC1, GemmShape(196, 3072, 768), "sm_100", "t128x128x64_c1x1_sk"),
+    (TOKEN_FC1, GemmShape(384, 768, 196, 1), "sm_100", "t128x64x64_c1x1_auto"),
     # float32 on Hopper: the 3xTF32 mma.sync kernels (wgmma's tf32 would lose float32 accuracy)
     (GemmKernel("float32", "gelu_erf"), GemmShape(50176, 3072, 768), "sm_90a", "t128x128x16_w32x64_s4"),
     (GemmKernel("float32", "gelu_erf"), GemmShape(196, 768, 768), "sm_90a", "t64x64x16_w32x32_s3"),

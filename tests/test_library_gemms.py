@@ -9,6 +9,7 @@ links them in.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -151,10 +152,11 @@ def _sass(path: Path) -> str:
     return subprocess.run([tool, "-sass", str(path)], check=True, capture_output=True, text=True, env=env).stdout
 
 
-# sm_90a kernels take about a minute of CPU each to compile (CUTLASS 3.x), sm_80 ones ~20 s: the
-# default run checks sm_80, the slow run (--runslow) Hopper too
+# sm_90a and sm_100 kernels take about a minute of CPU each to compile (CUTLASS 3.x), sm_80 ones
+# ~20 s: the default run checks the sm_80 templates (on sm_80 and sm_120), the slow run
+# (--runslow) Hopper and Blackwell too
 ARCHS = [pytest.param("sm_90", marks=pytest.mark.slow), "sm_80"]
-FAMILY = {"sm_90": "sm_90a", "sm_80": "sm_80", "sm_100": "sm_100"}
+FAMILY = {"sm_90": "sm_90a", "sm_80": "sm_80", "sm_100": "sm_100", "sm_120": "sm_120"}
 
 
 def _mid_residual(arch: str) -> GemmKernel:
@@ -162,19 +164,24 @@ def _mid_residual(arch: str) -> GemmKernel:
     kernel = GemmKernel("bfloat16", "residual")
     shape = GemmShape(2 * 64, 128, 512)
     return kernel.with_variant(gemm_choice.default_config(kernel, shape, FAMILY[arch]).variant)
-TENSOR_CORE_CODE = {"sm_90": ("HGMMA", "UTMALDG"), "sm_80": ("HMMA.16816.F32", "LDGSTS"),
-                    "sm_100": ("HMMA.16816.F32", "LDGSTS")}
+
+
+# the tensor-core instruction and the loads that feed it, by arch: wgmma + TMA (Hopper), tcgen05
+# + TMA (datacenter Blackwell), mma.sync + cp.async (the sm_80 templates)
+TENSOR_CORE_CODE = {"sm_90": ("HGMMA", "UTMALDG"), "sm_100": ("UTCHMMA", "UTMALDG"),
+                    "sm_80": ("HMMA.16816.F32", "LDGSTS"), "sm_120": ("HMMA.16816.F32", "LDGSTS")}
 
 
 @pytest.mark.parametrize("arch, family, gencode", [
     ("sm_80", "sm_80", "arch=compute_80,code=sm_80"), ("sm_89", "sm_80", "arch=compute_80,code=sm_89"),
     ("sm_90", "sm_90a", "arch=compute_90a,code=sm_90a"),
-    # Blackwell: the sm_80 templates (mma.sync runs there), compiled for its own arch, records of its own
-    ("sm_100", "sm_100", "arch=compute_100,code=sm_100"), ("sm_103", "sm_100", "arch=compute_103,code=sm_103"),
-    ("sm_120", "sm_120", "arch=compute_120,code=sm_120")])
+    # datacenter Blackwell: tcgen05 kernels, family-specific code (B200 and B300 alike)
+    ("sm_100", "sm_100", "arch=compute_100f,code=sm_100f"), ("sm_103", "sm_100", "arch=compute_100f,code=sm_100f"),
+    # Thor and workstation Blackwell: the sm_80 templates (mma.sync), for their own arch, records of their own
+    ("sm_110", "sm_110", "arch=compute_110,code=sm_110"), ("sm_120", "sm_120", "arch=compute_120,code=sm_120")])
 def test_each_gpu_generation_has_its_family_and_arch_code(arch, family, gencode):
     assert cutlass.gpu_arch_flag(arch) == (family, gencode)
-    assert cutlass.template(family, "float16") == ("sm_90a" if family == "sm_90a" else "sm_80")
+    assert cutlass.template(family, "float16") == (family if family in ("sm_90a", "sm_100") else "sm_80")
     assert cutlass.template(family, "float32") == "tf32x3"
 
 
@@ -194,17 +201,19 @@ SM80_LEFT = (GemmKernel("float16", "gelu_erf", "wtx", "t128x128x32_w64x64_s4"),
 @pytest.mark.parametrize("arch, kernel",
                          [pytest.param("sm_90", _mid_residual("sm_90"), marks=pytest.mark.slow, id="sm_90"),
                           pytest.param("sm_80", _mid_residual("sm_80"), id="sm_80"),
-                          pytest.param("sm_100", _mid_residual("sm_100"), id="sm_100"),
+                          pytest.param("sm_100", _mid_residual("sm_100"), marks=pytest.mark.slow, id="sm_100"),
+                          pytest.param("sm_120", _mid_residual("sm_120"), id="sm_120"),
                           *(pytest.param("sm_80", k, id=f"sm_80-{k.form}") for k in SM80_LEFT)])
 def test_cutlass_kernels_compile_to_tensor_core_code(kernel_cache, monkeypatch, arch, kernel):
-    """sm_90a: wgmma (HGMMA) fed by TMA (UTMALDG), no mma.sync; sm_80, right and left products:
-    mma.sync m16n8k16 (HMMA.16816) fed by cp.async (LDGSTS), and the same on Blackwell (sm_100);
-    each exports its tvm-ffi symbol; compiled once."""
+    """sm_90a: wgmma (HGMMA) fed by TMA (UTMALDG), no mma.sync; sm_100: tcgen05 (UTCHMMA) fed by
+    TMA; sm_80, right and left products: mma.sync m16n8k16 (HMMA.16816) fed by cp.async
+    (LDGSTS), and the same on sm_120; each exports its tvm-ffi symbol; compiled once."""
     monkeypatch.setenv("MIXER_COMPILE_CACHE", str(kernel_cache))
     obj = cutlass.gpu_object(kernel, arch)
     code = _sass(obj)
     assert all(instruction in code for instruction in TENSOR_CORE_CODE[arch])
-    assert ("HMMA" in code) == (arch != "sm_90") and ("HGMMA" in code) == (arch == "sm_90")
+    instructions = {name for name in ("HMMA.16816", "HGMMA", "UTCHMMA") if re.search(rf"\b{name}\b", code)}
+    assert instructions == {TENSOR_CORE_CODE[arch][0].removesuffix(".F32")}  # that one kind only
     symbols = subprocess.run(["nm", str(obj)], check=True, capture_output=True, text=True).stdout
     assert f" T __tvm_ffi_{kernel.symbol}" in symbols and f" T __tvm_ffi_{kernel.symbol}_implementable" in symbols
     assert cutlass.gpu_object(kernel, arch) == obj  # cached: the next build compiles nothing

@@ -90,7 +90,7 @@ Problem CheckArgs(const tvm::ffi::TensorView& x, const tvm::ffi::TensorView& w, 
 }  // namespace
 """
 
-_SM90 = r"""
+_TMA = r"""
 #include "cute/tensor.hpp"
 #include "cutlass/cutlass.h"
 #include "cutlass/epilogue/collective/collective_builder.hpp"
@@ -115,11 +115,11 @@ using ClusterShape = Shape<_CLUSTER_M, _CLUSTER_N, _1>;
 using FusionOp = FUSION;
 
 using Epilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
-    cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape,
+    ARCH_TAG, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape,
     cutlass::epilogue::collective::EpilogueTileAuto, float, float, Element, LayoutD, kAlign, Element, LayoutD, kAlign,
     EPILOGUE_SCHEDULE, FusionOp>::CollectiveOp;
 using Mainloop = typename cutlass::gemm::collective::CollectiveBuilder<
-    cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, Element, LayoutA, kAlign, Element, LayoutB, kAlign, float,
+    ARCH_TAG, cutlass::arch::OpClassTensorOp, Element, LayoutA, kAlign, Element, LayoutB, kAlign, float,
     TileShape, ClusterShape,
     cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(sizeof(typename Epilogue::SharedStorage))>,
     KERNEL_SCHEDULE>::CollectiveOp;
@@ -268,12 +268,14 @@ class Config:
     warp-specialized schedule (cooperative: two consumer warp groups share a 128-row tile;
     ping-pong: each owns a tile, so 64-row tiles suit small M; stream-K: cooperative, with the
     K loop of the output tiles divided among the SMs, for problems of fewer tiles than SMs).
+    sm_100: `t<M>x<N>x<K>_c<m>x<n>_<auto|sk>`: MMA tile (M 256: a pair of SMs, cluster 2x1) and
+    cluster, CUTLASS's builder choosing the 1- or 2-SM tcgen05 schedule; stream-K as on sm_90a.
     sm_80: `t<M>x<N>x<K>_w<M>x<N>_s<S>`: CTA tile, warp tile and pipeline stages.
     """
 
     tile: tuple[int, int, int]
     cluster: tuple[int, int] = (1, 1)
-    schedule: str = "coop"  # sm_90a: coop | pp | sk
+    schedule: str = "coop"  # sm_90a: coop | pp | sk; sm_100: auto | sk
     warp: tuple[int, int] = (0, 0)  # sm_80
     stages: int = 0  # sm_80
 
@@ -309,7 +311,10 @@ CANDIDATES = {
                Config((64, 128, 64), (1, 1), "pp"), Config((128, 128, 64), (1, 1), "sk")),
     "sm_80": (Config((128, 128, 32), warp=(64, 64), stages=4), Config((64, 128, 32), warp=(32, 64), stages=4),
               Config((64, 64, 32), warp=(32, 32), stages=6)),
-    # float32 on either family: the sm_80 templates with 3xTF32 (CUTLASS's generator's tiles)
+    "sm_100": (Config((256, 128, 64), (2, 1), "auto"), Config((128, 256, 64), (1, 1), "auto"),
+               Config((128, 128, 64), (1, 1), "auto"), Config((128, 64, 64), (1, 1), "auto"),
+               Config((128, 128, 64), (1, 1), "sk")),
+    # float32 on every family: the sm_80 templates with 3xTF32 (CUTLASS's generator's tiles)
     "tf32x3": (Config((128, 128, 16), warp=(32, 64), stages=4), Config((128, 64, 16), warp=(64, 32), stages=4),
                Config((64, 64, 16), warp=(32, 32), stages=3)),
 }
@@ -319,11 +324,11 @@ def template(family: str, dtype: str) -> str:
     """The templates a kernel of `dtype` instantiates on a GPU `family`: wgmma has no float32
     input with float32 accuracy (its tf32 keeps 10 mantissa bits), so float32 GEMMs run as
     3xTF32 on mma.sync (`OpMultiplyAddFastF32`: a = big + small, three tf32 products, float32
-    accuracy at tensor-core speed) on Hopper as on Ampere. Blackwell takes the sm_80 templates
-    (`gpu_arch_flag`)."""
+    accuracy at tensor-core speed) on Hopper and Blackwell as on Ampere. Families without
+    CUTLASS 3.x kernels here take the sm_80 templates (`gpu_arch_flag`)."""
     if dtype == "float32":
         return "tf32x3"
-    return "sm_90a" if family == "sm_90a" else "sm_80"
+    return family if family in ("sm_90a", "sm_100") else "sm_80"
 
 
 def configs(family: str, dtype: str) -> tuple[Config, ...]:
@@ -353,12 +358,16 @@ def _sm90_fusion(kernel: GemmKernel, element: str) -> str:
     return f"{ops}::LinCombPer{per}Bias<{element}, float, float, {element}, float>"
 
 
-def _schedules(config: Config) -> tuple[str, str, str]:
-    """The mainloop, epilogue and tile scheduler of an sm_90a configuration."""
+def _schedules(config: Config, kind: str) -> tuple[str, str, str]:
+    """The mainloop, epilogue and tile scheduler of a CUTLASS 3.x configuration (`kind` sm_90a
+    or sm_100: there the builder picks tcgen05's 1- or 2-SM schedule from tile and cluster)."""
+    scheduler = "cutlass::gemm::StreamKScheduler" if config.schedule == "sk" else "cutlass::gemm::PersistentScheduler"
+    if kind == "sm_100":
+        return "cutlass::gemm::collective::KernelScheduleAuto", "cutlass::epilogue::collective::EpilogueScheduleAuto", \
+            scheduler
     if config.schedule == "pp":
         return ("cutlass::gemm::KernelTmaWarpSpecializedPingpong", "cutlass::epilogue::TmaWarpSpecialized",
                 "cutlass::gemm::PersistentScheduler")
-    scheduler = "cutlass::gemm::StreamKScheduler" if config.schedule == "sk" else "cutlass::gemm::PersistentScheduler"
     return ("cutlass::gemm::KernelTmaWarpSpecializedCooperative", "cutlass::epilogue::TmaWarpSpecializedCooperative",
             scheduler)
 
@@ -391,9 +400,10 @@ def gpu_source(kernel: GemmKernel, family: str) -> str:
     config = Config.parse(kernel.variant) if kernel.variant else CANDIDATES[kind][0]
     element, align, instruction, math_op = _ELEMENTS[kernel.dtype]
     layout_a, layout_b = _LAYOUTS[kernel.form]
-    if kind == "sm_90a":
-        text = _COMMON + _CHECKS + _SM90
-        mainloop, epilogue, scheduler = _schedules(config)
+    if kind in ("sm_90a", "sm_100"):
+        text = _COMMON + _CHECKS + _TMA.replace("ARCH_TAG", "cutlass::arch::Sm90" if kind == "sm_90a"
+                                                 else "cutlass::arch::Sm100")
+        mainloop, epilogue, scheduler = _schedules(config, kind)
         text = (text.replace("_CLUSTER_M", f"_{config.cluster[0]}").replace("_CLUSTER_N", f"_{config.cluster[1]}")
                 .replace("KERNEL_SCHEDULE", mainloop).replace("EPILOGUE_SCHEDULE", epilogue)
                 .replace("TILE_SCHEDULER", scheduler)
@@ -404,7 +414,7 @@ def gpu_source(kernel: GemmKernel, family: str) -> str:
     else:
         text = _COMMON + _CHECKS + _SM80_XW.replace("ACTIVATION", _ACTIVATIONS[kernel.epilogue])
     for name, value in zip(("_TILE_M", "_TILE_N", "_TILE_K"), config.tile):
-        text = text.replace(name, f"_{value}" if kind == "sm_90a" else str(value))
+        text = text.replace(name, f"_{value}" if kind in ("sm_90a", "sm_100") else str(value))
     text = (text.replace("_WARP_M", str(config.warp[0])).replace("_WARP_N", str(config.warp[1]))
             .replace("_STAGES", str(config.stages)).replace("LAYOUT_A", f"cutlass::layout::{layout_a}")
             .replace("ALIGN", str(align)).replace("INSTRUCTION", instruction).replace("MATH_OP", math_op))
@@ -421,13 +431,16 @@ def has_family(arch: str) -> bool:
 
 
 def gpu_arch_flag(arch: str) -> tuple[str, str]:
-    """The kernel family and nvcc -gencode for a target's arch: Hopper gets the sm_90a kernels
-    (wgmma exists on sm_90a only); Ampere and Ada the sm_80 ones; Blackwell (sm_100 datacenter,
-    sm_120 workstation) the sm_80 templates too, compiled for its own arch: its tcgen05 tensor
-    cores would need CUTLASS's sm_100 collectives, mma.sync runs there as it is. A family names
-    where GEMM records apply (one GPU generation), `template` what it instantiates."""
+    """The kernel family and nvcc -gencode for a target's arch. Hopper gets the sm_90a kernels
+    (wgmma exists on sm_90a only); datacenter Blackwell (sm_100, sm_103) the sm_100 ones
+    (tcgen05), compiled family-specific (`sm_100f`: one object for B200 and B300); Ampere, Ada,
+    Thor (sm_110) and workstation Blackwell (sm_120) the sm_80 templates, compiled for their own
+    arch (mma.sync runs on all of them). A family names where GEMM records apply (one GPU
+    generation), `template` what it instantiates."""
     major_minor = int(arch.removeprefix("sm_").rstrip("af"))
-    if major_minor >= 100:
+    if 100 <= major_minor < 110:
+        return "sm_100", "arch=compute_100f,code=sm_100f"
+    if major_minor >= 110:
         return f"sm_{major_minor // 10 * 10}", f"arch=compute_{major_minor},code=sm_{major_minor}"
     if major_minor >= 90:
         return "sm_90a", "arch=compute_90a,code=sm_90a"

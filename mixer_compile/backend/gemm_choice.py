@@ -28,7 +28,8 @@ from mixer_compile.lower.library import PREFIX, GemmKernel, GemmShape, from_symb
 
 RECORDS = "library_gemms.json"
 STREAM_K_MIN_STEPS = 8  # K tiles a problem needs before dividing its K loop can pay
-SMS = {"sm_90a": 132, "sm_80": 108, "sm_100": 148, "sm_120": 170}  # the flagship's (H100, A100, B200, RTX 5090)
+# SMs of each family's flagship (H100, A100, B200, Jetson Thor, RTX 5090)
+SMS = {"sm_90a": 132, "sm_80": 108, "sm_100": 148, "sm_110": 20, "sm_120": 170}
 
 @dataclass(frozen=True)
 class Record:
@@ -57,6 +58,12 @@ def _tiles(config: Config, shape: GemmShape) -> int:
     return math.ceil(shape.m / config.tile[0]) * math.ceil(shape.n / config.tile[1]) * shape.l
 
 
+def _sms_per_tile(config: Config) -> int:
+    """The SMs one output tile occupies: a pair for sm_100's 2-SM tcgen05 MMA (M 256, cluster
+    2x1, the pair being the cluster), else one."""
+    return config.cluster[0] if config.schedule == "auto" and config.tile[0] == 256 else 1
+
+
 def default_config(kernel: GemmKernel, shape: GemmShape, family: str) -> Config:
     """The largest data-parallel candidate that gives every SM at least two tiles (a cluster
     only where the M tiles pair up). When none does, a problem of fewer tiles than SMs with a
@@ -66,8 +73,9 @@ def default_config(kernel: GemmKernel, shape: GemmShape, family: str) -> Config:
     space = configs(family, kernel.dtype)
     parallel = [c for c in space if c.schedule != "sk"]
     for config in parallel:
-        pairs = config.cluster[0] == 1 or math.ceil(shape.m / config.tile[0]) % config.cluster[0] == 0
-        if pairs and _tiles(config, shape) >= 2 * SMS[family]:
+        sms = _sms_per_tile(config)
+        pairs = config.cluster[0] in (1, sms) or math.ceil(shape.m / config.tile[0]) % config.cluster[0] == 0
+        if pairs and _tiles(config, shape) * sms >= 2 * SMS[family]:
             return config
     for config in (c for c in space if c.schedule == "sk"):
         if _tiles(config, shape) < SMS[family] and shape.k >= STREAM_K_MIN_STEPS * config.tile[2]:
