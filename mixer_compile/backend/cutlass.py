@@ -8,12 +8,14 @@ instantiates each called symbol from CUTLASS templates with its epilogue fused: 
 per output feature), then GELU (erf or tanh, as the spec says) or the residual add, rounded
 once to the storage dtype.
 
-sm_90/sm_90a: CUTLASS 3.x, TMA + wgmma, warp-specialized persistent kernels (cooperative or
-ping-pong, as the variant says), compiled for `sm_90a` (wgmma needs the arch-specific target). sm_80/86/89: CUTLASS 2.x,
-mma.sync m16n8k16 + cp.async multistage; right products add bias and residual through the
-broadcast epilogue, which broadcasts per column, so left products (bias per row) use an
-epilogue visitor tree instead (column broadcast of the bias, GELU or an auxiliary load of R).
-Float32 kernels use those sm_80 templates on every family, as 3xTF32 (`template`).
+sm_90/sm_90a: CUTLASS 3.x, TMA + wgmma, warp-specialized persistent kernels (cooperative,
+ping-pong or stream-K, as the variant says), compiled for `sm_90a` (wgmma needs the
+arch-specific target); sm_100/103: the same template with tcgen05 (1- or 2-SM MMA), compiled
+for the `sm_100f` family. sm_80/86/89 (and sm_110, sm_120): CUTLASS 2.x, mma.sync m16n8k16 +
+cp.async multistage; right products add bias and residual through the broadcast epilogue,
+which broadcasts per column, so left products (bias per row) use an epilogue visitor tree
+instead (column broadcast of the bias, GELU or an auxiliary load of R). Float32 kernels use
+those sm_80 templates on every family, as 3xTF32 (`template`).
 The objects export tvm-ffi's C ABI (`__tvm_ffi_<name>`), are linked into the artifact's
 `model.so` (`export_library(addons=...)`) and are found there by `R.call_dps_packed`, so the
 artifact stays self-contained (TVM runtime, CUDA runtime and driver). One sm_90a kernel takes
