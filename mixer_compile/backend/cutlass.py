@@ -322,6 +322,9 @@ CANDIDATES = {
 }
 
 
+TMA_FAMILIES = ("sm_90a", "sm_100")  # the families with CUTLASS 3.x kernels (the `_TMA` template)
+
+
 def template(family: str, dtype: str) -> str:
     """The templates a kernel of `dtype` instantiates on a GPU `family`: wgmma has no float32
     input with float32 accuracy (its tf32 keeps 10 mantissa bits), so float32 GEMMs run as
@@ -330,7 +333,7 @@ def template(family: str, dtype: str) -> str:
     CUTLASS 3.x kernels here take the sm_80 templates (`gpu_arch_flag`)."""
     if dtype == "float32":
         return "tf32x3"
-    return family if family in ("sm_90a", "sm_100") else "sm_80"
+    return family if family in TMA_FAMILIES else "sm_80"
 
 
 def configs(family: str, dtype: str) -> tuple[Config, ...]:
@@ -402,7 +405,7 @@ def gpu_source(kernel: GemmKernel, family: str) -> str:
     config = Config.parse(kernel.variant) if kernel.variant else CANDIDATES[kind][0]
     element, align, instruction, math_op = _ELEMENTS[kernel.dtype]
     layout_a, layout_b = _LAYOUTS[kernel.form]
-    if kind in ("sm_90a", "sm_100"):
+    if kind in TMA_FAMILIES:
         text = _COMMON + _CHECKS + _TMA.replace("ARCH_TAG", "cutlass::arch::Sm90" if kind == "sm_90a"
                                                  else "cutlass::arch::Sm100")
         mainloop, epilogue, scheduler = _schedules(config, kind)
@@ -416,7 +419,7 @@ def gpu_source(kernel: GemmKernel, family: str) -> str:
     else:
         text = _COMMON + _CHECKS + _SM80_XW.replace("ACTIVATION", _ACTIVATIONS[kernel.epilogue])
     for name, value in zip(("_TILE_M", "_TILE_N", "_TILE_K"), config.tile):
-        text = text.replace(name, f"_{value}" if kind in ("sm_90a", "sm_100") else str(value))
+        text = text.replace(name, f"_{value}" if kind in TMA_FAMILIES else str(value))
     text = (text.replace("_WARP_M", str(config.warp[0])).replace("_WARP_N", str(config.warp[1]))
             .replace("_STAGES", str(config.stages)).replace("LAYOUT_A", f"cutlass::layout::{layout_a}")
             .replace("ALIGN", str(align)).replace("INSTRUCTION", instruction).replace("MATH_OP", math_op))
