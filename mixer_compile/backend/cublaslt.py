@@ -26,7 +26,7 @@ import re
 import shutil
 from pathlib import Path
 
-from mixer_compile.backend.cutlass import compile_cached
+from mixer_compile.backend.cutlass import argument_checks, compile_cached
 from mixer_compile.errors import TargetError
 from mixer_compile.lower.library import GemmKernel
 from mixer_compile.machine import CUBLASLT, package_file
@@ -39,11 +39,10 @@ HEADER = "cublasLt.h"
 # epilogue's bias is added to alpha * A @ B + beta * C, then the activation applied).
 _EPILOGUES = {"bias": "CUBLASLT_EPILOGUE_BIAS", "gelu_tanh": "CUBLASLT_EPILOGUE_GELU_BIAS",
               "residual": "CUBLASLT_EPILOGUE_BIAS"}
-# storage dtype: element, cuBLASLt's type, DLPack's code, bits. Every one computes in float32
+# storage dtype: element and cuBLASLt's type. Every one computes in float32
 # (CUBLAS_COMPUTE_32F: a float32 GEMM is plain SGEMM, no TF32, as PyTorch's default)
-_TYPES = {"float16": ("__half", "CUDA_R_16F", "kDLFloat", "16"),
-          "bfloat16": ("__nv_bfloat16", "CUDA_R_16BF", "kDLBfloat", "16"),
-          "float32": ("float", "CUDA_R_32F", "kDLFloat", "32")}
+_TYPES = {"float16": ("__half", "CUDA_R_16F"), "bfloat16": ("__nv_bfloat16", "CUDA_R_16BF"),
+          "float32": ("float", "CUDA_R_32F")}
 
 _SOURCE = r"""
 // SYMBOL: the xw form of mixer_gemm_* (lower/library.py) by cuBLASLt (backend/cublaslt.py):
@@ -64,7 +63,7 @@ _SOURCE = r"""
 #include <mutex>
 #include <tuple>
 #include <type_traits>
-
+ARGUMENT_CHECKS
 namespace {
 using Element = ELEMENT;
 constexpr cudaDataType_t kType = CUDA_TYPE;
@@ -73,36 +72,12 @@ constexpr cublasLtEpilogue_t kEpilogue = EPILOGUE;
 // what its algorithm needs, stream-ordered, as the CUTLASS kernels do.
 constexpr size_t kMaxWorkspace = size_t(32) << 20;
 
-void Check(bool ok, const char* what) {
-  if (!ok) TVM_FFI_THROW(RuntimeError) << "SYMBOL: " << what;
-}
 void CheckCuda(cudaError_t status, const char* what) {
   if (status != cudaSuccess) TVM_FFI_THROW(RuntimeError) << "SYMBOL: " << what << ": " << cudaGetErrorString(status);
 }
 void CheckLt(cublasStatus_t status, const char* what) {
   if (status != CUBLAS_STATUS_SUCCESS)
     TVM_FFI_THROW(RuntimeError) << "SYMBOL: " << what << ": " << cublasLtGetStatusName(status);
-}
-
-struct Problem { int64_t m, n, k; };
-
-// The checks of the CUTLASS kernels' xw form: X [..., K] (leading dims = M), W [N, K], bias [N]
-// float32, R and D [..., N], all on the GPU.
-Problem CheckArgs(const tvm::ffi::TensorView& x, const tvm::ffi::TensorView& w, const tvm::ffi::TensorView& bias,
-                  const tvm::ffi::TensorView* r, const tvm::ffi::TensorView& d) {
-  for (const auto* t : {&x, &w, &d}) {
-    Check(t->dtype().code == DLCODE && t->dtype().bits == BITS, "X, W and D must have the kernel's dtype");
-    Check(t->device().device_type == kDLCUDA, "tensors must be on the GPU");
-  }
-  Check(bias.dtype().code == kDLFloat && bias.dtype().bits == 32 && bias.ndim() == 1 &&
-        bias.device().device_type == kDLCUDA, "bias must be float32 [N] on the GPU");
-  Check(w.ndim() == 2, "W must be [N, K]");
-  Problem p{0, w.size(0), w.size(1)};
-  Check(x.size(x.ndim() - 1) == p.k && bias.size(0) == p.n, "shape mismatch");
-  p.m = x.numel() / p.k;
-  Check(d.numel() == p.m * p.n, "D must be [M, N]");
-  if (r) Check(r->dtype().code == DLCODE && r->dtype().bits == BITS && r->numel() == d.numel(), "R must be like D");
-  return p;
 }
 
 // The bias is float32 by the contract. cublasLt.h (13.1) says of CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE
@@ -277,11 +252,12 @@ def source(kernel: GemmKernel) -> str:
     if not supports(kernel):
         raise TargetError(f"{kernel.symbol}: cuBLASLt has no such GEMM (right products with a bias, tanh GELU or "
                           "residual epilogue only)")
-    element, cuda_type, dlcode, bits = _TYPES[kernel.dtype]
-    fields = {"SYMBOL": kernel.symbol, "ELEMENT": element, "CUDA_TYPE": cuda_type, "DLCODE": dlcode, "BITS": bits,
+    element, cuda_type = _TYPES[kernel.dtype]
+    fields = {"SYMBOL": kernel.symbol, "ELEMENT": element, "CUDA_TYPE": cuda_type,
               "EPILOGUE": _EPILOGUES[kernel.epilogue], "RESIDUAL_PARAM": "tvm::ffi::TensorView r," if kernel.residual
               else "", "RESIDUAL_ARG": "&r" if kernel.residual else "nullptr"}
-    return re.sub(r"\b(" + "|".join(fields) + r")\b", lambda m: fields[m.group(0)], _SOURCE)
+    text = _SOURCE.replace("ARGUMENT_CHECKS", argument_checks(kernel))  # the CUTLASS kernels' checks
+    return re.sub(r"\b(" + "|".join(fields) + r")\b", lambda m: fields[m.group(0)], text)
 
 
 def _package_dir(name: str) -> Path:

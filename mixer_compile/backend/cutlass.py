@@ -64,16 +64,17 @@ void Check(bool ok, const char* what) {
 
 // The problem of a call (lower/library.py): D [L, M, N] = epilogue(product), W shared by all L.
 //   xw:  X [..., K] (M = rows), W [N, K], bias [N]      wx: X [L, K, N], W [M, K], bias [M]
-//   wtx: X [L, K, N], W [K, M], bias [M]
+//   wtx: X [L, K, N], W [K, M], bias [M]; R (the residual, where the epilogue adds one) like D
 struct Problem { int64_t m, n, k, l; };
 
 Problem CheckArgs(const tvm::ffi::TensorView& x, const tvm::ffi::TensorView& w, const tvm::ffi::TensorView& bias,
-                  const tvm::ffi::TensorView& d, int code) {
+                  const tvm::ffi::TensorView* r, const tvm::ffi::TensorView& d) {
   for (const auto* t : {&x, &w, &d}) {
-    Check(t->dtype().code == code && t->dtype().bits == STORAGE_BITS, "X, W and D must have the kernel's dtype");
+    Check(t->dtype().code == DLCODE && t->dtype().bits == STORAGE_BITS, "X, W and D must have the kernel's dtype");
     Check(t->device().device_type == DEVICE, "tensors must be on the kernel's device");
   }
-  Check(bias.dtype().code == kDLFloat && bias.dtype().bits == 32 && bias.ndim() == 1, "bias must be float32, 1-d");
+  Check(bias.dtype().code == kDLFloat && bias.dtype().bits == 32 && bias.ndim() == 1 &&
+        bias.device().device_type == DEVICE, "bias must be float32, 1-d, on the kernel's device");
   Check(w.ndim() == 2, "W must be 2-d");
   Problem p;
   if (FORM_XW) {
@@ -87,6 +88,8 @@ Problem CheckArgs(const tvm::ffi::TensorView& x, const tvm::ffi::TensorView& w, 
   }
   Check(d.numel() == p.l * p.m * p.n, "D must be [L, M, N]");
   Check(bias.size(0) == (FORM_XW ? p.n : p.m), "bias must have one value per output feature");
+  if (r) Check(r->dtype().code == DLCODE && r->dtype().bits == STORAGE_BITS && r->numel() == d.numel() &&
+               r->device().device_type == DEVICE, "R must be like D");
   return p;
 }
 }  // namespace
@@ -231,7 +234,7 @@ typename Gemm::Arguments MakeArguments(const Problem& p, const void* x, const vo
 _RUN = r"""
 void Run(tvm::ffi::TensorView x, tvm::ffi::TensorView w, tvm::ffi::TensorView bias, RESIDUAL_PARAM
          tvm::ffi::TensorView d) {
-  Problem p = CheckArgs(x, w, bias, d, DLCODE);
+  Problem p = CheckArgs(x, w, bias, RESIDUAL_REF, d);
   auto args = MakeArguments(p, x.data_ptr(), w.data_ptr(), bias.data_ptr(), RESIDUAL_PTR, d.data_ptr());
   Gemm gemm;
   Check(gemm.can_implement(args) == cutlass::Status::kSuccess,
@@ -384,7 +387,15 @@ def _with_form(text: str, kernel: GemmKernel, device: str) -> str:
     text = text.replace("DLCODE", "kDLBfloat" if kernel.dtype == "bfloat16" else "kDLFloat")
     text = text.replace("STORAGE_BITS", "32" if kernel.dtype == "float32" else "16")
     text = text.replace("RESIDUAL_PARAM", "tvm::ffi::TensorView r," if kernel.residual else "")
+    text = text.replace("RESIDUAL_REF", "&r" if kernel.residual else "nullptr")
     return text.replace("RESIDUAL_PTR", "r.data_ptr()" if kernel.residual else "nullptr")
+
+
+def argument_checks(kernel: GemmKernel, device: str = "kDLCUDA") -> str:
+    """`Check`, `Problem` and `CheckArgs(x, w, bias, r, d)` for `kernel` on `device` (kDLCUDA, or
+    kDLCPU for the host): every implementation of the contract checks its arguments alike
+    (backend/cublaslt.py too)."""
+    return _with_form(_CHECKS, kernel, device)
 
 
 def _sm80_output(kernel: GemmKernel) -> tuple[str, str]:
@@ -529,7 +540,7 @@ _HOST_ENTRY = r"""
 namespace host_SYMBOL {
 void Run(tvm::ffi::TensorView x, tvm::ffi::TensorView w, tvm::ffi::TensorView bias, RESIDUAL_PARAM
          tvm::ffi::TensorView d) {
-  Problem p = CheckArgs(x, w, bias, d, DLCODE);
+  Problem p = CheckArgs(x, w, bias, RESIDUAL_REF, d);
   Gemm(p.m, p.n, p.k, p.l, "FORM", x, w, bias, RESIDUAL_PTR, d, ACT);
 }
 }  // namespace host_SYMBOL
