@@ -42,7 +42,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from mixer_compile.artifact.format import LIBRARY, METADATA, WEIGHTS, BatchRange, read_metadata, sha256
-from mixer_compile.artifact.place import refuse_foreign, swap_into_place, temp_dir_beside
+from mixer_compile.artifact.place import refuse_foreign, staged
 from mixer_compile.errors import ArtifactError, MixerCompileError
 from mixer_compile.machine import (check_cpu, check_gpu, check_tvm_version, gpu_arch, load_runtime_libraries,
                                    local_gpu, use_all_cores)
@@ -224,17 +224,9 @@ class CompiledMixer:
         if out == self.path.resolve():
             return out
         refuse_foreign(out)
-        tmp = temp_dir_beside(out)
-        try:
+        with staged(out, "cannot save the artifact to") as tmp:
             for name in [*self.metadata.files, METADATA]:
                 shutil.copyfile(self.path / name, tmp / name)
-            swap_into_place(tmp, out)
-        except OSError as exc:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise ArtifactError(f"cannot save the artifact to '{out}': {exc.strerror or exc}") from None
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         return out
 
     def __repr__(self) -> str:

@@ -1,5 +1,5 @@
-"""Putting a finished artifact directory where it belongs, atomically: the one swap that the
-compiler's writer (write.py) and the runtime's `CompiledMixer.save` share.
+"""Putting a finished artifact directory where it belongs, atomically: the one staging and
+swap that the compiler's writer (write.py) and the runtime's `CompiledMixer.save` share.
 
 An artifact is assembled in a temporary sibling of its destination and renamed into place only
 when complete, under the destination's advisory lock (util/locking.py), so a crash never leaves
@@ -13,14 +13,16 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 from mixer_compile.artifact.format import METADATA
 from mixer_compile.errors import ArtifactError
 from mixer_compile.util.locking import exclusive
 
 
-def temp_dir_beside(out: Path) -> Path:
+def _temp_dir_beside(out: Path) -> Path:
     """A new empty directory next to `out`, with the permissions a directory made there gets."""
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -40,7 +42,7 @@ def refuse_foreign(out: Path) -> None:
                             "choose another output directory")
 
 
-def swap_into_place(tmp: Path, out: Path) -> None:
+def _swap_into_place(tmp: Path, out: Path) -> None:
     """Renames the complete artifact `tmp` to `out`, replacing an artifact there, under `out`'s lock."""
     with exclusive(out):
         refuse_foreign(out)
@@ -51,3 +53,20 @@ def swap_into_place(tmp: Path, out: Path) -> None:
         os.rename(out, old)
         os.rename(tmp, out)
         shutil.rmtree(old, ignore_errors=True)
+
+
+@contextmanager
+def staged(out: Path, failure: str) -> Iterator[Path]:
+    """A new directory beside `out` to assemble an artifact in, swapped into place when the
+    block completes and removed when it fails; a file-system error becomes one line,
+    `{failure} '{out}': {reason}`."""
+    tmp = _temp_dir_beside(out)
+    try:
+        yield tmp
+        _swap_into_place(tmp, out)  # a concurrent writer of `out` swaps before or after, never between
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ArtifactError(f"{failure} '{out}': {exc.strerror or exc}") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

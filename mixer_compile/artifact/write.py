@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -18,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from mixer_compile.artifact.format import LIBRARY, METADATA, WEIGHTS, Metadata, sha256
-from mixer_compile.artifact.place import refuse_foreign, swap_into_place, temp_dir_beside
+from mixer_compile.artifact.place import refuse_foreign, staged
 from mixer_compile.errors import ArtifactError
 
 
@@ -29,8 +28,7 @@ def write_artifact(out_dir: str | Path, executable: Any, params: dict[str, np.nd
     import tvm
 
     out = Path(out_dir).resolve()
-    tmp = temp_dir_beside(out)
-    try:
+    with staged(out, "cannot write artifact to") as tmp:
         try:
             executable.export_library(str(tmp / LIBRARY))
         except RuntimeError as exc:  # TVM reports the linker's failure (a full disk, say) so
@@ -44,13 +42,6 @@ def write_artifact(out_dir: str | Path, executable: Any, params: dict[str, np.nd
         sizes = {name: (tmp / name).stat().st_size for name in files}
         meta = dataclasses.replace(metadata, files=files, file_sizes=sizes)
         (tmp / METADATA).write_text(json.dumps(meta.to_json(), indent=2, default=_json_default) + "\n")
-        swap_into_place(tmp, out)  # a concurrent compile into `out` swaps before or after, never between
-    except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise ArtifactError(f"cannot write artifact to '{out}': {exc.strerror or exc}") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
