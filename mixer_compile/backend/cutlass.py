@@ -410,8 +410,9 @@ def _sm80_output(kernel: GemmKernel) -> tuple[str, str]:
 
 
 def gpu_source(kernel: GemmKernel, family: str) -> str:
-    """The CUDA source of one kernel, any form, for a GPU `family` (sm_90a or sm_80), configured
-    by its variant (without one: the largest tile of its design space)."""
+    """The CUDA source of one kernel, any form, for a GPU `family` (`gpu_arch_flag`), from the
+    templates `template` names, configured by its variant (without one: the largest tile of
+    its design space)."""
     kind = template(family, kernel.dtype)
     config = Config.parse(kernel.variant) if kernel.variant else CANDIDATES[kind][0]
     element, align, instruction, math_op = _ELEMENTS[kernel.dtype]
