@@ -37,11 +37,11 @@ def no_records(tmp_path, monkeypatch):
     return tmp_path
 
 
-def _build(spec: MixerSpec, gelu: str, database=None, target=None):
+def _build(spec: MixerSpec, gelu: str, database=None, target=None, dtype="float32"):
     target = target or get_target("llvm")
     weights = random_weights(spec, 0)
     spec = spec.replace(gelu=gelu)
-    model = compose(spec, target, weights=weights)
+    model = compose(spec, target, dtype=dtype, weights=weights)
     applied: list[cpu.Applied] = []
     executable = cpu.build(model.module, target, database, on_applied=applied.append)
     run = Runner(executable, tvm.cpu(), list(model.params.values()), "this CPU").function()
@@ -132,6 +132,42 @@ def test_records_transfer_across_epilogues_and_batches(tiny_spec, no_records) ->
     _, _, _, tanh = _build(tiny_spec, "tanh", db, target)
     assert {(c.mr, c.nv, c.c_outer) for c in tanh.gemms.values()} == \
         {(c.mr, c.nv, c.c_outer) for c in applied.gemms.values()}
+
+
+def _block_body(script: str, block: str) -> str:
+    """The TVMScript lines of one block (its `with T.sblock(...)` line and everything under it)."""
+    lines = script.splitlines()
+    start = next(i for i, line in enumerate(lines) if f'T.sblock("{block}")' in line)
+    indent = len(lines[start]) - len(lines[start].lstrip())
+    end = next((i for i in range(start + 1, len(lines)) if len(lines[i]) - len(lines[i].lstrip()) <= indent),
+               len(lines))
+    return "\n".join(lines[start:end])
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_weights_are_widened_once_per_panel_not_at_every_use(tiny_spec, no_records, dtype) -> None:
+    """A CPU computes in float32 whatever the weights' storage. Converted inside the micro-kernel,
+    a half weight is re-converted for every row tile (a right product's B panel) or column tile
+    (token mixing's broadcast A weight); each is widened by a stage of its own instead: a B panel
+    under its panel loop, inside the one parallel nest, a left product's A weight once per call
+    in its own parallel loop. The micro-kernel then reads float32 only, and the model is right."""
+    spec, weights, run, applied = _build(tiny_spec, "erf", dtype=dtype)
+    target = get_target("llvm")
+    fused = cpu.prepare(compose(spec, target, dtype=dtype).module, target)
+    mod, _ = cpu.schedule_kernels(fused, target)
+    forms = []
+    for name, c in applied.gemms.items():
+        script = mod[name].script()
+        update, widen = _block_body(script, "matmul_update"), _block_body(script, "widen")
+        assert "T.Cast" not in update and f'"{dtype}"' not in update, name
+        assert f'T.Cast("float32", ' in widen, name
+        gemm = gemm_space.find_gemm(Schedule(fused[name]))
+        left = not gemm_space.signature(Schedule(fused[name]), gemm, cpu.machine(target).lanes)[-1]  # B not panels
+        assert len(_parallel_extents(mod[name])) == (2 if left else 1), name
+        assert c.c_outer and gemm.m > c.mr
+        forms.append(left)
+    assert True in forms and False in forms, "both a token (left) and a channel (right) GEMM checked"
+    assert validate(run, spec, weights, seed=1, tolerance=1e-2).max_rel_error > 1e-5
 
 
 def test_decisions_round_trip_through_a_trace(tiny_spec) -> None:

@@ -22,7 +22,10 @@ Shape of the match: one block with spatial iterators (..., i, j) and one reducti
 A[..., i, k] (not indexed by j) and B[..., k, j] or its panels B[j // P, k, j % P] (j
 innermost, contiguous), optionally
 followed by elementwise blocks (bias, GELU, residual): those are inlined into the last one,
-which is computed per micro-tile, while C's tile is still in registers.
+which is computed per micro-tile, while C's tile is still in registers. An operand may come
+through a stage that only widens a half-precision weight to float32 (lower/relax.py
+`_widened`): a B panel is then converted once into cache under its panel loop and read by
+every row tile, a (small) A weight once per call, instead of converting at every use.
 """
 
 from __future__ import annotations
@@ -283,9 +286,10 @@ def apply(sch: Schedule, gemm: Gemm, c: Candidate, lanes: int) -> None:
     block = sch.get_sblock(gemm.block)
     root = sch.get_sblock("root")
     output = sch.get_output_blocks(root)[0]
+    widen = _widening(sch, block)
     for rv in sch.get_child_blocks(root):
         name = sch.get(rv).name_hint
-        if name not in (gemm.block, sch.get(output).name_hint):
+        if name not in (gemm.block, sch.get(output).name_hint, *widen):
             sch.compute_inline(rv)
     *batch, i, j, k = sch.get_loops(block)
     if c.mchunks > 1:
@@ -304,7 +308,34 @@ def apply(sch: Schedule, gemm: Gemm, c: Candidate, lanes: int) -> None:
         sch.reverse_compute_at(output, io if c.c_outer else jm)
         last = sch.get_loops(output)[-1]
         sch.vectorize(sch.split(last, [None, lanes])[1])
+    for name, operand in widen.items():
+        stage = sch.get_sblock(name)
+        if operand == 1 and c.c_outer and gemm.m > c.mr:  # each B panel converted once, read by every row tile
+            sch.compute_at(stage, jm)
+            sch.vectorize(sch.get_loops(stage)[-1])
+        elif operand == 0:  # the broadcast operand: the whole (small) weight, once per call
+            loops = sch.get_loops(stage)
+            sch.parallel(sch.fuse(*loops[:-1]) if len(loops) > 2 else loops[0])
+        else:  # one row tile, or row tiles outside the panels: a panel stage would be redone per tile
+            sch.compute_inline(stage)
     sch.decompose_reduction(block, k)
+
+
+def _widening(sch: Schedule, block: Any) -> dict[str, int]:
+    """The stages that only convert an operand of the GEMM to its compute dtype (a half weight
+    on a CPU, lower/relax.py `_widened`), by name, with the operand each feeds (0: A, 1: B)."""
+    reads = [r.source for r in sch.get(block).reads]
+    out = {}
+    for rv in sch.get_producers(block):
+        stage = sch.get(rv)
+        if len(stage.writes) != 1 or len(stage.reads) != 1 \
+                or any(iv.iter_type != IterVar.DataPar for iv in stage.iter_vars):
+            continue
+        written, read = stage.writes[0].source, stage.reads[0].source
+        operand = next((i for i, b in enumerate(reads) if b.same_as(written)), None)
+        if operand is not None and written.dtype != read.dtype and [int(d) for d in written.shape] == [int(d) for d in read.shape]:
+            out[stage.name_hint] = operand
+    return out
 
 
 def design_spaces(sch: Schedule, vec: Vector, cores: int) -> list[Schedule]:

@@ -73,14 +73,35 @@ def _epilogue(bb: relax.BlockBuilder, op: Op, y: relax.Expr, extra: list[relax.E
     return y
 
 
+def _widened(weight: te.Tensor, dtype: str) -> te.Tensor:
+    """A half-precision weight read as `dtype` through a stage of its own. Converted inside the
+    product, each element is re-converted at every use: for every row tile of a micro-kernel
+    (a right product's B panel) or every column tile (a left product's broadcast A), which cost
+    bfloat16 weights 15% on the channel GEMMs and both half dtypes 35-100% on the token GEMMs.
+    As a stage, the CPU schedule converts each panel once into cache, or the whole (small) token
+    weight once per call (backend/gemm_space.py `apply`)."""
+    if weight.dtype == dtype:
+        return weight
+    return te.compute(weight.shape, lambda *i: weight(*i).astype(dtype), name="widen")
+
+
 def _panel_matmul(x: te.Tensor, panels: te.Tensor, out_dtype: str) -> te.Tensor:
     """X . W with W stored as (N/P, K, P) panels (passes/pack_kernels.py)."""
     *lead, depth = x.shape
+    panels = _widened(panels, out_dtype)
     count, _, width = panels.shape
     k = te.reduce_axis((0, depth), name="k")
     return te.compute((*lead, count * width), lambda *i: te.sum(
-        x[(*i[:-1], k)].astype(out_dtype) * panels[i[-1] // width, k, i[-1] % width].astype(out_dtype), axis=k),
-        name="matmul")
+        x[(*i[:-1], k)].astype(out_dtype) * panels[i[-1] // width, k, i[-1] % width], axis=k), name="matmul")
+
+
+def _left_matmul(weight: te.Tensor, x: te.Tensor, out_dtype: str) -> te.Tensor:
+    """W . X with W (N, K) in another dtype than X (half weights, float32 activations: a CPU)."""
+    *lead, depth, cols = x.shape
+    weight = _widened(weight, out_dtype)
+    k = te.reduce_axis((0, depth), name="k")
+    return te.compute((*lead, weight.shape[0], cols), lambda *i: te.sum(
+        weight[i[-2], k] * x[(*i[:-2], k, i[-1])].astype(out_dtype), axis=k), name="matmul")
 
 
 def _dense(bb: relax.BlockBuilder, op: Op, x: relax.Expr, kernel: relax.Expr) -> relax.Expr:
@@ -92,6 +113,10 @@ def _dense(bb: relax.BlockBuilder, op: Op, x: relax.Expr, kernel: relax.Expr) ->
                           primfunc_attrs={"op_pattern": OUT_ELEMWISE_FUSABLE})
     if axis == ndim - 1:  # right product X . W
         return bb.emit(R.matmul(x, kernel if kn else R.permute_dims(kernel), out_dtype=out))
+    if axis == ndim - 2 and not kn and kernel.ty.dtype != x.ty.dtype:  # half weights: TE, to widen
+        # them in a stage of their own (`_widened`), fusable like the panel matmul above
+        return bb.emit_te(_left_matmul, kernel, x, out, primfunc_name_hint="matmul",
+                          primfunc_attrs={"op_pattern": OUT_ELEMWISE_FUSABLE})
     if axis == ndim - 2:  # left product W . X (tokens-major token mixing)
         return bb.emit(R.matmul(R.permute_dims(kernel) if kn else kernel, x, out_dtype=out))
     perm = [i for i in range(ndim) if i != axis] + [axis]
