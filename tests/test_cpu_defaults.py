@@ -238,19 +238,27 @@ def test_loud_warning_when_a_kernel_stays_unscheduled(tiny_spec, no_records, mon
 
 def test_tuning_starts_from_the_defaults(tiny_spec, no_records) -> None:
     """With a budget of one trial per kernel, tuning measures each kernel's default schedule (the
-    same the build would run), commits it as the first record, and says what it gained."""
+    same the build would run), commits it as the first record, and says what it gained: for a GEMM
+    whose best record is the default's own micro-tile, that it kept the default (the ratio of two
+    measurements of one schedule is noise, not a gain)."""
     from mixer_compile.tune.database import open_database
     from mixer_compile.tune.search import tune
 
     target = get_target("llvm")
-    tasks = [t for t in model_tasks(tiny_spec, target, trials=1)][:3]
+    every = model_tasks(tiny_spec, target, trials=1)
+    tasks = [t for t in every if t.micro_kernel][:2] + [t for t in every if not t.micro_kernel][:1]
     lines: list[str] = []
     summary = tune(tasks, target, no_records / "db", say=lines.append)
     assert any("measuring the default schedules of 3 kernels" in line for line in lines), lines
     assert all(t.default_secs and t.done == 1 for t in tasks), [(t.name, t.default_secs, t.done) for t in tasks]
     db = open_database(no_records / "db")
     assert len(db.get_all_tuning_records()) == 3
-    assert all("1.00x over the default" in line for line in summary.table(db, target))
+    first = summary.table(db, target)
+    for t in tasks:  # a GEMM whose best is the default's own micro-tile says so, whatever the figures
+        t.default_secs *= 1.5  # (a first measurement the machine's noise made slower)
+    for t, before, line in zip(tasks, first, summary.table(db, target)):
+        expected = "the default schedule (no candidate beat it)" if t.micro_kernel else "1.50x over the default"
+        assert line.endswith(expected) and before.endswith(expected.replace("1.50x", "1.00x")), line
     fused = cpu.prepare(compose(tiny_spec, target).module, target)
     _, applied = cpu.schedule_kernels(fused, target, db)
     assert {t.name for t in tasks} <= set(applied.tuned)

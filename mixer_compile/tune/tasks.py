@@ -39,7 +39,9 @@ class Task:
     trials: int = 0  # the budget
     done: int = 0  # records in the database
     space: Any = "post-order-apply"  # MetaSchedule's generic space, or gemm_space's candidates
+    micro_kernel: bool = False  # the space is gemm_space's candidates (a CPU GEMM)
     default_secs: float | None = None  # the default schedule's measured time, when tuning measured it
+    default_decision: Any = None  # its gemm_space.Decision, for a GEMM of that space (then measured)
 
     @property
     def total_flops(self) -> float:
@@ -84,6 +86,7 @@ def _use_gemm_space(task: Task, tvm_target: Any) -> None:
         task.space = ms.space_generator.ScheduleFn(lambda sch: design_spaces(sch, vec, cores),
                                                    sch_rules=[], postprocs=[], mutator_probs={})
         task.trials = min(task.trials, count)
+        task.micro_kernel = True
 
 
 def tensor_core_space() -> Any:
