@@ -333,7 +333,8 @@ def _widening(sch: Schedule, block: Any) -> dict[str, int]:
             continue
         written, read = stage.writes[0].source, stage.reads[0].source
         operand = next((i for i, b in enumerate(reads) if b.same_as(written)), None)
-        if operand is not None and written.dtype != read.dtype and [int(d) for d in written.shape] == [int(d) for d in read.shape]:
+        same_shape = [int(d) for d in written.shape] == [int(d) for d in read.shape]
+        if operand is not None and written.dtype != read.dtype and same_shape:
             out[stage.name_hint] = operand
     return out
 
