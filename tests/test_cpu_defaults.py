@@ -224,6 +224,17 @@ def test_parallel_split_rule() -> None:
     assert gemm_space.parallel_split(gemm_space.Gemm("m", 8, 196, 768), 4, 3, 8, 2) == (1, 1)  # the batch suffices
 
 
+def test_default_tiles_keep_b_off_the_critical_path() -> None:
+    """The register model counts B's vectors as streamed from L2 (gemm_space.tile_efficiency):
+    where N's vector count has no factor 3 (Mixer-H/14's 5120 and 1280 on AVX2) it takes a 4 x 2
+    tile, not the 2 x 5 whose five B loads per k bound it; Mixer-B/16 keeps its 4 x 3."""
+    avx2 = gemm_space.Vector(8, 16)
+    for m, n, tile in ((256, 5120, (4, 2)), (256, 1280, (4, 2)), (196, 3072, (4, 3)), (196, 768, (4, 3))):
+        c = gemm_space.default_candidate(gemm_space.Gemm("matmul", 1, m, n), avx2, 2)
+        assert (c.mr, c.nv) == tile, (m, n, c)
+    assert gemm_space.tile_efficiency(2, 5) < gemm_space.tile_efficiency(4, 2) == 1.0
+
+
 def test_loud_warning_when_a_kernel_stays_unscheduled(tiny_spec, no_records, monkeypatch) -> None:
     monkeypatch.setattr(cpu_schedules, "RULES", [lambda sch, m: False])
     target = get_target("llvm")

@@ -148,16 +148,20 @@ def balanced(extent: int, cores: int) -> bool:
 
 
 # the model of a core behind default_candidate: two FMA pipes of 4 cycles' latency and two vector
-# loads per cycle (Zen, Intel since Haswell; the same on the AVX-512 parts this targets)
-FMA_PER_CYCLE, FMA_LATENCY, LOADS_PER_CYCLE = 2, 4, 2
+# loads per cycle (Zen, Intel since Haswell; the same on the AVX-512 parts this targets); B's
+# vectors stream from L2 at about one per two cycles (its panel, re-read by every row tile,
+# outgrows L1), where A's few rows stay in L1
+FMA_PER_CYCLE, FMA_LATENCY, LOADS_PER_CYCLE, B_VECTORS_PER_CYCLE = 2, 4, 2, 0.5
 
 
 def tile_efficiency(mr: int, nv: int) -> float:
     """Share of the FMA peak a mr x nv micro-tile can reach in the model: per k it issues
     mr x nv FMAs, mr broadcasts of A and nv loads of B, and its mr x nv accumulators must cover
-    the FMA latency x throughput or the chains stall."""
+    the FMA latency x throughput or the chains stall. B's loads also bound it from L2: a tile of
+    fewer than 4 rows waits on B (a 2 x 5 tile ran well below a 4 x 2 one on Mixer-H/14's GEMMs,
+    benchmarks/results/cpu_matrix_znver3_large.md)."""
     fmas = mr * nv
-    cycles = max(fmas / FMA_PER_CYCLE, (mr + nv) / LOADS_PER_CYCLE, FMA_LATENCY)
+    cycles = max(fmas / FMA_PER_CYCLE, (mr + nv) / LOADS_PER_CYCLE, nv / B_VECTORS_PER_CYCLE, FMA_LATENCY)
     return fmas / FMA_PER_CYCLE / cycles
 
 
