@@ -25,7 +25,9 @@ followed by elementwise blocks (bias, GELU, residual): those are inlined into th
 which is computed per micro-tile, while C's tile is still in registers. An operand may come
 through a stage that only widens a half-precision weight to float32 (lower/relax.py
 `_widened`): a B panel is then converted once into cache under its panel loop and read by
-every row tile, a (small) A weight once per call, instead of converting at every use.
+every row tile, a (small) A weight once per call, instead of converting at every use. A B
+read in place (token mixing's activations, (K, N) row-major) is likewise copied into a panel
+under its panel loop, as a BLAS packs B.
 """
 
 from __future__ import annotations
@@ -322,6 +324,14 @@ def apply(sch: Schedule, gemm: Gemm, c: Candidate, lanes: int) -> None:
             sch.parallel(sch.fuse(*loops[:-1]) if len(loops) > 2 else loops[0])
         else:  # one row tile, or row tiles outside the panels: a panel stage would be redone per tile
             sch.compute_inline(stage)
+    in_panels = isinstance(sch.get(block).reads[1].region[-1].min, FloorMod)
+    if not in_panels and 1 not in widen.values() and c.c_outer and gemm.m > c.mr:
+        # B read in place (token mixing's activations): its tile's K rows lie a row of N apart,
+        # as many pages and, for N a power of two, one cache set; copied into a panel under its
+        # panel loop, every row tile reads one contiguous stream
+        packed = sch.cache_read(block, 1, "global")
+        sch.compute_at(packed, jm)
+        sch.vectorize(sch.get_loops(packed)[-1])
     sch.decompose_reduction(block, k)
 
 
