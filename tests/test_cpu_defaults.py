@@ -170,6 +170,32 @@ def test_half_weights_are_widened_once_per_panel_not_at_every_use(tiny_spec, no_
     assert validate(run, spec, weights, seed=1, tolerance=1e-2).max_rel_error > 1e-5
 
 
+def test_token_gemms_read_b_from_a_panel_packed_per_panel_loop(tiny_spec, no_records) -> None:
+    """Token mixing's B is the activations, (K, N) row-major: read in place, a tile's K rows lie a
+    row of N apart (for N a power of two, one cache set). Each panel is copied once under its
+    panel loop, inside the one parallel nest, and the micro-kernel reads only the copy; the
+    channel GEMMs' B is already in panels (weights, laid out at build time) and is not copied."""
+    spec, weights, run, applied = _build(tiny_spec, "erf")
+    target = get_target("llvm")
+    fused = cpu.prepare(compose(spec, target).module, target)
+    mod, _ = cpu.schedule_kernels(fused, target)
+    packed = 0
+    for name in applied.gemms:
+        script = mod[name].script()
+        sch = Schedule(fused[name])
+        in_panels = gemm_space.signature(sch, gemm_space.find_gemm(sch), cpu.machine(target).lanes)[-1]
+        copies = re.findall(r'T\.sblock\("(\w+_global)"\)', script)
+        assert len(copies) == (0 if in_panels else 1), (name, copies)
+        if copies:
+            b = copies[0][: -len("_global")]
+            assert f"{copies[0]}[" in _block_body(script, "matmul_update")
+            assert f"{b}[" not in _block_body(script, "matmul_update").replace(f"{copies[0]}[", ""), name
+            assert len(_parallel_extents(mod[name])) == 1, name
+            packed += 1
+    assert packed == 2  # token fc1 and fc2 of the one block shape
+    assert validate(run, spec, weights, seed=1).passed
+
+
 def test_decisions_round_trip_through_a_trace(tiny_spec) -> None:
     target = get_target("llvm")
     m = cpu.machine(target)
