@@ -293,6 +293,10 @@ def apply(sch: Schedule, gemm: Gemm, c: Candidate, lanes: int) -> None:
     root = sch.get_sblock("root")
     output = sch.get_output_blocks(root)[0]
     widen = _widening(sch, block)
+    # a stage under the panel loop pays off over the row tiles that re-read it; beside a predicated
+    # last row tile (mr not dividing M) some micro-kernels compiled to far slower code (5 x 2 on
+    # the /32 presets' 49 rows), so those keep reading B in place
+    staged = c.c_outer and gemm.m > c.mr and gemm.m % c.mr == 0
     for rv in sch.get_child_blocks(root):
         name = sch.get(rv).name_hint
         if name not in (gemm.block, sch.get(output).name_hint, *widen):
@@ -316,16 +320,16 @@ def apply(sch: Schedule, gemm: Gemm, c: Candidate, lanes: int) -> None:
         sch.vectorize(sch.split(last, [None, lanes])[1])
     for name, operand in widen.items():
         stage = sch.get_sblock(name)
-        if operand == 1 and c.c_outer and gemm.m > c.mr:  # each B panel converted once, read by every row tile
+        if operand == 1 and staged:  # each B panel converted once, read by every row tile
             sch.compute_at(stage, jm)
             sch.vectorize(sch.get_loops(stage)[-1])
         elif operand == 0:  # the broadcast operand: the whole (small) weight, once per call
             loops = sch.get_loops(stage)
             sch.parallel(sch.fuse(*loops[:-1]) if len(loops) > 2 else loops[0])
-        else:  # one row tile, or row tiles outside the panels: a panel stage would be redone per tile
+        else:  # converted at each use (no `staged` panel loop)
             sch.compute_inline(stage)
     in_panels = isinstance(sch.get(block).reads[1].region[-1].min, FloorMod)
-    if not in_panels and 1 not in widen.values() and c.c_outer and gemm.m > c.mr:
+    if not in_panels and 1 not in widen.values() and staged:
         # B read in place (token mixing's activations): its tile's K rows lie a row of N apart,
         # as many pages and, for N a power of two, one cache set; copied into a panel under its
         # panel loop, every row tile reads one contiguous stream
