@@ -207,7 +207,12 @@ def signature(sch: Schedule, gemm: Gemm, lanes: int) -> tuple[Any, ...]:
     block = sch.get(sch.get_sblock(gemm.block))
     k = int(block.iter_vars[-1].dom.extent)
     b = block.reads[1]
-    return (gemm.m, gemm.n, k, lanes, len(b.region), isinstance(b.region[-1].min, FloorMod))
+    return (gemm.m, gemm.n, k, lanes, len(b.region), _in_panels(block))
+
+
+def _in_panels(block: Any) -> bool:
+    """Whether the GEMM block reads B in panels B[j // P, k, j % P] (passes/pack_kernels.py)."""
+    return isinstance(block.reads[1].region[-1].min, FloorMod)
 
 
 def decision_of(trace: Any) -> Decision | None:
@@ -319,23 +324,20 @@ def apply(sch: Schedule, gemm: Gemm, c: Candidate, lanes: int) -> None:
         last = sch.get_loops(output)[-1]
         sch.vectorize(sch.split(last, [None, lanes])[1])
     for name, operand in widen.items():
-        stage = sch.get_sblock(name)
-        if operand == 1 and staged:  # each B panel converted once, read by every row tile
-            sch.compute_at(stage, jm)
-            sch.vectorize(sch.get_loops(stage)[-1])
-        elif operand == 0:  # the broadcast operand: the whole (small) weight, once per call
-            loops = sch.get_loops(stage)
+        if operand == 0:  # the broadcast operand: the whole (small) weight, once per call
+            loops = sch.get_loops(sch.get_sblock(name))
             sch.parallel(sch.fuse(*loops[:-1]) if len(loops) > 2 else loops[0])
-        else:  # converted at each use (no `staged` panel loop)
-            sch.compute_inline(stage)
-    in_panels = isinstance(sch.get(block).reads[1].region[-1].min, FloorMod)
-    if not in_panels and 1 not in widen.values() and staged:
-        # B read in place (token mixing's activations): its tile's K rows lie a row of N apart,
-        # as many pages and, for N a power of two, one cache set; copied into a panel under its
-        # panel loop, every row tile reads one contiguous stream
-        packed = sch.cache_read(block, 1, "global")
-        sch.compute_at(packed, jm)
-        sch.vectorize(sch.get_loops(packed)[-1])
+    # B's panel staged under its panel loop, converted or copied once and read by every row tile:
+    # a half weight's widening stage, or a copy of a B read in place (token mixing's activations,
+    # whose tile's K rows lie a row of N apart: as many pages and, for N a power of two, one
+    # cache set), as a BLAS packs B
+    widened = next((name for name, operand in widen.items() if operand == 1), None)
+    if staged and (widened or not _in_panels(sch.get(block))):
+        stage = sch.get_sblock(widened) if widened else sch.cache_read(block, 1, "global")
+        sch.compute_at(stage, jm)
+        sch.vectorize(sch.get_loops(stage)[-1])
+    elif widened:  # converted at each use
+        sch.compute_inline(sch.get_sblock(widened))
     sch.decompose_reduction(block, k)
 
 
