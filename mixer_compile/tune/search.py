@@ -34,7 +34,7 @@ from mixer_compile.backend.target import TargetInfo
 from mixer_compile.errors import ArtifactError, TuningError
 from mixer_compile.machine import physical_cores, use_all_cores
 from mixer_compile.tune.database import open_database
-from mixer_compile.tune.tasks import Task, best_latency, count_records
+from mixer_compile.tune.tasks import Task, best_latency, count_records, record_secs
 from mixer_compile.util.interrupt import StopOnInterrupt, ignore_sigint
 from mixer_compile.util.locking import exclusive
 
@@ -84,11 +84,11 @@ def _gain(t: Task, record: Any) -> str:
     GEMM's best record that makes the default's own decision (micro-tile, loop order) is the
     default re-measured, and its ratio to the first measurement is the machine's noise: it is
     said as such, not as a gain."""
-    if record is None or not record.run_secs or not t.default_secs:
+    best = record_secs(record)
+    if best is None or not t.default_secs:
         return ""
     if t.default_decision is not None and gemm_space.decision_of(record.trace) == t.default_decision:
         return ", the default schedule (no candidate beat it)"
-    best = sum(float(x) for x in record.run_secs) / len(record.run_secs)
     return f", {t.default_secs / best:.2f}x over the default"
 
 
@@ -108,9 +108,10 @@ class TuneSummary:
         lines = []
         width = max(len(t.name) for t in self.tasks)
         for t in self.tasks:
-            best = best_latency(db, t.mod, target)
+            record = db.query_tuning_record(t.mod, target.tvm_target(), "main")
+            best = record_secs(record)
             speed = f"{best * 1e3:9.3f} ms {t.flops / best / 1e9:7.1f} GFLOP/s" if best else "   no valid record"
-            gain = _gain(t, db.query_tuning_record(t.mod, target.tvm_target(), "main"))
+            gain = _gain(t, record)
             lines.append(f"      {t.name:<{width}} x{t.calls:<3} {t.flops / 1e6:9.1f} MFLOP {t.done:>5} trials "
                          f"{speed}{gain}")
         return lines
@@ -321,9 +322,8 @@ def _tune_tasks(todo: list[Task], tasks: list[Task], tvm_target: Any, db: Any, s
             record = db.query_tuning_record(t.mod, tvm_target, "main")
             gain = _gain(t, record)
             if gain:
-                best = sum(float(x) for x in record.run_secs) / len(record.run_secs)
-                say(f"      task {index}/{len(tasks)} {t.name}: best {best * 1e3:.3f} ms{gain} (the default "
-                    f"measured {t.default_secs * 1e3:.3f} ms)")
+                say(f"      task {index}/{len(tasks)} {t.name}: best {record_secs(record) * 1e3:.3f} ms{gain} "
+                    f"(the default measured {t.default_secs * 1e3:.3f} ms)")
             if interrupt.requested:
                 break
             if t.done < t.trials:  # the search space ran out of new candidates

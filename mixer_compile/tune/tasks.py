@@ -124,7 +124,11 @@ def count_records(db: Any, tasks: list[Task]) -> None:
 def best_latency(db: Any, mod: tvm.IRModule, target: TargetInfo) -> float | None:
     """Seconds of the best valid record of workload `mod`, None when it has none (a query:
     nothing is written, so it is safe on the shipped, read-only records)."""
-    record = db.query_tuning_record(mod, target.tvm_target(), "main")
+    return record_secs(db.query_tuning_record(mod, target.tvm_target(), "main"))
+
+
+def record_secs(record: Any) -> float | None:
+    """A tuning record's mean measured seconds; None for no record or one without a valid run."""
     if record is None or not record.run_secs:
         return None
     return sum(float(s) for s in record.run_secs) / len(record.run_secs)
