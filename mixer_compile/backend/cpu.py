@@ -217,7 +217,7 @@ def schedule_kernels(fused: tvm.IRModule, target: TargetInfo, database: Any = No
             applied.untuned.append(name)
             continue
         (applied.tuned if from_record else applied.defaults).append(name)
-        mod = _replace(mod, gv, _mark(scheduled.mod["main"], func))
+        mod = _replace(mod, gv, _mark(cpu_schedules.likely_guards(scheduled).mod["main"], func))
     if database is not None and applied.kernels and not applied.tuned:
         warnings.warn(f"the tuning database applied to none of the {applied.kernels} kernels: every kernel runs "
                       "its default schedule (tune to refine them)", UserWarning, stacklevel=3)
@@ -254,12 +254,14 @@ def build(mod: tvm.IRModule, target: TargetInfo, database: Any = None,
     then lowering; `on_applied` hears how each kernel got its schedule."""
     from tvm.relax.backend.cpu_generic import pipeline as cpu
 
+    from mixer_compile.backend.cpu_schedules import BUILD_CONFIG
+
     tvm_target = target.tvm_target()
     mod = prepare(mod, target)
     mod, applied = schedule_kernels(mod, target, database)
     if on_applied is not None:
         on_applied(applied)
-    with tvm_target:
+    with tvm_target, tvm.transform.PassContext(config=BUILD_CONFIG):
         rest = tvm.transform.Sequential(cpu.dataflow_lower_passes(tvm_target) + cpu.finalize_passes(tvm_target))
         return tvm.compile(mod, tvm_target, relax_pipeline=rest)
 

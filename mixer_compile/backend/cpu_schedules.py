@@ -18,6 +18,8 @@ returns False leaves the kernel untouched: each runs on a copy). The rules:
 - `parallel_only`: the last resort: each block's outer spatial loops run in parallel.
 
 `cpu.build` applies these where no tuning record applies and counts them (`Applied.defaults`).
+Every scheduled kernel, whatever scheduled it, then gets `likely_guards` and builds under
+`BUILD_CONFIG` (tuning's candidates too).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
+import tvm
 from tvm.s_tir import Schedule
 from tvm.tirx import IterVar
 from tvm.tirx.analysis import undefined_vars
@@ -206,6 +209,41 @@ def parallel_only(sch: Schedule, m: Machine) -> bool:
 
 
 RULES: list[Rule] = [gemm, reduction, injective, parallel_only]
+
+# how every CPU kernel is lowered (the model build and tuning's candidates alike): LoopPartition
+# peels off the iterations of a constant loop in which a `likely` guard (likely_guards) fails
+BUILD_CONFIG = {"s_tir.LoopPartition": {"partition_const_loop": True}}
+
+
+def likely_guards(sch: Schedule) -> Schedule:
+    """`sch` with every block predicate marked `likely`. A split that does not divide its loop
+    guards the block inside the innermost loops: a GEMM whose micro-tile's rows do not divide
+    M (5 x 2 on the 49 tokens of the /32 presets) tested the last tile's rows at every k, and
+    LLVM kept that branch in every tile's k loop, the guarded row's accumulators spilled to the
+    stack (up to 2.6x slower). Marked likely, LoopPartition (`BUILD_CONFIG`) peels the last tile
+    off: the full tiles run without a branch. The predicates are only rewritten, so the
+    schedule's trace no longer replays to this module: call it on what gets built."""
+    from tvm.s_tir.stmt import SBlockRealize
+    from tvm.tirx import For, SeqStmt, likely
+
+    def guarded(stmt: Any) -> bool:
+        return isinstance(stmt, SBlockRealize) and not isinstance(stmt.predicate, tvm.tirx.IntImm) \
+            and not (isinstance(stmt.predicate, tvm.ir.expr.Call) and stmt.predicate.op.name == "prim.likely")
+
+    for block in _blocks(sch):
+        loops = sch.get_loops(block)
+        if not loops:
+            continue
+        loop = sch.get(loops[-1])
+        stmts = list(loop.body) if isinstance(loop.body, SeqStmt) else [loop.body]
+        if not any(guarded(s) for s in stmts):
+            continue
+        stmts = [SBlockRealize(s.iter_values, likely(s.predicate), s.block) if guarded(s) else s for s in stmts]
+        reuse = {s.block: s.block for s in stmts if isinstance(s, SBlockRealize)}
+        body = SeqStmt(stmts) if len(stmts) > 1 else stmts[0]
+        sch.state.replace(sch.get_sref(loops[-1]), For(loop.loop_var, loop.min, loop.extent, loop.kind, body,
+                                                       loop.thread_binding, loop.annotations), reuse)
+    return sch
 
 
 def default_schedule(sch: Schedule, m: Machine) -> tuple[Schedule, str] | None:

@@ -298,10 +298,9 @@ def apply(sch: Schedule, gemm: Gemm, c: Candidate, lanes: int) -> None:
     root = sch.get_sblock("root")
     output = sch.get_output_blocks(root)[0]
     widen = _widening(sch, block)
-    # a stage under the panel loop pays off over the row tiles that re-read it; beside a predicated
-    # last row tile (mr not dividing M) some micro-kernels compiled to far slower code (5 x 2 on
-    # the /32 presets' 49 rows), so those keep reading B in place
-    staged = c.c_outer and gemm.m > c.mr and gemm.m % c.mr == 0
+    # a stage under the panel loop pays off over the row tiles that re-read it (a predicated last
+    # row tile, mr not dividing M, is peeled off at lowering: cpu_schedules.likely_guards)
+    staged = c.c_outer and gemm.m > c.mr
     for rv in sch.get_child_blocks(root):
         name = sch.get(rv).name_hint
         if name not in (gemm.block, sch.get(output).name_hint, *widen):

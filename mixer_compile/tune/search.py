@@ -243,18 +243,21 @@ def _build(mod: Any, target: Any, _params: Any = None) -> Any:
     """MetaSchedule's `default_build` (both builders' build function) without its `import
     tvm.s_tir.tensor_intrin`: that import parses hundreds of TVMScript intrinsics, each walking
     the call stack over every loaded module, and took 40 s in a process that has torch loaded
-    (a scheduled candidate needs none of them). CUDA candidates build under
-    cuda_schedules.BUILD_CONFIG, as the model build applying their records does."""
+    (a scheduled candidate needs none of them). Candidates build as the model build applying
+    their records does: CUDA ones under cuda_schedules.BUILD_CONFIG, CPU ones with
+    cpu_schedules.likely_guards under its BUILD_CONFIG."""
     import tvm
     from tvm.driver import build as tvm_build
+    from tvm.s_tir import Schedule
     from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
 
-    config: dict[str, Any] = {}
     if target.kind.name == "cuda":
         from mixer_compile.backend.cuda_schedules import BUILD_CONFIG
+    else:
+        from mixer_compile.backend.cpu_schedules import BUILD_CONFIG, likely_guards
 
-        config = BUILD_CONFIG
-    with tvm.transform.PassContext(config=config):
+        mod = likely_guards(Schedule(mod)).mod
+    with tvm.transform.PassContext(config=BUILD_CONFIG):
         return tvm_build(RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod), target=target)
 
 
