@@ -32,8 +32,11 @@ from mixer_compile.util.progress import Progress
 from tests.helpers import TINY, cannot_run
 
 TRIALS = 2  # per large kernel; the small ones get max(1, TRIALS // 4) = 1
-# every test measures or validates znver4 code on this machine
-pytestmark = pytest.mark.skipif(cannot_run("znver4") is not None, reason=str(cannot_run("znver4")))
+# every test measures or validates code of a named target on this machine: AVX-512 (znver4) where
+# this CPU runs it, else AVX2; OTHER is the family whose shipped records are checked against it
+TARGET = next((name for name in ("znver4", "avx2") if cannot_run(name) is None), None)
+OTHER = "avx2" if TARGET == "znver4" else "znver4"
+pytestmark = pytest.mark.skipif(TARGET is None, reason=str(cannot_run("avx2")))
 
 
 def _lines(path: Path) -> list[str]:
@@ -43,14 +46,14 @@ def _lines(path: Path) -> list[str]:
 def _with_valid_record(db_dir: Path) -> set[str]:
     """Kernels of the tiny spec whose records include a successful measurement (a candidate
     may fail to build in time on a loaded machine; such a kernel has no record to apply)."""
-    target = get_target("znver4")
+    target = get_target(TARGET)
     database = open_database(db_dir)
     tasks = model_tasks(TINY, target, trials=TRIALS)
     return {t.name for t in tasks if best_latency(database, t.mod, target) is not None}
 
 
 def _tune_cmd(spec_file: Path, db: Path) -> list[str]:
-    return [sys.executable, "-m", "mixer_compile.cli", "tune", "--spec", str(spec_file), "--target", "znver4",
+    return [sys.executable, "-m", "mixer_compile.cli", "tune", "--spec", str(spec_file), "--target", TARGET,
             "--trials", str(TRIALS), "--db", str(db)]
 
 
@@ -87,7 +90,7 @@ def test_records_survive_sigkill_and_tuning_resumes(tuned: dict) -> None:
     resumed = re.search(r"(\d+) kernels, (\d+) already tuned", tuned["resume_log"])
     assert resumed and int(resumed.group(2)) >= 1, tuned["resume_log"]  # the killed run's kernel is not redone
     # every kernel now has its budget of records, the ones done before the kill not tuned twice
-    tasks = model_tasks(TINY, get_target("znver4"), trials=TRIALS)
+    tasks = model_tasks(TINY, get_target(TARGET), trials=TRIALS)
     count_records(open_database(tuned["db"]), tasks)
     for t in tasks:
         assert t.done >= t.trials, (t.name, t.done, t.trials)
@@ -100,7 +103,7 @@ def test_compile_applies_records_and_second_compile_does_not_tune(tuned: dict, t
     db = tmp_path / "db"
     shutil.copytree(tuned["db"], db)
     before = (db / RECORDS).read_text()
-    opts = CompileOptions(spec=TINY, target="znver4", db=db, tune=True, trials=TRIALS)
+    opts = CompileOptions(spec=TINY, target=TARGET, db=db, tune=True, trials=TRIALS)
     result = compile_model(opts, Progress(6, quiet=True))
     tuning = result.metadata.tuning
     assert tuning["kernels"] == 9 and set(tuning["tuned"]) == _with_valid_record(db), tuning
@@ -150,20 +153,23 @@ def test_bad_workload_line_drops_its_records(tuned: dict, tmp_path: Path) -> Non
 
 def test_shipped_records_apply_for_matching_target(tuned: dict, tmp_path: Path, monkeypatch) -> None:
     schedules = tmp_path / "schedules"
-    assert tuning_db.export_best(tuned["db"], schedules / "znver4") >= 5
-    expected = _with_valid_record(schedules / "znver4")
+    assert tuning_db.export_best(tuned["db"], schedules / TARGET) >= 5
+    expected = _with_valid_record(schedules / TARGET)
     assert expected == _with_valid_record(tuned["db"])  # the export keeps every kernel's best
     monkeypatch.setattr(tuning_db, "SCHEDULES_DIR", schedules)
     monkeypatch.setenv("MIXER_COMPILE_CACHE", str(tmp_path / "empty-cache"))
-    for target in ("znver4", "llvm"):  # by name; and the host (znver5 here) by instruction sets
+    for target in (TARGET, "llvm"):  # by name; and the host by instruction sets
         if target == "llvm" and not tuning_db.shipped_db_dirs(get_target("llvm")):
-            pytest.skip("this host CPU lacks AVX-512: znver4 records are not for it")
+            pytest.skip(f"this host CPU lacks the instruction sets of {TARGET}: its records are not for it")
         result = compile_model(CompileOptions(spec=TINY, target=target), Progress(6, quiet=True))
         tuning = result.metadata.tuning
-        assert tuning["databases"] == [str(schedules / "znver4")]
+        assert tuning["databases"] == [str(schedules / TARGET)]
         assert set(tuning["tuned"]) == expected and tuning["kernels"] == 9, (target, tuning)
         assert result.validation.passed
-    assert tuning_db.shipped_db_dirs(get_target("avx2")) == []  # AVX-512 records are not for AVX2 CPUs
+    if TARGET == "znver4":
+        assert tuning_db.shipped_db_dirs(get_target(OTHER)) == []  # AVX-512 records are not for AVX2 CPUs
+    else:
+        assert tuning_db.shipped_db_dirs(get_target(OTHER)) == [schedules / TARGET]  # AVX2 ones serve AVX-512
 
 
 def test_no_records_builds_default_schedules_and_says_how_to_tune(tmp_path: Path, monkeypatch) -> None:
@@ -174,8 +180,8 @@ def test_no_records_builds_default_schedules_and_says_how_to_tune(tmp_path: Path
     lines = io.StringIO()
     with warnings.catch_warnings():
         warnings.simplefilter("error", TuningWarning)
-        result = compile_model(CompileOptions(spec=TINY, target="znver4"), Progress(6, stream=lines))
-    assert "every kernel gets its default schedule; `mixer-compile tune --spec tiny --batch 2 --target znver4`" \
+        result = compile_model(CompileOptions(spec=TINY, target=TARGET), Progress(6, stream=lines))
+    assert f"every kernel gets its default schedule; `mixer-compile tune --spec tiny --batch 2 --target {TARGET}`" \
         in lines.getvalue()
     assert not (result.metadata.tuning or {}).get("tuned") and not result.metadata.tuning["untuned"]
 
@@ -184,13 +190,13 @@ def test_database_that_matches_nothing_warns_loudly(tuned: dict, tmp_path: Path,
     monkeypatch.setattr(tuning_db, "SCHEDULES_DIR", tmp_path / "none")
     other = MixerSpec("other", (32, 32), 8, 24, 8, 48, 1, num_classes=5, batch=1)  # no kernel in common
     with pytest.warns(UserWarning, match="applied to none of the"):
-        result = compile_model(CompileOptions(spec=other, target="znver4", db=tuned["db"]), Progress(6, quiet=True))
+        result = compile_model(CompileOptions(spec=other, target=TARGET, db=tuned["db"]), Progress(6, quiet=True))
     assert result.metadata.tuning["tuned"] == []
 
 
 def test_choose_form_times_the_tuned_form_and_records_the_choice(tuned: dict, tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setattr(tuning_db, "SCHEDULES_DIR", tmp_path / "none")
-    result = compile_model(CompileOptions(spec=TINY, target="znver4", db=tuned["db"], choose_form=True),
+    result = compile_model(CompileOptions(spec=TINY, target=TARGET, db=tuned["db"], choose_form=True),
                            Progress(7, quiet=True))
     choice = result.metadata.tuning["form_choice"]
     assert choice["chosen"] == result.metadata.form

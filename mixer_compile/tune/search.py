@@ -247,7 +247,6 @@ def _build(mod: Any, target: Any, _params: Any = None) -> Any:
     their records does: CUDA ones under cuda_schedules.BUILD_CONFIG, CPU ones with
     cpu_schedules.likely_guards under its BUILD_CONFIG."""
     import tvm
-    from tvm.driver import build as tvm_build
     from tvm.s_tir import Schedule
     from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
 
@@ -258,7 +257,7 @@ def _build(mod: Any, target: Any, _params: Any = None) -> Any:
 
         mod = likely_guards(Schedule(mod)).mod
     with tvm.transform.PassContext(config=BUILD_CONFIG):
-        return tvm_build(RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod), target=target)
+        return tvm.tirx.build(RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod), target=target)
 
 
 def _search(trials: int) -> Any:
