@@ -15,7 +15,8 @@ import tvm
 from tvm.s_tir import Schedule
 from tvm.s_tir.meta_schedule.arg_info import ArgInfo
 
-from mixer_compile.backend.gemm_space import Gemm, Vector, candidates, design_spaces, find_gemm, vector_unit
+from mixer_compile.backend.gemm_space import (MAX_CANDIDATES, ROWS_USED, Gemm, Vector, candidates, design_spaces,
+                                               find_gemm, vector_unit)
 from mixer_compile.backend.target import get_target
 from mixer_compile.compose import model_tasks
 from mixer_compile.machine import physical_cores, use_all_cores
@@ -66,15 +67,18 @@ def test_every_candidate_computes_the_kernel(tiny_spec: MixerSpec, target_name: 
     assert checked >= 8
 
 
-def test_candidates_fit_the_registers_and_divide_the_shape() -> None:
-    gemm = Gemm("matmul", 1, 196, 3072)
-    for vec in (Vector(16, 32), Vector(8, 16)):
-        cands = candidates(gemm, vec, cores=2)
-        assert cands
-        for c in cands:
-            assert 196 % c.mr == 0 and (3072 // vec.lanes) % (c.nv * c.chunks) == 0
-            assert c.mr * c.nv + c.nv + 1 <= vec.registers  # C tile, B vectors, A broadcast
-            assert gemm.batch * c.chunks >= 2  # both cores busy
+def test_candidates_fit_the_registers_and_fill_their_row_tiles() -> None:
+    """Vectors divide N; rows need not divide M (the last row tile is peeled off at lowering)
+    but fill at least ROWS_USED of the tiles: 49 tokens (the /32 presets) get a tuning space."""
+    for m in (196, 49):
+        gemm = Gemm("matmul", 1, m, 3072)
+        for vec in (Vector(16, 32), Vector(8, 16)):
+            cands = candidates(gemm, vec, cores=2)
+            assert cands and len(cands) <= MAX_CANDIDATES
+            for c in cands:
+                assert m / (-(-m // c.mr) * c.mr) >= ROWS_USED and (3072 // vec.lanes) % (c.nv * c.chunks) == 0
+                assert c.mr * c.nv + c.nv + 1 <= vec.registers  # C tile, B vectors, A broadcast
+                assert gemm.batch * c.chunks >= 2  # both cores busy
     assert candidates(Gemm("matmul", 1, 7, 13 * 16), Vector(16, 32), 2) == []  # no tile fits: generic space
 
 

@@ -107,19 +107,29 @@ def _divisors(n: int) -> list[int]:
 
 def candidates(gemm: Gemm, vec: Vector, cores: int) -> list[Candidate]:
     """The tuning space: micro-kernels that keep C's tile in registers (between half of them
-    and all but the few B and A needs), with tiles that divide M and N exactly (a predicated N
-    tail would turn the vector loop scalar), best-balanced first, under each loop order; the
+    and all but the few B and A needs), with vectors that divide N (a predicated N tail would
+    turn the vector loop scalar) and rows that fill at least ROWS_USED of their tiles (the last
+    row tile, predicated where mr does not divide M, is peeled off at lowering:
+    cpu_schedules.likely_guards), fewest loads per useful FMA first, under each loop order; the
     parallel split from `parallel_split` (a build recomputes it anyway)."""
     vectors = gemm.n // vec.lanes
-    kernels = [(mr, nv) for mr in _divisors(gemm.m) if mr <= 16 for nv in _divisors(vectors) if nv <= 6
-               if vec.registers // 2 <= mr * nv <= vec.registers - nv - 1]
-    # fewest loads per FMA first ((mr + nv) / (mr * nv)), then the bigger tile
-    kernels.sort(key=lambda k: ((k[0] + k[1]) / (k[0] * k[1]), -k[0] * k[1]))
+    kernels = [(mr, nv) for mr in range(1, min(16, gemm.m) + 1) if _rows_used(gemm.m, mr) >= ROWS_USED
+               for nv in _divisors(vectors) if nv <= 6 if vec.registers // 2 <= mr * nv <= vec.registers - nv - 1]
+    # fewest loads per FMA first ((mr + nv) / (mr * nv), over the share of real rows), then the bigger tile
+    kernels.sort(key=lambda k: ((k[0] + k[1]) / (k[0] * k[1]) / _rows_used(gemm.m, k[0]), -k[0] * k[1]))
     out = []
     for mr, nv in kernels[:MAX_CANDIDATES // 2]:
         chunks, mchunks = parallel_split(gemm, mr, nv, vec.lanes, cores)
         out += [Candidate(mr, nv, chunks, c_outer, mchunks) for c_outer in (False, True)]
     return out[:MAX_CANDIDATES]
+
+
+ROWS_USED = 7 / 8  # the least share of real rows in a tuning candidate's row tiles
+
+
+def _rows_used(m: int, mr: int) -> float:
+    """The share of the rows of M's row tiles that are real rows (the last tile's may not be)."""
+    return m / (-(-m // mr) * mr)
 
 
 BALANCE = 7 / 8  # the least share of the cores' time a parallel loop may keep busy
@@ -184,8 +194,7 @@ def default_candidate(gemm: Gemm, vec: Vector, cores: int) -> Candidate | None:
 
     def score(k: tuple[int, int]) -> tuple[float, int, bool, int]:
         mr, nv = k
-        used = gemm.m / (-(-gemm.m // mr) * mr)
-        return round(tile_efficiency(mr, nv) * used, 3), mr * nv, gemm.m % mr == 0, mr
+        return round(tile_efficiency(mr, nv) * _rows_used(gemm.m, mr), 3), mr * nv, gemm.m % mr == 0, mr
 
     mr, nv = max(fits, key=score)
     chunks, mchunks = parallel_split(gemm, mr, nv, vec.lanes, cores)
