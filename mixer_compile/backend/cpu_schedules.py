@@ -220,7 +220,7 @@ def likely_guards(sch: Schedule) -> Schedule:
     guards the block inside the innermost loops: a GEMM whose micro-tile's rows do not divide
     M (5 x 2 on the 49 tokens of the /32 presets) tested the last tile's rows at every k, and
     LLVM kept that branch in every tile's k loop, the guarded row's accumulators spilled to the
-    stack (up to 2.6x slower). Marked likely, LoopPartition (`BUILD_CONFIG`) peels the last tile
+    stack (README, "Row tiles that do not divide M"). Marked likely, LoopPartition (`BUILD_CONFIG`) peels the last tile
     off: the full tiles run without a branch. The predicates are only rewritten, so the
     schedule's trace no longer replays to this module: call it on what gets built."""
     from tvm.s_tir.stmt import SBlockRealize
