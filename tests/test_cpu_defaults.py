@@ -87,6 +87,36 @@ def test_odd_token_count_peels_the_predicated_row_tile(no_records) -> None:
             assert ("if " in _nested(script, "for k in")) == branch, script
 
 
+def test_layer_norm_runs_each_row_inside_one_parallel_loop(tiny_spec) -> None:
+    """The `rows` rule: LayerNorm's two sums and its normalisation all run inside one parallel
+    loop over rows (the row stays in cache between the passes, where the `reduction` rule made
+    three parallel passes over the whole tensor), the sums in vector accumulators; the mean
+    over tokens (a column reduction) is left to `reduction`. Same result as the plain kernel."""
+    import numpy as np
+
+    target = get_target("llvm")
+    tasks = {t.name: t for t in model_tasks(tiny_spec, target)}
+    assert cpu_schedules.default_schedule(Schedule(tasks["mean"].mod), cpu.machine(target))[1] == "reduction"
+    task = tasks["layer_norm"]
+    sch, rule = cpu_schedules.default_schedule(Schedule(task.mod), cpu.machine(target))
+    assert rule == "rows"
+    script = sch.mod.script()
+    assert len(_parallel_extents(sch.mod["main"])) == 1
+    blocks = re.findall(r'T\.sblock\("(\w+)"\)', script)
+    assert len([b for b in blocks if b.endswith("_rf_update")]) == 2  # both sums in vector accumulators
+    under = _nested(script, "T.parallel(")
+    assert all(f'T.sblock("{b}")' in under for b in blocks if b != "root"), script
+    rng = np.random.default_rng(0)
+    args = [rng.standard_normal([int(d) for d in a.as_json()[2]]).astype(a.as_json()[1])
+            for a in ArgInfo.from_prim_func(task.mod["main"])]
+    outs = []
+    for mod in (task.mod, sch.mod):
+        out = tvm.runtime.tensor(np.zeros_like(args[-1]))
+        tvm.compile(mod, target=target.tvm_target())["main"](*[tvm.runtime.tensor(a) for a in args[:-1]], out)
+        outs.append(out.numpy())
+    np.testing.assert_allclose(outs[1], outs[0], rtol=1e-5, atol=1e-5)
+
+
 def test_compile_without_records_is_scheduled(tiny_spec, no_records) -> None:
     from mixer_compile.compiler import CompileOptions, compile_model
     from mixer_compile.util.progress import Progress

@@ -7,6 +7,11 @@ returns False leaves the kernel untouched: each runs on a copy). The rules:
 
 - `gemm`: a GEMM gemm_space matches gets its micro-kernel (`gemm_space.default_candidate`:
   register tile from the SIMD unit, B panel reused across M, parallel split from the cores);
+- `rows`: row reductions that feed one row-wise output (LayerNorm: the sum, the sum of squares,
+  the normalisation): one parallel loop over rows, and each row's reductions computed inside
+  it, in vector accumulators (rfactor), so the row stays in cache from the first pass to the
+  output; a reduction that is not along the contiguous axis it reads leaves the kernel to
+  `reduction`;
 - `reduction`: LayerNorm, the token mean, a GEMM gemm_space cannot tile (the 1000-class head
   when 1000 is no multiple of the SIMD width, a 10-class test head): elementwise blocks are
   inlined; a reduction along the contiguous axis (LayerNorm's sums) is split by the SIMD width
@@ -170,6 +175,54 @@ def gemm(sch: Schedule, m: Machine) -> bool:
     return True
 
 
+def _along_rows(sch: Schedule, block: Any, k: Any) -> bool:
+    """Whether every buffer `block` reads along `k` has `k` in its last (contiguous) index only."""
+    for region in sch.get(block).reads:
+        *outer, last = [list(undefined_vars(r.min)) for r in region.region] or [[]]
+        if any(v.same_as(k) for vs in outer for v in vs):
+            return False
+    return any(v.same_as(k) for v in _innermost_vars(sch, block))
+
+
+def rows(sch: Schedule, m: Machine) -> bool:
+    """Row reductions computed at the output's row loop (module docstring)."""
+    if not any(any(iv.iter_type == IterVar.CommReduce for iv in sch.get(b).iter_vars) for b in _blocks(sch)):
+        return False
+    _inline_elementwise(sch, set())
+    *producers, out = _blocks(sch)
+    if not producers or any(iv.iter_type != IterVar.DataPar for iv in sch.get(out).iter_vars):
+        return False
+    for block in producers:  # each reduces one axis, the contiguous one of everything it reads along it
+        kinds = _kinds(sch, block)
+        if [k for *_, k in kinds].count("R") != 1 or kinds[-1][2] != "R" or not _along_rows(sch, block, kinds[-1][1]):
+            return False
+    loops = sch.get_loops(out)
+    if len(loops) < 2:
+        return False
+    v = _largest_divisor(int(sch.get(loops[-1]).extent), m.lanes)
+    row = sch.fuse(*loops[:-1]) if len(loops) > 2 else loops[0]
+    sch.vectorize(sch.split(loops[-1], [None, v])[1])
+    sch.parallel(row)
+    staged = []
+    for block in producers:  # rfactor while each block has its own loop nest, then into the row
+        _, lanes = sch.split(sch.get_loops(block)[-1], [None, v])
+        staged += [sch.rfactor(lanes, factor_axis=len(sch.get(block).iter_vars) - 1), block]
+    for block in reversed(staged):
+        sch.compute_at(block, row)
+    get_realize = tvm.get_global_func("s_tir.schedule.GetSBlockRealize")
+    for rf in staged[0::2]:  # its loops under the row follow its iterators: the lanes', then k's
+        realize = get_realize(sch, rf)
+        k = next(value for iv, value in zip(realize.block.iter_vars, realize.iter_values)
+                 if iv.iter_type == IterVar.CommReduce)
+        loops = sch.get_loops(rf)
+        k_loop = next(lp for lp in loops if sch.get(lp).loop_var.same_as(k))
+        lane_loop = next(lp for lp in reversed(loops) if not sch.get(lp).loop_var.same_as(k))
+        sch.reorder(k_loop, lane_loop)
+        sch.vectorize(lane_loop)
+        sch.decompose_reduction(rf, k_loop)
+    return True
+
+
 def reduction(sch: Schedule, m: Machine) -> bool:
     blocks = _blocks(sch)
     if not any(any(iv.iter_type == IterVar.CommReduce for iv in sch.get(b).iter_vars) for b in blocks):
@@ -208,7 +261,7 @@ def parallel_only(sch: Schedule, m: Machine) -> bool:
     return done
 
 
-RULES: list[Rule] = [gemm, reduction, injective, parallel_only]
+RULES: list[Rule] = [gemm, rows, reduction, injective, parallel_only]
 
 # how every CPU kernel is lowered (the model build and tuning's candidates alike): LoopPartition
 # peels off the iterations of a constant loop in which a `likely` guard (likely_guards) fails
