@@ -63,12 +63,15 @@ def _blocks(sch: Schedule) -> list[Any]:
     return list(sch.get_child_blocks(sch.get_sblock("root")))
 
 
+def _realize(sch: Schedule, block: Any) -> Any:
+    """The block's SBlockRealize: its iterators with the loop expressions bound to them."""
+    return tvm.get_global_func("s_tir.schedule.GetSBlockRealize")(sch, block)
+
+
 def _kinds(sch: Schedule, block: Any) -> list[tuple[Any, Any, str]]:
     """(loop, iterator var, 'S' or 'R') for every loop of an unscheduled block, matched by the
     block's bindings (a loop binds exactly one iterator); raises when they do not match."""
-    import tvm
-
-    realize = tvm.get_global_func("s_tir.schedule.GetSBlockRealize")(sch, block)
+    realize = _realize(sch, block)
     loops = sch.get_loops(block)
     loop_vars = [sch.get(lp).loop_var for lp in loops]
     out = []
@@ -176,17 +179,24 @@ def gemm(sch: Schedule, m: Machine) -> bool:
 
 
 def _along_rows(sch: Schedule, block: Any, k: Any) -> bool:
-    """Whether every buffer `block` reads along `k` has `k` in its last (contiguous) index only."""
+    """Whether `block` reads along `k`, and every buffer it reads along `k` has `k` in its last
+    (contiguous) index only."""
+    along = False
     for region in sch.get(block).reads:
-        *outer, last = [list(undefined_vars(r.min)) for r in region.region] or [[]]
+        *outer, last = [undefined_vars(r.min) for r in region.region] or [[]]
         if any(v.same_as(k) for vs in outer for v in vs):
             return False
-    return any(v.same_as(k) for v in _innermost_vars(sch, block))
+        along = along or any(v.same_as(k) for v in last)
+    return along
+
+
+def _reduces(sch: Schedule, block: Any) -> bool:
+    return any(iv.iter_type == IterVar.CommReduce for iv in sch.get(block).iter_vars)
 
 
 def rows(sch: Schedule, m: Machine) -> bool:
     """Row reductions computed at the output's row loop (module docstring)."""
-    if not any(any(iv.iter_type == IterVar.CommReduce for iv in sch.get(b).iter_vars) for b in _blocks(sch)):
+    if not any(_reduces(sch, b) for b in _blocks(sch)):
         return False
     _inline_elementwise(sch, set())
     *producers, out = _blocks(sch)
@@ -209,9 +219,8 @@ def rows(sch: Schedule, m: Machine) -> bool:
         staged += [sch.rfactor(lanes, factor_axis=len(sch.get(block).iter_vars) - 1), block]
     for block in reversed(staged):
         sch.compute_at(block, row)
-    get_realize = tvm.get_global_func("s_tir.schedule.GetSBlockRealize")
     for rf in staged[0::2]:  # its loops under the row follow its iterators: the lanes', then k's
-        realize = get_realize(sch, rf)
+        realize = _realize(sch, rf)
         k = next(value for iv, value in zip(realize.block.iter_vars, realize.iter_values)
                  if iv.iter_type == IterVar.CommReduce)
         loops = sch.get_loops(rf)
@@ -225,11 +234,11 @@ def rows(sch: Schedule, m: Machine) -> bool:
 
 def reduction(sch: Schedule, m: Machine) -> bool:
     blocks = _blocks(sch)
-    if not any(any(iv.iter_type == IterVar.CommReduce for iv in sch.get(b).iter_vars) for b in blocks):
+    if not any(_reduces(sch, b) for b in blocks):
         return False
     _inline_elementwise(sch, set())
     for block in _blocks(sch):
-        if any(iv.iter_type == IterVar.CommReduce for iv in sch.get(block).iter_vars):
+        if _reduces(sch, block):
             _reduction(sch, block, m)
         else:
             _spatial(sch, block, m)
