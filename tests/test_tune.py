@@ -59,7 +59,12 @@ def _tune_cmd(spec_file: Path, db: Path) -> list[str]:
 
 @pytest.fixture(scope="module")
 def tuned(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """A tuning subprocess SIGKILLed once its first records are on disk, then run again to the end."""
+    """A tuning subprocess SIGKILLed while it searches, then run again to the end. Tuning first
+    records every kernel's default schedule, which is the whole budget of a small kernel: the kill
+    waits for as many records as kernels, so that the killed run has finished some kernels (killed
+    after the first record, it had at times finished none: only large kernels' defaults were on
+    disk)."""
+    kernels = len(model_tasks(TINY, get_target(TARGET), trials=TRIALS))
     root = tmp_path_factory.mktemp("tune")
     spec_file, db = root / "tiny.json", root / "db"
     spec_file.write_text(json.dumps(TINY.to_dict()))
@@ -69,7 +74,7 @@ def tuned(tmp_path_factory: pytest.TempPathFactory) -> dict:
                              start_new_session=True)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and first.poll() is None:
-        if (db / RECORDS).is_file() and _lines(db / RECORDS):
+        if (db / RECORDS).is_file() and len(_lines(db / RECORDS)) >= kernels:
             break
         time.sleep(0.2)
     killed_running = first.poll() is None
