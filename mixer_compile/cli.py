@@ -237,6 +237,11 @@ def cmd_tune(args: argparse.Namespace) -> int:
     if summary.interrupted:
         print("interrupted: every measured record is kept; run the same command again to resume", file=sys.stderr)
         return 130
+    if args.ship_to:
+        from mixer_compile.tune.ship import ship
+
+        for line in ship(target, db_dir, Path(args.ship_to)):
+            print(f"shipped {line}")
     return 0
 
 
@@ -335,6 +340,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--rpc-tracker", metavar="HOST:PORT",
                    help="measure on the devices of this TVM RPC tracker (builds stay local)")
     p.add_argument("--rpc-key", metavar="KEY", help="with --rpc-tracker: the key the RPC servers registered under")
+    p.add_argument("--ship-to", metavar="DIR",
+                   help="when tuning is done, merge the best record of each kernel into this schedules tree "
+                        "(a checkout's schedules/: the records the wheel ships)")
     p.set_defaults(fn=cmd_tune)
     return top
 

@@ -7,8 +7,8 @@
 #            on the GPU
 #   tune     mixer-compile tune for the GPU at batch 256, fp16: the library GEMMs' CUTLASS (and cuBLASLt)
 #            candidates measured per problem, then MetaSchedule on TVM's kernels (TRIALS, default 8);
-#            the records land in $OUT (commit library_gemms to schedules/<family>/) and the next
-#            stages' builds apply them
+#            the records land in $OUT/schedules (tune --ship-to: copy it into schedules/ and commit)
+#            and the next stages' builds apply them
 #   bench    benchmarks/bench_gpu.py: ours (validated on the GPU) vs PyTorch eager and torch.compile
 #   cpuscale benchmarks/bench_cpu.py on the machine's CPU at 2, 4, 8 and 16 threads (CPU scaling)
 # The machine forgets everything 30 s after a call, so run the calls back to back; stages can be
@@ -48,7 +48,7 @@ for stage in "$@"; do
     tune)
       export MIXER_COMPILE_CACHE=${MIXER_COMPILE_CACHE:-/tmp/mixer-cache}
       python3 -m mixer_compile.cli tune --spec "$SPEC" --target cuda --dtype float16 --batch "${TUNE_BATCH:-256}" \
-        --trials "${TRIALS:-8}" 2>&1 | tee "$OUT/tune.log"
+        --trials "${TRIALS:-8}" --ship-to "$OUT/schedules" 2>&1 | tee "$OUT/tune.log"
       cp -r "$MIXER_COMPILE_CACHE/library_gemms" "$MIXER_COMPILE_CACHE/tuning" "$OUT/" 2>/dev/null ;;
     bench)
       python3 benchmarks/bench_gpu.py --spec "$SPEC" --batches "${BATCHES:-1,64,256}" --artifacts /tmp/bench --out "$OUT" 2>&1 | tee "$OUT/bench.log" ;;

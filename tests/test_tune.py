@@ -81,10 +81,12 @@ def tuned(tmp_path_factory: pytest.TempPathFactory) -> dict:
     os.killpg(first.pid, signal.SIGKILL)
     first.wait()
     kept = _lines(db / RECORDS)
-    second = subprocess.run(_tune_cmd(spec_file, db), env=env, capture_output=True, text=True, timeout=600)
+    shipped = root / "schedules"  # the resumed run ships its results, as a maintainer does into schedules/
+    second = subprocess.run(_tune_cmd(spec_file, db) + ["--ship-to", str(shipped)], env=env, capture_output=True,
+                            text=True, timeout=600)
     assert second.returncode == 0, second.stderr
     return {"db": db, "kept": kept, "killed_running": killed_running, "resume_log": second.stderr,
-            "resume_out": second.stdout}
+            "resume_out": second.stdout, "shipped": shipped}
 
 
 def test_records_survive_sigkill_and_tuning_resumes(tuned: dict) -> None:
@@ -157,8 +159,11 @@ def test_bad_workload_line_drops_its_records(tuned: dict, tmp_path: Path) -> Non
 
 
 def test_shipped_records_apply_for_matching_target(tuned: dict, tmp_path: Path, monkeypatch) -> None:
-    schedules = tmp_path / "schedules"
-    assert tuning_db.export_best(tuned["db"], schedules / TARGET) >= 5
+    schedules = tuned["shipped"]  # `tune --ship-to`: each kernel's best record, not the whole search
+    shipped = re.search(rf"shipped (\d+) kernels' best records -> {re.escape(str(schedules / TARGET))}$",
+                        tuned["resume_out"], re.M)
+    assert shipped and int(shipped.group(1)) >= 5, tuned["resume_out"]
+    assert len(_lines(schedules / TARGET / RECORDS)) == int(shipped.group(1)) < len(_lines(tuned["db"] / RECORDS))
     expected = _with_valid_record(schedules / TARGET)
     assert expected == _with_valid_record(tuned["db"])  # the export keeps every kernel's best
     monkeypatch.setattr(tuning_db, "SCHEDULES_DIR", schedules)

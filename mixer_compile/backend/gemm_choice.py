@@ -89,10 +89,12 @@ def user_records_path(family: str) -> Path:
     return cache_root() / "library_gemms" / f"{family}.json"
 
 
-def shipped_records_path(family: str) -> Path:
+def shipped_records_path(family: str, root: Path | None = None) -> Path:
+    """Where `family`'s shipped records are: in the installed schedules, or under another
+    schedules tree `root` (a checkout's `schedules/`, when tuning results are shipped)."""
     from mixer_compile.tune.database import SCHEDULES_DIR
 
-    return Path(SCHEDULES_DIR) / family / RECORDS
+    return Path(root or SCHEDULES_DIR) / family / RECORDS
 
 
 def read_records(path: Path) -> list[Record]:

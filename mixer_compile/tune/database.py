@@ -221,7 +221,7 @@ def open_union(db_dirs: list[Path]) -> Any:
 
 def export_best(src_dir: Path, dest_dir: Path) -> int:
     """Merges the best record of every workload of `src_dir` into `dest_dir` (what is shipped
-    in schedules/: one record per kernel, not the whole search); returns the workload count."""
+    in schedules/: one record per kernel, not the whole search); returns how many kernels have one."""
     from tvm.s_tir.meta_schedule.database import JSONDatabase, MemoryDatabase
 
     dest_dir = Path(dest_dir)
@@ -239,4 +239,4 @@ def export_best(src_dir: Path, dest_dir: Path) -> int:
             os.replace(tmp / name, dest_dir / name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return sum(1 for line in (dest_dir / WORKLOADS).read_text().splitlines() if line.strip())
+    return sum(1 for line in (dest_dir / RECORDS).read_text().splitlines() if line.strip())
