@@ -280,7 +280,7 @@ def test_parallel_split_keeps_every_core_busy(no_records, cores) -> None:
         extents = _parallel_extents(mod[name])
         assert len(extents) == 1, (name, extents)
         assert extents[0] % cores == 0 or extents[0] >= 8 * cores, (name, extents, c)
-        assert gemm_space.balanced(extents[0], cores)
+        assert gemm_space.filled(extents[0], cores) >= gemm_space.BALANCE
     for gv, func in mod.functions.items():  # every kernel runs on more than one thread
         if cpu.is_kernel(func):
             assert _parallel_extents(func), gv.name_hint
@@ -298,7 +298,7 @@ def test_parallel_split_rule() -> None:
     for cores in (1, 2, 3, 4, 6, 16, 64):
         chunks, mchunks = gemm_space.parallel_split(g, 4, 3, 8, cores)
         e = chunks * mchunks
-        assert gemm_space.balanced(e, cores), (cores, e)
+        assert gemm_space.filled(e, cores) >= gemm_space.BALANCE, (cores, e)
         assert 3072 // 8 // 3 % chunks == 0 and 196 // 4 % mchunks == 0
     assert gemm_space.parallel_split(g, 4, 3, 8, 2) == (2, 1)  # N split first
     assert gemm_space.parallel_split(gemm_space.Gemm("m", 8, 196, 768), 4, 3, 8, 2) == (1, 1)  # the batch suffices

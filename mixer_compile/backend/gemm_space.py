@@ -113,10 +113,10 @@ def candidates(gemm: Gemm, vec: Vector, cores: int) -> list[Candidate]:
     cpu_schedules.likely_guards), fewest loads per useful FMA first, under each loop order; the
     parallel split from `parallel_split` (a build recomputes it anyway)."""
     vectors = gemm.n // vec.lanes
-    kernels = [(mr, nv) for mr in range(1, min(16, gemm.m) + 1) if _rows_used(gemm.m, mr) >= ROWS_USED
+    kernels = [(mr, nv) for mr in range(1, min(16, gemm.m) + 1) if filled(gemm.m, mr) >= ROWS_USED
                for nv in _divisors(vectors) if nv <= 6 if vec.registers // 2 <= mr * nv <= vec.registers - nv - 1]
     # fewest loads per FMA first ((mr + nv) / (mr * nv), over the share of real rows), then the bigger tile
-    kernels.sort(key=lambda k: ((k[0] + k[1]) / (k[0] * k[1]) / _rows_used(gemm.m, k[0]), -k[0] * k[1]))
+    kernels.sort(key=lambda k: ((k[0] + k[1]) / (k[0] * k[1]) / filled(gemm.m, k[0]), -k[0] * k[1]))
     out = []
     for mr, nv in kernels[:MAX_CANDIDATES // 2]:
         chunks, mchunks = parallel_split(gemm, mr, nv, vec.lanes, cores)
@@ -127,9 +127,11 @@ def candidates(gemm: Gemm, vec: Vector, cores: int) -> list[Candidate]:
 ROWS_USED = 7 / 8  # the least share of real rows in a tuning candidate's row tiles
 
 
-def _rows_used(m: int, mr: int) -> float:
-    """The share of the rows of M's row tiles that are real rows (the last tile's may not be)."""
-    return m / (-(-m // mr) * mr)
+def filled(n: int, group: int) -> float:
+    """The share of ceil(n / group) groups of `group` slots that `n` items fill: M's real rows
+    in its row tiles (the last tile's may not all be), a parallel loop's tasks in its rounds
+    over the cores."""
+    return n / (-(-n // group) * group)
 
 
 BALANCE = 7 / 8  # the least share of the cores' time a parallel loop may keep busy
@@ -143,20 +145,11 @@ def parallel_split(gemm: Gemm, mr: int, nv: int, lanes: int, cores: int) -> tupl
     E >= 8 x cores), N split before M (each core then streams only its share of the weights).
     A kernel with fewer tiles than that gets its most balanced split."""
     col_blocks, row_blocks = gemm.n // (nv * lanes), -(-gemm.m // mr)
-
-    def share(e: int) -> float:
-        return e / (-(-e // cores) * cores)
-
     splits = [(c, r) for r in _divisors(row_blocks) for c in _divisors(col_blocks)]
     for c, r in splits:
-        if share(gemm.batch * c * r) >= BALANCE:
+        if filled(gemm.batch * c * r, cores) >= BALANCE:
             return c, r
-    return max(splits, key=lambda cr: (share(gemm.batch * cr[0] * cr[1]), gemm.batch * cr[0] * cr[1]))
-
-
-def balanced(extent: int, cores: int) -> bool:
-    """Whether a parallel loop of `extent` equal tasks keeps `cores` threads busy (BALANCE)."""
-    return extent / (-(-extent // cores) * cores) >= BALANCE
+    return max(splits, key=lambda cr: (filled(gemm.batch * cr[0] * cr[1], cores), gemm.batch * cr[0] * cr[1]))
 
 
 # the model of a core behind default_candidate: two FMA pipes of 4 cycles' latency and two vector
@@ -194,7 +187,7 @@ def default_candidate(gemm: Gemm, vec: Vector, cores: int) -> Candidate | None:
 
     def score(k: tuple[int, int]) -> tuple[float, int, bool, int]:
         mr, nv = k
-        return round(tile_efficiency(mr, nv) * _rows_used(gemm.m, mr), 3), mr * nv, gemm.m % mr == 0, mr
+        return round(tile_efficiency(mr, nv) * filled(gemm.m, mr), 3), mr * nv, gemm.m % mr == 0, mr
 
     mr, nv = max(fits, key=score)
     chunks, mchunks = parallel_split(gemm, mr, nv, vec.lanes, cores)
