@@ -209,6 +209,10 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
     spec, target = _load_spec(args), get_target(args.target)
     db_dir = Path(args.db) if args.db else user_db_dir(target)
+    if args.ship_to:
+        from mixer_compile.tune.ship import check_writable
+
+        check_writable(Path(args.ship_to))
     runner = None
     if args.rpc_tracker or args.rpc_key:
         from mixer_compile.tune.fleet import parse_tracker, rpc_runner
@@ -226,10 +230,10 @@ def cmd_tune(args: argparse.Namespace) -> int:
     def say(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
 
-    if runner is None:  # the library GEMMs first: measured on this machine's GPU (tune/gemms.py)
-        tune_model_gemms(spec, target, args.form, args.dtype, batches, say)
-    summary = tune(model_tasks(spec, target, args.form, args.dtype, args.trials, batches), target, db_dir,
-                   say=say, runner=runner)
+    # the library GEMMs first: measured on this machine's GPU (tune/gemms.py)
+    gemm_records = tune_model_gemms(spec, target, args.form, args.dtype, batches, say) if runner is None else []
+    tasks = model_tasks(spec, target, args.form, args.dtype, args.trials, batches)
+    summary = tune(tasks, target, db_dir, say=say, runner=runner)
     print(f"tuned {spec.fingerprint()} for {target.name}: {summary.tuned_now} trials measured now, "
           f"{summary.seconds / 60:.1f} min; database {db_dir}")
     for line in summary.table(open_database(db_dir), target):
@@ -240,7 +244,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     if args.ship_to:
         from mixer_compile.tune.ship import ship
 
-        for line in ship(target, db_dir, Path(args.ship_to)):
+        for line in ship(target, db_dir, Path(args.ship_to), [t.mod for t in tasks], gemm_records):
             print(f"shipped {line}")
     return 0
 
@@ -341,8 +345,8 @@ def parser() -> argparse.ArgumentParser:
                    help="measure on the devices of this TVM RPC tracker (builds stay local)")
     p.add_argument("--rpc-key", metavar="KEY", help="with --rpc-tracker: the key the RPC servers registered under")
     p.add_argument("--ship-to", metavar="DIR",
-                   help="when tuning is done, merge the best record of each kernel into this schedules tree "
-                        "(a checkout's schedules/: the records the wheel ships)")
+                   help="when tuning is done, merge the best record of each of this model's kernels into this "
+                        "schedules tree (a checkout's schedules/: the records the wheel ships)")
     p.set_defaults(fn=cmd_tune)
     return top
 

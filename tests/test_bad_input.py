@@ -413,6 +413,15 @@ def test_tune_into_a_file_is_one_line_error(tmp_path, tiny_toml):
     assert (tmp_path / "db").read_text() == "I am a file\n"
 
 
+def test_tune_shipping_where_it_cannot_write_stops_before_tuning(tmp_path, tiny_toml):
+    (tmp_path / "schedules").write_text("I am a file\n")
+    line = run_cli_process(["tune", "--spec", "tiny.toml", "--trials", "1", "--db", "db", "--ship-to",
+                            "schedules/avx2"], cwd=tmp_path)
+    assert re.fullmatch(r"error: cannot ship records to '\S*/schedules/avx2': '\S*/schedules' is not a directory; "
+                        r"give --ship-to a directory this user can write", line), line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["schedules", "tiny.toml"]  # no database: nothing tuned
+
+
 def test_a_batch_beyond_tvms_32_bit_indexing_is_refused_with_the_largest_that_builds():
     """TVM 0.27 fails deep in its pipeline on a tensor of 2^31 elements or more; such a batch is
     refused in one line before anything is built. Mixer-B/16's largest tensor per image is the

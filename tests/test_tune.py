@@ -24,6 +24,7 @@ import pytest
 from mixer_compile.backend.target import get_target
 from mixer_compile.compiler import CompileOptions, compile_model
 from mixer_compile.compose import model_tasks
+from mixer_compile.errors import TuningError
 from mixer_compile.model.spec import MixerSpec
 from mixer_compile.tune import database as tuning_db
 from mixer_compile.tune.database import RECORDS, WORKLOADS, TuningWarning, open_database
@@ -180,6 +181,20 @@ def test_shipped_records_apply_for_matching_target(tuned: dict, tmp_path: Path, 
         assert tuning_db.shipped_db_dirs(get_target(OTHER)) == []  # AVX-512 records are not for AVX2 CPUs
     else:
         assert tuning_db.shipped_db_dirs(get_target(OTHER)) == [schedules / TARGET]  # AVX2 ones serve AVX-512
+
+
+def test_export_takes_only_the_kernels_asked_for(tuned: dict, tmp_path: Path) -> None:
+    """A database holds every model tuned for its target; shipping one model's records takes its
+    kernels only, and a model with none in the database is one line, with nothing written."""
+    tasks = model_tasks(TINY, get_target(TARGET), trials=TRIALS)
+    first = next(t for t in tasks if t.name in _with_valid_record(tuned["db"]))
+    assert tuning_db.export_best(tuned["db"], tmp_path / "one", [first.mod]) == 1
+    assert _with_valid_record(tmp_path / "one") == {first.name}
+    other = MixerSpec("other", (32, 32), 8, 24, 8, 48, 1, num_classes=5, batch=1)  # no kernel in common
+    with pytest.raises(TuningError, match=r"'.*db' holds no tuning records of these kernels to export; "
+                                          r"run `mixer-compile tune` first"):
+        tuning_db.export_best(tuned["db"], tmp_path / "none", [t.mod for t in model_tasks(other, get_target(TARGET))])
+    assert not (tmp_path / "none").exists()
 
 
 def test_no_records_builds_default_schedules_and_says_how_to_tune(tmp_path: Path, monkeypatch) -> None:

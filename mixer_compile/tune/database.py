@@ -219,18 +219,27 @@ def open_union(db_dirs: list[Path]) -> Any:
     return dbs[0] if len(dbs) == 1 else UnionDatabase(*dbs)
 
 
-def export_best(src_dir: Path, dest_dir: Path) -> int:
-    """Merges the best record of every workload of `src_dir` into `dest_dir` (what is shipped
-    in schedules/: one record per kernel, not the whole search); returns how many kernels have one."""
-    from tvm.s_tir.meta_schedule.database import JSONDatabase, MemoryDatabase
+def export_best(src_dir: Path, dest_dir: Path, mods: list[Any] | None = None) -> int:
+    """Merges the best record of every workload of `src_dir` (of the workloads `mods` only,
+    when given: one model's kernels of a database that holds others too) into `dest_dir`, what
+    is shipped in schedules/: one record per kernel, not the whole search. Returns how many
+    kernels `dest_dir` has a record for."""
+    import tvm_ffi
+    from tvm.s_tir.meta_schedule.database import JSONDatabase, MemoryDatabase, TuningRecord
 
     dest_dir = Path(dest_dir)
-    if not has_records(Path(src_dir)):
-        raise TuningError(f"'{src_dir}' holds no tuning records to export")
-    merged = MemoryDatabase()
-    for d in (dest_dir, Path(src_dir)):
-        if has_records(d):
-            open_database(d).dump_pruned(merged)  # the best of each, then the best of both below
+    wanted = None if mods is None else {tvm_ffi.structural_hash(m) for m in mods}
+    picked = [r for r in open_database(src_dir).get_all_tuning_records()
+              if wanted is None or tvm_ffi.structural_hash(r.workload.mod) in wanted]
+    if not picked:
+        raise TuningError(f"'{src_dir}' holds no tuning records{' of these kernels' if mods is not None else ''} "
+                          "to export; run `mixer-compile tune` first")
+    merged = MemoryDatabase()  # what dest_dir has, then the picked records: the best of each below
+    if has_records(dest_dir):
+        open_database(dest_dir).dump_pruned(merged)
+    for r in picked:
+        merged.commit_tuning_record(TuningRecord(r.trace, merged.commit_workload(r.workload.mod), r.run_secs,
+                                                 r.target, r.args_info))
     dest_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".export-", dir=dest_dir))
     try:

@@ -84,7 +84,8 @@ def _time(lib: Any, symbol: str, args: list[Any], dev: Any) -> float:
 
 def tune_gemms(mod: Any, arch: str, say: Say, jobs: int = 0) -> list[Record]:
     """Measures every candidate of every library GEMM problem of `mod` on this machine's GPU
-    and records the fastest of each in the user's GEMM records; returns the new records.
+    and records the fastest of each in the user's GEMM records; returns the records of `mod`'s
+    problems measured on this GPU, now or by an earlier run.
     `jobs` kernels compile at once (0: as many as cores and memory allow)."""
     from mixer_compile.machine import gpu_arch, local_gpu
 
@@ -104,7 +105,6 @@ def tune_gemms(mod: Any, arch: str, say: Say, jobs: int = 0) -> list[Record]:
     if chosen:
         say(f"  compiling {len(chosen)} candidate kernels ({jobs} at once; cached)")
     objects = _objects(chosen, arch, jobs, say)
-    new = []
     for i, (kernel, shape) in enumerate(todo, 1):
         built = {k.variant: obj for k, obj in objects.items() if k.with_variant("") == kernel}
         if not built:
@@ -119,11 +119,11 @@ def tune_gemms(mod: Any, arch: str, say: Say, jobs: int = 0) -> list[Record]:
         record = Record(kernel.form, kernel.dtype, kernel.epilogue, shape.m, shape.n, shape.k, shape.l, best,
                         round(times[best] * 1e6, 2), device)
         gemm_choice.write_records(path, [record])
-        new.append(record)
         gain = times.get(default, times[best]) / times[best]
         say(f"  [{i}/{len(todo)}] {kernel.symbol} {shape.m}x{shape.n}x{shape.k}x{shape.l}: {best} "
             f"{record.us} us ({gain:.2f}x the default {default})")
-    return new
+    keys = {gemm_choice.key_of(k, s) for k, s in problems}
+    return [r for r in gemm_choice.read_records(path) if r.device == device and r.key() in keys]
 
 
 def tune_model_gemms(spec: Any, target: Any, form: str, dtype: str, batches: Any, say: Say) -> list[Record]:

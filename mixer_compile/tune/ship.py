@@ -2,20 +2,25 @@
 
 Builds read shipped records from the installed `schedules/` tree (MetaSchedule's in
 `schedules/<target>/`, the GPU library GEMMs' in `schedules/<family>/library_gemms.json`).
-Shipping copies the best record of each kernel (not the whole search) from a tuning database,
-and for a GPU target the user's library-GEMM records, into such a tree. In a checkout that
+Shipping copies the best record of each of a model's kernels (not the whole search, nor the
+other models' kernels the database holds) and, for a GPU target, the library-GEMM records of
+its problems into such a tree. In a checkout that
 tree is `schedules/`: committed, the records go out in the next wheel, and every user's first
 compile of those kernels applies them.
 """
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from pathlib import Path
+from typing import Any
 
 from mixer_compile.backend import cutlass, gemm_choice
+from mixer_compile.backend.gemm_choice import Record
 from mixer_compile.backend.target import TargetInfo
 from mixer_compile.errors import TuningError
-from mixer_compile.tune.database import export_best, has_records
+from mixer_compile.tune.database import export_best
 
 
 def gemm_family(target: TargetInfo) -> str | None:
@@ -27,22 +32,32 @@ def gemm_family(target: TargetInfo) -> str | None:
     return cutlass.gpu_arch_flag(arch)[0] if cutlass.has_family(arch) else None
 
 
-def ship(target: TargetInfo, db_dir: Path, root: Path) -> list[str]:
-    """Merges the tuning results for `target` into the schedules tree `root`: per kernel the
-    faster of the record there and the database's best; a library GEMM record replaces the
-    one of the same problem. Returns one line per file written."""
+def check_writable(root: Path) -> None:
+    """Fails before the tuning, not after hours of it, when the schedules tree `root` could
+    not be written; creates nothing that outlives the check."""
+    root = Path(root).resolve()
+    existing = next(p for p in (root, *root.parents) if p.exists())
+    try:
+        if not existing.is_dir():
+            raise NotADirectoryError(f"'{existing}' is not a directory")
+        shutil.rmtree(tempfile.mkdtemp(prefix=".ship-", dir=existing))
+    except OSError as exc:
+        raise TuningError(f"cannot ship records to '{root}': {exc.strerror or exc}; give --ship-to a directory "
+                          "this user can write") from None
+
+
+def ship(target: TargetInfo, db_dir: Path, root: Path, mods: list[Any], gemm_records: list[Record]) -> list[str]:
+    """Merges one tuning run's results for `target` into the schedules tree `root`: of the
+    kernels `mods`, per kernel the faster of the record there and the database's best; the
+    library GEMM records `gemm_records` replace those of the same problems. Returns one line
+    per file written."""
     written = []
-    if has_records(db_dir):
-        count = export_best(db_dir, root / target.name)
+    if mods:
+        count = export_best(db_dir, root / target.name, mods)
         written.append(f"{count} kernels' best records -> {root / target.name}")
     family = gemm_family(target)
-    records = gemm_choice.read_records(gemm_choice.user_records_path(family)) if family else []
-    if records:
+    if gemm_records and family:
         path = gemm_choice.shipped_records_path(family, root)
-        gemm_choice.write_records(path, records)
-        written.append(f"{len(records)} library GEMM records -> {path}")
-    if not written:
-        raise TuningError(f"nothing to ship for {target.name}: '{db_dir}' holds no tuning records"
-                          + (f" and no library GEMM was measured for {family}" if family else "")
-                          + "; run `mixer-compile tune` first")
+        gemm_choice.write_records(path, gemm_records)
+        written.append(f"{len(gemm_records)} library GEMM records -> {path}")
     return written
