@@ -165,6 +165,11 @@ def test_shipped_records_apply_for_matching_target(tuned: dict, tmp_path: Path, 
                         tuned["resume_out"], re.M)
     assert shipped and int(shipped.group(1)) >= 5, tuned["resume_out"]
     assert len(_lines(schedules / TARGET / RECORDS)) == int(shipped.group(1)) < len(_lines(tuned["db"] / RECORDS))
+    again = tmp_path / "again"
+    shutil.copytree(schedules / TARGET, again)
+    tuning_db.export_best(tuned["db"], again, [t.mod for t in model_tasks(TINY, get_target(TARGET), trials=TRIALS)])
+    for name in (WORKLOADS, RECORDS):  # shipped again, the same records are the same bytes (a stable order)
+        assert (again / name).read_bytes() == (schedules / TARGET / name).read_bytes(), name
     expected = _with_valid_record(schedules / TARGET)
     assert expected == _with_valid_record(tuned["db"])  # the export keeps every kernel's best
     monkeypatch.setattr(tuning_db, "SCHEDULES_DIR", schedules)

@@ -219,6 +219,22 @@ def open_union(db_dirs: list[Path]) -> Any:
     return dbs[0] if len(dbs) == 1 else UnionDatabase(*dbs)
 
 
+def _in_stable_order(db_dir: Path) -> None:
+    """Rewrites a pruned database (one record per workload) with its workloads sorted by their
+    line (the structural hash leads it) and the records in their workloads' order. dump_pruned
+    writes in hash-map order, different on every run: shipping the same records twice would
+    rewrite every line, and a commit's diff would not show which records changed."""
+    workloads = [line for line in _lines(db_dir / WORKLOADS) if line.strip()]
+    order = sorted(range(len(workloads)), key=workloads.__getitem__)
+    index = {old: new for new, old in enumerate(order)}
+    records = []
+    for line in (line for line in _lines(db_dir / RECORDS) if line.strip()):
+        old, rest = line.split(",", 1)  # "[<workload index>,<record>]"
+        records.append((index[int(old.lstrip("["))], rest))
+    (db_dir / WORKLOADS).write_text("".join(workloads[i] + "\n" for i in order))
+    (db_dir / RECORDS).write_text("".join(f"[{i},{rest}\n" for i, rest in sorted(records, key=lambda r: r[0])))
+
+
 def export_best(src_dir: Path, dest_dir: Path, mods: list[Any] | None = None) -> int:
     """Merges the best record of every workload of `src_dir` (of the workloads `mods` only,
     when given: one model's kernels of a database that holds others too) into `dest_dir`, what
@@ -244,6 +260,7 @@ def export_best(src_dir: Path, dest_dir: Path, mods: list[Any] | None = None) ->
     tmp = Path(tempfile.mkdtemp(prefix=".export-", dir=dest_dir))
     try:
         merged.dump_pruned(JSONDatabase(str(tmp / WORKLOADS), str(tmp / RECORDS), allow_missing=True))
+        _in_stable_order(tmp)
         for name in (WORKLOADS, RECORDS):
             os.replace(tmp / name, dest_dir / name)
     finally:
