@@ -238,6 +238,13 @@ def trials_curve(spec: MixerSpec, target: TargetInfo, db_dirs: list[Path], point
     return curve
 
 
+def write_report(out: Path, stem: str, report: dict[str, Any], text: str) -> None:
+    """A run's results as `stem`.json (everything measured) and `stem`.md (its tables) in `out`."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / f"{stem}.md").write_text(text)
+
+
 def built_for(report: dict[str, Any]) -> str:
     """The LLVM CPU our module was built for: the machine's own unless `--target` named another ISA."""
     return report["target"].get("mcpu", report["machine"]["llvm_cpu"])
@@ -445,7 +452,6 @@ def matrix_main(args: argparse.Namespace) -> int:
     specs = args.specs if args.specs_given else MATRIX_SPECS
     batches = args.batches if args.batches_given else MATRIX_BATCHES
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     stem = f"cpu_matrix_{report['machine']['llvm_cpu']}" + (f"_{args.tag}" if args.tag else "")
     if args.first_compile:
         print("first compile of mixer_b16 batch 1 without records", file=sys.stderr, flush=True)
@@ -458,8 +464,7 @@ def matrix_main(args: argparse.Namespace) -> int:
                     report["cases"].append(matrix_case(name, batch, gelu, target, args.peers, args.repeat,
                                                        args.warmup, Path(tmp), tuple(args.dtypes)))
                     report["load_after"] = [round(v, 2) for v in os.getloadavg()]
-                    (out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")  # kept as it grows
-                    (out / f"{stem}.md").write_text(matrix_markdown(report))
+                    write_report(out, stem, report, matrix_markdown(report))  # kept as it grows
     print(matrix_markdown(report))
     return 0
 
@@ -537,12 +542,9 @@ def main() -> int:
                 report["cases"].append(case)
                 print("  " + ", ".join(f"{k} {v['median_ms']:.1f} ms" for k, v in results.items()), file=sys.stderr)
     report["load_after"] = [round(v, 2) for v in os.getloadavg()]
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     machine_cpu, isa = report["machine"]["llvm_cpu"], built_for(report)  # a file per machine and target ISA
-    stem = f"cpu_{machine_cpu}" + ("" if isa == machine_cpu else f"_target_{isa}")
-    (out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out / f"{stem}.md").write_text(markdown(report))
+    write_report(Path(args.out), f"cpu_{machine_cpu}" + ("" if isa == machine_cpu else f"_target_{isa}"), report,
+                 markdown(report))
     print(markdown(report))
     return 0
 

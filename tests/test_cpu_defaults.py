@@ -92,8 +92,6 @@ def test_layer_norm_runs_each_row_inside_one_parallel_loop(tiny_spec) -> None:
     loop over rows (the row stays in cache between the passes, where the `reduction` rule made
     three parallel passes over the whole tensor), the sums in vector accumulators; the mean
     over tokens (a column reduction) is left to `reduction`. Same result as the plain kernel."""
-    import numpy as np
-
     target = get_target("llvm")
     tasks = {t.name: t for t in model_tasks(tiny_spec, target)}
     assert cpu_schedules.default_schedule(Schedule(tasks["mean"].mod), cpu.machine(target))[1] == "reduction"
@@ -106,15 +104,38 @@ def test_layer_norm_runs_each_row_inside_one_parallel_loop(tiny_spec) -> None:
     assert len([b for b in blocks if b.endswith("_rf_update")]) == 2  # both sums in vector accumulators
     under = _nested(script, "T.parallel(")
     assert all(f'T.sblock("{b}")' in under for b in blocks if b != "root"), script
+    _assert_same_result(task.mod, sch.mod, target)
+
+
+def _assert_same_result(plain: tvm.IRModule, scheduled: tvm.IRModule, target: TargetInfo) -> None:
+    """A scheduled kernel computes what the plain one does, on random inputs."""
+    import numpy as np
+
     rng = np.random.default_rng(0)
     args = [rng.standard_normal([int(d) for d in a.as_json()[2]]).astype(a.as_json()[1])
-            for a in ArgInfo.from_prim_func(task.mod["main"])]
+            for a in ArgInfo.from_prim_func(plain["main"])]
     outs = []
-    for mod in (task.mod, sch.mod):
+    for mod in (plain, scheduled):
         out = tvm.runtime.tensor(np.zeros_like(args[-1]))
         tvm.compile(mod, target=target.tvm_target())["main"](*[tvm.runtime.tensor(a) for a in args[:-1]], out)
         outs.append(out.numpy())
     np.testing.assert_allclose(outs[1], outs[0], rtol=1e-5, atol=1e-5)
+
+
+def test_the_patchify_gather_runs_several_vectors_per_chunk(tiny_spec) -> None:
+    """The `injective` rule vectorises chunks of SPATIAL_VECTORS SIMD vectors (the largest
+    divisor of the output's last extent up to that), so the patchify gather's address arithmetic
+    is shared across a chunk rather than paid per vector. Same result as the plain kernel."""
+    target = get_target("llvm")
+    m = cpu.machine(target)
+    task = next(t for t in model_tasks(tiny_spec, target) if "transpose" in t.name)
+    sch, rule = cpu_schedules.default_schedule(Schedule(task.mod), m)
+    assert rule == "injective"
+    last = tiny_spec.patch_size ** 2 * 3  # the gather's output row: one patch's pixels
+    chunk = max(d for d in range(1, cpu_schedules.SPATIAL_VECTORS * m.lanes + 1) if last % d == 0)
+    assert chunk > m.lanes
+    assert [int(n) for n in re.findall(r"T\.vectorized\((?:T\.int64\()?(\d+)", sch.mod.script())] == [chunk]
+    _assert_same_result(task.mod, sch.mod, target)
 
 
 def test_compile_without_records_is_scheduled(tiny_spec, no_records) -> None:
@@ -127,10 +148,12 @@ def test_compile_without_records_is_scheduled(tiny_spec, no_records) -> None:
     assert tuning["untuned"] == [] and tuning["tuned"] == [] and len(tuning["defaults"]) == tuning["kernels"]
 
 
-def _record_db(spec: MixerSpec, target: TargetInfo, pick) -> tuple[MemoryDatabase, dict]:
-    """A database holding one gemm_space record per GEMM kernel of `spec` (its decision picked
-    by `pick(gemm, candidates)`), as a tuning run would write it."""
-    db = MemoryDatabase()
+def _record_db(spec: MixerSpec, target: TargetInfo, pick, db: MemoryDatabase | None = None,
+               secs: float = 1e-5) -> tuple[MemoryDatabase, dict]:
+    """A database (`db`, or a new one) holding one gemm_space record per GEMM kernel of `spec`
+    (its decision picked by `pick(gemm, candidates)`, measured `secs`), as a tuning run would
+    write it."""
+    db = MemoryDatabase() if db is None else db
     tvm_target = target.tvm_target()
     m = cpu.machine(target)
     chosen = {}
@@ -143,7 +166,7 @@ def _record_db(spec: MixerSpec, target: TargetInfo, pick) -> tuple[MemoryDatabas
         c = pick(gemm, cands)
         gemm_space.apply(sch, gemm, c, m.lanes)
         workload = db.commit_workload(task.mod)
-        db.commit_tuning_record(TuningRecord(sch.trace, workload, [1e-5], tvm_target,
+        db.commit_tuning_record(TuningRecord(sch.trace, workload, [secs], tvm_target,
                                              ArgInfo.from_prim_func(task.mod["main"])))
         chosen[gemm_space.signature(Schedule(task.mod), gemm, m.lanes)] = gemm_space.Decision(c.mr, c.nv, c.c_outer)
     return db, chosen
@@ -181,6 +204,29 @@ def test_records_transfer_across_epilogues_and_batches(tiny_spec, no_records) ->
     _, _, _, tanh = _build(tiny_spec, "tanh", db, target)
     assert {(c.mr, c.nv, c.c_outer) for c in tanh.gemms.values()} == \
         {(c.mr, c.nv, c.c_outer) for c in applied.gemms.values()}
+
+
+def test_a_kernels_own_record_wins_over_a_faster_one_of_another_epilogue(tiny_spec, no_records) -> None:
+    """The best tile can differ with the epilogue (README, "A record of another epilogue"): the
+    erf model's fc1 takes its own record's tile where the tanh model's record of the same shape
+    measured faster, and the tanh model keeps its own."""
+    target = get_target("llvm")
+    m = cpu.machine(target)
+    db, fast = _record_db(tiny_spec.replace(gelu="tanh"), target, lambda gemm, cands: cands[0], secs=1e-6)
+    _, slow = _record_db(tiny_spec.replace(gelu="erf"), target, lambda gemm, cands: cands[-1], db=db, secs=1e-3)
+    for gelu in ("erf", "tanh"):
+        spec, weights, run, applied = _build(tiny_spec, gelu, db, target)
+        fused = cpu.prepare(compose(spec, target).module, target)
+        gelu_gemms = [gv for gv, _ in fused.functions.items() if gv.name_hint in applied.gemms and gelu in gv.name_hint]
+        assert len(gelu_gemms) == 2, list(applied.gemms)  # token and channel fc1
+        for gv in gelu_gemms:
+            sch = Schedule(fused[gv])
+            sig = gemm_space.signature(sch, gemm_space.find_gemm(sch), m.lanes)
+            assert fast[sig] != slow[sig]  # records that disagree, or the test could not fail
+            own = (slow if gelu == "erf" else fast)[sig]
+            c = applied.gemms[gv.name_hint]
+            assert (c.mr, c.nv, c.c_outer) == (own.mr, own.nv, own.c_outer), (gelu, gv.name_hint)
+        assert validate(run, spec, weights, seed=1).passed
 
 
 def _block_body(script: str, block: str) -> str:

@@ -202,6 +202,36 @@ def test_export_takes_only_the_kernels_asked_for(tuned: dict, tmp_path: Path) ->
     assert not (tmp_path / "none").exists()
 
 
+def test_export_keeps_each_record_with_its_own_workload(tuned: dict, tmp_path: Path) -> None:
+    """Two models' kernels can be structurally equal under different block names (the token
+    mean after a tanh GELU and after an erf one): a faster record of the erf model's mean,
+    shipped over the tanh model's, is written with its own workload, so its trace replays."""
+    from tvm.s_tir import Schedule
+    from tvm.s_tir.meta_schedule.arg_info import ArgInfo
+    from tvm.s_tir.meta_schedule.database import TuningRecord
+
+    target = get_target(TARGET)
+    dest = tmp_path / "schedules"
+    tuning_db.export_best(tuned["db"], dest, [t.mod for t in model_tasks(TINY, target, trials=TRIALS)])
+    assert "mean" in _with_valid_record(dest)
+    means = {gelu: next(t.mod for t in model_tasks(TINY.replace(gelu=gelu), target) if t.name == "mean")
+             for gelu in ("tanh", "erf")}
+    red = {gelu: re.search(r'T\.sblock\("(\w+_red)"\)', mod.script()).group(1) for gelu, mod in means.items()}
+    assert red["tanh"] != red["erf"]  # equal workloads, different names
+    mean = means["erf"]
+    db = open_database(tmp_path / "erf", writable=True)
+    sch = Schedule(mean)  # a trace that names its block, as MetaSchedule's do
+    sch.parallel(sch.get_loops(sch.get_sblock(red["erf"]))[0])
+    db.commit_tuning_record(TuningRecord(sch.trace, db.commit_workload(mean), [1e-9], target.tvm_target(),
+                                         ArgInfo.from_prim_func(mean["main"])))
+    tuning_db.export_best(tmp_path / "erf", dest, [mean])
+    assert tuning_db.scan(dest).problems == []
+    shipped = open_database(dest)
+    assert best_latency(shipped, mean, target) == 1e-9
+    with target.tvm_target():
+        assert shipped.query_schedule(means["tanh"], target.tvm_target(), "main") is not None
+
+
 def test_no_records_builds_default_schedules_and_says_how_to_tune(tmp_path: Path, monkeypatch) -> None:
     """Without any record the build is not slow (every kernel gets its default schedule, issue
     #13), so it says how to refine it instead of warning."""

@@ -100,17 +100,17 @@ def _leaf_databases(database: Any) -> list[Any]:
     return [database]
 
 
-def gemm_decisions(database: Any) -> dict[tuple[Any, ...], list[tuple[float, int, Any]]]:
+def gemm_decisions(database: Any) -> dict[tuple[Any, ...], list[tuple[float, int, Any, int]]]:
     """Every micro-kernel decision (gemm_space.Decision) the records hold, by the GEMM's
-    per-call shape (gemm_space.signature): [(seconds, batch, decision)], fastest first. Read
-    from the records' traces, so a record of fc1 with tanh GELU serves fc1 with erf GELU, and
-    a batch-1 record a batch-8 kernel."""
+    per-call shape (gemm_space.signature): [(seconds, batch, decision, workload hash)], fastest
+    first. Read from the records' traces, so a record of fc1 with tanh GELU serves fc1 with erf
+    GELU, and a batch-1 record a batch-8 kernel, when that kernel has no record of its own."""
     import tvm_ffi
     from tvm.s_tir import Schedule
 
     from mixer_compile.backend import gemm_space
 
-    out: dict[tuple[Any, ...], list[tuple[float, int, Any]]] = {}
+    out: dict[tuple[Any, ...], list[tuple[float, int, Any, int]]] = {}
     shapes: dict[int, Any] = {}
     for db in _leaf_databases(database):
         try:
@@ -133,7 +133,7 @@ def gemm_decisions(database: Any) -> dict[tuple[Any, ...], list[tuple[float, int
                 continue
             sch, gemm = shapes[key]
             sig = gemm_space.signature(sch, gemm, _panel_lanes(rec))
-            out.setdefault(sig, []).append((sum(secs) / len(secs), gemm.batch, decision))
+            out.setdefault(sig, []).append((sum(secs) / len(secs), gemm.batch, decision, key))
     for v in out.values():
         v.sort(key=lambda x: x[0])
     return out
@@ -162,13 +162,14 @@ def schedule_kernels(fused: tvm.IRModule, target: TargetInfo, database: Any = No
     """`fused` (prepare's output) with every kernel scheduled:
 
     - a GEMM of gemm_space's tuning space: always gemm_space.apply, with the micro-tile and
-      loop order of the fastest record of a GEMM of the same per-call shape (any epilogue,
-      any batch; the same batch preferred) when there is one, else the register model's
+      loop order of its own fastest record, else of the fastest record of a GEMM of the same
+      per-call shape (any epilogue, any batch; the same batch preferred), else the register model's
       (`default_candidate`); the parallel split always from this target's cores;
     - any other kernel: its exact record (MetaSchedule's workload key), else the default rules
       (cpu_schedules.py).
 
     A kernel no rule schedules stays plain loops, and the build warns naming it."""
+    import tvm_ffi
     from tvm.s_tir import Schedule
     from tvm.s_tir.meta_schedule.tune_context import _normalize_mod
 
@@ -191,8 +192,12 @@ def schedule_kernels(fused: tvm.IRModule, target: TargetInfo, database: Any = No
             and gemm.n % m.lanes == 0
         if tiled:
             sig = gemm_space.signature(sch, gemm, m.lanes)
+            own = tvm_ffi.structural_hash(_normalize_mod(func)) if sig in decisions else None
             candidate = None
-            for _, batch, d in sorted(decisions.get(sig, []), key=lambda r: (r[1] != gemm.batch, r[0])):
+            # the kernel's own record first (the best tile can differ with the epilogue: README,
+            # "A record of another epilogue"), then one of the same batch, fastest first
+            ranked = sorted(decisions.get(sig, []), key=lambda r: (r[3] != own, r[1] != gemm.batch, r[0]))
+            for _, batch, d, _ in ranked:
                 candidate = gemm_space.with_decision(gemm, d, m.vec, m.cores)
                 if candidate is not None:
                     from_record = True

@@ -221,9 +221,9 @@ def open_union(db_dirs: list[Path]) -> Any:
 
 def _in_stable_order(db_dir: Path) -> None:
     """Rewrites a pruned database (one record per workload) with its workloads sorted by their
-    line (the structural hash leads it) and the records in their workloads' order. dump_pruned
-    writes in hash-map order, different on every run: shipping the same records twice would
-    rewrite every line, and a commit's diff would not show which records changed."""
+    line (the structural hash leads it) and the records in their workloads' order: written in
+    the order found, shipping the same records twice could rewrite every line, and a commit's
+    diff would not show which records changed."""
     workloads = [line for line in _lines(db_dir / WORKLOADS) if line.strip()]
     order = sorted(range(len(workloads)), key=workloads.__getitem__)
     index = {old: new for new, old in enumerate(order)}
@@ -239,9 +239,16 @@ def export_best(src_dir: Path, dest_dir: Path, mods: list[Any] | None = None) ->
     """Merges the best record of every workload of `src_dir` (of the workloads `mods` only,
     when given: one model's kernels of a database that holds others too) into `dest_dir`, what
     is shipped in schedules/: one record per kernel, not the whole search. Returns how many
-    kernels `dest_dir` has a record for."""
+    kernels `dest_dir` has a record for.
+
+    Each winner is written with its own workload. Two models' kernels can be structurally
+    equal under different block names (the token mean is `lv414_red` after a tanh GELU,
+    `lv318_red` after an erf one), and a trace names its blocks: attached to the other model's
+    copy of the workload, as a database's merge of equal workloads does, it no longer replays."""
     import tvm_ffi
-    from tvm.s_tir.meta_schedule.database import JSONDatabase, MemoryDatabase, TuningRecord
+    from tvm.s_tir.meta_schedule.database import JSONDatabase, TuningRecord
+
+    from mixer_compile.tune.tasks import record_secs
 
     dest_dir = Path(dest_dir)
     wanted = None if mods is None else {tvm_ffi.structural_hash(m) for m in mods}
@@ -250,16 +257,22 @@ def export_best(src_dir: Path, dest_dir: Path, mods: list[Any] | None = None) ->
     if not picked:
         raise TuningError(f"'{src_dir}' holds no tuning records{' of these kernels' if mods is not None else ''} "
                           "to export; run `mixer-compile tune` first")
-    merged = MemoryDatabase()  # what dest_dir has, then the picked records: the best of each below
-    if has_records(dest_dir):
-        open_database(dest_dir).dump_pruned(merged)
-    for r in picked:
-        merged.commit_tuning_record(TuningRecord(r.trace, merged.commit_workload(r.workload.mod), r.run_secs,
-                                                 r.target, r.args_info))
+    shipped = open_database(dest_dir).get_all_tuning_records() if has_records(dest_dir) else []
+    best: dict[int, Any] = {}  # structural hash -> the fastest valid record, with its own workload
+    for r in [*shipped, *picked]:
+        secs = record_secs(r)
+        if secs is None or secs >= 1e9:  # no run, or a failed one
+            continue
+        key = tvm_ffi.structural_hash(r.workload.mod)
+        if key not in best or secs < record_secs(best[key]):
+            best[key] = r
     dest_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".export-", dir=dest_dir))
     try:
-        merged.dump_pruned(JSONDatabase(str(tmp / WORKLOADS), str(tmp / RECORDS), allow_missing=True))
+        db = JSONDatabase(str(tmp / WORKLOADS), str(tmp / RECORDS), allow_missing=True)
+        for r in best.values():
+            db.commit_tuning_record(TuningRecord(r.trace, db.commit_workload(r.workload.mod), r.run_secs, r.target,
+                                                 r.args_info))
         _in_stable_order(tmp)
         for name in (WORKLOADS, RECORDS):
             os.replace(tmp / name, dest_dir / name)

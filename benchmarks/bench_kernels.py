@@ -1,0 +1,121 @@
+"""Every kernel of a model timed alone on this CPU: its default schedule against the shipped record's.
+
+A model's time is the sum of its kernels'. When the defaults and the shipped records (or two
+revisions of the default rules) differ by a percent or two on the whole model, this says which
+kernel differs, by how much, and with which GEMM tile. Each kernel is scheduled as the model
+build schedules it (`cpu.schedule_kernels`: the default rules only, then the shipped records
+only), built alone as tuning builds a candidate, and timed on random inputs with TVM's time
+evaluator; the two builds of a kernel are timed in turn, `--repeat` rounds, medians.
+
+    python benchmarks/bench_kernels.py --spec mixer_b16 --batch 8 --gelu erf --out benchmarks/results
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from bench_cpu import machine, matrix_spec, write_report  # noqa: E402
+from mixer_compile.backend.target import get_target  # noqa: E402
+
+
+def kernel_times(spec_name: str, batch: int, gelu: str, target_name: str, repeat: int) -> list[dict[str, Any]]:
+    """Per kernel: calls per forward, ms per call by the defaults and by the shipped records, and
+    the GEMM tile each chose."""
+    import tvm
+    from tvm.s_tir.meta_schedule.arg_info import ArgInfo
+
+    from mixer_compile.backend import cpu
+    from mixer_compile.backend.cpu_schedules import BUILD_CONFIG
+    from mixer_compile.compose import compose, model_tasks
+    from mixer_compile.tune.database import open_union, shipped_db_dirs
+
+    spec, target = matrix_spec(spec_name, batch, gelu), get_target(target_name)
+    fused = cpu.prepare(compose(spec, target).module, target)
+    calls = {t.name: t.calls for t in model_tasks(spec, target)}
+    builds = {label: cpu.schedule_kernels(fused, target, db)
+              for label, db in (("defaults", None), ("shipped", open_union(shipped_db_dirs(target))))}
+    dev, rows = tvm.cpu(), []
+    for gv, func in fused.functions.items():
+        if not cpu.is_kernel(func):
+            continue
+        rng = np.random.default_rng(0)
+        args = [tvm.runtime.tensor(rng.standard_normal([int(d) for d in a.shape]).astype(a.dtype), dev)
+                for a in ArgInfo.from_prim_func(func)]
+        timers = {}
+        for label, (mod, _) in builds.items():
+            kernel = tvm.IRModule({"main": mod[gv.name_hint].with_attr("global_symbol", "main")})
+            with tvm.transform.PassContext(config=BUILD_CONFIG):
+                lib = tvm.tirx.build(kernel, target=target.tvm_target())
+            timers[label] = lib.time_evaluator("main", dev, number=1, repeat=1, min_repeat_ms=50)
+        samples: dict[str, list[float]] = {label: [] for label in timers}
+        for _ in range(repeat):  # the two builds in turn: load drifts hit both
+            for label, timer in timers.items():
+                samples[label].append(timer(*args).mean * 1e3)
+        row = {"kernel": gv.name_hint, "calls": calls.get(gv.name_hint, 1)}
+        for label, (_, applied) in builds.items():
+            row[f"{label}_ms"] = statistics.median(samples[label])
+            tile = applied.gemms.get(gv.name_hint)
+            row[f"{label}_tile"] = f"{tile.mr}x{tile.nv}" if tile else None
+            row[f"{label}_from"] = "record" if gv.name_hint in applied.tuned else "default"
+        rows.append(row)
+    return rows
+
+
+def markdown(report: dict[str, Any]) -> str:
+    m = report["machine"]
+    rows = report["kernels"]
+    total = {k: sum(r[f"{k}_ms"] * r["calls"] for r in rows) for k in ("defaults", "shipped")}
+    out = [f"# Kernels of {report['spec']} at batch {report['batch']} ({report['gelu']} GELU): {m['cpu']} "
+           f"({m['llvm_cpu']}), {m['threads']} threads; target `{report['target']}`", "",
+           f"{report['date']}; TVM {m['tvm']}. Each kernel built alone from the model build's schedule, "
+           f"defaults and shipped timed in turn, {report['repeat']} rounds, medians. Load average before "
+           f"{report['load_before']}, after {report['load_after']}.", "",
+           "| kernel | calls | defaults ms | tile | shipped ms | from | tile | shipped / defaults | x calls, ms |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        out.append(f"| {r['kernel'][:60]} | {r['calls']} | {r['defaults_ms']:.3f} | {r['defaults_tile'] or '-'} | "
+                   f"{r['shipped_ms']:.3f} | {r['shipped_from']} | {r['shipped_tile'] or '-'} | "
+                   f"{r['shipped_ms'] / r['defaults_ms']:.2f}x | "
+                   f"{(r['shipped_ms'] - r['defaults_ms']) * r['calls']:+.2f} |")
+    out += ["", f"Sum over a forward (kernels alone, calls counted): defaults {total['defaults']:.1f} ms, "
+            f"shipped {total['shipped']:.1f} ms ({total['shipped'] / total['defaults']:.3f}x)."]
+    return "\n".join(out) + "\n"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--spec", default="mixer_b16", help="preset, or preset@PIXELS")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--gelu", choices=("erf", "tanh"), default="erf")
+    ap.add_argument("--target", default="llvm")
+    ap.add_argument("--repeat", type=int, default=15)
+    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
+    args = ap.parse_args()
+    from mixer_compile.machine import use_all_cores
+
+    threads = use_all_cores()
+    report: dict[str, Any] = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                              "machine": machine(threads), "target": args.target, "spec": args.spec,
+                              "batch": args.batch, "gelu": args.gelu, "repeat": args.repeat,
+                              "load_before": [round(v, 2) for v in os.getloadavg()]}
+    report["kernels"] = kernel_times(args.spec, args.batch, args.gelu, args.target, args.repeat)
+    report["load_after"] = [round(v, 2) for v in os.getloadavg()]
+    stem = f"kernels_{report['machine']['llvm_cpu']}_{Path(args.spec).stem}_b{args.batch}_{args.gelu}"
+    write_report(Path(args.out), stem, report, markdown(report))
+    print(markdown(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
