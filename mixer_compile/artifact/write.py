@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +17,7 @@ import numpy as np
 from mixer_compile.artifact.format import LIBRARY, METADATA, WEIGHTS, Metadata, sha256
 from mixer_compile.artifact.place import refuse_foreign, staged
 from mixer_compile.errors import ArtifactError
+from mixer_compile.util.atomic import why_unwritable
 
 
 def write_artifact(out_dir: str | Path, executable: Any, params: dict[str, np.ndarray] | None,
@@ -51,13 +50,9 @@ def check_writable(out_dir: str | Path) -> None:
     Creates nothing that outlives the check, not even the missing parent directories."""
     out = Path(out_dir).resolve()
     refuse_foreign(out)
-    existing = next(p for p in out.parents if p.exists())
-    if not existing.is_dir():
-        raise ArtifactError(f"cannot write artifact to '{out}': '{existing}' is not a directory")
-    try:
-        shutil.rmtree(tempfile.mkdtemp(prefix=f".{out.name}.", dir=existing))
-    except OSError as exc:
-        raise ArtifactError(f"cannot write artifact to '{out}': {exc.strerror or exc}") from None
+    problem = why_unwritable(out.parent)  # the artifact is built beside `out`, then swapped in
+    if problem:
+        raise ArtifactError(f"cannot write artifact to '{out}': {problem}")
 
 
 def _linker_problem(exc: RuntimeError) -> str:

@@ -11,8 +11,6 @@ compile of those kernels applies them.
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +19,7 @@ from mixer_compile.backend.gemm_choice import Record
 from mixer_compile.backend.target import TargetInfo
 from mixer_compile.errors import TuningError
 from mixer_compile.tune.database import export_best
+from mixer_compile.util.atomic import why_unwritable
 
 
 def gemm_family(target: TargetInfo) -> str | None:
@@ -35,15 +34,10 @@ def gemm_family(target: TargetInfo) -> str | None:
 def check_writable(root: Path) -> None:
     """Fails before the tuning, not after hours of it, when the schedules tree `root` could
     not be written; creates nothing that outlives the check."""
-    root = Path(root).resolve()
-    existing = next(p for p in (root, *root.parents) if p.exists())
-    try:
-        if not existing.is_dir():
-            raise NotADirectoryError(f"'{existing}' is not a directory")
-        shutil.rmtree(tempfile.mkdtemp(prefix=".ship-", dir=existing))
-    except OSError as exc:
-        raise TuningError(f"cannot ship records to '{root}': {exc.strerror or exc}; give --ship-to a directory "
-                          "this user can write") from None
+    problem = why_unwritable(root)
+    if problem:
+        raise TuningError(f"cannot ship records to '{Path(root).resolve()}': {problem}; give --ship-to a directory "
+                          "this user can write")
 
 
 def ship(target: TargetInfo, db_dir: Path, root: Path, mods: list[Any], gemm_records: list[Record]) -> list[str]:

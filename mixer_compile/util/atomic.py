@@ -7,12 +7,29 @@ output is expected, never a truncated one.
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
 from mixer_compile.errors import MixerCompileError
+
+
+def why_unwritable(directory: str | Path) -> str | None:
+    """Why files could not be created in `directory`, or in the directories that creating it
+    would make (no permission, a read-only or full file system, a file in the way); None when
+    they could. Checked before long work, not after it; creates nothing that outlives the check,
+    not even the missing directories."""
+    directory = Path(directory).resolve()
+    existing = next(p for p in (directory, *directory.parents) if p.exists())
+    if not existing.is_dir():
+        return f"'{existing}' is not a directory"
+    try:
+        shutil.rmtree(tempfile.mkdtemp(prefix=".probe-", dir=existing))
+    except OSError as exc:
+        return str(exc.strerror or exc)
+    return None
 
 
 @contextmanager
