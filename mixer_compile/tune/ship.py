@@ -46,12 +46,12 @@ def ship(target: TargetInfo, db_dir: Path, root: Path, mods: list[Any], gemm_rec
     library GEMM records `gemm_records` replace those of the same problems. Returns one line
     per file written."""
     written = []
-    if mods:
-        count = export_best(db_dir, root / target.name, mods)
-        written.append(f"{count} kernels' best records -> {root / target.name}")
     family = gemm_family(target)
-    if gemm_records and family:
+    if gemm_records and family:  # first: measured on a GPU, the scarcer of the two
         path = gemm_choice.shipped_records_path(family, root)
         gemm_choice.write_records(path, gemm_records)
         written.append(f"{len(gemm_records)} library GEMM records -> {path}")
+    if mods:
+        count = export_best(db_dir, root / target.name, mods)
+        written.append(f"{count} kernels' best records -> {root / target.name}")
     return written
