@@ -219,22 +219,6 @@ def open_union(db_dirs: list[Path]) -> Any:
     return dbs[0] if len(dbs) == 1 else UnionDatabase(*dbs)
 
 
-def _in_stable_order(db_dir: Path) -> None:
-    """Rewrites a pruned database (one record per workload) with its workloads sorted by their
-    line (the structural hash leads it) and the records in their workloads' order: written in
-    the order found, shipping the same records twice could rewrite every line, and a commit's
-    diff would not show which records changed."""
-    workloads = [line for line in _lines(db_dir / WORKLOADS) if line.strip()]
-    order = sorted(range(len(workloads)), key=workloads.__getitem__)
-    index = {old: new for new, old in enumerate(order)}
-    records = []
-    for line in (line for line in _lines(db_dir / RECORDS) if line.strip()):
-        old, rest = line.split(",", 1)  # "[<workload index>,<record>]"
-        records.append((index[int(old.lstrip("["))], rest))
-    (db_dir / WORKLOADS).write_text("".join(workloads[i] + "\n" for i in order))
-    (db_dir / RECORDS).write_text("".join(f"[{i},{rest}\n" for i, rest in sorted(records, key=lambda r: r[0])))
-
-
 def export_best(src_dir: Path, dest_dir: Path, mods: list[Any] | None = None) -> int:
     """Merges the best record of every workload of `src_dir` (of the workloads `mods` only,
     when given: one model's kernels of a database that holds others too) into `dest_dir`, what
@@ -244,7 +228,9 @@ def export_best(src_dir: Path, dest_dir: Path, mods: list[Any] | None = None) ->
     Each winner is written with its own workload. Two models' kernels can be structurally
     equal under different block names (the token mean is `lv414_red` after a tanh GELU,
     `lv318_red` after an erf one), and a trace names its blocks: attached to the other model's
-    copy of the workload, as a database's merge of equal workloads does, it no longer replays."""
+    copy of the workload, as a database's merge of equal workloads does, it no longer replays.
+    The winners are written in the order of their structural hashes: shipping the same records
+    again writes the same bytes, and a commit's diff shows only the records that changed."""
     import tvm_ffi
     from tvm.s_tir.meta_schedule.database import JSONDatabase, TuningRecord
 
@@ -258,24 +244,23 @@ def export_best(src_dir: Path, dest_dir: Path, mods: list[Any] | None = None) ->
         raise TuningError(f"'{src_dir}' holds no tuning records{' of these kernels' if mods is not None else ''} "
                           "to export; run `mixer-compile tune` first")
     shipped = open_database(dest_dir).get_all_tuning_records() if has_records(dest_dir) else []
-    best: dict[int, Any] = {}  # structural hash -> the fastest valid record, with its own workload
+    best: dict[int, tuple[float, Any]] = {}  # structural hash -> (seconds, the fastest valid record)
     for r in [*shipped, *picked]:
         secs = record_secs(r)
         if secs is None or secs >= 1e9:  # no run, or a failed one
             continue
         key = tvm_ffi.structural_hash(r.workload.mod)
-        if key not in best or secs < record_secs(best[key]):
-            best[key] = r
+        if key not in best or secs < best[key][0]:
+            best[key] = (secs, r)
     dest_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".export-", dir=dest_dir))
     try:
         db = JSONDatabase(str(tmp / WORKLOADS), str(tmp / RECORDS), allow_missing=True)
-        for r in best.values():
+        for _, r in (best[key] for key in sorted(best)):
             db.commit_tuning_record(TuningRecord(r.trace, db.commit_workload(r.workload.mod), r.run_secs, r.target,
                                                  r.args_info))
-        _in_stable_order(tmp)
         for name in (WORKLOADS, RECORDS):
             os.replace(tmp / name, dest_dir / name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return sum(1 for line in (dest_dir / RECORDS).read_text().splitlines() if line.strip())
+    return len(best)
