@@ -123,6 +123,13 @@ def _arch(target: TargetInfo) -> str:
     return str(target.tvm_target().attrs["arch"])
 
 
+def gemm_family(target: TargetInfo) -> str | None:
+    """The library-GEMM family whose records a build for `target` applies (gemm_choice), None
+    for a GPU without CUTLASS kernels."""
+    arch = _arch(target)
+    return cutlass.gpu_arch_flag(arch)[0] if cutlass.has_family(arch) else None
+
+
 def build(mod: Any, target: TargetInfo, database: Any = None, on_applied: Any = None) -> CudaLibrary:
     """Compiles `mod` for the CUDA `target` in a child process. The records of `database` are
     applied here, where the database is open (cuda_schedules.apply_records); the child gives
@@ -199,8 +206,8 @@ def build_cuda_library(mod: Any, target: TargetInfo) -> CudaLibrary:
     work = tempfile.TemporaryDirectory(prefix="mixer-compile-cuda-")
     work_dir = Path(work.name)
     module_json, target_json, out = work_dir / "module.json", work_dir / "target.json", work_dir / "model.so"
-    mod, choices = gemm_choice.apply_choices(mod, cutlass.gpu_arch_flag(_arch(target))[0]) \
-        if cutlass.has_family(_arch(target)) else (mod, [])
+    family = gemm_family(target)
+    mod, choices = gemm_choice.apply_choices(mod, family) if family else (mod, [])
     module_json.write_text(tvm.ir.save_json(mod))
     kernels = gemm_choice.kernels_called(mod)
     with ThreadPoolExecutor(max_workers=cutlass.compile_jobs()) as pool:

@@ -14,21 +14,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from mixer_compile.backend import cutlass, gemm_choice
+from mixer_compile.backend import cuda, gemm_choice
 from mixer_compile.backend.gemm_choice import Record
 from mixer_compile.backend.target import TargetInfo
 from mixer_compile.errors import TuningError
 from mixer_compile.tune.database import export_best
 from mixer_compile.util.atomic import why_unwritable
-
-
-def gemm_family(target: TargetInfo) -> str | None:
-    """The library-GEMM family whose records a build for `target` applies (None: a CPU, or a
-    GPU without CUTLASS kernels)."""
-    if target.kind != "cuda":
-        return None
-    arch = str(target.tvm_target().attrs["arch"])
-    return cutlass.gpu_arch_flag(arch)[0] if cutlass.has_family(arch) else None
 
 
 def check_writable(root: Path) -> None:
@@ -46,9 +37,8 @@ def ship(target: TargetInfo, db_dir: Path, root: Path, mods: list[Any], gemm_rec
     library GEMM records `gemm_records` replace those of the same problems. Returns one line
     per file written."""
     written = []
-    family = gemm_family(target)
-    if gemm_records and family:  # first: measured on a GPU, the scarcer of the two
-        path = gemm_choice.shipped_records_path(family, root)
+    if gemm_records:  # first: measured on a GPU, the scarcer of the two
+        path = gemm_choice.shipped_records_path(cuda.gemm_family(target), root)
         gemm_choice.write_records(path, gemm_records)
         written.append(f"{len(gemm_records)} library GEMM records -> {path}")
     if mods:
