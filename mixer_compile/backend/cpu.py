@@ -15,7 +15,7 @@ from __future__ import annotations
 import sys
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import tvm
 from tvm import relax
@@ -100,17 +100,26 @@ def _leaf_databases(database: Any) -> list[Any]:
     return [database]
 
 
-def gemm_decisions(database: Any) -> dict[tuple[Any, ...], list[tuple[float, int, Any, int]]]:
+class Decided(NamedTuple):
+    """A micro-kernel decision a record holds, with what it was measured on."""
+
+    secs: float
+    batch: int
+    decision: Any  # gemm_space.Decision
+    workload: int  # structural hash of the record's kernel
+
+
+def gemm_decisions(database: Any) -> dict[tuple[Any, ...], list[Decided]]:
     """Every micro-kernel decision (gemm_space.Decision) the records hold, by the GEMM's
-    per-call shape (gemm_space.signature): [(seconds, batch, decision, workload hash)], fastest
-    first. Read from the records' traces, so a record of fc1 with tanh GELU serves fc1 with erf
-    GELU, and a batch-1 record a batch-8 kernel, when that kernel has no record of its own."""
+    per-call shape (gemm_space.signature), fastest first. Read from the records' traces, so a
+    record of fc1 with tanh GELU serves fc1 with erf GELU, and a batch-1 record a batch-8
+    kernel, when that kernel has no record of its own."""
     import tvm_ffi
     from tvm.s_tir import Schedule
 
     from mixer_compile.backend import gemm_space
 
-    out: dict[tuple[Any, ...], list[tuple[float, int, Any, int]]] = {}
+    out: dict[tuple[Any, ...], list[Decided]] = {}
     shapes: dict[int, Any] = {}
     for db in _leaf_databases(database):
         try:
@@ -133,9 +142,9 @@ def gemm_decisions(database: Any) -> dict[tuple[Any, ...], list[tuple[float, int
                 continue
             sch, gemm = shapes[key]
             sig = gemm_space.signature(sch, gemm, _panel_lanes(rec))
-            out.setdefault(sig, []).append((sum(secs) / len(secs), gemm.batch, decision, key))
+            out.setdefault(sig, []).append(Decided(sum(secs) / len(secs), gemm.batch, decision, key))
     for v in out.values():
-        v.sort(key=lambda x: x[0])
+        v.sort(key=lambda d: d.secs)
     return out
 
 
@@ -196,9 +205,9 @@ def schedule_kernels(fused: tvm.IRModule, target: TargetInfo, database: Any = No
             candidate = None
             # the kernel's own record first (the best tile can differ with the epilogue: README,
             # "A record of another epilogue"), then one of the same batch, fastest first
-            ranked = sorted(decisions.get(sig, []), key=lambda r: (r[3] != own, r[1] != gemm.batch, r[0]))
-            for _, batch, d, _ in ranked:
-                candidate = gemm_space.with_decision(gemm, d, m.vec, m.cores)
+            ranked = sorted(decisions.get(sig, []), key=lambda d: (d.workload != own, d.batch != gemm.batch, d.secs))
+            for d in ranked:
+                candidate = gemm_space.with_decision(gemm, d.decision, m.vec, m.cores)
                 if candidate is not None:
                     from_record = True
                     break
