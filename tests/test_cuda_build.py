@@ -14,6 +14,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from mixer_compile import runtime
 from mixer_compile.backend.cuda import fatbins
@@ -128,7 +129,12 @@ def test_runs_on_the_gpu_within_bound(cuda_builds, arch, dtype):
     model = runtime.load(cuda_builds[arch, dtype])
     weights = random_weights(spec.with_gelu_for("random"), 0)
     images = random_images(spec, 7)
-    assert rel_error(model(images), reference.forward(spec.with_gelu_for("random"), weights, images)) < TOLERANCES[dtype]
+    expected = reference.forward(spec.with_gelu_for("random"), weights, images)
+    assert rel_error(model(images), expected) < TOLERANCES[dtype]
+    # a torch tensor already on the GPU goes in without a copy, and the logits come back there
+    # (what benchmarks/bench_gpu.py times as ours)
+    on_gpu = model(torch.from_numpy(images).cuda())
+    assert on_gpu.is_cuda and rel_error(on_gpu.cpu().numpy(), expected) < TOLERANCES[dtype]
 
 
 @pytest.mark.parametrize("dtype,form,embed", [("float16", "matmul", False), ("bfloat16", "matmul", False),
