@@ -24,8 +24,10 @@ is one call's gets its logits back without a copy too.
 `load(dir)` then loads: the object `mixer_compile.compile(...)` returns is one of these.
 
 Thread safety: a Relax VM keeps per-call state (registers, its allocator), so each thread
-gets its own VM over the one loaded library and the one set of weights; calls from several
-threads run concurrently without a lock.
+gets its own VM over the one loaded library and the one set of weights; on a CPU, calls from
+several threads run concurrently without a lock. On a GPU they take turns: each VM captures its
+CUDA graph on its first call, and a launch from another thread meanwhile (on the default stream,
+which every call uses) would break the capture; the GPU runs one stream's work in order anyway.
 """
 
 from __future__ import annotations
@@ -89,7 +91,8 @@ class CompiledMixer:
         self.input_shape = tuple(self.metadata.input["shape"])  # at the largest batch served
         self.input_dtype = self.metadata.input["dtype"]
         self.batches = BatchRange.from_metadata(self.metadata.batch, list(self.input_shape))
-        self._device = tvm.cuda() if self.metadata.target["kind"] == "cuda" else tvm.cpu()
+        on_cpu = self.metadata.target["kind"] != "cuda"
+        self._device = tvm.cpu() if on_cpu else tvm.cuda()
         try:
             with _without_stderr_lines(TVM_LOAD_NOISE):
                 self._library = tvm.runtime.load_module(str(self.path / LIBRARY))
@@ -106,9 +109,9 @@ class CompiledMixer:
             order = self.metadata.params
             if sorted(loaded) != sorted(order):
                 raise ArtifactError(f"'{self.path / WEIGHTS}' does not hold the parameters the module takes")
-            on_cpu = self._device.dlpack_device_type() == tvm.cpu().dlpack_device_type()
             self._params = [loaded[n] if on_cpu else loaded[n].copyto(self._device) for n in order]
         self._local = threading.local()
+        self._turns = contextlib.nullcontext() if on_cpu else threading.Lock()  # see the module docstring
 
     def _check_machine(self, tvm: Any) -> None:
         where = f"artifact '{self.path}'"
@@ -214,7 +217,8 @@ class CompiledMixer:
     def _run(self, function: str, x: Any) -> Any:
         if x.device != self._device:
             x = x.copyto(self._device)
-        return self._vm()[function](x, *self._params)
+        with self._turns:
+            return self._vm()[function](x, *self._params)
 
     def save(self, out_dir: str | Path) -> Path:
         """Copies this artifact (metadata.json and every file it lists) to `out_dir`, atomically

@@ -5,7 +5,7 @@ minute of CPU per sm_90a kernel; done here, beforehand, it costs no device time:
 does not depend on where the packages are installed (backend/cutlass.py), so the GPU machine
 finds these objects when its nvcc is the same version.
 
-    python scripts/gpu_kernels.py --cache .gpu/a/cache [--spec mixer_b16] [--batches 1,64,256]
+    python scripts/gpu_kernels.py --cache .gpu/cache [--spec mixer_b16] [--batches 1,64,256]
                                   [--dtypes float32,float16,bfloat16] [--candidates float16:256]
 """
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # What a session with a GPU machine (the device tool) runs, by stage:
-#   stage    (device call 1, carry [".gpu/a"])  the first half of the TVM wheel lands; prints the machine
-#   install  (device call 2, carry [".gpu/b"])  joins the wheel, installs TVM into /tmp/site
+#   stage    (device call 1, carry [".gpu/a"])  the first half of TVM lands; prints the machine and its nvcc
+#   install  (device call 2, carry [".gpu/b"])  joins the halves, installs TVM, tvm-ffi, CUTLASS and xgboost into /tmp/site
 #   test     the GPU tests (tests/test_cuda_build.py, test_library_gemms.py, test_gemm_choice.py and
 #            test_cuda_tune.py with --runslow: the CUTLASS sm_90a kernels too), every build validated
 #            on the GPU
@@ -24,8 +24,13 @@ for d in /usr/local/cuda/lib64 /usr/local/cuda/lib $(python3 -c 'import nvidia, 
 done
 SPEC=${SPEC:-mixer_b16}
 # the CUTLASS kernels compiled beforehand (gpu_pack.sh with KERNELS=1), found by their cache key
-# (the tests' kernels too: tests/conftest.py kernel_cache)
-[ -d .gpu/a/cache ] && export MIXER_COMPILE_CACHE=$PWD/.gpu/a/cache MIXER_TEST_KERNEL_CACHE=$PWD/.gpu/a/cache
+# (the tests' kernels too: tests/conftest.py kernel_cache); kernels compiled here are kept beside them
+# (xz through Python's lzma: the image need not have the xz tool)
+untar_xz() { python3 -c 'import sys, tarfile; tarfile.open(fileobj=sys.stdin.buffer, mode="r|xz").extractall(sys.argv[1], filter="fully_trusted")' "$1"; }
+if [ -f .gpu/a/cache.tar.xz ]; then
+  mkdir -p /tmp/mixer && untar_xz /tmp/mixer < .gpu/a/cache.tar.xz
+  export MIXER_COMPILE_CACHE=/tmp/mixer/cache MIXER_TEST_KERNEL_CACHE=/tmp/mixer/cache
+fi
 
 for stage in "$@"; do
   echo "=== $stage $(date -u +%H:%M:%S)"
@@ -33,12 +38,14 @@ for stage in "$@"; do
     stage)
       ls -la .gpu/a || { echo "no .gpu/a: run scripts/gpu_pack.sh here and carry .gpu/a"; exit 2; }
       nvidia-smi -L; python3 --version; python3 -c 'import torch; print("torch", torch.__version__, torch.cuda.get_device_name())'
-      which nvcc cuobjdump ;;
+      which nvcc cuobjdump
+      # the kernel cache is keyed by this release (backend/cutlass.py _tool_version)
+      nvcc --version | grep release ;;
     install)
-      [ -f .gpu/a/tvm-part-00 ] || { echo "the first half (.gpu/a) is gone: the machine went cold; run the 'stage' call again, then this one at once"; exit 2; }
-      cat .gpu/a/tvm-part-00 .gpu/b/tvm-part-01 > "/tmp/$(cat .gpu/b/tvm-wheel-name)"
+      [ -f .gpu/a/tvm.tar.xz.part-00 ] || { echo "the first half (.gpu/a) is gone: the machine went cold; run the 'stage' call again, then this one at once"; exit 2; }
       python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
-        "/tmp/$(cat .gpu/b/tvm-wheel-name)" .gpu/b/apache_tvm_ffi-*.whl .gpu/b/nvidia_cutlass-*.whl || exit 2
+        .gpu/b/apache_tvm_ffi-*.whl .gpu/a/nvidia_cutlass-*.whl .gpu/a/xgboost_cpu-*.whl || exit 2
+      cat .gpu/a/tvm.tar.xz.part-00 .gpu/b/tvm.tar.xz.part-01 | untar_xz "$SITE" || exit 2
       # this scratch copy runs from source: give it the wheel's layout of the package data
       ln -sfn ../targets mixer_compile/targets && ln -sfn ../schedules mixer_compile/schedules
       python3 -c 'import tvm; d = tvm.cuda(0); print("tvm", tvm.__version__, "GPU", d.exist and d.device_name, d.exist and d.compute_version)' || exit 2 ;;

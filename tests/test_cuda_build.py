@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -135,6 +136,21 @@ def test_runs_on_the_gpu_within_bound(cuda_builds, arch, dtype):
     # (what benchmarks/bench_gpu.py times as ours)
     on_gpu = model(torch.from_numpy(images).cuda())
     assert on_gpu.is_cuda and rel_error(on_gpu.cpu().numpy(), expected) < TOLERANCES[dtype]
+
+
+@needs_gpu
+@needs_nvcc
+def test_threads_calling_at_once_each_capture_their_graph(cuda_builds):
+    # each thread's VM captures its CUDA graph on its first call, while the others run theirs
+    meta = _metadata(cuda_builds["sm_90", "float16"])
+    if not meta["validation"]["where"].startswith("GPU"):
+        pytest.skip(f"the GPU here cannot run sm_90 code: {meta['validation']['where']}")
+    model = runtime.load(cuda_builds["sm_90", "float16"])
+    spec, images = TENSORIZABLE.with_gelu_for("random"), random_images(TENSORIZABLE, 3)
+    expected = reference.forward(spec, random_weights(spec, 0), images)
+    with ThreadPoolExecutor(4) as pool:
+        outs = list(pool.map(lambda _: [model(images) for _ in range(3)], range(8)))
+    assert max(rel_error(o, expected) for runs in outs for o in runs) < TOLERANCES["float16"]
 
 
 @pytest.mark.parametrize("dtype,form,embed", [("float16", "matmul", False), ("bfloat16", "matmul", False),

@@ -4,6 +4,7 @@ records before the shipped ones; and the variants' spelling (backend/cutlass.py 
 
 from __future__ import annotations
 
+import re
 import json
 
 import pytest
@@ -165,6 +166,37 @@ def test_gemm_tuning_measures_every_candidate_records_the_fastest_and_resumes(tm
     lines.clear()
     assert gemms.tune_gemms(model.module, "sm_90", lines.append) == records  # what a run ships
     assert lines == [f"library GEMMs: {len(problems)} problems, {len(problems)} already measured on None"]
+
+
+def test_gemm_tuning_skips_a_candidate_whose_call_fails_and_says_so(tmp_path, monkeypatch):
+    import tvm
+
+    from mixer_compile import machine
+    from mixer_compile.backend import cutlass
+    from mixer_compile.tune import gemms
+
+    monkeypatch.setenv("MIXER_COMPILE_CACHE", str(tmp_path))
+    monkeypatch.setattr(machine, "local_gpu", lambda: tvm.cpu(0))
+    monkeypatch.setattr(machine, "gpu_arch", lambda dev: "sm_90")
+    model = compose(SMALL.replace(image_size=(64, 64)), get_target("sm_90"), "matmul", "float16")
+    kernels = [k.with_variant(v) for k, _ in gemm_choice.call_sites(model.module) for v in gemms.candidates(k, "sm_90a")]
+    monkeypatch.setattr(gemm_choice, "gpu_object", lambda kernel, arch: cutlass.host_object(kernels))
+    monkeypatch.setattr(gemm_choice, "link_options", lambda kernels: [])
+    refused = kernels[0].variant
+    timed = gemms._time
+
+    def refusing(lib, symbol, args, dev):  # as a call the library refuses at run time fails
+        if symbol.endswith(f"__{refused}"):
+            raise RuntimeError(f"{symbol}: initialize")
+        return timed(lib, symbol, args, dev)
+
+    monkeypatch.setattr(gemms, "_time", refusing)
+    lines: list[str] = []
+    records = gemms.tune_gemms(model.module, "sm_90", lines.append, jobs=1)
+    assert len(records) == 3 and refused not in {r.variant for r in records}
+    skipped = [line.strip() for line in lines if "skipped" in line]
+    assert skipped and all(re.fullmatch(rf"(\S+__{refused}): skipped, its call failed \(\1: initialize\)", line)
+                           for line in skipped), skipped
 
 
 def test_tune_for_a_gpu_measures_the_library_gemms_first_and_refuses_without_a_gpu(tmp_path, capsys, monkeypatch):

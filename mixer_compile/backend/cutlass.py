@@ -35,6 +35,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -111,8 +112,14 @@ using namespace cute;
 
 namespace {
 using Element = ELEMENT;
-using LayoutA = LAYOUT_A;   // xw: X [M, K]; wx: W [M, K]; wtx: W [K, M]
-using LayoutB = LAYOUT_B;   // xw: W [N, K] (ColumnMajor B); left: X[l] [K, N] (RowMajor B)
+// A: xw X [M, K]; wx W [M, K]; wtx W [K, M].  B: xw W [N, K] (ColumnMajor B); left X[l] [K, N] (RowMajor B).
+// W is one matrix for every l: its l stride is the compile-time 0, so its TMA descriptor has no l
+// mode (a runtime 0 would give it an l mode of extent L and stride 0).
+template <class S> using SharedOverL = cute::Stride<cute::tuple_element_t<0, S>, cute::tuple_element_t<1, S>, _0>;
+using TagStrideA = cutlass::detail::TagToStrideA_t<LAYOUT_A>;
+using TagStrideB = cutlass::detail::TagToStrideB_t<LAYOUT_B>;
+using LayoutA = std::conditional_t<FORM_XW, TagStrideA, SharedOverL<TagStrideA>>;
+using LayoutB = std::conditional_t<FORM_XW, SharedOverL<TagStrideB>, TagStrideB>;
 using LayoutD = cutlass::layout::RowMajor;
 constexpr int kAlign = 8;
 using TileShape = Shape<_TILE_M, _TILE_N, _TILE_K>;
@@ -140,12 +147,13 @@ typename Gemm::Arguments MakeArguments(const Problem& p, const void* x, const vo
   auto sa = cutlass::make_cute_packed_stride(typename Kernel::StrideA{}, cute::make_shape(m, k, l));
   auto sb = cutlass::make_cute_packed_stride(typename Kernel::StrideB{}, cute::make_shape(n, k, l));
   auto sd = cutlass::make_cute_packed_stride(typename Kernel::StrideD{}, cute::make_shape(m, n, l));
-  if (FORM_XW) cute::get<2>(sb) = 0; else cute::get<2>(sa) = 0;  // one W for every l
+  // without a residual, C is D: never read (beta 0), but its TMA descriptor is still made, and
+  // cuTensorMapEncodeTiled refuses a null address (printing CUTLASS's error dump on every call)
   typename Gemm::Arguments args{
       cutlass::gemm::GemmUniversalMode::kGemm,
       {m, n, k, l},
       {static_cast<const Element*>(a), sa, static_cast<const Element*>(b), sb},
-      {{}, static_cast<const Element*>(source), sd, static_cast<Element*>(d), sd}};
+      {{}, static_cast<const Element*>(source ? source : d), sd, static_cast<Element*>(d), sd}};
   args.epilogue.thread.alpha = 1.0f;
   args.epilogue.thread.beta = source ? 1.0f : 0.0f;
   args.epilogue.thread.bias_ptr = static_cast<const float*>(bias);
@@ -240,12 +248,17 @@ void Run(tvm::ffi::TensorView x, tvm::ffi::TensorView w, tvm::ffi::TensorView bi
   Check(gemm.can_implement(args) == cutlass::Status::kSuccess,
         "CUTLASS cannot run this shape (the contiguous axes must be multiples of 8)");
   auto stream = static_cast<cudaStream_t>(TVMFFIEnvGetStream(kDLCUDA, x.device().device_id));
-  size_t workspace_size = Gemm::get_workspace_size(args);
-  void* workspace = nullptr;
-  if (workspace_size) Check(cudaMallocAsync(&workspace, workspace_size, stream) == cudaSuccess, "workspace");
-  Check(gemm.initialize(args, workspace, stream) == cutlass::Status::kSuccess, "initialize");
+  struct Workspace {  // freed, stream-ordered, however Run ends
+    void* at = nullptr;
+    cudaStream_t stream;
+    ~Workspace() { if (at) cudaFreeAsync(at, stream); }
+  } workspace{nullptr, stream};
+  if (size_t size = Gemm::get_workspace_size(args)) {
+    cudaError_t error = cudaMallocAsync(&workspace.at, size, stream);
+    if (error != cudaSuccess) TVM_FFI_THROW(RuntimeError) << "SYMBOL: cannot allocate its workspace: " << cudaGetErrorString(error);
+  }
+  Check(gemm.initialize(args, workspace.at, stream) == cutlass::Status::kSuccess, "initialize");
   Check(gemm.run(stream) == cutlass::Status::kSuccess, "run");
-  if (workspace) cudaFreeAsync(workspace, stream);
 }
 """
 
@@ -607,11 +620,20 @@ def _portable(arg: str) -> str:
     return arg
 
 
+@functools.lru_cache(maxsize=None)
+def _tool_version(compiler: str) -> str:
+    """The compiler's version as the cache key sees it: nvcc's release (`13.0`), not its build
+    (`V13.0.88`), so that another machine's nvcc of the same release (a GPU machine's image, say)
+    finds the objects compiled here; any other compiler's whole `--version`."""
+    text = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
+    release = re.search(r"Cuda compilation tools, release (\d+\.\d+)", text)
+    return f"nvcc release {release.group(1)}" if release else text
+
+
 def compile_cached(source: str, command: list[str], suffix: str, what: str) -> Path:
     """`command` (with SRC and OBJ placeholders) run once per distinct source, compiler version
     and header packages; the object is cached, written atomically, so concurrent builds share it."""
-    tool_version = subprocess.run([command[0], "--version"], capture_output=True, text=True).stdout
-    key_parts = [source, tool_version, Path(command[0]).name, *map(_portable, command[1:])]
+    key_parts = [source, _tool_version(command[0]), Path(command[0]).name, *map(_portable, command[1:])]
     key = hashlib.sha256("\0".join(key_parts).encode()).hexdigest()[:24]
     obj = _cache_dir() / f"{key}{suffix}"
     if obj.is_file():

@@ -82,6 +82,19 @@ def _time(lib: Any, symbol: str, args: list[Any], dev: Any) -> float:
     return float(lib.time_evaluator(symbol, dev, number=number, repeat=REPEAT, min_repeat_ms=0)(*args).min)
 
 
+def _times(lib: Any, kernel: GemmKernel, variants: list[str], args: list[Any], dev: Any, say: Say) -> dict[str, float]:
+    """Seconds per call of each variant of `kernel`; one whose call fails (a configuration its
+    library refuses for this problem at run time, say) is left out, and said."""
+    times = {}
+    for variant in variants:
+        symbol = kernel.with_variant(variant).symbol
+        try:
+            times[variant] = _time(lib, symbol, args, dev)
+        except Exception as exc:  # the call's own error, of whatever type TVM's FFI gives it
+            say(f"    {symbol}: skipped, its call failed ({str(exc).strip().splitlines()[-1]})")
+    return times
+
+
 def tune_gemms(mod: Any, arch: str, say: Say, jobs: int = 0) -> list[Record]:
     """Measures every candidate of every library GEMM problem of `mod` on this machine's GPU
     and records the fastest of each in the user's GEMM records; returns the records of `mod`'s
@@ -113,7 +126,9 @@ def tune_gemms(mod: Any, arch: str, say: Say, jobs: int = 0) -> list[Record]:
             kernels = [kernel.with_variant(v) for v in built]
             lib = cutlass.load_on_host(list(built.values()), gemm_choice.link_options(kernels), Path(tmp))
             args = _arrays(kernel, shape, dev)
-            times = {v: _time(lib, kernel.with_variant(v).symbol, args, dev) for v in built}
+            times = _times(lib, kernel, list(built), args, dev, say)
+        if not times:
+            raise TuningError(f"no candidate of {kernel.symbol} ran on {device}; see the lines above")
         best = min(times, key=times.__getitem__)
         default = gemm_choice.default_config(kernel, shape, family).variant
         record = Record(kernel.form, kernel.dtype, kernel.epilogue, shape.m, shape.n, shape.k, shape.l, best,
