@@ -7,9 +7,13 @@ input (MixerCompileError) are printed as one line, `error: ...`, with exit statu
 from __future__ import annotations
 
 import argparse
+import contextlib
+import signal
 import sys
+import threading
 import warnings
 from pathlib import Path
+from typing import Any, Callable, Iterator, NoReturn
 
 from mixer_compile.errors import MixerCompileError
 
@@ -23,17 +27,34 @@ def _spec_args(p: argparse.ArgumentParser, default: str | None = DEFAULT_SPEC, r
         p.add_argument("--batch", type=_batch, help="batch size the module is built for, or a range MIN-MAX that "
                                                     "one artifact serves (e.g. 1-16; default: the spec's, 1)")
     else:
-        p.add_argument("--batch", type=int, help="batch size the module is built for (default: the spec's, 1)")
+        p.add_argument("--batch", type=_at_least(1), help="batch size the module is built for (default: the spec's, 1)")
     p.add_argument("--gelu", choices=("tanh", "erf"),
                    help="GELU flavour; default: from the weights (timm: erf, .npz: tanh, random: tanh)")
 
 
 def _batch(text: str) -> tuple[int, int]:
-    """N or MIN-MAX, parsed only: the spec and the compile driver say what is out of bounds."""
+    """N or MIN-MAX (1 <= MIN <= MAX); the compile driver says what is too large."""
     parts = text.split("-")
     if 1 <= len(parts) <= 2 and all(part.strip().isdigit() for part in parts):
-        return int(parts[0]), int(parts[-1])
-    raise argparse.ArgumentTypeError(f"expected a batch size N or a range MIN-MAX (e.g. 8 or 1-16), got '{text}'")
+        low, high = int(parts[0]), int(parts[-1])
+        if 1 <= low <= high:
+            return low, high
+    raise argparse.ArgumentTypeError(f"expected a batch size N >= 1 or a range MIN-MAX with 1 <= MIN <= MAX "
+                                     f"(e.g. 8 or 1-16), got '{text}'")
+
+
+def _at_least(low: int) -> Callable[[str], int]:
+    """An integer option's type that refuses values under `low`, as argparse does a bad choice."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = low - 1
+        if value < low:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got '{text}'")
+        return value
+    parse.__name__ = f"integer >= {low}"
+    return parse
 
 
 def _load_spec(args: argparse.Namespace):
@@ -249,25 +270,32 @@ def cmd_tune(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors as ours: one line, `error: ...`, exit status 2 (not its usage block)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {message} (see `{self.prog} --help`)\n")
+
+
 def parser() -> argparse.ArgumentParser:
     from mixer_compile.passes.context import DTYPES
     from mixer_compile.passes.pipeline import FORMS
 
-    top = argparse.ArgumentParser(prog="mixer-compile", description="Compile MLP-Mixer models with TVM.")
+    top = _Parser(prog="mixer-compile", description="Compile MLP-Mixer models with TVM.")
     sub = top.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("compile", help="compile, validate and write an artifact (the default command)")
     _spec_args(p, ranges=True)
     p.add_argument("--target", default="llvm", help="target name (see `mixer-compile targets`), default llvm")
     p.add_argument("--weights", help="checkpoint: official .npz, or timm .pth/.safetensors")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random init when no --weights (default 0)")
+    p.add_argument("--seed", type=_at_least(0), default=0, help="seed of the random init when no --weights (default 0)")
     p.add_argument("--form", choices=list(FORMS), default="matmul", help="IR form to lower (default matmul)")
     p.add_argument("--dtype", choices=list(DTYPES), default="float32",
                    help="weights and activations (sums stay float32; default float32)")
     p.add_argument("--embed-weights", action="store_true", help="bake the weights into the library")
     p.add_argument("-o", "--output", help="artifact directory (default out/<spec fingerprint>)")
     p.add_argument("--tune", action="store_true", help="tune the kernels that have no records first (CPU; slow)")
-    p.add_argument("--trials", type=int, default=64, help="with --tune: trials per large kernel (default 64)")
+    p.add_argument("--trials", type=_at_least(1), default=64, help="with --tune: trials per large kernel (default 64)")
     p.add_argument("--db", help="tuning database directory (default: the user cache); shipped records are "
                                "merged in, the best record of each kernel wins")
     p.add_argument("--choose-form", action="store_true",
@@ -292,7 +320,7 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export-onnx", help="export the (conv or matmul) IR form to ONNX, validated in ONNX Runtime")
     _spec_args(p)
     p.add_argument("--weights", help="checkpoint: official .npz, or timm .pth/.safetensors (default: random init)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random init when no --weights (default 0)")
+    p.add_argument("--seed", type=_at_least(0), default=0, help="seed of the random init when no --weights (default 0)")
     p.add_argument("--form", choices=list(FORMS), default="conv", help="IR form to export (default conv)")
     p.add_argument("-o", "--output", required=True, help="the .onnx file to write")
     p.set_defaults(fn=cmd_export_onnx)
@@ -301,7 +329,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="the .onnx file (e.g. a timm MlpMixer exported with torch.onnx.export)")
     p.add_argument("--target", default="llvm", help="target name (see `mixer-compile targets`), default llvm")
     p.add_argument("--form", choices=list(FORMS), default="matmul", help="IR form to lower (default matmul)")
-    p.add_argument("--batch", type=int, help="batch to build for when the file's batch is dynamic (default 1)")
+    p.add_argument("--batch", type=_at_least(1), help="batch to build for when the file's batch is dynamic (default 1)")
     p.add_argument("-o", "--output", required=True,
                    help="artifact directory; the recognised checkpoint and spec go beside it as DIR.npz, DIR.json")
     p.set_defaults(fn=cmd_import_onnx)
@@ -316,10 +344,10 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("viz", help="draw the first token-mixing units' input weights (paper, section 3.4)")
     _spec_args(p)
     p.add_argument("--weights", required=True, help="checkpoint: official .npz, or timm .pth/.safetensors")
-    p.add_argument("--block", type=int, default=0, help="which block's token-mixing MLP (default 0)")
-    p.add_argument("--units", type=int, default=64, help="how many units, from the first (default 64)")
-    p.add_argument("--columns", type=int, help="tiles per row (even; default about square)")
-    p.add_argument("--scale", type=int, default=8, help="pixels per weight (default 8)")
+    p.add_argument("--block", type=_at_least(0), default=0, help="which block's token-mixing MLP (default 0)")
+    p.add_argument("--units", type=_at_least(1), default=64, help="how many units, from the first (default 64)")
+    p.add_argument("--columns", type=_at_least(1), help="tiles per row (even; default about square)")
+    p.add_argument("--scale", type=_at_least(1), default=8, help="pixels per weight (default 8)")
     p.add_argument("-o", "--output", required=True, help="the .png file to write")
     p.set_defaults(fn=cmd_viz)
 
@@ -337,7 +365,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--target", default="llvm", help="target name (see `mixer-compile targets`), default llvm")
     p.add_argument("--form", choices=list(FORMS), default="matmul", help="IR form to tune (default matmul)")
     p.add_argument("--dtype", choices=list(DTYPES), default="float32", help="precision (default float32)")
-    p.add_argument("--trials", type=int, default=64,
+    p.add_argument("--trials", type=_at_least(1), default=64,
                    help="trials per large kernel; small kernels get a quarter (default 64)")
     p.add_argument("--db", help="database directory (default: the user cache, "
                                "$MIXER_COMPILE_CACHE/tuning/<target> or ~/.cache/mixer-compile/tuning/<target>)")
@@ -357,14 +385,41 @@ def main(argv: list[str] | None = None) -> int:
         argv.insert(0, "compile")
     args = parser().parse_args(argv)
     warnings.formatwarning = lambda message, *_, **__: f"warning: {message}\n"
+    with _noting_interrupts() as interrupts:
+        try:
+            return args.fn(args)
+        except MixerCompileError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            return 130
+        except Exception:
+            # a Ctrl-C inside TVM's C++ (a build) comes out as a TVM error, not a KeyboardInterrupt
+            if interrupts:
+                print("interrupted", file=sys.stderr)
+                return 130
+            raise
+
+
+@contextlib.contextmanager
+def _noting_interrupts() -> Iterator[list[int]]:
+    """Keeps Python's Ctrl-C behaviour (KeyboardInterrupt) and notes each Ctrl-C in the list it
+    yields, so that main can tell the error a Ctrl-C became inside TVM from a real failure."""
+    seen: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield seen
+        return
+
+    def note(signum: int, frame: Any) -> None:
+        seen.append(signum)
+        signal.default_int_handler(signum, frame)
+
+    previous = signal.signal(signal.SIGINT, note)
     try:
-        return args.fn(args)
-    except MixerCompileError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+        yield seen
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ from mixer_compile.backend.target import TargetInfo, build_requirements, get_tar
 from mixer_compile.check.memory import check_fits
 from mixer_compile.check.validate import REFERENCE_IMAGES, TOLERANCES, Validation, validate
 from mixer_compile.compose import compose
-from mixer_compile.errors import MixerCompileError
+from mixer_compile.errors import MixerCompileError, TuningError
 from mixer_compile.frontends import InMemoryWeights, weights_for
 from mixer_compile.machine import use_all_cores
 from mixer_compile.model.spec import MixerSpec
@@ -216,6 +216,9 @@ def _tuning_records(opts: CompileOptions, spec: MixerSpec, target: TargetInfo,
     from mixer_compile.tune.tasks import unique
 
     user_db, shipped = opts.db or user_db_dir(target), shipped_db_dirs(target)
+    if opts.db is not None and not opts.tune and not Path(opts.db).is_dir():
+        raise TuningError(f"tuning database '{opts.db}' is not a directory; give the one `mixer-compile tune --db` "
+                          "wrote, or add --tune to tune into it")
     if opts.tune:
         forms = list(FORMS) if opts.choose_form and backend_for(target).CHOOSES_FORM else [opts.form]
         progress.say(f"      tuning: {opts.trials} trials per large kernel into {user_db} ({', '.join(forms)})")
@@ -224,13 +227,15 @@ def _tuning_records(opts: CompileOptions, spec: MixerSpec, target: TargetInfo,
         tasks = unique([t for form in forms for t in model_tasks(spec, target, form, opts.dtype, opts.trials, batches)])
         summary = tune(tasks, target, user_db, say=progress.say, known=open_union(shipped))
         progress.say(f"      tuning: {summary.tuned_now} trials measured in {summary.seconds:.0f}s")
+        if summary.interrupted:  # stopped by Ctrl-C: no build from a cut-short tuning (its records are kept)
+            raise KeyboardInterrupt
     dirs = [d for d in (user_db, *shipped) if has_records(d)]
     database = open_union(dirs)
     if database is None:  # not a problem since every kernel has a default schedule (backend/cpu_schedules.py)
         progress.say(f"      no tuning records for target '{target.name}': every kernel gets its default schedule; "
                      f"`mixer-compile tune --spec {spec.name} --batch {spec.batch} --target {target.name}` "
                      "(or --tune) refines them")
-    return database, {"databases": [str(d) for d in dirs], "tuned_now": opts.tune}
+    return database, {"databases": [str(Path(d).resolve()) for d in dirs], "tuned_now": opts.tune}
 
 
 def _applied(applied: Any, tuning: dict[str, Any], progress: Progress) -> None:

@@ -33,47 +33,22 @@ which every call uses) would break the capture; the GPU runs one stream's work i
 from __future__ import annotations
 
 import contextlib
-import os
 import shutil
 import sys
-import tempfile
 import threading
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
 from mixer_compile.artifact.format import LIBRARY, METADATA, WEIGHTS, BatchRange, read_metadata, sha256
 from mixer_compile.artifact.place import refuse_foreign, staged
 from mixer_compile.errors import ArtifactError, MixerCompileError
+from mixer_compile.util.stderr import TVM_LOAD_NOISE, without_stderr_lines
 from mixer_compile.machine import (check_cpu, check_gpu, check_tvm_version, gpu_arch, load_runtime_libraries,
                                    local_gpu, use_all_cores)
 
 ALIGNMENT = 64  # TVM refuses DLPack tensors with less (kAllocAlignment)
-
-
-# TVM 0.27 logs one "Warning: Scope Loaded:" line per constant when it loads a library with
-# embedded weights (src/runtime/vm/executable.cc, a debug line left in): not the user's concern
-TVM_LOAD_NOISE = "Scope Loaded:"
-
-
-@contextlib.contextmanager
-def _without_stderr_lines(marker: str) -> Iterator[None]:
-    """Runs the block with the process's stderr (fd 2, where TVM's C++ logging writes) caught,
-    then passes on every line but those containing `marker`."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile() as caught:
-        os.dup2(caught.fileno(), 2)
-        try:
-            yield
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-            caught.seek(0)
-            kept = [line for line in caught.read().decode(errors="replace").splitlines(keepends=True)
-                    if marker not in line]
-            sys.stderr.write("".join(kept))
 
 
 class CompiledMixer:
@@ -94,7 +69,7 @@ class CompiledMixer:
         on_cpu = self.metadata.target["kind"] != "cuda"
         self._device = tvm.cpu() if on_cpu else tvm.cuda()
         try:
-            with _without_stderr_lines(TVM_LOAD_NOISE):
+            with without_stderr_lines(TVM_LOAD_NOISE):
                 self._library = tvm.runtime.load_module(str(self.path / LIBRARY))
         except Exception as exc:  # TVM raises its own error types for unloadable libraries
             raise ArtifactError(f"cannot load '{self.path / LIBRARY}': {str(exc).splitlines()[0]}") from None

@@ -100,7 +100,9 @@ SPEC_CASES = [
     ("zero-patch", "s.toml", _tiny_with(patch_size="0"), [], "'patch_size' must be positive, got 0"),
     ("negative-classes", "s.toml", _tiny_with(num_classes="-10"), [], "'num_classes' must be positive"),
     ("patch-not-dividing", "s.toml", _tiny_with(patch_size="5"), [], "image size 32x32 is not divisible by patch size 5"),
-    ("batch-zero-flag", "s.toml", TINY_TOML, ["--batch", "0"], "'batch' must be positive, got 0"),
+    ("batch-zero-flag", "s.toml", TINY_TOML, ["--batch", "0"], "argument --batch: expected a batch size N >= 1"),
+    ("batch-range-backwards", "s.toml", TINY_TOML, ["--batch", "8-2"], "with 1 <= MIN <= MAX (e.g. 8 or 1-16), got '8-2'"),
+    ("negative-seed", "s.toml", TINY_TOML, ["--seed", "-1"], "argument --seed: expected an integer >= 0, got '-1'"),
     ("bad-toml", "s.toml", 'name = "tiny\n', [], "is not valid TOML"),
     ("bad-json-trailing-comma", "s.json", '{"base": "mixer_s16",}', [], "is not valid JSON"),
     ("empty-json", "s.json", "", [], "is not valid JSON"),
@@ -403,6 +405,15 @@ def test_bad_tuning_database_is_skipped_by_line(tmp_path, tiny_toml, capfd, monk
     assert all("\n" not in m for m in messages)
     assert _snapshot(tmp_path / "db") == before, "a compile changed the database it reads"
     assert (tmp_path / "out" / "model.so").is_file()
+
+
+@pytest.mark.parametrize("db", ["missing", "a-file"])
+def test_compile_with_a_database_that_is_not_one_is_one_line_error(tmp_path, tiny_toml, db):
+    (tmp_path / "a-file").write_text("I am a file\n")
+    line = run_cli_process(["--spec", "tiny.toml", "--db", db, "-o", "out"], cwd=tmp_path)
+    assert line == (f"error: tuning database '{db}' is not a directory; give the one `mixer-compile tune --db` "
+                    "wrote, or add --tune to tune into it")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "tiny.toml"]
 
 
 def test_tune_into_a_file_is_one_line_error(tmp_path, tiny_toml):

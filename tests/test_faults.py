@@ -152,3 +152,45 @@ def test_second_tuner_waits_for_the_database_lock(tmp_path, tiny_toml):
         finally:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=30)
+
+
+def test_ctrl_c_inside_tvm_is_interrupted_not_a_traceback(monkeypatch, capsys):
+    """A Ctrl-C during a build raises KeyboardInterrupt inside TVM's C++, which hands it back as
+    a TVM error of its own: the CLI still says `interrupted` and exits 130. An error with no
+    Ctrl-C behind it is not hidden."""
+    from mixer_compile import cli as cli_module
+
+    def build_interrupted(args):
+        try:
+            signal.raise_signal(signal.SIGINT)
+        except KeyboardInterrupt:
+            raise RuntimeError("TVM's error for the KeyboardInterrupt of a callback") from None
+
+    monkeypatch.setattr(cli_module, "cmd_targets", build_interrupted)
+    before = signal.getsignal(signal.SIGINT)
+    assert cli_module.main(["targets"]) == 130
+    assert capsys.readouterr().err == "interrupted\n"
+    assert signal.getsignal(signal.SIGINT) is before  # main leaves the process's handler as it found it
+
+    def build_failed(args):
+        raise RuntimeError("a real failure")
+
+    monkeypatch.setattr(cli_module, "cmd_targets", build_failed)
+    with pytest.raises(RuntimeError, match="a real failure"):
+        cli_module.main(["targets"])
+
+
+def test_ctrl_c_while_compile_tunes_keeps_the_records_and_builds_nothing(tmp_path, tiny_toml, monkeypatch, capsys):
+    from mixer_compile import cli as cli_module
+    from mixer_compile.tune import search
+
+    def interrupted_tune(tasks, target, db_dir, say=print, **kwargs):
+        return search.TuneSummary(tasks, 3, Path(db_dir), 1.0, True)
+
+    monkeypatch.setattr(search, "tune", interrupted_tune)
+    out = tmp_path / "art"
+    code = cli_module.main(["--spec", str(tiny_toml), "--tune", "--trials", "2", "--db", str(tmp_path / "db"),
+                            "-o", str(out)])
+    err = capsys.readouterr().err
+    assert code == 130 and err.endswith("interrupted\n"), err
+    assert not out.exists() and not list(tmp_path.glob(".art*"))

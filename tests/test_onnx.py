@@ -181,3 +181,14 @@ def test_cli_import_error_is_one_line(tmp_path, capsys):
     assert rc == 2 and "Traceback" not in err
     assert err.splitlines()[-1].startswith("error: ") and "is not a readable ONNX file" in err
     assert not (tmp_path / "a").exists()
+
+
+def test_cli_import_into_a_foreign_directory_writes_nothing(spec, tmp_path, capsys):
+    _torch_onnx(spec, random_weights(spec), tmp_path / "timm.onnx")
+    (tmp_path / "notart").mkdir()
+    (tmp_path / "notart" / "mine.txt").write_text("keep me\n")
+    rc = main(["import-onnx", str(tmp_path / "timm.onnx"), "-o", str(tmp_path / "notart")])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.splitlines()[-1] == (f"error: '{tmp_path / 'notart'}' exists and is not a mixer-compile "
+                                                "artifact; choose another output directory")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notart", "timm.onnx"]

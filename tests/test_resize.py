@@ -93,3 +93,15 @@ def test_cli_refuses_a_different_output_format(small, tmp_path, capsys):
     assert rc == 2
     assert "must have the input's checkpoint format (.npz)" in capsys.readouterr().err
     assert not (tmp_path / "big.pth").exists()
+
+
+def test_cli_refuses_to_write_over_its_input(small, tmp_path, capsys):
+    src = write_weights(random_weights(small), tmp_path / "ckpt.npz")
+    before = src.read_bytes()
+    spec_file = tmp_path / "small.json"
+    spec_file.write_text(json.dumps(small.to_dict()))
+    rc = main(["resize-weights", "--weights", str(src), "--spec", str(spec_file), "--image-size", "32x48",
+               "-o", str(tmp_path / "." / "ckpt.npz")])
+    assert rc == 2
+    assert "is the input checkpoint; write the resized one to another file" in capsys.readouterr().err
+    assert src.read_bytes() == before and not (tmp_path / "ckpt.json").exists()

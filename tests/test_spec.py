@@ -82,3 +82,6 @@ def test_unknown_preset_and_missing_keys(tmp_path):
 def test_fingerprint_names_shape_batch_and_gelu():
     spec = MixerSpec("t", (32, 48), 8, 24, 12, 96, 3, batch=2, gelu="erf")
     assert spec.fingerprint() == "t-32x48-b2-erf"
+    # a name is never a path: the default output out/<fingerprint> stays inside out/
+    assert spec.replace(name="../../etc/x").fingerprint() == "_.._etc_x-32x48-b2-erf"
+    assert spec.replace(name="..").fingerprint() == "spec-32x48-b2-erf"

@@ -18,6 +18,7 @@ from mixer_compile.artifact.format import LIBRARY, METADATA, WEIGHTS, Metadata, 
 from mixer_compile.artifact.place import refuse_foreign, staged
 from mixer_compile.errors import ArtifactError
 from mixer_compile.util.atomic import why_unwritable
+from mixer_compile.util.stderr import TVM_SAVE_NOISE, without_stderr_lines
 
 
 def write_artifact(out_dir: str | Path, executable: Any, params: dict[str, np.ndarray] | None,
@@ -29,7 +30,8 @@ def write_artifact(out_dir: str | Path, executable: Any, params: dict[str, np.nd
     out = Path(out_dir).resolve()
     with staged(out, "cannot write artifact to") as tmp:
         try:
-            executable.export_library(str(tmp / LIBRARY))
+            with without_stderr_lines(TVM_SAVE_NOISE):
+                executable.export_library(str(tmp / LIBRARY))
         except RuntimeError as exc:  # TVM reports the linker's failure (a full disk, say) so
             raise ArtifactError(f"cannot write artifact to '{out}': {_linker_problem(exc)}") from None
         files = {LIBRARY: sha256(tmp / LIBRARY)}

@@ -78,6 +78,9 @@ def resize_checkpoint(path: Path, spec: MixerSpec, image_size: tuple[int, int], 
 
     Returns the new spec and the path of its JSON file (`out` with the suffix .json).
     """
+    if out.resolve() == path.resolve():
+        raise WeightsError(f"output '{out}' is the input checkpoint; write the resized one to another file "
+                           f"(e.g. '{out.with_name(out.stem + '_resized' + out.suffix)}')")
     if checkpoint_format(out) != checkpoint_format(path):
         raise WeightsError(f"output '{out}' must have the input's checkpoint format ({path.suffix}); "
                            f"name it e.g. '{out.with_suffix(path.suffix)}'")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import re
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,9 +94,12 @@ class MixerSpec:
         return d
 
     def fingerprint(self) -> str:
-        """A short stable name for caches and file names, e.g. mixer_b16-224x224-b1-tanh."""
+        """A short stable name for caches and file names, e.g. mixer_b16-224x224-b1-tanh: the
+        name's characters other than letters, digits, '.', '_' and '-' become '_', so that a
+        spec's name ("../x", say) cannot place a file outside the folder it is named into."""
         h, w = self.image_size
-        return f"{self.name}-{h}x{w}-b{self.batch}-{self.resolved_gelu}"
+        name = re.sub(r"[^A-Za-z0-9._-]", "_", self.name).lstrip(".") or "spec"
+        return f"{name}-{h}x{w}-b{self.batch}-{self.resolved_gelu}"
 
 
 FIELDS = tuple(f.name for f in dataclasses.fields(MixerSpec))

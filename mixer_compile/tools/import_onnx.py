@@ -14,6 +14,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from mixer_compile.artifact.place import refuse_foreign
 from mixer_compile.check import ort
 from mixer_compile.model import reference
 from mixer_compile.util.atomic import write_bytes
@@ -46,6 +47,7 @@ def _against_onnx(sess, run, imported: ImportedMixer, what: str, seed: int) -> V
 
 def compile_onnx(path: Path, out_dir: Path, target: str = "llvm", form: str = "matmul", batch: int | None = None,
                  seed: int = 1234) -> OnnxCompileResult:
+    refuse_foreign(Path(out_dir))  # before the checkpoint and spec are written beside it
     progress = Progress(3)
     with progress.stage("import", str(path)):
         imported = import_onnx(path, batch)

@@ -1,0 +1,37 @@
+"""TVM 0.27's C++ debug lines, kept off the user's terminal.
+
+TVM 0.27 logs one warning line per constant when it saves or loads a library with embedded
+weights (src/runtime/vm/executable.cc: "Scope Saving:", "Scope Loaded:", debug lines left in):
+thirty lines of noise for a tiny model, thousands for a large one. Shared by the artifact
+writer and the runtime (which imports nothing else of the compiler).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import tempfile
+from typing import Iterator
+
+TVM_SAVE_NOISE = "Scope Saving:"
+TVM_LOAD_NOISE = "Scope Loaded:"
+
+
+@contextlib.contextmanager
+def without_stderr_lines(marker: str) -> Iterator[None]:
+    """Runs the block with the process's stderr (fd 2, where TVM's C++ logging writes) caught,
+    then passes on every line but those containing `marker`."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as caught:
+        os.dup2(caught.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            caught.seek(0)
+            kept = [line for line in caught.read().decode(errors="replace").splitlines(keepends=True)
+                    if marker not in line]
+            sys.stderr.write("".join(kept))
