@@ -210,12 +210,17 @@ WEIGHTS_CASES = [
      lambda p: np.savez(p, **{**random_weights(TINY), "head/kernel": np.zeros((32, 11), np.float32)}),
      "wrong shape head/kernel (32, 11) (expected (32, 10))"),
     ("npz-empty-archive", "w.npz", lambda p: np.savez(p), "missing stem/kernel, stem/bias"),
-    ("pth-truncated", "w.pth", _truncated(lambda p: _torch_save(p, _state())), "is not a readable torch checkpoint"),
-    ("pth-empty-file", "w.pth", lambda p: p.write_bytes(b""), "is not a readable torch checkpoint (EOFError)"),
+    ("pth-truncated", "w.pth", _truncated(lambda p: _torch_save(p, _state())), "is not a readable torch checkpoint: truncated, or not written by torch.save ("),
+    ("pth-empty-file", "w.pth", lambda p: p.write_bytes(b""), "is not a readable torch checkpoint: truncated, or not written by torch.save (EOFError)"),
     ("pth-pickle-payload", "w.pth", lambda p: torch.save({"stem.proj.weight": _Payload()}, p),
-     "was refused: it is not a plain tensor state dict"),
+     "was refused: it pickles objects, not only tensors, and loading those would run code from the file"),
     ("pth-raw-pickle-payload", "w.pth", lambda p: p.write_bytes(pickle.dumps({"stem.proj.weight": _Payload()})),
-     "was refused: it is not a plain tensor state dict"),
+     "was refused: it pickles objects, not only tensors"),
+    ("pth-whole-model", "w.pth", lambda p: torch.save(torch.nn.Linear(2, 2), p),
+     "(torch.nn.modules.linear.Linear), and loading those would run code from the file; save the state dict "
+     "instead (torch.save(model.state_dict(), path)) or a .safetensors file"),
+    ("pth-an-npz-inside", "w.pth", lambda p: p.write_bytes(_npz_bytes(random_weights(TINY))),
+     "is not a readable torch checkpoint: truncated, or not written by torch.save (Expected hasRecord(\"version\") to be true, but got false.)"),
     ("pth-a-list", "w.pth", lambda p: torch.save([1, 2, 3], p), "does not hold a state dict of tensors"),
     ("pth-ints-not-tensors", "w.pth", lambda p: torch.save({k: 1 for k in _state()}, p),
      "does not hold a state dict of tensors"),
@@ -258,7 +263,7 @@ def test_pickle_payload_refused_in_a_fresh_process(tmp_path, tiny_toml):
     """The same refusal through a real process: the payload must not run before the error."""
     torch.save({"stem.proj.weight": _Payload(), "head.bias": torch.zeros(10)}, tmp_path / "w.pth")
     line = run_cli_process(["--spec", "tiny.toml", "--weights", "w.pth", "-o", "out"], cwd=tmp_path)
-    assert "was refused: it is not a plain tensor state dict" in line
+    assert "was refused: it pickles objects, not only tensors" in line
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.toml", "w.pth"]
 
 

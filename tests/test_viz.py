@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -72,4 +73,20 @@ def test_block_out_of_range_is_refused(spec, tmp_path, capsys):
     rc = main(["viz", "--weights", str(ckpt), "--spec", str(spec_file), "--block", "2", "-o", str(tmp_path / "u.png")])
     assert rc == 2
     assert "block 2 does not exist; spec 'viz' has blocks 0..1" in capsys.readouterr().err
+    assert not (tmp_path / "u.png").exists()
+
+
+def test_a_scale_too_large_to_draw_is_refused_with_one_that_fits(spec, tmp_path, capsys):
+    ckpt = write_weights(random_weights(spec), tmp_path / "w.npz")
+    spec_file = tmp_path / "viz.json"
+    spec_file.write_text(json.dumps(spec.to_dict()))
+    rc = main(["viz", "--weights", str(ckpt), "--spec", str(spec_file), "--units", "6", "--columns", "2",
+               "--scale", "100000", "-o", str(tmp_path / "u.png")])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert re.fullmatch(r"error: --scale 100000 makes a 900000x1100000 picture \(over 100 megapixels\); "
+                        r"use --scale (\d+) or less, or fewer --units\n", err), err
+    fits = int(re.search(r"use --scale (\d+)", err).group(1))
+    assert main(["viz", "--weights", str(ckpt), "--spec", str(spec_file), "--units", "6", "--columns", "2",
+                 "--scale", str(fits + 1), "-o", str(tmp_path / "u.png")]) == 2
     assert not (tmp_path / "u.png").exists()

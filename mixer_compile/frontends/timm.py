@@ -44,11 +44,14 @@ def _read_state_dict(path: Path) -> dict[str, np.ndarray]:
             warnings.simplefilter("ignore", UserWarning)
             state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        raise WeightsError(f"weights file '{path}' was refused: it is not a plain tensor state dict "
-                           f"(torch weights_only load: {_first_line(exc)})") from None
+        named = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
+        raise WeightsError(f"weights file '{path}' was refused: it pickles objects, not only tensors"
+                           + (f" ({named.group(1)})" if named else "") + ", and loading those would run code "
+                           "from the file; save the state dict instead (torch.save(model.state_dict(), path)) "
+                           "or a .safetensors file") from None
     except (RuntimeError, EOFError, OSError, ValueError) as exc:
-        raise WeightsError(f"weights file '{path}' is not a readable torch checkpoint "
-                           f"({_first_line(exc)})") from None
+        raise WeightsError(f"weights file '{path}' is not a readable torch checkpoint: truncated, or not written "
+                           f"by torch.save ({_first_line(exc)})") from None
     for wrapper in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
             state = state[wrapper]
@@ -60,7 +63,10 @@ def _read_state_dict(path: Path) -> dict[str, np.ndarray]:
 
 
 def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
+    """The first line of a library's error, without terminal colour codes or torch's
+    "(Could this error message be improved? ...)" request."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()
+    text = text.split("(Could this error message be improved?")[0].strip()
     return text.splitlines()[0] if text else type(exc).__name__
 
 

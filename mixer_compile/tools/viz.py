@@ -91,6 +91,9 @@ def token_mixing_units(weights: dict[str, np.ndarray], spec: MixerSpec, block: i
     return kernel[:, :min(units, kernel.shape[1])].astype(np.float64)
 
 
+MAX_PIXELS = 100 * 10**6  # a PNG beyond this is no picture anyone looks at, and takes GBs to draw
+
+
 def save_picture(picture: np.ndarray, out: str | Path, scale: int = 8) -> tuple[int, int]:
     """Writes the picture as a PNG, each weight a `scale` x `scale` block; returns (height, width) in pixels."""
     import matplotlib
@@ -101,6 +104,11 @@ def save_picture(picture: np.ndarray, out: str | Path, scale: int = 8) -> tuple[
 
     if scale < 1:
         raise MixerCompileError(f"--scale must be at least 1, got {scale}")
+    height, width = picture.shape[0] * scale, picture.shape[1] * scale
+    if height * width > MAX_PIXELS:
+        fits = max(1, int((MAX_PIXELS / picture.size) ** 0.5))
+        raise MixerCompileError(f"--scale {scale} makes a {width}x{height} picture (over {MAX_PIXELS // 10**6} "
+                                f"megapixels); use --scale {fits} or less, or fewer --units")
     if Path(out).suffix.lower() != ".png":
         raise MixerCompileError(f"output '{out}' must be a .png file")
     limit = float(np.nanmax(np.abs(picture))) or 1.0
