@@ -21,8 +21,13 @@ DEFAULT_SPEC = "mixer_b16"
 SUBCOMMANDS = ("compile", "specs", "show", "targets", "export-onnx", "import-onnx", "resize-weights", "viz", "report", "tune")
 
 
-def _spec_args(p: argparse.ArgumentParser, default: str | None = DEFAULT_SPEC, ranges: bool = False) -> None:
-    p.add_argument("--spec", default=default, help=f"preset name or .toml/.json spec file (default {default})")
+def _spec_args(p: argparse.ArgumentParser, default: str | None = DEFAULT_SPEC, ranges: bool = False,
+               from_weights: bool = False) -> None:
+    if from_weights:  # _load_spec reads the spec off --weights when --spec is not given
+        p.add_argument("--spec", help="preset name or .toml/.json spec file (default: read off the shapes of "
+                                      f"--weights, else {DEFAULT_SPEC})")
+    else:
+        p.add_argument("--spec", default=default, help=f"preset name or .toml/.json spec file (default {default})")
     if ranges:
         p.add_argument("--batch", type=_batch, help="batch size the module is built for, or a range MIN-MAX that "
                                                     "one artifact serves (e.g. 1-16; default: the spec's, 1)")
@@ -61,7 +66,13 @@ def _load_spec(args: argparse.Namespace):
     from mixer_compile.model.spec import load_spec
 
     batch = args.batch[1] if isinstance(args.batch, tuple) else args.batch
-    return load_spec(args.spec, batch=batch, gelu=args.gelu)
+    if args.spec is None and getattr(args, "weights", None):  # the checkpoint's own configuration
+        from mixer_compile.frontends import read_checkpoint
+        from mixer_compile.frontends.torch_module import spec_from_weights
+
+        path = Path(args.weights)
+        return spec_from_weights(read_checkpoint(path)[0], path.stem, gelu=args.gelu, batch=batch or 1)
+    return load_spec(args.spec or DEFAULT_SPEC, batch=batch, gelu=args.gelu)
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
@@ -285,7 +296,7 @@ def parser() -> argparse.ArgumentParser:
     sub = top.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("compile", help="compile, validate and write an artifact (the default command)")
-    _spec_args(p, ranges=True)
+    _spec_args(p, ranges=True, from_weights=True)
     p.add_argument("--target", default="llvm", help="target name (see `mixer-compile targets`), default llvm")
     p.add_argument("--weights", help="checkpoint: official .npz, or timm .pth/.safetensors")
     p.add_argument("--seed", type=_at_least(0), default=0, help="seed of the random init when no --weights (default 0)")
@@ -318,7 +329,7 @@ def parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_targets)
 
     p = sub.add_parser("export-onnx", help="export the (conv or matmul) IR form to ONNX, validated in ONNX Runtime")
-    _spec_args(p)
+    _spec_args(p, from_weights=True)
     p.add_argument("--weights", help="checkpoint: official .npz, or timm .pth/.safetensors (default: random init)")
     p.add_argument("--seed", type=_at_least(0), default=0, help="seed of the random init when no --weights (default 0)")
     p.add_argument("--form", choices=list(FORMS), default="conv", help="IR form to export (default conv)")
@@ -335,14 +346,14 @@ def parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_import_onnx)
 
     p = sub.add_parser("resize-weights", help="expand a checkpoint to a higher resolution (paper, Appendix C)")
-    _spec_args(p)
+    _spec_args(p, from_weights=True)
     p.add_argument("--weights", required=True, help="checkpoint: official .npz, or timm .pth/.safetensors")
     p.add_argument("--image-size", required=True, help="new image size, N or HxW, an integer multiple of the spec's")
     p.add_argument("-o", "--output", required=True, help="new checkpoint (same format); its spec goes beside as .json")
     p.set_defaults(fn=cmd_resize_weights)
 
     p = sub.add_parser("viz", help="draw the first token-mixing units' input weights (paper, section 3.4)")
-    _spec_args(p)
+    _spec_args(p, from_weights=True)
     p.add_argument("--weights", required=True, help="checkpoint: official .npz, or timm .pth/.safetensors")
     p.add_argument("--block", type=_at_least(0), default=0, help="which block's token-mixing MLP (default 0)")
     p.add_argument("--units", type=_at_least(1), default=64, help="how many units, from the first (default 64)")

@@ -149,3 +149,14 @@ def test_mixer_b16_compiles_and_validates(tmp_path):
 
     result = _compile(PRESETS["mixer_b16"], tmp_path / "b16")
     assert result.validation.max_rel_error < 1e-4
+
+
+def test_cli_reads_the_spec_off_a_checkpoint_without_spec(tmp_path, testdata, capsys):
+    """`mixer-compile --weights ckpt` with no --spec: the configuration is the checkpoint's
+    (its shapes: widths, depth, classes, a square grid), its GELU the format's (timm: erf)."""
+    from mixer_compile.cli import main
+
+    assert main(["--weights", str(testdata / "tiny_square.pth"), "--batch", "2", "-o", str(tmp_path / "art")]) == 0
+    assert "compiled tiny_square (32x32, patch 8, batch 2, erf GELU)" in capsys.readouterr().out
+    logits = runtime.load(tmp_path / "art")(np.load(testdata / "tiny_square_input.npy"))
+    assert rel_error(logits, np.load(testdata / "tiny_square_logits_erf.npy")) < 2e-5
