@@ -83,9 +83,11 @@ def cmd_compile(args: argparse.Namespace) -> int:
     if isinstance(args.batch, tuple) and args.batch[0] != args.batch[1]:
         name = name.replace(f"-b{spec.batch}-", f"-b{args.batch[0]}-{args.batch[1]}-")
     out = Path(args.output) if args.output else Path("out") / name
+    if args.trials is not None and not args.tune:
+        print("warning: --trials has no effect without --tune", file=sys.stderr)
     opts = CompileOptions(spec=spec, target=args.target, weights=Path(args.weights) if args.weights else None,
                           seed=args.seed, form=args.form, dtype=args.dtype, embed_weights=args.embed_weights, out_dir=out,
-                          tune=args.tune, trials=args.trials, db=Path(args.db) if args.db else None,
+                          tune=args.tune, trials=args.trials or CompileOptions.trials, db=Path(args.db) if args.db else None,
                           choose_form=args.choose_form, batches=args.batch)
     r = compile_model(opts)
     s = r.spec
@@ -306,7 +308,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--embed-weights", action="store_true", help="bake the weights into the library")
     p.add_argument("-o", "--output", help="artifact directory (default out/<spec fingerprint>)")
     p.add_argument("--tune", action="store_true", help="tune the kernels that have no records first (CPU; slow)")
-    p.add_argument("--trials", type=_at_least(1), default=64, help="with --tune: trials per large kernel (default 64)")
+    p.add_argument("--trials", type=_at_least(1), help="with --tune: trials per large kernel (default 64)")
     p.add_argument("--db", help="tuning database directory (default: the user cache); shipped records are "
                                "merged in, the best record of each kernel wins")
     p.add_argument("--choose-form", action="store_true",

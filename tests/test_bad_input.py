@@ -111,6 +111,7 @@ SPEC_CASES = [
     ("nested-too-deep-json", "s.json", "[" * 100_000, [], "is nested too deeply to be a spec"),
     ("nested-too-deep-toml", "s.toml", "a = " + "[" * 100_000, [], "is nested too deeply to be a spec"),
     ("spec-is-a-directory", "s.toml", None, [], "spec file 's.toml' is not a file"),
+    ("spec-yaml", "s.yaml", TINY_TOML, [], "spec file 's.yaml' must be a .toml or .json file (name it so)"),
 ]
 
 

@@ -220,3 +220,5 @@ def test_damaged_files_are_refused_by_message(copy, name):
     (copy / "metadata.json").unlink()
     with pytest.raises(ArtifactError, match="is not an artifact: metadata.json is missing"):
         runtime.load(copy)
+    with pytest.raises(ArtifactError, match=r"^artifact directory '\S+/nowhere' does not exist$"):
+        runtime.load(copy.parent / "nowhere")

@@ -136,6 +136,9 @@ def sha256(path: Path) -> str:
 def read_metadata(artifact_dir: str | Path) -> Metadata:
     """The artifact's metadata, checked field by field (see `_check_fields`)."""
     path = Path(artifact_dir) / METADATA
+    if not Path(artifact_dir).is_dir():
+        raise ArtifactError(f"artifact directory '{artifact_dir}' " + ("is not a directory" if Path(artifact_dir).exists()
+                                                                     else "does not exist"))
     if not path.is_file():
         raise ArtifactError(f"'{artifact_dir}' is not an artifact: {METADATA} is missing")
     try:

@@ -215,6 +215,9 @@ def load_spec(name_or_path: str | Path, **overrides: Any) -> MixerSpec:
     """A preset name or a TOML/JSON spec file, with CLI overrides (e.g. batch) applied last."""
     text = str(name_or_path)
     path = Path(text)
+    if text not in PRESETS and path.suffix.lower() not in (".toml", ".json") and path.is_file():
+        raise SpecError(f"spec file '{path}' must be a .toml or .json file (name it so); "
+                        f"presets: {', '.join(PRESETS)}")
     if text in PRESETS or path.suffix.lower() not in (".toml", ".json"):
         spec = get_preset(text)
     else:
