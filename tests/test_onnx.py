@@ -94,6 +94,13 @@ def test_cli_exports_matmul_form_and_prints_the_figure(spec, tmp_path, capsys):
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
+def test_export_to_a_directory_is_refused_before_the_work(spec, tmp_path, monkeypatch):
+    monkeypatch.setattr(ort, "session", lambda *a: pytest.fail("exported before checking where to write"))
+    (tmp_path / "dir.onnx").mkdir()
+    with pytest.raises(MixerCompileError, match=r"^cannot write '\S+/dir.onnx': it is a directory; give -o a .onnx file"):
+        export_onnx(spec, tmp_path / "dir.onnx")
+
+
 def test_export_that_disagrees_writes_nothing(spec, tmp_path, monkeypatch):
     monkeypatch.setattr(reference, "forward", lambda s, w, x: np.ones((x.shape[0], s.num_classes)))
     with pytest.raises(ValidationError, match="the ONNX model disagrees with the reference at batch 2"):

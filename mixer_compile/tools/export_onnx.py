@@ -16,7 +16,7 @@ import onnx
 
 from mixer_compile.check import ort
 from mixer_compile.model import reference
-from mixer_compile.util.atomic import write_bytes
+from mixer_compile.util.atomic import why_unwritable, write_bytes
 from mixer_compile.errors import MixerCompileError, ValidationError
 from mixer_compile.lower.onnx import to_onnx
 from mixer_compile.compose import optimized_graph
@@ -66,6 +66,10 @@ def validate_onnx(model: onnx.ModelProto, spec: MixerSpec, weights: dict[str, np
 
 def export_onnx(spec: MixerSpec, out: Path, weights_path: Path | None = None, seed: int = 0,
                 form: str = "conv", progress: Progress | None = None) -> ExportResult:
+    out = Path(out)
+    problem = "it is a directory" if out.is_dir() else why_unwritable(out.parent)
+    if problem:  # before the export's work, not after it
+        raise MixerCompileError(f"cannot write '{out}': {problem}; give -o a .onnx file path this user can write")
     progress = progress or Progress(5)
     with progress.stage("weights", str(weights_path) if weights_path else f"random init, seed {seed}"):
         weights, spec, _ = weights_for(spec, weights_path, seed)
