@@ -85,8 +85,11 @@ def cmd_compile(args: argparse.Namespace) -> int:
     out = Path(args.output) if args.output else Path("out") / name
     if args.trials is not None and not args.tune:
         print("warning: --trials has no effect without --tune", file=sys.stderr)
+    if args.choose_form and args.form:
+        raise MixerCompileError(f"--choose-form builds and times every form, so --form {args.form} would be ignored; "
+                                "give one of them")
     opts = CompileOptions(spec=spec, target=args.target, weights=Path(args.weights) if args.weights else None,
-                          seed=args.seed, form=args.form, dtype=args.dtype, embed_weights=args.embed_weights, out_dir=out,
+                          seed=args.seed, form=args.form or CompileOptions.form, dtype=args.dtype, embed_weights=args.embed_weights, out_dir=out,
                           tune=args.tune, trials=args.trials or CompileOptions.trials, db=Path(args.db) if args.db else None,
                           choose_form=args.choose_form, batches=args.batch)
     r = compile_model(opts)
@@ -302,7 +305,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--target", default="llvm", help="target name (see `mixer-compile targets`), default llvm")
     p.add_argument("--weights", help="checkpoint: official .npz, or timm .pth/.safetensors")
     p.add_argument("--seed", type=_at_least(0), default=0, help="seed of the random init when no --weights (default 0)")
-    p.add_argument("--form", choices=list(FORMS), default="matmul", help="IR form to lower (default matmul)")
+    p.add_argument("--form", choices=list(FORMS), help="IR form to lower (default matmul)")
     p.add_argument("--dtype", choices=list(DTYPES), default="float32",
                    help="weights and activations (sums stay float32; default float32)")
     p.add_argument("--embed-weights", action="store_true", help="bake the weights into the library")

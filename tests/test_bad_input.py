@@ -413,6 +413,13 @@ def test_bad_tuning_database_is_skipped_by_line(tmp_path, tiny_toml, capfd, monk
     assert (tmp_path / "out" / "model.so").is_file()
 
 
+def test_choose_form_with_a_form_is_one_line_error(tmp_path, tiny_toml):
+    line = run_cli_process(["--spec", "tiny.toml", "--choose-form", "--form", "conv", "-o", "out"], cwd=tmp_path)
+    assert line == ("error: --choose-form builds and times every form, so --form conv would be ignored; "
+                    "give one of them")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.toml"]
+
+
 @pytest.mark.parametrize("db", ["missing", "a-file"])
 def test_compile_with_a_database_that_is_not_one_is_one_line_error(tmp_path, tiny_toml, db):
     (tmp_path / "a-file").write_text("I am a file\n")

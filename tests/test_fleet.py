@@ -156,6 +156,8 @@ def test_bad_tracker_arguments_are_one_line_errors(tmp_path, tiny_toml):
     assert "--rpc-tracker must be HOST:PORT (e.g. 127.0.0.1:9190), got '127.0.0.1'" in line
     line = one_error_line(*tune, "--rpc-tracker", f"127.0.0.1:{port}", cwd=tmp_path)
     assert "--rpc-tracker needs --rpc-key" in line
+    line = one_error_line(*tune, "--rpc-key", KEY, cwd=tmp_path)
+    assert "--rpc-key needs --rpc-tracker HOST:PORT" in line
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.toml"]  # no database was started
 
 

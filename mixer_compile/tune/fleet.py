@@ -42,6 +42,8 @@ class Fleet:
 
 def parse_tracker(text: str, key: str | None) -> Fleet:
     """`HOST:PORT` and a key, as given on the command line."""
+    if not text:
+        raise TuningError("--rpc-key needs --rpc-tracker HOST:PORT: the tracker the RPC servers registered with")
     host, sep, port = text.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise TuningError(f"--rpc-tracker must be HOST:PORT (e.g. 127.0.0.1:9190), got '{text}'")
