@@ -93,11 +93,10 @@ def _is_torch_module(model: Any) -> bool:
 
 def _checkpoint(path: Path, spec: str | MixerSpec | None, size: tuple[int, int] | None) -> tuple[MixerSpec, Path]:
     """A checkpoint's spec: the one named, else read off its shapes."""
-    from mixer_compile.frontends import read_checkpoint
-    from mixer_compile.frontends.torch_module import spec_from_weights
+    from mixer_compile.frontends.torch_module import checkpoint_spec
 
     if isinstance(spec, MixerSpec):
         return spec, path
     if spec is not None:
         return load_spec(spec, image_size=size), path
-    return spec_from_weights(read_checkpoint(path)[0], path.stem, size), path
+    return checkpoint_spec(path, size), path

@@ -58,7 +58,6 @@ def _at_least(low: int) -> Callable[[str], int]:
         if value < low:
             raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got '{text}'")
         return value
-    parse.__name__ = f"integer >= {low}"
     return parse
 
 
@@ -67,11 +66,9 @@ def _load_spec(args: argparse.Namespace):
 
     batch = args.batch[1] if isinstance(args.batch, tuple) else args.batch
     if args.spec is None and getattr(args, "weights", None):  # the checkpoint's own configuration
-        from mixer_compile.frontends import read_checkpoint
-        from mixer_compile.frontends.torch_module import spec_from_weights
+        from mixer_compile.frontends.torch_module import checkpoint_spec
 
-        path = Path(args.weights)
-        return spec_from_weights(read_checkpoint(path)[0], path.stem, gelu=args.gelu, batch=batch or 1)
+        return checkpoint_spec(args.weights, gelu=args.gelu, batch=batch or 1)
     return load_spec(args.spec or DEFAULT_SPEC, batch=batch, gelu=args.gelu)
 
 

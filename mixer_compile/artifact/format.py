@@ -135,10 +135,11 @@ def sha256(path: Path) -> str:
 
 def read_metadata(artifact_dir: str | Path) -> Metadata:
     """The artifact's metadata, checked field by field (see `_check_fields`)."""
-    path = Path(artifact_dir) / METADATA
-    if not Path(artifact_dir).is_dir():
-        raise ArtifactError(f"artifact directory '{artifact_dir}' " + ("is not a directory" if Path(artifact_dir).exists()
-                                                                     else "does not exist"))
+    directory = Path(artifact_dir)
+    if not directory.is_dir():
+        raise ArtifactError(f"artifact directory '{artifact_dir}' "
+                            + ("is not a directory" if directory.exists() else "does not exist"))
+    path = directory / METADATA
     if not path.is_file():
         raise ArtifactError(f"'{artifact_dir}' is not an artifact: {METADATA} is missing")
     try:

@@ -18,12 +18,13 @@ Checkpoints without a spec (`compile("mixer.pth")`) get theirs from the weights'
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from mixer_compile.errors import SpecError
-from mixer_compile.frontends import InMemoryWeights
+from mixer_compile.frontends import InMemoryWeights, read_checkpoint
 from mixer_compile.frontends.timm import canonical
 from mixer_compile.model.params import Weights
 from mixer_compile.model.spec import MixerSpec
@@ -61,6 +62,14 @@ def spec_from_weights(weights: Weights, name: str = "checkpoint", image_size: tu
                         f"has {(image_size[0] // p) * (image_size[1] // p)}")
     return MixerSpec(name, tuple(image_size), p, c, ds, dc, blocks, num_classes=classes, in_channels=in_channels,
                      gelu=gelu, layer_norm_eps=layer_norm_eps, batch=batch)
+
+
+def checkpoint_spec(path: str | Path, image_size: tuple[int, int] | None = None, gelu: str | None = None,
+                    batch: int = 1) -> MixerSpec:
+    """The spec a checkpoint's shapes imply (spec_from_weights), named after its file: what a
+    checkpoint given without a spec is compiled as."""
+    path = Path(path)
+    return spec_from_weights(read_checkpoint(path)[0], path.stem, image_size, gelu=gelu, batch=batch)
 
 
 def read_module(module: Any, image_size: tuple[int, int] | None = None, batch: int = 1,

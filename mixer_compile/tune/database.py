@@ -237,19 +237,20 @@ def export_best(src_dir: Path, dest_dir: Path, mods: list[Any] | None = None) ->
     from mixer_compile.tune.tasks import record_secs
 
     dest_dir = Path(dest_dir)
+    def by_kernel(directory: Path) -> list[tuple[int, Any]]:  # (structural hash, record)
+        return [(tvm_ffi.structural_hash(r.workload.mod), r) for r in open_database(directory).get_all_tuning_records()]
+
     wanted = None if mods is None else {tvm_ffi.structural_hash(m) for m in mods}
-    picked = [r for r in open_database(src_dir).get_all_tuning_records()
-              if wanted is None or tvm_ffi.structural_hash(r.workload.mod) in wanted]
+    picked = [(key, r) for key, r in by_kernel(src_dir) if wanted is None or key in wanted]
     if not picked:
         raise TuningError(f"'{src_dir}' holds no tuning records{' of these kernels' if mods is not None else ''} "
                           "to export; run `mixer-compile tune` first")
-    shipped = open_database(dest_dir).get_all_tuning_records() if has_records(dest_dir) else []
+    shipped = by_kernel(dest_dir) if has_records(dest_dir) else []
     best: dict[int, tuple[float, Any]] = {}  # structural hash -> (seconds, the fastest valid record)
-    for r in [*shipped, *picked]:
+    for key, r in [*shipped, *picked]:
         secs = record_secs(r)
         if secs is None or secs >= 1e9:  # no run, or a failed one
             continue
-        key = tvm_ffi.structural_hash(r.workload.mod)
         if key not in best or secs < best[key][0]:
             best[key] = (secs, r)
     dest_dir.mkdir(parents=True, exist_ok=True)
