@@ -183,7 +183,7 @@ def loaded_with(module: str, graph: dict[str, set[str]], on_import: dict[str, se
 
 RUNTIME_SIDE = {"mixer_compile", "mixer_compile.runtime", "mixer_compile.errors", "mixer_compile.machine",
                 "mixer_compile.artifact", "mixer_compile.artifact.format", "mixer_compile.artifact.place",
-                "mixer_compile.util", "mixer_compile.util.locking", "mixer_compile.util.stderr",
+                "mixer_compile.util", "mixer_compile.util.locking", "mixer_compile.util.stderr", "mixer_compile.util.temps",
                 "mixer_compile.version"}
 
 

@@ -26,9 +26,11 @@ import pytest
 
 from mixer_compile import runtime
 from mixer_compile.compiler import CompileOptions, compile_model
+from mixer_compile.artifact.place import staged
 from mixer_compile.errors import ArtifactError
 from mixer_compile.model import reference
 from mixer_compile.model.params import random_weights
+from mixer_compile.util.atomic import write_bytes
 from mixer_compile.util.locking import exclusive, lock_path
 from mixer_compile.util.progress import Progress
 from tests.helpers import cli, error_line, rel_error
@@ -106,6 +108,39 @@ def test_lock_serialises_writers_and_leaves_no_file(tmp_path):
     thread.join(60)
     assert order == ["first", "second"]
     assert list(tmp_path.iterdir()) == []  # the lock file went with its last holder
+
+
+_KILLED_WRITER = """
+import os, signal, sys
+from pathlib import Path
+from mixer_compile.artifact.place import staged
+from mixer_compile.util.atomic import atomic_path
+with staged(Path(sys.argv[1]), "x") as tmp, atomic_path(sys.argv[2]) as part:
+    (tmp / "weights.npz").write_bytes(b"0" * 4096)
+    part.write_bytes(b"half")
+    os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_a_sigkilled_writers_leftovers_go_with_the_next_write(tmp_path):
+    """SIGKILL (the OOM killer, a CI timeout) skips every clean-up: the staging directory and the
+    temporary file it leaves are removed by the next writer in that folder; a live process's and
+    another host's temporaries stay."""
+    art, npz = tmp_path / "art", tmp_path / "w.npz"
+    proc = subprocess.run([sys.executable, "-c", _KILLED_WRITER, str(art), str(npz)], timeout=120)
+    assert proc.returncode == -signal.SIGKILL
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert len(left) == 2 and not art.exists() and not npz.exists(), left
+    host, dead_pid = left[0].removeprefix(".art.").split("-")[:2]  # .art.HOST-PID-random
+    live = tmp_path / f".art.{host}-{os.getpid()}-building"
+    foreign = tmp_path / f".art.otherhost-{dead_pid}-building"
+    live.mkdir()
+    foreign.mkdir()
+    with staged(art, "cannot write artifact to") as tmp:
+        (tmp / "metadata.json").write_text("{}")
+    write_bytes(npz, b"whole")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["art", "w.npz", live.name, foreign.name])
+    assert npz.read_bytes() == b"whole"
 
 
 def test_two_compiles_into_one_directory_give_one_good_artifact(tmp_path, tiny_toml, tiny_spec):

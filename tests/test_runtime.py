@@ -87,7 +87,8 @@ print(json.dumps({"libs": sorted(tvm.base._LOADED_LIBS),
     # the compile side, by package or module (the package's __init__ brings mixer_compile.model.spec,
     # as it brought mixer_compile.spec before the restructure, and the api module: tolerated here,
     # reported by test_architecture; the model's weights and reference must not come; of util/,
-    # only the lock that artifact/place.py shares with the compiler's writer, and util.stderr)
+    # only the lock and the temporaries' names that artifact/place.py shares with the compiler's writer,
+    # and util.stderr)
     compiler = ("ir", "passes", "lower", "compose", "compiler", "backend", "tune", "check", "frontends",
                 "tools", "util.atomic", "util.interrupt", "util.progress", "cli", "model.params", "model.reference")
     assert "mixer_compile.runtime" in seen["mixer"]

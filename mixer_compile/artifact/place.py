@@ -20,13 +20,14 @@ from typing import Iterator
 from mixer_compile.artifact.format import METADATA
 from mixer_compile.errors import ArtifactError
 from mixer_compile.util.locking import exclusive
+from mixer_compile.util.temps import claim_prefix
 
 
 def _temp_dir_beside(out: Path) -> Path:
     """A new empty directory next to `out`, with the permissions a directory made there gets."""
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=claim_prefix(out.parent, f".{out.name}."), dir=out.parent))
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would make the artifact private
@@ -49,7 +50,7 @@ def _swap_into_place(tmp: Path, out: Path) -> None:
         if not out.exists():
             os.rename(tmp, out)
             return
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        old = tmp.with_name(f"{tmp.name}-old")  # left by a SIGKILL, claim_prefix removes it too
         os.rename(out, old)
         os.rename(tmp, out)
         shutil.rmtree(old, ignore_errors=True)

@@ -46,6 +46,7 @@ from typing import Any
 
 from mixer_compile.errors import TargetError
 from mixer_compile.lower.library import GemmKernel
+from mixer_compile.util.temps import claim_prefix
 
 # ---------------------------------------------------------------------------- GPU sources
 
@@ -640,7 +641,7 @@ def compile_cached(source: str, command: list[str], suffix: str, what: str) -> P
         return obj
     print(f"      compiling {what} (cached in {obj.parent} afterwards)", file=sys.stderr, flush=True)
     obj.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="mixer-kernel-", dir=obj.parent) as tmp:
+    with tempfile.TemporaryDirectory(prefix=claim_prefix(obj.parent, "mixer-kernel-"), dir=obj.parent) as tmp:
         src, out = Path(tmp) / f"k{Path(command[0]).name}.cc", Path(tmp) / f"k{suffix}"
         if "nvcc" in Path(command[0]).name:
             src = src.with_suffix(".cu")

@@ -28,6 +28,7 @@ from typing import Any
 
 from mixer_compile.errors import TargetError, TuningError
 from mixer_compile.backend.target import TargetInfo
+from mixer_compile.util.temps import claim_prefix
 
 WORKLOADS, RECORDS = "database_workload.json", "database_tuning_record.json"
 # the top-level schedules/, installed as the package data mixer_compile.schedules (pyproject.toml)
@@ -254,7 +255,7 @@ def export_best(src_dir: Path, dest_dir: Path, mods: list[Any] | None = None) ->
         if key not in best or secs < best[key][0]:
             best[key] = (secs, r)
     dest_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".export-", dir=dest_dir))
+    tmp = Path(tempfile.mkdtemp(prefix=claim_prefix(dest_dir, ".export-"), dir=dest_dir))
     try:
         db = JSONDatabase(str(tmp / WORKLOADS), str(tmp / RECORDS), allow_missing=True)
         for _, r in (best[key] for key in sorted(best)):

@@ -1,7 +1,8 @@
 """Atomic single-file outputs: written to a temporary sibling and renamed into place.
 
 A crash, an interrupt or an error mid-write leaves the previous file (or none) where the
-output is expected, never a truncated one.
+output is expected, never a truncated one; what a SIGKILL leaves goes with the next write
+(util/temps.py).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Iterator
 
 from mixer_compile.errors import MixerCompileError
+from mixer_compile.util.temps import claim_prefix
 
 
 def why_unwritable(directory: str | Path) -> str | None:
@@ -38,7 +40,8 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     out = Path(path).resolve()
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(prefix=f".{out.stem}.", suffix=out.suffix, dir=out.parent)
+        fd, name = tempfile.mkstemp(prefix=claim_prefix(out.parent, f".{out.stem}."), suffix=out.suffix,
+                                    dir=out.parent)
         os.close(fd)
     except OSError as exc:
         raise MixerCompileError(f"cannot write '{out}': {exc.strerror or exc}") from None

@@ -10,7 +10,6 @@ kernel is the same kernel wherever its TIR is the same.
 
 from __future__ import annotations
 
-import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ from mixer_compile.errors import TuningError
 from mixer_compile.tools.report.compare import Comparison, compare
 from mixer_compile.tools.report.logs import read_input
 from mixer_compile.tune.database import TuningWarning
+from mixer_compile.util.atomic import write_bytes
 
 
 @dataclass
@@ -64,7 +64,4 @@ def write_report(inputs: list[str | Path], out_dir: str | Path, model: tuple[Any
 
 def _write(path: Path, text: str) -> Path:
     """Atomically: a reader never sees half a report."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-    return path
+    return write_bytes(path, text.encode())
