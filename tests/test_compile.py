@@ -10,14 +10,13 @@ import sys
 
 import numpy as np
 import pytest
-import torch
 import tvm
 
 from mixer_compile import runtime
 from mixer_compile.backend import backend_for
 from mixer_compile.backend.target import get_target
 from mixer_compile.compiler import CompileOptions, compile_model
-from mixer_compile.errors import ArtifactError, MixerCompileError, ValidationError
+from mixer_compile.errors import ArtifactError, ValidationError
 from mixer_compile.passes.pipeline import passes_for
 from mixer_compile.util.progress import Progress
 from tests.helpers import rel_error, testdata_spec
@@ -69,8 +68,11 @@ def test_artifact_contents_and_metadata(tmp_path, tiny_spec):
 
 @pytest.mark.parametrize("form, embed", [("conv", False), ("matmul", True)])
 def test_conv_form_and_embedded_weights(tmp_path, wide_spec, form, embed, capfd):
+    """At LayerNorm epsilon 1e-2 (the default 1e-6 would hide an epsilon lost on the way), float32
+    against the float64 reference within 1e-5 (measured ~3e-7)."""
+    wide_spec = wide_spec.replace(layer_norm_eps=1e-2)
     result = _compile(wide_spec, tmp_path / "art", form=form, embed_weights=embed, seed=2)
-    assert result.validation.max_rel_error < 1e-4
+    assert result.validation.max_rel_error < 1e-5
     assert (tmp_path / "art" / "weights.params").exists() != embed
     assert "Scope Saving" not in capfd.readouterr().err  # TVM's per-constant debug line, filtered out
     model = runtime.load(tmp_path / "art")
@@ -78,8 +80,10 @@ def test_conv_form_and_embedded_weights(tmp_path, wide_spec, form, embed, capfd)
     images = np.random.default_rng(0).standard_normal((2, 3, 32, 48)).astype(np.float32)
     from mixer_compile.model import reference
     from mixer_compile.model.params import random_weights
-    ref = reference.forward(wide_spec.replace(gelu="tanh"), random_weights(wide_spec, 2), images)
-    assert rel_error(model(images), ref) < 1e-4
+    spec, weights = wide_spec.replace(gelu="tanh"), random_weights(wide_spec, 2)
+    out = model(images)
+    assert rel_error(out, reference.forward(spec, weights, images)) < 1e-5
+    assert rel_error(out, reference.forward(spec.replace(layer_norm_eps=1e-6), weights, images)) > 1e-5
 
 
 def test_failed_validation_leaves_no_artifact(tmp_path, tiny_spec, monkeypatch):
@@ -90,26 +94,6 @@ def test_failed_validation_leaves_no_artifact(tmp_path, tiny_spec, monkeypatch):
     with pytest.raises(ValidationError, match="disagrees with the reference: FAILED.*no artifact was marked good"):
         _compile(tiny_spec, tmp_path / "art")
     assert list(tmp_path.iterdir()) == []
-
-
-def test_runtime_inputs_and_refusals(tmp_path, tiny_spec):
-    _compile(tiny_spec, tmp_path / "art")
-    model = runtime.load(tmp_path / "art")
-    x = np.random.default_rng(0).standard_normal((2, 3, 32, 32)).astype(np.float32)
-    out = model(x)
-    assert isinstance(out, np.ndarray) and out.shape == (2, 10)
-    out_t = model(torch.from_numpy(x))
-    assert isinstance(out_t, torch.Tensor) and np.allclose(out_t.numpy(), out, rtol=0, atol=0)
-    with pytest.raises(MixerCompileError, match=r"input has batch 1; this module was built for batch 2"):
-        model(x[:1])
-    with pytest.raises(MixerCompileError, match="input has dtype float64; this module takes float32"):
-        model(x.astype(np.float64))
-    weights = tmp_path / "art" / "weights.params"
-    weights.write_bytes(weights.read_bytes()[:-16])
-    with pytest.raises(ArtifactError, match=r"weights.params is truncated \(\d+ of \d+ bytes\)"):
-        runtime.load(tmp_path / "art")
-    with pytest.raises(ArtifactError, match="is not an artifact: metadata.json is missing"):
-        runtime.load(tmp_path)
 
 
 def test_build_for_a_cpu_this_machine_lacks_is_checked_here_not_run(tmp_path, tiny_spec):
