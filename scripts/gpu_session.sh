@@ -51,7 +51,7 @@ for stage in "$@"; do
       python3 -c 'import tvm; d = tvm.cuda(0); print("tvm", tvm.__version__, "GPU", d.exist and d.device_name, d.exist and d.compute_version)' || exit 2 ;;
     test)
       python3 -m pytest -q -rs --runslow tests/test_cuda_build.py tests/test_library_gemms.py tests/test_gemm_choice.py \
-        tests/test_cuda_tune.py 2>&1 | tee "$OUT/test_gpu.log" ;;
+        tests/test_cuda_tune.py tests/test_cublaslt.py 2>&1 | tee "$OUT/test_gpu.log" ;;
     tune)
       export MIXER_COMPILE_CACHE=${MIXER_COMPILE_CACHE:-/tmp/mixer-cache}
       python3 -m mixer_compile.cli tune --spec "$SPEC" --target cuda --dtype float16 --batch "${TUNE_BATCH:-256}" \

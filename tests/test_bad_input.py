@@ -460,7 +460,7 @@ def test_a_batch_beyond_tvms_32_bit_indexing_is_refused_with_the_largest_that_bu
     with pytest.raises(MixerCompileError, match=r"^batch 3567 makes the 3567x196x3072 tensor b\d+\.ch\.gelu "
                                                 r"\(2\.15e\+09 elements\), beyond the 2\^31 .* the largest batch is 3566"):
         compose(b16.replace(batch=3567), get_target("llvm"))
-    assert compose(b16.replace(batch=3567), get_target("sm_90"), dtype="float16").module is not None
+    compose(b16.replace(batch=3567), get_target("sm_90"), dtype="float16")  # within a GPU's bound: builds
     with pytest.raises(MixerCompileError, match=r"x196x768 tensor .* the largest batch is 14266: run larger batches"):
         compose(b16.replace(batch=14267), get_target("sm_90"), dtype="float16")
 

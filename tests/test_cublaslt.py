@@ -2,7 +2,7 @@
 artifact that uses it declares (artifact/format.py) and the loader checks (machine.py), checked
 without a GPU: which GEMMs it serves, that its wrapper compiles for sm_90a and sm_80 and a
 library linking it needs libcublasLt.so.13, that the host-CPU check serves its symbols, and the
-metadata field with the loader's one-line refusal.
+metadata field with the loader's one-line refusal. On a GPU, also the wrappers' own numerics.
 """
 
 from __future__ import annotations
@@ -139,6 +139,37 @@ def test_host_check_serves_cublaslt_symbols(tmp_path, monkeypatch):
     expected = (h @ a2.T + c2 + xs).astype(np.float16)
     assert out.dtype == np.float16
     np.testing.assert_allclose(out.astype(np.float32), expected.astype(np.float32), rtol=2e-3, atol=2e-3)
+
+
+@needs_cublas
+@pytest.mark.skipif(machine.local_gpu() is None, reason="runs cuBLASLt on an NVIDIA GPU; there is none here")
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+def test_cublaslt_gemms_validate_on_the_gpu(tmp_path, kernel_cache, monkeypatch, dtype):
+    """The wrappers' own numerics, which no CPU run checks (the stand-in serves their symbols
+    there): every GEMM of a model (stem, tanh-GELU fc1, residual fc2; its 64 tokens leave token
+    mixing to TVM) recorded as cuBLASLt's, built for this GPU and validated there."""
+    from mixer_compile.backend import gemm_choice
+    from mixer_compile.check.validate import TOLERANCES
+    from mixer_compile.compose import compose
+    from mixer_compile.model.spec import MixerSpec
+
+    monkeypatch.setenv("MIXER_COMPILE_CACHE", str(kernel_cache))
+    records = tmp_path / "records.json"
+    monkeypatch.setattr(gemm_choice, "user_records_path", lambda family: records)
+    monkeypatch.setattr(gemm_choice, "shipped_records_path", lambda family, root=None: tmp_path / "none.json")
+    spec = MixerSpec("small", (64, 64), 8, 256, 64, 512, 1, num_classes=10, batch=2, gelu="tanh")
+    sites = gemm_choice.call_sites(compose(spec, get_target("cuda"), "matmul", dtype).module)
+    assert len(sites) == 3 and all(cublaslt.supports(k.with_variant(cublaslt.VARIANT)) for k, _ in sites)
+    gemm_choice.write_records(records, [gemm_choice.Record(k.form, k.dtype, k.epilogue, s.m, s.n, s.k, s.l,
+                                                           cublaslt.VARIANT, 1.0, "test") for k, s in sites])
+    result = compile_model(CompileOptions(spec=spec, target="cuda", dtype=dtype, form="matmul",
+                                          out_dir=tmp_path / "a"), Progress(6, quiet=True))
+    meta = json.loads((tmp_path / "a" / METADATA).read_text())
+    assert len(meta["gpu_code"]["library_gemms"]) == 3
+    assert all(s.endswith(f"__{cublaslt.VARIANT}") for s in meta["gpu_code"]["library_gemms"])
+    assert meta["runtime_libraries"] == [cublaslt.RUNTIME_LIBRARY]
+    assert result.validation.passed and result.validation.max_rel_error < TOLERANCES[dtype]
+    assert result.validation.where.startswith("GPU "), result.validation.where
 
 
 # --- the run-time dependency: metadata and loader -------------------------------------------------

@@ -159,8 +159,9 @@ def test_half_precision_lowering_matches_reference_on_cpu(dtype, form, embed):
     spec = TINY.with_gelu_for("random")
     r = compile_model(CompileOptions(spec=TINY, target="llvm", dtype=dtype, form=form, embed_weights=embed))
     assert r.validation.passed and r.validation.where == "this CPU"
-    # above fp32's ~1e-7 (so the half-precision path really ran), below the stated bound
-    assert 1e-5 < r.validation.max_rel_error < TOLERANCES[dtype]
+    # above fp32's ~1e-7 (so the half-precision path really ran), and about what rounding only the
+    # weights gives (fp16 ~5e-4 measured, bf16 8x coarser): the GPU bounds (TOLERANCES) are looser
+    assert 1e-5 < r.validation.max_rel_error < {"float16": 3e-3, "bfloat16": 2e-2}[dtype]
     # a CPU stores the weight matrices in half, its activations in float32 (passes/precision.py)
     assert r.metadata.precision == {"dtype": dtype, "activations": "float32", "accumulate": "float32"}
     graph, _ = run_passes(build_graph(spec), passes_for(form), PassContext(dtype=dtype))

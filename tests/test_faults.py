@@ -33,7 +33,7 @@ from mixer_compile.model.params import random_weights
 from mixer_compile.util.atomic import write_bytes
 from mixer_compile.util.locking import exclusive, lock_path
 from mixer_compile.util.progress import Progress
-from tests.helpers import cli, error_line, rel_error
+from tests.helpers import FP32, cli, error_line, rel_error
 
 
 @contextmanager
@@ -163,7 +163,7 @@ def test_two_compiles_into_one_directory_give_one_good_artifact(tmp_path, tiny_t
     images = np.random.default_rng(0).standard_normal((1, 3, 32, 32)).astype(np.float32)
     spec = tiny_spec.replace(batch=1, gelu="tanh")  # tiny.toml without --batch
     ref = reference.forward(spec, random_weights(spec, seed), images)
-    assert rel_error(model(images), ref) < 1e-4
+    assert rel_error(model(images), ref) < FP32
 
 
 def test_second_tuner_waits_for_the_database_lock(tmp_path, tiny_toml):

@@ -4,6 +4,7 @@ makes the structural change it claims."""
 import numpy as np
 import pytest
 
+from mixer_compile.errors import MixerCompileError
 from mixer_compile.ir import build_graph, interpret, to_text
 from mixer_compile.model import reference
 from mixer_compile.model.params import random_weights
@@ -103,7 +104,7 @@ def test_text_form_and_pass_selection(tiny_spec):
     assert "dense(%b0.ln0, %b0.tok.fc1.w, %b0.tok.fc1.b; axis=1, kernel_layout=NK" in text
     assert "param %b0.tok.fc1.w: f32[16,16] NK = transpose(MixerBlock_0/token_mixing/Dense_0/kernel, (1,0))" in text
     assert passes_for("conv", "token_mixing_as_conv") == ("token_mixing_as_conv",)
-    with pytest.raises(Exception, match="pass 'tokens_major' is not in the conv pipeline"):
+    with pytest.raises(MixerCompileError, match="pass 'tokens_major' is not in the conv pipeline"):
         passes_for("conv", "tokens_major")
 
 

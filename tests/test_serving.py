@@ -8,6 +8,7 @@ tanh GELU are 2e-4 apart there, so 2e-5 tells the flavours apart), and the float
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import time
 from pathlib import Path
@@ -121,8 +122,10 @@ def test_batch_range_split_is_binary():
     assert BatchRange.of(8, 8).entries == (8,) and BatchRange.of(8, 8).function(8) == "main"
     assert parse_batch("1-16") == parse_batch((1, 16)) == parse_batch(range(1, 17)) == (1, 16)
     assert parse_batch(8) == parse_batch("8") == (8, 8)
-    for bad in ("16-1", "0", "1-2-3", "a", 0, (3, 2), True):
-        with pytest.raises(SpecError):
+    empty, malformed = "is empty or not positive; give MIN-MAX with 0 < MIN <= MAX", "must be a positive integer or a range"
+    for bad, why in (("16-1", empty), ("0", empty), (0, empty), ((3, 2), empty),
+                     ("1-2-3", malformed), ("a", malformed), (True, malformed)):
+        with pytest.raises(SpecError, match=re.escape(why)):
             parse_batch(bad)
 
 

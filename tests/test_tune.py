@@ -254,16 +254,44 @@ def test_database_that_matches_nothing_warns_loudly(tuned: dict, tmp_path: Path,
     assert result.metadata.tuning["tuned"] == []
 
 
-def test_choose_form_times_the_tuned_form_and_records_the_choice(tuned: dict, tmp_path: Path, monkeypatch) -> None:
+def test_choose_form_builds_the_fastest_form_and_records_the_choice(tuned: dict, tmp_path: Path, monkeypatch) -> None:
+    """Both forms are built and timed (each call really runs, then reports a fixed time: the first
+    form timed is the slower), and the faster is what gets built and recorded."""
+    from mixer_compile.passes.pipeline import FORMS
+    from mixer_compile.tune import choose_form
+
+    slower, faster = FORMS
+    ms = iter([0.02, 0.01])
+    real_time = choose_form.time_call
+
+    def fixed_time(executable, args):
+        assert real_time(executable, args, repeat=1) > 0
+        return next(ms)
+
     monkeypatch.setattr(tuning_db, "SCHEDULES_DIR", tmp_path / "none")
+    monkeypatch.setattr(choose_form, "time_call", fixed_time)
     result = compile_model(CompileOptions(spec=TINY, target=TARGET, db=tuned["db"], choose_form=True),
                            Progress(7, quiet=True))
     choice = result.metadata.tuning["form_choice"]
-    assert choice["chosen"] == result.metadata.form
-    figures = choice["figures"]
-    assert set(figures) == {"matmul", "conv"}
-    timed = {f for f, d in figures.items() if d["ms"] is not None}
-    assert timed and all(figures[f]["ms"] > 0 for f in timed)
-    # the database was tuned on the matmul form: the conv form's own kernels have no record
-    assert "unscheduled kernels: " in figures["conv"].get("note", "") or "conv" in timed
+    assert {f: d["ms"] for f, d in choice["figures"].items()} == {slower: 20.0, faster: 10.0}
+    assert choice["chosen"] == faster == result.metadata.form
     assert result.validation.passed
+
+
+def test_choose_form_does_not_time_a_form_with_unscheduled_kernels(tuned: dict) -> None:
+    """Without the default rules only records schedule a kernel: the database was tuned on the
+    matmul form, so the conv form's own kernels would run as plain loops and it is not timed."""
+    from mixer_compile.backend import cpu_schedules
+    from mixer_compile.model.params import random_weights
+    from mixer_compile.tune.choose_form import choose_form
+
+    lines: list[str] = []
+    with pytest.MonkeyPatch.context() as mp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the conv build's "got no schedule" warning
+        mp.setattr(cpu_schedules, "RULES", [])
+        choice = choose_form(TINY, random_weights(TINY, 0), get_target(TARGET), open_database(tuned["db"]),
+                             say=lines.append)
+    assert choice.form == "matmul" and choice.figures["matmul"]["ms"] > 0
+    assert choice.figures["conv"]["ms"] is None
+    assert choice.figures["conv"]["note"].startswith("unscheduled kernels: ")
+    assert [line.split(":")[0].strip() for line in lines] == ["form matmul"]
