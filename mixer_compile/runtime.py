@@ -23,19 +23,32 @@ is one call's gets its logits back without a copy too.
 `CompiledMixer.save(dir)` copies the artifact (every file its metadata lists) to `dir`, which
 `load(dir)` then loads: the object `mixer_compile.compile(...)` returns is one of these.
 
-Thread safety: a Relax VM keeps per-call state (registers, its allocator), so each thread
-gets its own VM over the one loaded library and the one set of weights; on a CPU, calls from
-several threads run concurrently without a lock. On a GPU they take turns: each VM captures its
-CUDA graph on its first call, and a launch from another thread meanwhile (on the default stream,
-which every call uses) would break the capture; the GPU runs one stream's work in order anyway.
+Threads and processes: a Relax VM keeps per-call state (registers, its allocator), so each
+thread that runs calls gets its own VM over the one loaded library and the one set of weights.
+On a CPU, calls run concurrently and without a lock, on the caller's thread for the first as
+many calling threads as there are cores (a fixed pool, the main thread), and on as many threads of
+our own for any later one: TVM gives every thread that runs a kernel its own pool of worker threads
+and never frees it, so a server making a thread per request would otherwise leak a pool per
+request. A pool does not survive fork(): in a forked child (gunicorn --preload, multiprocessing's
+fork) the thread that forked hands its calls over too. On a GPU calls take turns on the caller's thread: each VM captures its CUDA graph on
+its first call, and a launch from another thread meanwhile (on the default stream, which every
+call uses) would break the capture; the GPU runs one stream's work in order anyway.
+
+A library is loaded by its path, and the dynamic loader hands back the one already loaded from
+that path: an artifact rebuilt in place and loaded again in the same process would run the old
+code. So a library whose path was loaded before with other contents is loaded through a link of
+its own name.
 """
 
 from __future__ import annotations
 
-import contextlib
+import atexit
+import os
 import shutil
 import sys
+import tempfile
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +63,59 @@ from mixer_compile.machine import (check_cpu, check_gpu, check_tvm_version, gpu_
 
 ALIGNMENT = 64  # TVM refuses DLPack tensors with less (kAllocAlignment)
 
+_LOADED: dict[Path, str] = {}  # library path -> SHA-256 of what this process loaded from it
+_LOAD_LOCK = threading.Lock()
+# CPU calls (module docstring): the first threads to call run their calls themselves, as many as
+# there are cores; any later thread hands its calls to as many threads of our own
+_ADOPTABLE = max(2, os.cpu_count() or 2)
+_THREADS_LOCK = threading.Lock()
+_threads = threading.local()  # .own: this thread runs its calls itself
+_adopted = 0
+_forked_in: int | None = None  # in a forked child: the thread that forked (its pool stayed behind)
+_callers: ThreadPoolExecutor | None = None
+
+
+def _cpu_call(call: Any) -> Any:
+    global _adopted, _callers
+    if getattr(_threads, "own", False):
+        return call()
+    with _THREADS_LOCK:
+        own = _adopted < _ADOPTABLE and threading.get_ident() != _forked_in
+        if own:
+            _adopted += 1
+            _threads.own = True
+        elif _callers is None:
+            _callers = ThreadPoolExecutor(_ADOPTABLE, thread_name_prefix="mixer-compile")
+        callers = _callers
+    return call() if own else callers.submit(call).result()
+
+
+def _forget_threads() -> None:
+    """In a forked child: the parent's threads, and TVM's pools in them, did not come along."""
+    global _THREADS_LOCK, _threads, _adopted, _forked_in, _callers
+    _THREADS_LOCK, _threads, _adopted, _callers = threading.Lock(), threading.local(), 0, None
+    _forked_in = threading.get_ident()
+
+
+os.register_at_fork(after_in_child=_forget_threads)
+
+
+def _load_library(tvm: Any, path: Path, digest: str) -> Any:
+    """`tvm.runtime.load_module(path)`, through a link named after `digest` when this process
+    loaded other contents from `path` before (module docstring)."""
+    path = path.resolve()
+    with _LOAD_LOCK:
+        if _LOADED.setdefault(path, digest) != digest:
+            own = Path(tempfile.mkdtemp(prefix="mixer-compile-lib-")) / f"{digest[:16]}{path.suffix}"
+            atexit.register(shutil.rmtree, own.parent, True)  # the mapping outlives the file
+            try:
+                os.link(path, own)
+            except OSError:  # another file system
+                shutil.copyfile(path, own)
+            path = own
+        with without_stderr_lines(TVM_LOAD_NOISE):
+            return tvm.runtime.load_module(str(path))
+
 
 class CompiledMixer:
     """A compiled Mixer: call it with NCHW float32 images (numpy or torch), get logits."""
@@ -59,7 +125,7 @@ class CompiledMixer:
         from tvm.runtime.vm import VirtualMachine
 
         use_all_cores()  # before the pool starts: TVM alone would use half the cores on x86
-        self.path = Path(artifact_dir)
+        self.path = Path(artifact_dir).resolve()
         self.metadata = read_metadata(self.path)
         self._check_machine(tvm)
         self._check_files()
@@ -69,8 +135,7 @@ class CompiledMixer:
         on_cpu = self.metadata.target["kind"] != "cuda"
         self._device = tvm.cpu() if on_cpu else tvm.cuda()
         try:
-            with without_stderr_lines(TVM_LOAD_NOISE):
-                self._library = tvm.runtime.load_module(str(self.path / LIBRARY))
+            self._library = _load_library(tvm, self.path / LIBRARY, self.metadata.files[LIBRARY])
         except Exception as exc:  # TVM raises its own error types for unloadable libraries
             raise ArtifactError(f"cannot load '{self.path / LIBRARY}': {str(exc).splitlines()[0]}") from None
         self._vm_class = VirtualMachine
@@ -86,7 +151,8 @@ class CompiledMixer:
                 raise ArtifactError(f"'{self.path / WEIGHTS}' does not hold the parameters the module takes")
             self._params = [loaded[n] if on_cpu else loaded[n].copyto(self._device) for n in order]
         self._local = threading.local()
-        self._turns = contextlib.nullcontext() if on_cpu else threading.Lock()  # see the module docstring
+        self._on_cpu = on_cpu
+        self._turns = threading.Lock()  # a GPU's calls take turns (module docstring)
 
     def _check_machine(self, tvm: Any) -> None:
         where = f"artifact '{self.path}'"
@@ -192,6 +258,8 @@ class CompiledMixer:
     def _run(self, function: str, x: Any) -> Any:
         if x.device != self._device:
             x = x.copyto(self._device)
+        if self._on_cpu:
+            return _cpu_call(lambda: self._vm()[function](x, *self._params))
         with self._turns:
             return self._vm()[function](x, *self._params)
 
@@ -200,13 +268,18 @@ class CompiledMixer:
         and under its lock, as a compile writes one (artifact/place.py). An existing artifact
         at `out_dir` is replaced; anything else there is refused."""
         out = Path(out_dir).resolve()
-        if out == self.path.resolve():
+        if out == self.path:
             return out
         refuse_foreign(out)
         with staged(out, "cannot save the artifact to") as tmp:
             for name in [*self.metadata.files, METADATA]:
                 shutil.copyfile(self.path / name, tmp / name)
         return out
+
+    def __reduce__(self) -> tuple:
+        """Pickled as its artifact's path, loaded again (and checked again) where it is unpickled:
+        what multiprocessing's spawn and forkserver workers receive."""
+        return load, (str(self.path),)
 
     def __repr__(self) -> str:
         spec = self.metadata.spec

@@ -155,6 +155,80 @@ def test_threads_calling_at_once_match_single_threaded(artifact):
             np.testing.assert_array_equal(out, expected[(i + r) % len(inputs)])
 
 
+def _os_threads() -> int:
+    return int(open("/proc/self/status").read().split("Threads:")[1].split()[0])
+
+
+def test_a_thread_per_call_does_not_leak_threads(artifact):
+    """TVM keeps a pool of worker threads for every thread that ever ran a kernel: a thread per
+    call (a thread-per-request server) must not add a pool per call."""
+    model = runtime.load(artifact)
+    x = _images()
+    expected = model(x).copy()
+
+    def calls(n):
+        for _ in range(n):
+            t = threading.Thread(target=lambda: np.testing.assert_array_equal(model(x), expected))
+            t.start()
+            t.join()
+
+    calls(2 * (os.cpu_count() or 2))  # past the threads that run their own calls
+    settled = _os_threads()
+    calls(40)
+    assert _os_threads() <= settled
+
+
+_FORK_CHILD = """
+import multiprocessing as mp, sys
+import numpy as np
+from mixer_compile import runtime
+
+def child(model, x, q):
+    q.put(model(x))
+
+if __name__ == "__main__":
+    model = runtime.load(sys.argv[1])
+    x = np.load(sys.argv[2])
+    first = model(x)  # the parent's thread now holds a TVM pool, which fork() does not copy
+    q = mp.get_context("fork").Queue()
+    p = mp.get_context("fork").Process(target=child, args=(model, x, q))
+    p.start()
+    out = q.get(timeout=60)
+    p.join(60)
+    print("same" if np.array_equal(out, first) else "different")
+"""
+
+
+def test_a_forked_child_runs_the_model_its_parent_ran(artifact, tmp_path):
+    x = _images()
+    np.save(tmp_path / "x.npy", x)
+    proc = subprocess.run([sys.executable, "-c", _FORK_CHILD, str(artifact), str(tmp_path / "x.npy")],
+                          capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0 and proc.stdout.split() == ["same"], proc.stderr[-2000:]
+
+
+def test_pickled_it_loads_again_from_its_artifact(artifact):
+    """What multiprocessing's spawn workers receive: the path, loaded and checked again."""
+    import pickle
+
+    model = runtime.load(artifact)
+    again = pickle.loads(pickle.dumps(model))
+    assert again is not model and again.path == model.path
+    np.testing.assert_array_equal(again(_images()), model(_images()))
+
+
+def test_an_artifact_rebuilt_in_place_loads_as_the_new_build(tmp_path, tiny_spec):
+    """The dynamic loader returns the library already loaded from a path: without a name of its
+    own, the rebuilt library would run the old code (10 classes where the metadata says 7)."""
+    out, x = tmp_path / "art", _images()
+    compile_model(CompileOptions(spec=tiny_spec, seed=1, out_dir=out), Progress(6, quiet=True))
+    assert runtime.load(out)(x).shape == (2, 10)
+    seven = tiny_spec.replace(num_classes=7)
+    compile_model(CompileOptions(spec=seven, seed=2, out_dir=out), Progress(6, quiet=True))
+    ref = reference.forward(seven.replace(gelu="tanh"), random_weights(seven, 2), x)
+    assert rel_error(runtime.load(out)(x), ref) < FP32
+
+
 def test_metadata_records_cpu_requirements(artifact):
     requires = json.loads((artifact / "metadata.json").read_text())["target"]["requires"]
     assert requires["cpu"]["arch"] == "x86_64" and "avx2" in requires["cpu"]["features"]
