@@ -32,3 +32,8 @@ class ArtifactError(MixerCompileError):
 
 class TuningError(MixerCompileError):
     """A tuning database or tuning run that cannot be used (corrupt file, no tasks...)."""
+
+
+class InputError(MixerCompileError, ValueError):
+    """Images a loaded model cannot take (shape, batch, dtype, not an array); also a ValueError,
+    so that serving code catching bad requests as ValueError catches these."""

@@ -56,7 +56,7 @@ import numpy as np
 
 from mixer_compile.artifact.format import LIBRARY, METADATA, WEIGHTS, BatchRange, read_metadata, sha256
 from mixer_compile.artifact.place import refuse_foreign, staged
-from mixer_compile.errors import ArtifactError, MixerCompileError
+from mixer_compile.errors import ArtifactError, InputError
 from mixer_compile.util.stderr import TVM_LOAD_NOISE, without_stderr_lines
 from mixer_compile.machine import (check_cpu, check_gpu, check_tvm_version, gpu_arch, load_runtime_libraries,
                                    local_gpu, use_all_cores)
@@ -139,6 +139,8 @@ class CompiledMixer:
         except Exception as exc:  # TVM raises its own error types for unloadable libraries
             raise ArtifactError(f"cannot load '{self.path / LIBRARY}': {str(exc).splitlines()[0]}") from None
         self._vm_class = VirtualMachine
+        self._local = threading.local()
+        self._check_functions()
         self._params: list[Any] = []
         if WEIGHTS in self.metadata.files:
             try:
@@ -150,7 +152,6 @@ class CompiledMixer:
             if sorted(loaded) != sorted(order):
                 raise ArtifactError(f"'{self.path / WEIGHTS}' does not hold the parameters the module takes")
             self._params = [loaded[n] if on_cpu else loaded[n].copyto(self._device) for n in order]
-        self._local = threading.local()
         self._on_cpu = on_cpu
         self._turns = threading.Lock()  # a GPU's calls take turns (module docstring)
 
@@ -179,6 +180,21 @@ class CompiledMixer:
                 raise ArtifactError(f"artifact '{self.path}': {name} does not match the SHA-256 recorded in "
                                     f"{METADATA} (altered, or from another build); rebuild the artifact")
 
+    def _check_functions(self) -> None:
+        """The library against its metadata (a library of another build that was given this one's
+        hashes, say), here rather than as TVM's error on the first call."""
+        takes = 1 + (0 if self.metadata.weights["embedded"] else len(self.metadata.params))
+        vm = self._vm()
+        for name in (self.batches.function(e) for e in self.batches.entries):
+            try:
+                arity = vm._get_function_arity(name)
+            except Exception:  # TVM's error type for an unknown function
+                arity = None
+            if arity != takes:
+                found = "has no function" if arity is None else f"takes {arity} arguments in"
+                raise ArtifactError(f"artifact '{self.path}': {LIBRARY} {found} '{name}', which {METADATA} "
+                                    f"says takes {takes}; the files are of different builds, rebuild the artifact")
+
     def _vm(self) -> Any:
         vm = getattr(self._local, "vm", None)
         if vm is None:
@@ -194,31 +210,37 @@ class CompiledMixer:
         if len(shape) != 4 or tuple(shape[1:]) != self.input_shape[1:]:
             taken = ("(N" if self.batches.is_range else f"({self.input_shape[0]}") + \
                 ", " + ", ".join(map(str, self.input_shape[1:])) + ")"
-            raise MixerCompileError(f"input has shape {tuple(shape)}; this module takes {taken} "
+            raise InputError(f"input has shape {tuple(shape)}; this module takes {taken} "
                                     f"(NCHW, batch {self.batches.describe()})")
         n = shape[0]
         if n < 1:
-            raise MixerCompileError(f"input has batch {n}; this module serves batches {self.batches.describe()}")
+            raise InputError(f"input has batch {n}; this module serves batches {self.batches.describe()}")
         if not self.batches.min <= n <= self.batches.max:
             if self.batches.is_range:
-                raise MixerCompileError(f"input has batch {n}; this module serves batches "
+                raise InputError(f"input has batch {n}; this module serves batches "
                                         f"{self.batches.min} to {self.batches.max} (rebuild with --batch "
                                         f"{min(n, self.batches.min)}-{max(n, self.batches.max)})")
-            raise MixerCompileError(f"input has batch {n}; this module was built for batch "
+            raise InputError(f"input has batch {n}; this module was built for batch "
                                     f"{self.input_shape[0]} (rebuild with --batch {n})")
         if dtype != self.input_dtype:
-            raise MixerCompileError(f"input has dtype {dtype}; this module takes {self.input_dtype}")
+            raise InputError(f"input has dtype {dtype}; this module takes {self.input_dtype} (convert with "
+                             f".astype(np.{self.input_dtype}) or, for a torch tensor, .to(torch.{self.input_dtype}))")
 
     def __call__(self, images: Any) -> Any:
         import tvm
 
         torch = sys.modules.get("torch")
         if torch is not None and isinstance(images, torch.Tensor):
+            if images.is_meta:
+                raise InputError("input is a meta tensor, which holds no data; pass images in memory")
             self._check(tuple(images.shape), str(images.dtype).removeprefix("torch."))
             x = images.detach().contiguous()
             return self._pieces(x.shape[0], lambda at, b: torch.from_dlpack(
                 self._run(self._entry(b), _torch_tensor(tvm, x[at:at + b]))),
                 lambda first: torch.empty((x.shape[0], *first.shape[1:]), dtype=first.dtype, device=first.device))
+        if not isinstance(images, np.ndarray) and not hasattr(images, "__array__"):
+            raise InputError(f"input is a {type(images).__name__}, not an array; pass NCHW images as a NumPy "
+                             "array or a torch tensor")
         images = np.asarray(images)
         self._check(images.shape, str(images.dtype))
         if not (images.flags.c_contiguous and images.flags.writeable):

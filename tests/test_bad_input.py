@@ -328,7 +328,20 @@ ARTIFACT_CASES = [
     ("metadata-unknown-field", _edit(lambda m: m.update(signed_by="me")),
      "has fields this schema does not define (signed_by)"),
     ("metadata-required-field-missing", _edit(lambda m: m.pop("built_at")), "lacks the fields built_at"),
-    ("metadata-tvm-version-number", _edit(lambda m: m.update(tvm_version=27)), "field 'tvm_version' must be a string"),
+    ("metadata-tvm-version-number", _edit(lambda m: m.update(tvm_version=27)), "field 'tvm_version' must be a version"),
+    ("metadata-tvm-version-word", _edit(lambda m: m.update(tvm_version="banana")), "field 'tvm_version' must be a version"),
+    ("metadata-file-outside", _edit(lambda m: m["files"].update({"../payload": "0" * 64})),
+     "field 'files' must be an object of SHA-256 strings of model.so and weights.params"),
+    ("metadata-cpu-requirement-malformed", _edit(lambda m: m["target"].update(requires={"cpu": {}})),
+     "field 'target.requires.cpu' must be an object with 'arch', 'mcpu' and a list of 'features'"),
+    ("metadata-unknown-target-kind", _edit(lambda m: m["target"].update(kind="rocm")),
+     "field 'target.kind' must be 'llvm' or 'cuda'"),
+    ("metadata-unknown-input-dtype", _edit(lambda m: m["input"].update(dtype="banana")),
+     "field 'input.dtype' must be 'float32', 'float16' or 'bfloat16'"),
+    ("metadata-negative-size", _edit(lambda m: m["file_sizes"].update({"model.so": -1})),
+     "field 'file_sizes' must be an object of byte counts"),
+    ("metadata-of-another-build", _edit(lambda m: m["params"].pop()),  # one parameter fewer than the library takes
+     "which metadata.json says takes"),
     ("metadata-missing", lambda a: (a / "metadata.json").unlink(), "is not an artifact: metadata.json is missing"),
 ]
 

@@ -20,7 +20,7 @@ import torch
 from mixer_compile import runtime
 from mixer_compile.backend.target import build_requirements
 from mixer_compile.compiler import CompileOptions, compile_model
-from mixer_compile.errors import ArtifactError, MixerCompileError
+from mixer_compile.errors import ArtifactError, InputError, MixerCompileError
 from mixer_compile.machine import check_cpu, check_gpu, host_cpu_features
 from mixer_compile.model import reference
 from mixer_compile.model.params import random_weights
@@ -128,8 +128,14 @@ def test_bad_inputs_are_refused_by_message(artifact):
         model(_images(batch=1))
     with pytest.raises(MixerCompileError, match=r"input has shape \(2, 32, 32, 3\); this module takes \(2, 3, 32, 32\)"):
         model(_images().transpose(0, 2, 3, 1))
-    with pytest.raises(MixerCompileError, match="input has dtype float64; this module takes float32"):
+    with pytest.raises(MixerCompileError, match=r"input has dtype float64; this module takes float32 \(convert "
+                                                r"with .astype\(np.float32\) or, for a torch tensor, .to\(torch.float32\)\)"):
         model(torch.zeros(2, 3, 32, 32, dtype=torch.float64))
+    for bad, kind in ((None, "NoneType"), ("images.png", "str"), (_images().tolist(), "list")):
+        with pytest.raises(InputError, match=f"^input is a {kind}, not an array; pass NCHW images as a NumPy array"):
+            model(bad)
+    with pytest.raises(ValueError, match="^input is a meta tensor, which holds no data"):  # InputError is one
+        model(torch.empty(2, 3, 32, 32, device="meta"))
 
 
 def test_threads_calling_at_once_match_single_threaded(artifact):

@@ -177,15 +177,22 @@ def _is_dict_of(kind: type) -> Any:
 
 # The fields a loader acts on, with the test each must pass (dotted paths into the JSON).
 _FIELDS: dict[str, tuple[Any, str]] = {
-    "tvm_version": (lambda v: isinstance(v, str), "a string"),
+    "tvm_version": (lambda v: isinstance(v, str) and re.match(r"\d+\.\d+", v), "a version (0.27.0, say)"),
     "target": (lambda v: isinstance(v, dict), "an object"),
-    "target.kind": (lambda v: isinstance(v, str), "a string"),
+    "target.kind": (lambda v: v in ("llvm", "cuda"), "'llvm' or 'cuda'"),
     "target.requires": (lambda v: v is None or isinstance(v, dict), "an object"),
-    "files": (_is_dict_of(str), "an object of SHA-256 strings"),
-    "file_sizes": (lambda v: v is None or _is_dict_of(int)(v), "an object of byte counts"),
+    "target.requires.cpu": (lambda v: v is None or isinstance(v, dict) and isinstance(v.get("arch"), str)
+                            and isinstance(v.get("mcpu"), str) and _is_list_of(str)(v.get("features")),
+                            "an object with 'arch', 'mcpu' and a list of 'features'"),
+    "target.requires.gpu_arch": (lambda v: v is None or isinstance(v, str) and re.fullmatch(r"sm_\d+[a-z]?", v),
+                                 "an architecture (sm_90a, say)"),
+    "files": (lambda v: _is_dict_of(str)(v) and set(v) <= {LIBRARY, WEIGHTS},
+              f"an object of SHA-256 strings of {LIBRARY} and {WEIGHTS}"),
+    "file_sizes": (lambda v: v is None or _is_dict_of(int)(v) and min(v.values(), default=0) >= 0,
+                   "an object of byte counts"),
     "input": (lambda v: isinstance(v, dict), "an object"),
     "input.shape": (lambda v: _is_list_of(int)(v) and len(v) == 4 and min(v) > 0, "4 positive integers (NCHW)"),
-    "input.dtype": (lambda v: isinstance(v, str), "a string"),
+    "input.dtype": (lambda v: v in ("float32", "float16", "bfloat16"), "'float32', 'float16' or 'bfloat16'"),
     "params": (_is_list_of(str), "a list of parameter names"),
     "weights": (lambda v: isinstance(v, dict) and isinstance(v.get("embedded"), bool), "an object with 'embedded'"),
     "spec": (lambda v: isinstance(v, dict), "an object"),
