@@ -21,12 +21,12 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from mixer_compile.errors import MixerCompileError, SpecError
+from mixer_compile.errors import MixerCompileError, SpecError, TargetError
 from mixer_compile.model.spec import MixerSpec, load_spec, parse_batch
 from mixer_compile.runtime import CompiledMixer
 
 
-def compile(model: Any, target: str = "llvm", batch: int | str | tuple[int, int] = 1, dtype: str = "float32", *,
+def compile(model: Any, target: str = "llvm", batch: int | str | tuple[int, int] = 1, dtype: Any = "float32", *,
             spec: str | MixerSpec | None = None, weights: str | Path | None = None,
             image_size: int | tuple[int, int] | None = None, gelu: str | None = None, form: str = "matmul",
             seed: int = 0, embed_weights: bool = False, tune: bool = False, trials: int = 64,
@@ -34,9 +34,10 @@ def compile(model: Any, target: str = "llvm", batch: int | str | tuple[int, int]
     """Compiles `model` (see the module docstring) for `target` and returns it loaded.
 
     `batch`: one batch size (8), or a range served by one artifact ("1-16" or (1, 16)).
-    `dtype`: storage precision (float32, float16, bfloat16). `weights`: a checkpoint for a
-    preset or spec (default: the seeded random init). `image_size`: the image size where it
-    cannot be read off the model (a non-square grid). `verbose`: the stage lines on stderr.
+    `dtype`: storage precision (float32, float16, bfloat16: a name, or NumPy's or torch's
+    dtype). `weights`: a checkpoint for a preset or spec (default: the seeded random init).
+    `image_size`: the image size where it cannot be read off the model (a non-square grid).
+    `verbose`: the stage lines on stderr.
     The compile result (validation, timings, metadata) is the returned object's
     `compile_result`.
     """
@@ -45,6 +46,9 @@ def compile(model: Any, target: str = "llvm", batch: int | str | tuple[int, int]
     from mixer_compile.util.progress import Progress
 
     low, high = parse_batch(batch)
+    if not isinstance(target, (str, Path)):
+        raise TargetError(f"target must be a name (llvm, avx2, cuda, sm_90...) or a target JSON file, got {target!r}")
+    dtype = dtype if isinstance(dtype, str) else _dtype_name(dtype)
     size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size) if image_size else None
     loaded: Path | InMemoryWeights | None = Path(weights) if weights is not None else None
     checkpoint = isinstance(model, (str, Path)) and Path(model).suffix.lower() in FORMATS
@@ -82,6 +86,16 @@ def compile(model: Any, target: str = "llvm", batch: int | str | tuple[int, int]
     compiled.compile_result = result
     compiled._workdir = work  # removed with the object (the loaded library stays mapped)
     return compiled
+
+
+def _dtype_name(dtype: Any) -> str:
+    """np.float16, torch.bfloat16 and the like as the names the compiler takes."""
+    import numpy as np
+
+    try:
+        return np.dtype(dtype).name
+    except TypeError:  # torch's dtypes, which NumPy does not know
+        return str(dtype).removeprefix("torch.")
 
 
 def _is_torch_module(model: Any) -> bool:

@@ -30,9 +30,10 @@ many calling threads as there are cores (a fixed pool, the main thread), and on 
 our own for any later one: TVM gives every thread that runs a kernel its own pool of worker threads
 and never frees it, so a server making a thread per request would otherwise leak a pool per
 request. A pool does not survive fork(): in a forked child (gunicorn --preload, multiprocessing's
-fork) the thread that forked hands its calls over too. On a GPU calls take turns on the caller's thread: each VM captures its CUDA graph on
-its first call, and a launch from another thread meanwhile (on the default stream, which every
-call uses) would break the capture; the GPU runs one stream's work in order anyway.
+fork) the thread that forked hands its calls over too. On a GPU calls take turns on the caller's
+thread: each VM captures its CUDA graph on its first call, and a launch from another thread
+meanwhile (on the default stream, which every call uses) would break the capture; the GPU runs
+one stream's work in order anyway.
 
 A library is loaded by its path, and the dynamic loader hands back the one already loaded from
 that path: an artifact rebuilt in place and loaded again in the same process would run the old
@@ -288,7 +289,8 @@ class CompiledMixer:
     def save(self, out_dir: str | Path) -> Path:
         """Copies this artifact (metadata.json and every file it lists) to `out_dir`, atomically
         and under its lock, as a compile writes one (artifact/place.py). An existing artifact
-        at `out_dir` is replaced; anything else there is refused."""
+        at `out_dir` is replaced; anything else there is refused, and so is a copy that is no
+        longer what was loaded (the directory rebuilt since)."""
         out = Path(out_dir).resolve()
         if out == self.path:
             return out
@@ -296,6 +298,10 @@ class CompiledMixer:
         with staged(out, "cannot save the artifact to") as tmp:
             for name in [*self.metadata.files, METADATA]:
                 shutil.copyfile(self.path / name, tmp / name)
+            changed = [n for n, digest in self.metadata.files.items() if sha256(tmp / n) != digest]
+            if changed or read_metadata(tmp) != self.metadata:
+                raise ArtifactError(f"artifact '{self.path}' changed on disk since it was loaded "
+                                    f"({', '.join(changed) or METADATA}); load it again to save what is there now")
         return out
 
     def __reduce__(self) -> tuple:

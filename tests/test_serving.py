@@ -20,7 +20,7 @@ import torch
 import mixer_compile
 from mixer_compile import cli, runtime
 from mixer_compile.artifact.format import BatchRange
-from mixer_compile.errors import ArtifactError, MixerCompileError, SpecError
+from mixer_compile.errors import ArtifactError, MixerCompileError, SpecError, TargetError
 from mixer_compile.frontends.timm import read as read_timm
 from mixer_compile.model import reference
 from mixer_compile.model.spec import MixerSpec, parse_batch
@@ -123,8 +123,8 @@ def test_batch_range_split_is_binary():
     assert parse_batch("1-16") == parse_batch((1, 16)) == parse_batch(range(1, 17)) == (1, 16)
     assert parse_batch(8) == parse_batch("8") == (8, 8)
     empty, malformed = "is empty or not positive; give MIN-MAX with 0 < MIN <= MAX", "must be a positive integer or a range"
-    for bad, why in (("16-1", empty), ("0", empty), (0, empty), ((3, 2), empty),
-                     ("1-2-3", malformed), ("a", malformed), (True, malformed)):
+    for bad, why in (("16-1", empty), ((3, 2), empty), ("0-4", empty), ("0", malformed), (0, malformed),
+                     (-1, malformed), ("1-2-3", malformed), ("a", malformed), (True, malformed)):
         with pytest.raises(SpecError, match=re.escape(why)):
             parse_batch(bad)
 
@@ -160,6 +160,16 @@ def test_modules_that_are_not_a_mixer_are_refused():
     swapped.load_state_dict(torch.load(TESTDATA / "tiny_square.pth", weights_only=True))
     with pytest.raises(SpecError, match="its forward is not an MLP-Mixer's"):
         mixer_compile.compile(swapped)
+
+
+def test_api_arguments_are_checked_in_one_line_and_dtypes_taken_as_objects(tiny_spec):
+    with pytest.raises(TargetError, match=r"^target must be a name \(llvm, avx2, cuda, sm_90...\) or a target JSON "
+                                          r"file, got None$"):
+        mixer_compile.compile(tiny_spec, target=None)
+    with pytest.raises(SpecError, match=r"^batch must be a positive integer or a range MIN-MAX .* got -1$"):
+        mixer_compile.compile(tiny_spec, batch=-1)
+    compiled = mixer_compile.compile(tiny_spec, dtype=torch.float16)  # as np.float16, or "float16"
+    assert compiled.metadata.precision["dtype"] == "float16" and compiled.compile_result.validation.passed
 
 
 def test_a_batch_that_cannot_fit_is_refused_before_any_work(tmp_path, capsys):
@@ -213,3 +223,13 @@ def test_save_waits_for_a_writer_of_its_destination_and_refuses_a_foreign_one(wi
     with pytest.raises(mixer_compile.errors.ArtifactError, match="exists and is not a mixer-compile artifact"):
         compiled.save(tmp_path / "foreign")
     assert not list(tmp_path.glob(".foreign.*"))  # nothing half-written left beside it
+
+
+def test_save_refuses_an_artifact_rebuilt_since_it_was_loaded(tmp_path, tiny_spec):
+    source = tmp_path / "served"
+    old = mixer_compile.compile(tiny_spec, batch=2, seed=1, out_dir=source)
+    mixer_compile.compile(tiny_spec.replace(num_classes=7), batch=2, seed=2, out_dir=source)
+    with pytest.raises(ArtifactError, match=r"^artifact '.*served' changed on disk since it was loaded \(model.so, "
+                                            r"weights.params\); load it again to save what is there now$"):
+        old.save(tmp_path / "copy")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["served"]

@@ -206,6 +206,8 @@ def parse_batch(batch: Any) -> tuple[int, int]:
         low, high = parts[0], parts[-1]
     else:
         raise SpecError(f"batch must be a positive integer or a range MIN-MAX (e.g. 8 or 1-16), got {batch!r}")
+    if low == high and low < 1:
+        raise SpecError(f"batch must be a positive integer or a range MIN-MAX (e.g. 8 or 1-16), got {batch!r}")
     if not 0 < low <= high:
         raise SpecError(f"batch range {low}-{high} is empty or not positive; give MIN-MAX with 0 < MIN <= MAX")
     return low, high
