@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import datetime
 import platform
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -114,7 +115,8 @@ def compile_model(opts: CompileOptions, progress: Progress | None = None) -> Com
     with progress.stage("build", f"{target.name}: {target.config}"):
         if backend.TUNABLE and not tuning:
             database, tuning = _tuning_records(opts, spec, target, progress, batches)
-        executable = backend.build(model.module, target, database, on_applied=lambda a: _applied(a, tuning, progress))
+        executable = backend.build(model.module, target, database,
+                                   on_applied=lambda a: _applied(a, tuning, progress, opts.db))
 
     def rebuild(at_most: int) -> tuple[Any, list[Any], int]:  # the same model at a batch <= at_most
         batch = min(at_most, spec.batch)
@@ -238,6 +240,12 @@ def _tuning_records(opts: CompileOptions, spec: MixerSpec, target: TargetInfo,
     return database, {"databases": [str(Path(d).resolve()) for d in dirs], "tuned_now": opts.tune}
 
 
-def _applied(applied: Any, tuning: dict[str, Any], progress: Progress) -> None:
+def _applied(applied: Any, tuning: dict[str, Any], progress: Progress, db: Path | None) -> None:
+    """Records how the kernels got their schedules; warns when a database the user named served
+    none of them (another model's, or another target's: likely a mistake). The default cache
+    and the shipped records serving none is the normal case of a new model, said, not warned."""
     tuning.update(applied.to_dict())
     progress.say(f"      {applied.summary()}")
+    if db is not None and applied.kernels and not applied.tuned:
+        warnings.warn(f"the tuning database '{db}' applied to none of the {applied.kernels} kernels: every kernel "
+                      "runs its default schedule (tune to refine them)", UserWarning, stacklevel=2)

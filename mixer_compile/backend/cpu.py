@@ -232,9 +232,6 @@ def schedule_kernels(fused: tvm.IRModule, target: TargetInfo, database: Any = No
             continue
         (applied.tuned if from_record else applied.defaults).append(name)
         mod = _replace(mod, gv, _mark(cpu_schedules.likely_guards(scheduled).mod["main"], func))
-    if database is not None and applied.kernels and not applied.tuned:
-        warnings.warn(f"the tuning database applied to none of the {applied.kernels} kernels: every kernel runs "
-                      "its default schedule (tune to refine them)", UserWarning, stacklevel=3)
     if applied.untuned:
         warnings.warn(f"{len(applied.untuned)} of {applied.kernels} kernels got no schedule and run as plain "
                       f"loops, {SLOWDOWN} slower than scheduled: {', '.join(applied.untuned)} (no record and no "
