@@ -175,9 +175,12 @@ def cmd_import_onnx(args: argparse.Namespace) -> int:
           f"C {s.hidden_dim}, D_S {s.tokens_mlp_dim}, D_C {s.channels_mlp_dim}, {s.num_classes} classes, "
           f"{s.resolved_gelu} GELU")
     print(f"  checkpoint {r.checkpoint}  spec {r.spec_file}")
+    if s.resolved_gelu == "erf":  # a .npz read without a spec is taken for the official JAX weights (tanh)
+        print(f"  (use them together, --spec {r.spec_file} --weights {r.checkpoint}: the spec says erf GELU)")
     print(f"  recognised model vs onnxruntime: {r.recognition.summary()}")
     print(f"  compiled vs reference:           {r.compiled.validation.summary()}")
-    print(f"  compiled vs onnxruntime:         {r.against_onnx.summary()}")
+    print(f"  compiled vs onnxruntime:         "
+          f"{r.against_onnx.summary() if r.against_onnx else 'not run here (a build for another machine)'}")
     print(f"  artifact   {r.compiled.artifact}")
     return 0
 
@@ -195,7 +198,9 @@ def cmd_resize_weights(args: argparse.Namespace) -> int:
     from mixer_compile.frontends.resize import resize_checkpoint
 
     spec = _load_spec(args)
-    large, spec_file = resize_checkpoint(Path(args.weights), spec, _image_size(args.image_size), Path(args.output))
+    given = Path(args.spec) if args.spec and Path(args.spec).is_file() else None
+    large, spec_file = resize_checkpoint(Path(args.weights), spec, _image_size(args.image_size), Path(args.output),
+                                         given)
     k = large.tokens // spec.tokens
     print(f"resized {args.weights} from {spec.image_size[0]}x{spec.image_size[1]} to "
           f"{large.image_size[0]}x{large.image_size[1]}: S {spec.tokens} -> {large.tokens}, "
@@ -220,10 +225,11 @@ def cmd_viz(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    from mixer_compile.backend.target import get_target
     from mixer_compile.tools.report import write_report
     from mixer_compile.tools.report.compare import estimate_lines
 
-    model = (_load_spec(args), args.form, args.dtype) if args.spec else None
+    model = (_load_spec(args), args.form, args.dtype, get_target(args.target).config) if args.spec else None
     files = write_report(args.inputs, Path(args.output), model,
                          warn=lambda m: print(f"warning: {m}", file=sys.stderr))
     c = files.comparison
@@ -371,6 +377,7 @@ def parser() -> argparse.ArgumentParser:
     _spec_args(p, default=None)
     p.add_argument("--form", choices=list(FORMS), default="matmul", help="IR form of --spec (default matmul)")
     p.add_argument("--dtype", choices=list(DTYPES), default="float32", help="precision of --spec (default float32)")
+    p.add_argument("--target", default="llvm", help="target --spec was tuned for (default llvm)")
     p.set_defaults(fn=cmd_report)
 
     p = sub.add_parser("tune", help="tune the kernels of a spec with MetaSchedule into a database (resumable)")

@@ -55,7 +55,7 @@ from typing import Any
 
 import numpy as np
 
-from mixer_compile.artifact.format import LIBRARY, METADATA, WEIGHTS, BatchRange, read_metadata, sha256
+from mixer_compile.artifact.format import LIBRARY, METADATA, WEIGHTS, BatchRange, Metadata, read_metadata, sha256
 from mixer_compile.artifact.place import refuse_foreign, staged
 from mixer_compile.errors import ArtifactError, InputError
 from mixer_compile.util.stderr import TVM_LOAD_NOISE, without_stderr_lines
@@ -128,7 +128,7 @@ class CompiledMixer:
         use_all_cores()  # before the pool starts: TVM alone would use half the cores on x86
         self.path = Path(artifact_dir).resolve()
         self.metadata = read_metadata(self.path)
-        self._check_machine(tvm)
+        check_machine(self.metadata, f"artifact '{self.path}'")
         self._check_files()
         self.input_shape = tuple(self.metadata.input["shape"])  # at the largest batch served
         self.input_dtype = self.metadata.input["dtype"]
@@ -155,16 +155,6 @@ class CompiledMixer:
             self._params = [loaded[n] if on_cpu else loaded[n].copyto(self._device) for n in order]
         self._on_cpu = on_cpu
         self._turns = threading.Lock()  # a GPU's calls take turns (module docstring)
-
-    def _check_machine(self, tvm: Any) -> None:
-        where = f"artifact '{self.path}'"
-        check_tvm_version(self.metadata.tvm_version, tvm.__version__, where)
-        requires = self.metadata.target.get("requires") or {}
-        if "gpu_arch" in requires:
-            check_gpu(requires["gpu_arch"], gpu_arch(local_gpu()), where)
-        if "cpu" in requires:
-            check_cpu(requires["cpu"], where)
-        load_runtime_libraries(self.metadata.runtime_libraries or [], where)
 
     def _check_files(self) -> None:
         sizes = self.metadata.file_sizes
@@ -313,6 +303,20 @@ class CompiledMixer:
         spec = self.metadata.spec
         return (f"CompiledMixer({spec.get('name')}, batch {self.batches.describe()}, "
                 f"{self.metadata.target.get('name')}, '{self.path}')")
+
+
+def check_machine(metadata: Metadata, where: str) -> None:
+    """Refuses (ArtifactError) an artifact this machine cannot run: another TVM, a CPU without
+    the build's features, no GPU or another GPU, a run-time library missing."""
+    import tvm
+
+    check_tvm_version(metadata.tvm_version, tvm.__version__, where)
+    requires = metadata.target.get("requires") or {}
+    if "gpu_arch" in requires:
+        check_gpu(requires["gpu_arch"], gpu_arch(local_gpu()), where)
+    if "cpu" in requires:
+        check_cpu(requires["cpu"], where)
+    load_runtime_libraries(metadata.runtime_libraries or [], where)
 
 
 def _torch_tensor(tvm: Any, x: Any) -> Any:

@@ -191,6 +191,29 @@ def test_cli_import_error_is_one_line(tmp_path, capsys):
     assert not (tmp_path / "a").exists()
 
 
+def test_import_and_export_refusals_name_the_problem_and_write_nothing(spec, tmp_path, capsys, monkeypatch):
+    w = random_weights(spec)
+    _torch_onnx(spec, w, tmp_path / "timm.onnx")
+    torch.onnx.export(torch_mixer(spec, w).half(), (torch.zeros(1, 3, *spec.image_size, dtype=torch.float16),),
+                      str(tmp_path / "half.onnx"), dynamo=False, opset_version=17)
+    (tmp_path / "empty.onnx").write_bytes(b"")
+    np.savez(tmp_path / "w.npz", **w)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    for args, message in (
+            (["import-onnx", "timm.onnx", "--target", "nosuch", "-o", "a"], "unknown target 'nosuch'"),
+            (["import-onnx", "half.onnx", "-o", "a"], "the model's input is float16; export it in float32"),
+            (["import-onnx", "empty.onnx", "-o", "a"], "'empty.onnx' is empty, not an ONNX model"),
+            (["import-onnx", ".", "-o", "a"], "'.' is a directory; give the .onnx file"),
+            (["export-onnx", "--spec", "x.json", "--weights", "w.npz", "-o", "m.txt"], "must be a .onnx file")):
+        if args[0] == "export-onnx":
+            (tmp_path / "x.json").write_text(json.dumps(spec.to_dict()))
+            before = sorted(set(before) | {"x.json"})
+        monkeypatch.chdir(tmp_path)
+        rc = main(args)
+        assert rc == 2 and message in capsys.readouterr().err.splitlines()[-1], args
+        assert sorted(p.name for p in tmp_path.iterdir()) == before, args
+
+
 def test_cli_import_into_a_foreign_directory_writes_nothing(spec, tmp_path, capsys):
     _torch_onnx(spec, random_weights(spec), tmp_path / "timm.onnx")
     (tmp_path / "notart").mkdir()

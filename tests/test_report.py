@@ -162,6 +162,7 @@ def test_artifact_input_gives_task_names_calls_and_shares(dbs, tmp_path):
     assert est.kernels == len([r for r in c.rows if r.in_model]) and est.counted == len(tuned)
     assert est.latency == pytest.approx(sum(r.cells[0].calls * r.cells[0].best for r in tuned))
     assert names["layer_norm"].calls == 2 * SPEC.num_blocks + 1  # two per block and the final one
+    assert all(r.in_model for r in c.rows)  # not the other models' kernels of the databases it was built with
     not_tuned = [r for r in c.rows if r.in_model and r.cells[0] is None]
     md = (tmp_path / "rep" / "report.md").read_text()
     for r in not_tuned:
@@ -211,3 +212,24 @@ def test_bad_inputs_are_refused_by_message(dbs, tmp_path, capsys):
         write_report([garbage], tmp_path / "rep")
     assert main(["report", str(empty), "-o", str(tmp_path / "rep")]) == 2
     assert "error: " in capsys.readouterr().err
+    (tmp_path / "file.md").write_text("mine")
+    with pytest.raises(TuningError, match="is a file; -o names the report directory"):
+        write_report([dbs[0]], tmp_path / "file.md")
+
+
+def test_a_database_of_another_model_is_said_and_an_artifact_without_records_refused(dbs, tmp_path, capsys,
+                                                                                   monkeypatch):
+    from mixer_compile.compiler import CompileOptions, compile_model
+    from mixer_compile.util.progress import Progress
+
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps(MixerSpec("other", (16, 16), 8, 24, 8, 48, 1, num_classes=5).to_dict()))
+    assert main(["report", str(dbs[0]), "--spec", str(other), "--target", RUN_A, "-o", str(tmp_path / "rep")]) == 0
+    assert "is a kernel of other" in capsys.readouterr().err
+    monkeypatch.setenv("MIXER_COMPILE_CACHE", str(tmp_path / "cache"))  # no user records: the shipped ones only
+    art = tmp_path / "art"
+    compile_model(CompileOptions(spec=SPEC, target="avx2", out_dir=art), Progress(6, quiet=True))
+    assert main(["report", str(art), "-o", str(tmp_path / "rep2")]) == 2
+    assert "has no tuning record for any of its kernels (each ran its default schedule): nothing to report" \
+        in capsys.readouterr().err
+    assert not (tmp_path / "rep2").exists()

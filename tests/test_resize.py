@@ -105,3 +105,21 @@ def test_cli_refuses_to_write_over_its_input(small, tmp_path, capsys):
     assert rc == 2
     assert "is the input checkpoint; write the resized one to another file" in capsys.readouterr().err
     assert src.read_bytes() == before and not (tmp_path / "ckpt.json").exists()
+
+
+def test_cli_refuses_what_would_clobber_an_input_or_leave_half_an_output(small, tmp_path, capsys):
+    """The resized spec over the --spec it was given, a directory where the spec goes, the model's
+    own size: each refused before anything is written."""
+    src = write_weights(random_weights(small), tmp_path / "ckpt.npz")
+    spec_file = tmp_path / "mine.json"
+    spec_file.write_text(json.dumps(small.to_dict()))
+    (tmp_path / "x.json").mkdir()
+    for out, size, message in (
+            ("mine.npz", "32x48", "the resized spec would be written over the input spec"),
+            ("x.npz", "32x48", "x.json' is a directory; -o names the checkpoint to write"),
+            ("same.npz", "x".join(map(str, small.image_size)), "is the model's own; give a larger one")):
+        rc = main(["resize-weights", "--weights", str(src), "--spec", str(spec_file), "--image-size", size,
+                   "-o", str(tmp_path / out)])
+        assert rc == 2 and message in capsys.readouterr().err, out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.npz", "mine.json", "x.json"]
+    assert json.loads(spec_file.read_text()) == small.to_dict()

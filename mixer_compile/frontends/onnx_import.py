@@ -430,6 +430,11 @@ def _fixed_batch(model: onnx.ModelProto) -> tuple[str, list[int], bool]:
     if len(inputs) != 1 or len(graph.output) != 1:
         raise MixerCompileError(f"ONNX graph is not a Mixer this importer recognises: expected one image input and "
                                 f"one output, found {len(inputs)} inputs and {len(graph.output)} outputs")
+    elem = inputs[0].type.tensor_type.elem_type
+    if elem != onnx.TensorProto.FLOAT:
+        raise MixerCompileError(f"the model's input is {onnx.TensorProto.DataType.Name(elem).lower()}; export it in "
+                                "float32 (model.float() before torch.onnx.export): half precision is a compile "
+                                "option (--dtype float16)")
     dims = inputs[0].type.tensor_type.shape.dim
     shape = [d.dim_value if d.HasField("dim_value") else 0 for d in dims]
     if len(shape) != 4 or any(d <= 0 for d in shape[1:]):
@@ -440,12 +445,18 @@ def _fixed_batch(model: onnx.ModelProto) -> tuple[str, list[int], bool]:
 
 
 def load_onnx(path: Path) -> onnx.ModelProto:
+    if Path(path).is_dir():
+        raise MixerCompileError(f"'{path}' is a directory; give the .onnx file")
     if not Path(path).is_file():
         raise MixerCompileError(f"ONNX file '{path}' does not exist")
+    if Path(path).stat().st_size == 0:
+        raise MixerCompileError(f"'{path}' is empty, not an ONNX model; export it again")
     try:
         return onnx.load(str(path))
-    except Exception as exc:  # protobuf's DecodeError and friends
-        raise MixerCompileError(f"'{path}' is not a readable ONNX file ({type(exc).__name__})") from None
+    except Exception as exc:  # protobuf's DecodeError, a missing external-data file, and friends
+        why = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+        raise MixerCompileError(f"'{path}' is not a readable ONNX file ({type(exc).__name__}"
+                                f"{': ' + why if why else ''})") from None
 
 
 def recognise(model: onnx.ModelProto, name: str = "onnx_mixer", batch: int | None = None) -> ImportedMixer:

@@ -29,6 +29,8 @@ from mixer_compile.frontends.write import write_weights
 def resized_spec(spec: MixerSpec, image_size: tuple[int, int]) -> MixerSpec:
     """The spec at `image_size`, which must be an integer multiple of the original per axis."""
     (h, w), (nh, nw) = spec.image_size, image_size
+    if (nh, nw) == (h, w):
+        raise SpecError(f"image size {nh}x{nw} is the model's own; give a larger one, e.g. {2 * h}x{2 * w}")
     if nh % h or nw % w or nh < h or nw < w:
         raise SpecError(f"image size {nh}x{nw} is not an integer multiple of {h}x{w}; "
                         f"use e.g. {2 * h}x{2 * w} (the paper grows the resolution by an integer factor K)")
@@ -73,20 +75,28 @@ def resize_weights(weights: Weights, spec: MixerSpec, image_size: tuple[int, int
     return out, large
 
 
-def resize_checkpoint(path: Path, spec: MixerSpec, image_size: tuple[int, int], out: Path) -> tuple[MixerSpec, Path]:
+def resize_checkpoint(path: Path, spec: MixerSpec, image_size: tuple[int, int], out: Path,
+                      spec_file: Path | None = None) -> tuple[MixerSpec, Path]:
     """Reads a checkpoint, writes the expanded one to `out` in the same format and its spec beside it.
 
-    Returns the new spec and the path of its JSON file (`out` with the suffix .json).
+    Returns the new spec and the path of its JSON file (`out` with the suffix .json). Neither
+    may be an input (the checkpoint, `spec_file`): both are refused before anything is written.
     """
+    spec_path = out.with_suffix(".json")
     if out.resolve() == path.resolve():
         raise WeightsError(f"output '{out}' is the input checkpoint; write the resized one to another file "
                            f"(e.g. '{out.with_name(out.stem + '_resized' + out.suffix)}')")
+    if spec_file is not None and spec_path.resolve() == spec_file.resolve():
+        raise WeightsError(f"the resized spec would be written over the input spec '{spec_file}'; name the "
+                           f"output otherwise (e.g. '{out.with_name(out.stem + '_resized' + out.suffix)}')")
+    if out.is_dir() or spec_path.is_dir():
+        raise WeightsError(f"'{out if out.is_dir() else spec_path}' is a directory; -o names the checkpoint to "
+                           f"write (e.g. '{out.with_suffix(path.suffix).name}'), its spec goes beside it as .json")
     if checkpoint_format(out) != checkpoint_format(path):
         raise WeightsError(f"output '{out}' must have the input's checkpoint format ({path.suffix}); "
                            f"name it e.g. '{out.with_suffix(path.suffix)}'")
     weights, _ = load_weights(path, spec)
     big, large = resize_weights(weights, spec, image_size)
-    spec_path = out.with_suffix(".json")
     write_weights(big, out)
     write_bytes(spec_path, (json.dumps(large.to_dict(), indent=2) + "\n").encode())
     return large, spec_path

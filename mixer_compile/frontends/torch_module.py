@@ -54,8 +54,9 @@ def spec_from_weights(weights: Weights, name: str = "checkpoint", image_size: tu
     if image_size is None:
         side = math.isqrt(tokens)
         if side * side != tokens:
-            raise SpecError(f"{name} has {tokens} tokens, not a square grid; give the image size "
-                            "(image_size=(height, width))")
+            raise SpecError(f"{name} has {tokens} tokens, not a square grid; give the image size: a spec "
+                            "file with image_size = [height, width] (--spec), or image_size=(height, width) "
+                            "in Python")
         image_size = (side * p, side * p)
     if (image_size[0] // p) * (image_size[1] // p) != tokens:
         raise SpecError(f"{name} has {tokens} tokens of patch {p}; image size {image_size[0]}x{image_size[1]} "

@@ -67,6 +67,8 @@ def validate_onnx(model: onnx.ModelProto, spec: MixerSpec, weights: dict[str, np
 def export_onnx(spec: MixerSpec, out: Path, weights_path: Path | None = None, seed: int = 0,
                 form: str = "conv", progress: Progress | None = None) -> ExportResult:
     out = Path(out)
+    if out.suffix.lower() != ".onnx" and not out.is_dir():
+        raise MixerCompileError(f"output '{out}' must be a .onnx file (e.g. '{out.with_suffix('.onnx').name}')")
     problem = "it is a directory" if out.is_dir() else why_unwritable(out.parent)
     if problem:  # before the export's work, not after it
         raise MixerCompileError(f"cannot write '{out}': {problem}; give -o a .onnx file path this user can write")

@@ -19,7 +19,8 @@ from mixer_compile.check import ort
 from mixer_compile.model import reference
 from mixer_compile.util.atomic import write_bytes
 from mixer_compile.compiler import CompileOptions, CompileResult, compile_model
-from mixer_compile.errors import ValidationError
+from mixer_compile.backend.target import get_target
+from mixer_compile.errors import ArtifactError, ValidationError
 from mixer_compile.frontends.onnx_import import ImportedMixer, import_onnx
 from mixer_compile.util.progress import Progress
 from mixer_compile.check.validate import FP32_TOLERANCE, Validation, compare, random_images
@@ -33,7 +34,7 @@ class OnnxCompileResult:
     spec_file: Path
     recognition: Validation
     compiled: CompileResult
-    against_onnx: Validation
+    against_onnx: Validation | None  # None: the build is for another machine (compile's validation says how)
 
 
 def _against_onnx(sess, run, imported: ImportedMixer, what: str, seed: int) -> Validation:
@@ -48,6 +49,7 @@ def _against_onnx(sess, run, imported: ImportedMixer, what: str, seed: int) -> V
 def compile_onnx(path: Path, out_dir: Path, target: str = "llvm", form: str = "matmul", batch: int | None = None,
                  seed: int = 1234) -> OnnxCompileResult:
     refuse_foreign(Path(out_dir))  # before the checkpoint and spec are written beside it
+    get_target(target)  # an unknown target too
     progress = Progress(3)
     with progress.stage("import", str(path)):
         imported = import_onnx(path, batch)
@@ -72,6 +74,11 @@ def compile_onnx(path: Path, out_dir: Path, target: str = "llvm", form: str = "m
     with progress.stage("validate", "compiled module vs ONNX Runtime on the file"):
         from mixer_compile import runtime
 
+        try:  # a build for another machine (--target cuda here, say) was validated as compile does it
+            runtime.check_machine(compiled.metadata, f"the {target} build")
+        except ArtifactError as exc:
+            progress.say(f"      not run here: {exc}")
+            return OnnxCompileResult(imported, checkpoint, spec_file, recognition, compiled, None)
         model = runtime.load(compiled.artifact)
         against = _against_onnx(sess, lambda x: model(x), imported, "the compiled module", seed)
         progress.say(f"      {against.summary()}")

@@ -29,11 +29,11 @@ class ReportFiles:
     comparison: Comparison
 
 
-def write_report(inputs: list[str | Path], out_dir: str | Path, model: tuple[Any, str, str] | None = None,
+def write_report(inputs: list[str | Path], out_dir: str | Path, model: tuple[Any, str, str, dict] | None = None,
                  warn: Callable[[str], None] | None = None) -> ReportFiles:
     """Reads `inputs` (database or artifact directories), writes the report into `out_dir`.
 
-    `model` = (spec, form, dtype) gives the calls per kernel for bare databases; `warn`
+    `model` = (spec, form, dtype, target config) gives the calls per kernel for bare databases; `warn`
     receives one message per skipped line of the inputs (default: a TuningWarning each).
     """
     from mixer_compile.tools.report import plots, render
@@ -53,13 +53,15 @@ def write_report(inputs: list[str | Path], out_dir: str | Path, model: tuple[Any
                 warnings.warn(problem, TuningWarning, stacklevel=2)
     comparison = compare(logs)
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise TuningError(f"'{out}' is a file; -o names the report directory (report.html, report.md)")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise TuningError(f"cannot create report directory '{out}': {exc.strerror}") from None
-    md = _write(out / "report.md", render.markdown(comparison))
-    page = _write(out / "report.html", render.page(comparison, plots.convergence(comparison), plots.bars(comparison)))
-    return ReportFiles(page, md, comparison)
+    page = render.page(comparison, plots.convergence(comparison), plots.bars(comparison))  # before any write
+    md = render.markdown(comparison)
+    return ReportFiles(_write(out / "report.html", page), _write(out / "report.md", md), comparison)
 
 
 def _write(path: Path, text: str) -> Path:

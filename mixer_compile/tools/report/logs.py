@@ -70,9 +70,9 @@ class TuningLog:
     problems: list[str] = field(default_factory=list)
 
 
-def read_input(path: str | Path, model: tuple[Any, str, str] | None = None) -> TuningLog:
-    """A database directory or an artifact directory; `model` = (spec, form, dtype) names the
-    model when the input does not (a bare database)."""
+def read_input(path: str | Path, model: tuple[Any, str, str, dict[str, Any]] | None = None) -> TuningLog:
+    """A database directory or an artifact directory; `model` = (spec, form, dtype, target
+    config) names the model when the input does not (a bare database)."""
     path = Path(path)
     if not path.is_dir():
         raise TuningError(f"'{path}' is not a directory: give a tuning database directory "
@@ -80,7 +80,11 @@ def read_input(path: str | Path, model: tuple[Any, str, str] | None = None) -> T
     if (path / WORKLOADS).is_file() or (path / RECORDS).is_file():
         log = read_database(path)
         if model is not None:
-            _attach_model(log, *model, target_config=None)
+            _attach_model(log, *model)
+            if not any(key in log.model for key in log.tasks):
+                log.problems.append(f"none of the {len(log.tasks)} kernels of '{path}' is a kernel of "
+                                    f"{log.model_name}: another model's database, or give the --form, --dtype "
+                                    "and --target it was tuned for")
         return log
     if (path / "metadata.json").is_file():
         return _read_artifact(path)
@@ -182,7 +186,12 @@ def _read_artifact(path: Path) -> TuningLog:
             log.tasks.setdefault(key, TaskLog(task.kernel)).trials.extend(task.trials)
     log.label, log.source = path.name, path
     spec = spec_from_dict(meta.spec, name=meta.spec.get("name"))
-    _attach_model(log, spec, meta.form, meta.precision.get("dtype", "float32"), target_config=meta.target["config"])
+    _attach_model(log, spec, meta.form, meta.precision.get("dtype", "float32"), meta.target["config"])
+    # the databases applied (the shipped ones among them) hold other models' kernels too
+    log.tasks = {key: task for key, task in log.tasks.items() if key in log.model}
+    if not log.tasks:
+        raise TuningError(f"artifact '{path}' has no tuning record for any of its kernels (each ran its "
+                          "default schedule): nothing to report; tune it (`mixer-compile tune`) and rebuild")
     return log
 
 
@@ -196,20 +205,20 @@ def artifact_databases(path: Path, meta: Any) -> list[Path]:
     return [Path(p) if Path(p).is_absolute() else path / p for p in paths]
 
 
-def _attach_model(log: TuningLog, spec: Any, form: str, dtype: str, target_config: dict[str, Any] | None) -> None:
+def _attach_model(log: TuningLog, spec: Any, form: str, dtype: str, target_config: dict[str, Any]) -> None:
     log.model = _model_kernels(spec, form, dtype, target_config)
     log.model_name = f"{spec.fingerprint()}, form {form}"
 
 
-def _model_kernels(spec: Any, form: str, dtype: str, target_config: dict[str, Any] | None) -> dict[int, ModelTask]:
-    """Kernel structural hash -> (task name, calls) for the model `spec` built in `form`: the
-    tasks of the one composition (compose.model_tasks), so they hash to the databases' keys."""
+def _model_kernels(spec: Any, form: str, dtype: str, target_config: dict[str, Any]) -> dict[int, ModelTask]:
+    """Kernel structural hash -> (task name, calls) for the model `spec` built in `form` for the
+    target: the tasks of the one composition (compose.model_tasks), so they hash to the
+    databases' keys."""
     import tvm_ffi
 
-    from mixer_compile.backend.target import TargetInfo, get_target
+    from mixer_compile.backend.target import TargetInfo
     from mixer_compile.compose import model_tasks
 
-    target = TargetInfo("report", "", target_config) if target_config else get_target("llvm")
-    tasks = model_tasks(spec, target, form, dtype)
+    tasks = model_tasks(spec, TargetInfo("report", "", target_config), form, dtype)
     keys = [tvm_ffi.structural_hash(t.mod) for t in tasks]
     return {key: ModelTask(t.name, t.calls, describe_kernel(key, t.mod)) for key, t in zip(keys, tasks)}

@@ -61,7 +61,9 @@ def bars(comparison: Comparison) -> bytes:
     rows = [r for r in comparison.rows if r.in_model]
     n = len(comparison.logs)
     width = 0.8 / n
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.6 * len(rows) * n + 2), 4), layout="constrained")
+    # no constrained layout: rotated kernel names longer than the axes are tall collapse it; the
+    # tight bounding box of the saved picture makes room for them
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.6 * len(rows) * n + 2), 4))
     for i, log in enumerate(comparison.logs):
         xs = [j + (i - (n - 1) / 2) * width for j in range(len(rows))]
         ys = [(c.calls * c.best * 1e3) if c is not None and c.best is not None else 0.0
