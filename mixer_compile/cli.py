@@ -219,8 +219,9 @@ def cmd_viz(args: argparse.Namespace) -> int:
     picture, _, columns = assemble(units, spec.grid, args.columns)
     height, width = save_picture(picture, args.output, args.scale)
     rows = -(-units.shape[1] // columns)
-    print(f"drew {units.shape[1]} token-mixing units of block {args.block} ({spec.grid[0]}x{spec.grid[1]} each, "
-          f"{rows}x{columns} tiles, {width}x{height} px) to {args.output}")
+    of_all = f" (all the block has; --units asked for {args.units})" if units.shape[1] < args.units else ""
+    print(f"drew {units.shape[1]} token-mixing units of block {args.block}{of_all} ({spec.grid[0]}x{spec.grid[1]} "
+          f"each, {rows}x{columns} tiles, {width}x{height} px) to {args.output}")
     return 0
 
 

@@ -43,6 +43,7 @@ def test_tiles_hold_the_weights(spec):
         np.testing.assert_array_equal(picture[r * 4:r * 4 + 3, c * 5:c * 5 + 4], kernel[:, unit].reshape(3, 4))
     assert np.isnan(picture[3, :]).all() and np.isnan(picture[:, 4]).all()
     assert np.isnan(picture[8:, 10:]).all()  # tiles 10 and 11 are empty
+    assert assemble(kernel, spec.grid, columns=100)[2] == 10  # no columns beyond the units
 
 
 def test_cli_png_pixels_are_the_weights(spec, tmp_path, capsys):

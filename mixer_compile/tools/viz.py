@@ -68,7 +68,7 @@ def assemble(kernel: np.ndarray, grid: tuple[int, int], columns: int | None = No
     r*(gh+1) .. r*(gh+1)+gh-1 and columns c*(gw+1) .. c*(gw+1)+gw-1.
     """
     n = kernel.shape[1]
-    columns = columns or 2 * max(1, math.ceil(math.sqrt(n / 2)))
+    columns = min(columns or 2 * max(1, math.ceil(math.sqrt(n / 2))), n)  # no empty columns
     if columns % 2 and n > 1:
         columns += 1  # pairs stay side by side
     order = unit_order(kernel, grid)
