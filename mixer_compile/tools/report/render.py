@@ -18,15 +18,16 @@ def _inputs(c: Comparison) -> list[str]:
     return lines
 
 
-def _notes(c: Comparison) -> list[str]:
-    notes = []
-    if not c.weights_known:
-        notes.append("The model is unknown (a bare database): every kernel is counted once. Give an artifact, "
-                     "or --spec, for the calls per kernel.")
-    for row, have, lack in c.missing():
-        notes.append(f"{row.name} ({row.kernel.operator}, {row.kernel.shapes}) is in "
-                     f"{', '.join(have) or 'the model only'}; not in {', '.join(lack)}")
-    return notes
+def _model_note(c: Comparison) -> list[str]:
+    if c.weights_known:
+        return []
+    return ["The model is unknown (a bare database): every kernel is counted once. Give an artifact, "
+            "or --spec, for the calls per kernel."]
+
+
+def _missing(c: Comparison) -> list[str]:
+    return [f"{row.name} ({row.kernel.operator}, {row.kernel.shapes}) is in {', '.join(have) or 'the model only'}; "
+            f"not in {', '.join(lack)}" for row, have, lack in c.missing()]
 
 
 def _problems(c: Comparison) -> list[str]:
@@ -40,9 +41,10 @@ def markdown(c: Comparison) -> str:
     out += ["", "## Estimated model latency", ""] + [f"- {line}" for line in estimate_lines(c)]
     out += ["", "## Kernels", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     out += ["| " + " | ".join(cell.replace("|", "/") for cell in row) + " |" for row in rows]
-    notes = _notes(c)
-    if notes:
-        out += ["", "## Kernels not in every input", ""] + [f"- {n}" for n in notes]
+    for note in _model_note(c):
+        out += ["", note]
+    if _missing(c):
+        out += ["", "## Kernels not in every input", ""] + [f"- {n}" for n in _missing(c)]
     problems = _problems(c)
     if problems:
         out += ["", "## Skipped lines", ""] + [f"- {p}" for p in problems]
@@ -65,9 +67,9 @@ def page(c: Comparison, convergence_png: bytes, bars_png: bytes) -> str:
         "<h2>Kernels</h2>", "<table><tr>" + "".join(f"<th>{esc(h)}</th>" for h in header) + "</tr>",
         *("<tr>" + "".join(f"<td>{esc(v)}</td>" for v in row) + "</tr>" for row in rows), "</table>",
     ]
-    notes = _notes(c)
-    if notes:
-        body += ["<h2>Kernels not in every input</h2>", items(notes)]
+    body += [f"<p>{esc(note)}</p>" for note in _model_note(c)]
+    if _missing(c):
+        body += ["<h2>Kernels not in every input</h2>", items(_missing(c))]
     problems = _problems(c)
     if problems:
         body += ["<h2>Skipped lines</h2>", items(problems)]
