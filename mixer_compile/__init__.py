@@ -7,11 +7,30 @@ Importing the package (as `import mixer_compile.runtime` does in a serving proce
 runtime side only; the compiler's entry points load on first use (PEP 562 `__getattr__`).
 """
 
+import os
+from pathlib import Path
 from typing import Any
 
-from mixer_compile.errors import MixerCompileError
-from mixer_compile.runtime import CompiledMixer, load
-from mixer_compile.version import __version__
+
+def _cache_home_without_a_home() -> None:
+    """TVM works out ~/.cache when it is imported and raises without a home directory (a
+    container's user with no passwd entry and no $HOME), as would our cache: such a user gets
+    a cache under the temporary directory instead (XDG_CACHE_HOME, which both read first)."""
+    if os.environ.get("XDG_CACHE_HOME"):
+        return
+    try:
+        Path.home()
+    except (RuntimeError, KeyError):
+        import tempfile
+
+        os.environ["XDG_CACHE_HOME"] = os.path.join(tempfile.gettempdir(), f"mixer-compile-cache-{os.getuid()}")
+
+
+_cache_home_without_a_home()
+
+from mixer_compile.errors import MixerCompileError  # noqa: E402 (after the cache home is settled)
+from mixer_compile.runtime import CompiledMixer, load  # noqa: E402
+from mixer_compile.version import __version__  # noqa: E402
 
 __all__ = ["CompiledMixer", "MixerCompileError", "MixerSpec", "__version__", "compile", "load", "load_spec"]
 

@@ -49,6 +49,7 @@ import shutil
 import sys
 import tempfile
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -127,9 +128,7 @@ class CompiledMixer:
 
         use_all_cores()  # before the pool starts: TVM alone would use half the cores on x86
         self.path = Path(artifact_dir).resolve()
-        self.metadata = read_metadata(self.path)
-        check_machine(self.metadata, f"artifact '{self.path}'")
-        self._check_files()
+        self._read_checked()
         self.input_shape = tuple(self.metadata.input["shape"])  # at the largest batch served
         self.input_dtype = self.metadata.input["dtype"]
         self.batches = BatchRange.from_metadata(self.metadata.batch, list(self.input_shape))
@@ -155,6 +154,28 @@ class CompiledMixer:
             self._params = [loaded[n] if on_cpu else loaded[n].copyto(self._device) for n in order]
         self._on_cpu = on_cpu
         self._turns = threading.Lock()  # a GPU's calls take turns (module docstring)
+
+    def _read_checked(self, attempts: int = 3) -> None:
+        """The metadata, checked against this machine and the files. A compile swapping a new
+        build into place meanwhile (two renames, artifact/place.py) can show a reader the old
+        metadata with the new files, or no directory for an instant: then it reads again."""
+        for attempt in range(attempts):
+            seen = None
+            try:
+                self.metadata = seen = read_metadata(self.path)
+                check_machine(self.metadata, f"artifact '{self.path}'")
+                self._check_files()
+                return
+            except ArtifactError:
+                if attempt == attempts - 1 or not self._replaced_since(seen):
+                    raise
+
+    def _replaced_since(self, seen: Metadata | None) -> bool:
+        time.sleep(0.05)
+        try:
+            return read_metadata(self.path) != seen
+        except ArtifactError:
+            return seen is not None  # gone for an instant after being there
 
     def _check_files(self) -> None:
         sizes = self.metadata.file_sizes

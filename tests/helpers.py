@@ -62,10 +62,11 @@ def rel_error(out: np.ndarray, ref: np.ndarray) -> float:
     return float(np.abs(np.asarray(out, np.float64) - ref).max() / np.abs(ref).max())
 
 
-def cli(*args: object, cwd: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+def cli(*args: object, cwd: Path | None = None, timeout: float = 300,
+        env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """`mixer-compile ARGS` in a fresh process, as a shell runs it; output captured as text."""
     return subprocess.run([sys.executable, "-m", "mixer_compile.cli", *map(str, args)], capture_output=True,
-                          text=True, timeout=timeout, cwd=cwd)
+                          text=True, timeout=timeout, cwd=cwd, env=env)
 
 
 def error_line(code: int, err: str) -> str:

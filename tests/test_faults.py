@@ -15,6 +15,7 @@ import pathlib
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from contextlib import contextmanager, nullcontext
@@ -71,6 +72,43 @@ def test_full_disk_for_real(tmp_path, tiny_toml):
         line = error_line(proc.returncode, proc.stderr)
         assert f"cannot write artifact to '{small / 'art'}'" in line and "No space left on device" in line
         assert list(small.iterdir()) == []
+
+
+def test_a_mount_point_or_a_small_temporary_directory_is_refused_before_the_build(tmp_path, tiny_toml):
+    """`docker run -v out:/out ... -o /out`: a mount point cannot be renamed onto, which failed
+    after the whole build; a temporary directory too small for the build's objects exited 1
+    without a word (LLVM's message went to the stderr we catch, in that same directory)."""
+    with tmpfs(tmp_path / "mnt", "size=1m") as mnt:
+        proc = cli("--spec", "tiny.toml", "-o", mnt, cwd=tmp_path)
+        line = error_line(proc.returncode, proc.stderr)
+        assert line == f"error: '{mnt}' is a mount point, which an artifact cannot be swapped onto; write it " \
+                       f"into the mount, e.g. -o {mnt / 'model'}"
+        proc = cli("--spec", "tiny.toml", "-o", "art", cwd=tmp_path, env={**os.environ, "TMPDIR": str(mnt)})
+        line = error_line(proc.returncode, proc.stderr)
+        assert line == f"error: the temporary directory '{mnt}' has 1 MB free; set TMPDIR to a directory " \
+                       "with at least 64 MB free"
+        assert list(mnt.iterdir()) == [] and not (tmp_path / "art").exists()
+
+
+def test_an_output_name_near_the_file_system_limit_gets_short_temporaries(tmp_path, tiny_toml):
+    """A 240-character name is valid; its staging directory and lock file, named after it with
+    the host and PID, were not (255 bytes at most), and failed after the whole build."""
+    name = "a" * 240
+    proc = cli("--spec", "tiny.toml", "-o", name, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / name / "metadata.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([name, "tiny.toml"])
+
+
+def test_an_unwritable_kernel_cache_is_one_line(tmp_path, monkeypatch):
+    from mixer_compile.backend import cutlass
+    from mixer_compile.errors import TargetError
+
+    with tmpfs(tmp_path / "ro", "ro") as ro:
+        monkeypatch.setenv("MIXER_COMPILE_CACHE", str(ro))
+        with pytest.raises(TargetError, match=f"^cannot write the kernel cache '{ro}/kernels': Read-only file "
+                                              "system; set MIXER_COMPILE_CACHE to a writable directory$"):
+            cutlass.compile_cached("int x;", ["g++", "-c", "SRC", "-o", "OBJ"], ".o", "a kernel")
 
 
 def test_no_permission_fails_before_the_build(tmp_path, tiny_toml):
@@ -141,6 +179,29 @@ def test_a_sigkilled_writers_leftovers_go_with_the_next_write(tmp_path):
     write_bytes(npz, b"whole")
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["art", "w.npz", live.name, foreign.name])
     assert npz.read_bytes() == b"whole"
+
+
+_NO_HOME = """
+import os, pathlib, tempfile
+os.environ.pop("HOME", None)
+os.environ.pop("XDG_CACHE_HOME", None)
+
+def no_home(cls=None):
+    raise RuntimeError("Could not determine home directory.")  # a uid without a passwd entry
+
+pathlib.Path.home = classmethod(no_home)
+import mixer_compile, tvm  # TVM works out ~/.cache on import
+from mixer_compile.tune.database import cache_root
+print(cache_root())
+"""
+
+
+def test_a_user_without_a_home_directory_gets_a_cache_in_the_temporary_directory():
+    """A container's user with no passwd entry and no $HOME: TVM raised on import, before any
+    of our code could say a word."""
+    proc = subprocess.run([sys.executable, "-c", _NO_HOME], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split()[-1] == f"{tempfile.gettempdir()}/mixer-compile-cache-{os.getuid()}/mixer-compile"
 
 
 def test_two_compiles_into_one_directory_give_one_good_artifact(tmp_path, tiny_toml, tiny_spec):

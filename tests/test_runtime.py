@@ -235,6 +235,29 @@ def test_an_artifact_rebuilt_in_place_loads_as_the_new_build(tmp_path, tiny_spec
     assert rel_error(runtime.load(out)(x), ref) < FP32
 
 
+def test_a_load_while_a_compile_swaps_the_artifact_reads_the_new_build(artifact, tmp_path, tiny_spec, monkeypatch):
+    """The loader read the old metadata, then the compile swapped the new build in: the new
+    files failed the old hashes ("altered, rebuild it"). It reads again and loads the new build."""
+    live = shutil.copytree(artifact, tmp_path / "live")
+    compile_model(CompileOptions(spec=tiny_spec, seed=4, out_dir=tmp_path / "new"), Progress(6, quiet=True))
+    real, calls = runtime.read_metadata, []
+
+    def read_then_swap(path):
+        meta = real(path)
+        calls.append(path)
+        if len(calls) == 1:  # the compile's two renames, just after the loader's first read
+            shutil.rmtree(live)
+            shutil.copytree(tmp_path / "new", live)
+        return meta
+
+    monkeypatch.setattr(runtime, "read_metadata", read_then_swap)
+    model = runtime.load(live)
+    assert len(calls) >= 2 and model.metadata.weights["seed"] == 4
+    x = _images()
+    ref = reference.forward(tiny_spec.replace(gelu="tanh"), random_weights(tiny_spec, 4), x)
+    assert rel_error(model(x), ref) < FP32
+
+
 def test_metadata_records_cpu_requirements(artifact):
     requires = json.loads((artifact / "metadata.json").read_text())["target"]["requires"]
     assert requires["cpu"]["arch"] == "x86_64" and "avx2" in requires["cpu"]["features"]

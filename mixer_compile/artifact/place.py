@@ -20,14 +20,14 @@ from typing import Iterator
 from mixer_compile.artifact.format import METADATA
 from mixer_compile.errors import ArtifactError
 from mixer_compile.util.locking import exclusive
-from mixer_compile.util.temps import claim_prefix
+from mixer_compile.util.temps import claim_prefix, short
 
 
 def _temp_dir_beside(out: Path) -> Path:
     """A new empty directory next to `out`, with the permissions a directory made there gets."""
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=claim_prefix(out.parent, f".{out.name}."), dir=out.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=claim_prefix(out.parent, f".{short(out.name)}."), dir=out.parent))
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would make the artifact private

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -46,15 +49,31 @@ def write_artifact(out_dir: str | Path, executable: Any, params: dict[str, np.nd
     return out
 
 
+TEMP_SPACE = 64 << 20  # what a build may write to the temporary directory before its output
+
+
 def check_writable(out_dir: str | Path) -> None:
     """Fails now, not after a long build, when the artifact could not be written to `out_dir`
-    (no permission, a read-only or full file system, a file or a foreign directory in the way).
-    Creates nothing that outlives the check, not even the missing parent directories."""
+    (no permission, a read-only or full file system, a file or a foreign directory in the way,
+    a mount point, a read-only artifact there, a temporary directory without room). Creates
+    nothing that outlives the check, not even the missing parent directories."""
     out = Path(out_dir).resolve()
     refuse_foreign(out)
+    if out.is_mount():  # a bind mount (docker -v): renaming onto it fails after the whole build
+        raise ArtifactError(f"'{out}' is a mount point, which an artifact cannot be swapped onto; "
+                            f"write it into the mount, e.g. -o {out / 'model'}")
+    if out.is_dir() and any(not os.access(p, os.W_OK) for p in (out, *out.iterdir())):
+        raise ArtifactError(f"'{out}' holds a read-only artifact (or another user's); make it writable "
+                            f"(chmod -R u+w '{out}') or choose another -o")
     problem = why_unwritable(out.parent)  # the artifact is built beside `out`, then swapped in
     if problem:
         raise ArtifactError(f"cannot write artifact to '{out}': {problem}")
+    problem = why_unwritable(tempfile.gettempdir())
+    free = shutil.disk_usage(tempfile.gettempdir()).free if not problem else 0
+    if problem or free < TEMP_SPACE:  # the build's objects are written there first
+        raise ArtifactError(f"the temporary directory '{tempfile.gettempdir()}' "
+                            f"{'is unusable: ' + problem if problem else f'has {free >> 20} MB free'}; "
+                            f"set TMPDIR to a directory with at least {TEMP_SPACE >> 20} MB free")
 
 
 def _linker_problem(exc: RuntimeError) -> str:

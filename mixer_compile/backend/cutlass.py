@@ -46,6 +46,7 @@ from typing import Any
 
 from mixer_compile.errors import TargetError
 from mixer_compile.lower.library import GemmKernel
+from mixer_compile.util.atomic import why_unwritable
 from mixer_compile.util.temps import claim_prefix
 
 # ---------------------------------------------------------------------------- GPU sources
@@ -639,8 +640,12 @@ def compile_cached(source: str, command: list[str], suffix: str, what: str) -> P
     obj = _cache_dir() / f"{key}{suffix}"
     if obj.is_file():
         return obj
-    print(f"      compiling {what} (cached in {obj.parent} afterwards)", file=sys.stderr, flush=True)
+    problem = why_unwritable(obj.parent)
+    if problem:
+        raise TargetError(f"cannot write the kernel cache '{obj.parent}': {problem}; set MIXER_COMPILE_CACHE "
+                          "to a writable directory")
     obj.parent.mkdir(parents=True, exist_ok=True)
+    print(f"      compiling {what} (cached in {obj.parent} afterwards)", file=sys.stderr, flush=True)
     with tempfile.TemporaryDirectory(prefix=claim_prefix(obj.parent, "mixer-kernel-"), dir=obj.parent) as tmp:
         src, out = Path(tmp) / f"k{Path(command[0]).name}.cc", Path(tmp) / f"k{suffix}"
         if "nvcc" in Path(command[0]).name:

@@ -54,7 +54,12 @@ def user_db_dir(target: TargetInfo) -> Path:
 
 def has_records(db_dir: Path) -> bool:
     path = Path(db_dir) / RECORDS
-    return path.is_file() and path.stat().st_size > 0
+    try:
+        return path.is_file() and path.stat().st_size > 0
+    except PermissionError:  # another user's cache, say: a build only reads it, and goes on without
+        warnings.warn(f"cannot read the tuning records in '{db_dir}' (permission denied): not used; set "
+                      f"{CACHE_ENV} to a directory of yours", TuningWarning, stacklevel=2)
+        return False
 
 
 def _isa(config: dict[str, Any]) -> set[str]:

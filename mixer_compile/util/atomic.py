@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Iterator
 
 from mixer_compile.errors import MixerCompileError
-from mixer_compile.util.temps import claim_prefix
+from mixer_compile.util.temps import claim_prefix, short
 
 
 def why_unwritable(directory: str | Path) -> str | None:
@@ -40,7 +40,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     out = Path(path).resolve()
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(prefix=claim_prefix(out.parent, f".{out.stem}."), suffix=out.suffix,
+        fd, name = tempfile.mkstemp(prefix=claim_prefix(out.parent, f".{short(out.stem)}."), suffix=out.suffix,
                                     dir=out.parent)
         os.close(fd)
     except OSError as exc:

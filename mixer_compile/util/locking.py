@@ -21,12 +21,13 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from mixer_compile.errors import MixerCompileError
+from mixer_compile.util.temps import short
 
 
 def lock_path(target: str | Path) -> Path:
     """The lock file of `target`: a hidden sibling, so locking never touches the target itself."""
     target = Path(target).resolve()
-    return target.with_name(f".{target.name}.lock")
+    return target.with_name(f".{short(target.name)}.lock")
 
 
 @contextmanager

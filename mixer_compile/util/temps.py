@@ -8,10 +8,20 @@ those whose process is gone. Runtime-side (`CompiledMixer.save` stages through i
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import socket
 from pathlib import Path
+
+
+def short(name: str) -> str:
+    """`name` as part of a temporary's or a lock's name: itself, or when the host, PID and
+    suffix around it could carry it past a file system's 255-byte names, its first 100
+    characters and a hash of the whole."""
+    if len(name.encode()) <= 120:
+        return name
+    return f"{name[:100]}~{hashlib.sha256(name.encode()).hexdigest()[:12]}"
 
 
 def _alive(pid: int) -> bool:
