@@ -7,6 +7,7 @@ input (MixerCompileError) are printed as one line, `error: ...`, with exit statu
 from __future__ import annotations
 
 import argparse
+import os
 import contextlib
 import signal
 import sys
@@ -24,10 +25,12 @@ SUBCOMMANDS = ("compile", "specs", "show", "targets", "export-onnx", "import-onn
 def _spec_args(p: argparse.ArgumentParser, default: str | None = DEFAULT_SPEC, ranges: bool = False,
                from_weights: bool = False) -> None:
     if from_weights:  # _load_spec reads the spec off --weights when --spec is not given
-        p.add_argument("--spec", help="preset name or .toml/.json spec file (default: read off the shapes of "
-                                      f"--weights, else {DEFAULT_SPEC})")
+        p.add_argument("--spec", type=_path,
+                       help="preset name or .toml/.json spec file (default: read off the shapes of "
+                            f"--weights, else {DEFAULT_SPEC})")
     else:
-        p.add_argument("--spec", default=default, help=f"preset name or .toml/.json spec file (default {default})")
+        p.add_argument("--spec", type=_path, default=default,
+                       help=f"preset name or .toml/.json spec file (default {default})")
     if ranges:
         p.add_argument("--batch", type=_batch, help="batch size the module is built for, or a range MIN-MAX that "
                                                     "one artifact serves (e.g. 1-16; default: the spec's, 1)")
@@ -46,6 +49,14 @@ def _batch(text: str) -> tuple[int, int]:
             return low, high
     raise argparse.ArgumentTypeError(f"expected a batch size N >= 1 or a range MIN-MAX with 1 <= MIN <= MAX "
                                      f"(e.g. 8 or 1-16), got '{text}'")
+
+
+def _path(text: str) -> str:
+    """A path argument: `~` expanded (as a shell does unquoted), an empty one refused (an unset
+    shell variable would otherwise mean the default, or the current directory)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty path (an unset shell variable?)")
+    return os.path.expanduser(text)
 
 
 def _at_least(low: int) -> Callable[[str], int]:
@@ -307,16 +318,16 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compile", help="compile, validate and write an artifact (the default command)")
     _spec_args(p, ranges=True, from_weights=True)
     p.add_argument("--target", default="llvm", help="target name (see `mixer-compile targets`), default llvm")
-    p.add_argument("--weights", help="checkpoint: official .npz, or timm .pth/.safetensors")
+    p.add_argument("--weights", type=_path, help="checkpoint: official .npz, or timm .pth/.safetensors")
     p.add_argument("--seed", type=_at_least(0), default=0, help="seed of the random init when no --weights (default 0)")
     p.add_argument("--form", choices=list(FORMS), help="IR form to lower (default matmul)")
     p.add_argument("--dtype", choices=list(DTYPES), default="float32",
                    help="weights and activations (sums stay float32; default float32)")
     p.add_argument("--embed-weights", action="store_true", help="bake the weights into the library")
-    p.add_argument("-o", "--output", help="artifact directory (default out/<spec fingerprint>)")
+    p.add_argument("-o", "--output", type=_path, help="artifact directory (default out/<spec fingerprint>)")
     p.add_argument("--tune", action="store_true", help="tune the kernels that have no records first (CPU; slow)")
     p.add_argument("--trials", type=_at_least(1), help="with --tune: trials per large kernel (default 64)")
-    p.add_argument("--db", help="tuning database directory (default: the user cache); shipped records are "
+    p.add_argument("--db", type=_path, help="tuning database directory (default: the user cache); shipped records are "
                                "merged in, the best record of each kernel wins")
     p.add_argument("--choose-form", action="store_true",
                    help="build every IR form (matmul, conv), time each here, keep the fastest (CPU; "
@@ -339,42 +350,44 @@ def parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export-onnx", help="export the (conv or matmul) IR form to ONNX, validated in ONNX Runtime")
     _spec_args(p, from_weights=True)
-    p.add_argument("--weights", help="checkpoint: official .npz, or timm .pth/.safetensors (default: random init)")
+    p.add_argument("--weights", type=_path,
+                   help="checkpoint: official .npz, or timm .pth/.safetensors (default: random init)")
     p.add_argument("--seed", type=_at_least(0), default=0, help="seed of the random init when no --weights (default 0)")
     p.add_argument("--form", choices=list(FORMS), default="conv", help="IR form to export (default conv)")
-    p.add_argument("-o", "--output", required=True, help="the .onnx file to write")
+    p.add_argument("-o", "--output", type=_path, required=True, help="the .onnx file to write")
     p.set_defaults(fn=cmd_export_onnx)
 
     p = sub.add_parser("import-onnx", help="compile a Mixer given as an ONNX file (recognised into spec + weights)")
-    p.add_argument("model", help="the .onnx file (e.g. a timm MlpMixer exported with torch.onnx.export)")
+    p.add_argument("model", type=_path, help="the .onnx file (e.g. a timm MlpMixer exported with torch.onnx.export)")
     p.add_argument("--target", default="llvm", help="target name (see `mixer-compile targets`), default llvm")
     p.add_argument("--form", choices=list(FORMS), default="matmul", help="IR form to lower (default matmul)")
     p.add_argument("--batch", type=_at_least(1), help="batch to build for when the file's batch is dynamic (default 1)")
-    p.add_argument("-o", "--output", required=True,
+    p.add_argument("-o", "--output", type=_path, required=True,
                    help="artifact directory; the recognised checkpoint and spec go beside it as DIR.npz, DIR.json")
     p.set_defaults(fn=cmd_import_onnx)
 
     p = sub.add_parser("resize-weights", help="expand a checkpoint to a higher resolution (paper, Appendix C)")
     _spec_args(p, from_weights=True)
-    p.add_argument("--weights", required=True, help="checkpoint: official .npz, or timm .pth/.safetensors")
+    p.add_argument("--weights", type=_path, required=True, help="checkpoint: official .npz, or timm .pth/.safetensors")
     p.add_argument("--image-size", required=True, help="new image size, N or HxW, an integer multiple of the spec's")
-    p.add_argument("-o", "--output", required=True, help="new checkpoint (same format); its spec goes beside as .json")
+    p.add_argument("-o", "--output", type=_path, required=True,
+                   help="new checkpoint (same format); its spec goes beside as .json")
     p.set_defaults(fn=cmd_resize_weights)
 
     p = sub.add_parser("viz", help="draw the first token-mixing units' input weights (paper, section 3.4)")
     _spec_args(p, from_weights=True)
-    p.add_argument("--weights", required=True, help="checkpoint: official .npz, or timm .pth/.safetensors")
+    p.add_argument("--weights", type=_path, required=True, help="checkpoint: official .npz, or timm .pth/.safetensors")
     p.add_argument("--block", type=_at_least(0), default=0, help="which block's token-mixing MLP (default 0)")
     p.add_argument("--units", type=_at_least(1), default=64, help="how many units, from the first (default 64)")
     p.add_argument("--columns", type=_at_least(1), help="tiles per row (even; default about square)")
     p.add_argument("--scale", type=_at_least(1), default=8, help="pixels per weight (default 8)")
-    p.add_argument("-o", "--output", required=True, help="the .png file to write")
+    p.add_argument("-o", "--output", type=_path, required=True, help="the .png file to write")
     p.set_defaults(fn=cmd_viz)
 
     p = sub.add_parser("report", help="compare tuning logs (databases or artifacts): HTML page + Markdown summary")
-    p.add_argument("inputs", nargs="+", metavar="DB_OR_ARTIFACT",
+    p.add_argument("inputs", type=_path, nargs="+", metavar="DB_OR_ARTIFACT",
                    help="MetaSchedule database directories or artifact directories; the first is the baseline")
-    p.add_argument("-o", "--output", required=True, help="report directory (report.html, report.md)")
+    p.add_argument("-o", "--output", type=_path, required=True, help="report directory (report.html, report.md)")
     _spec_args(p, default=None)
     p.add_argument("--form", choices=list(FORMS), default="matmul", help="IR form of --spec (default matmul)")
     p.add_argument("--dtype", choices=list(DTYPES), default="float32", help="precision of --spec (default float32)")
@@ -388,12 +401,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=list(DTYPES), default="float32", help="precision (default float32)")
     p.add_argument("--trials", type=_at_least(1), default=64,
                    help="trials per large kernel; small kernels get a quarter (default 64)")
-    p.add_argument("--db", help="database directory (default: the user cache, "
+    p.add_argument("--db", type=_path, help="database directory (default: the user cache, "
                                "$MIXER_COMPILE_CACHE/tuning/<target> or ~/.cache/mixer-compile/tuning/<target>)")
     p.add_argument("--rpc-tracker", metavar="HOST:PORT",
                    help="measure on the devices of this TVM RPC tracker (builds stay local)")
     p.add_argument("--rpc-key", metavar="KEY", help="with --rpc-tracker: the key the RPC servers registered under")
-    p.add_argument("--ship-to", metavar="DIR",
+    p.add_argument("--ship-to", type=_path, metavar="DIR",
                    help="when tuning is done, merge the best record of each of this model's kernels into this "
                         "schedules tree (a checkout's schedules/: the records the wheel ships)")
     p.set_defaults(fn=cmd_tune)

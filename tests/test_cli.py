@@ -57,3 +57,14 @@ def test_user_errors_are_one_line(tmp_path, tiny_toml):
     assert not (tmp_path / "out").exists()
     assert_one_line_error(["show", "--spec", "mixer_s32", "--form", "conv", "--after", "tokens_major"],
                           "pass 'tokens_major' is not in the conv pipeline")
+    assert_one_line_error(["--spec", tiny_toml, "-o", ""], "argument -o/--output: an empty path (an unset shell "
+                                                           "variable?)")
+
+
+def test_paths_expand_the_home_directory(tmp_path, tiny_toml):
+    """`-o "~/m"` (quoted, so the shell left it) is the home's m, not a directory named '~'."""
+    import os
+
+    proc = cli("--spec", tiny_toml, "-o", "~/m", cwd=tmp_path, env={**os.environ, "HOME": str(tmp_path)})
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "m" / "metadata.json").is_file() and not (tmp_path / "~").exists()
