@@ -264,7 +264,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     if args.ship_to:
         from mixer_compile.tune.ship import check_writable
 
-        check_writable(Path(args.ship_to))
+        check_writable(Path(args.ship_to), target)
     runner = None
     if args.rpc_tracker or args.rpc_key:
         from mixer_compile.tune.fleet import parse_tracker, rpc_runner

@@ -445,17 +445,21 @@ def test_compile_with_a_database_that_is_not_one_is_one_line_error(tmp_path, tin
 def test_tune_into_a_file_is_one_line_error(tmp_path, tiny_toml):
     (tmp_path / "db").write_text("I am a file\n")
     line = run_cli_process(["tune", "--spec", "tiny.toml", "--trials", "1", "--db", "db"], cwd=tmp_path)
-    assert "cannot create tuning database directory 'db'" in line
+    assert line == (f"error: cannot write the tuning database 'db': '{tmp_path / 'db'}' is not a directory; give "
+                    "--db a directory this user can write (or set MIXER_COMPILE_CACHE)")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["db", "tiny.toml"]
     assert (tmp_path / "db").read_text() == "I am a file\n"
 
 
 def test_tune_shipping_where_it_cannot_write_stops_before_tuning(tmp_path, tiny_toml):
     (tmp_path / "schedules").write_text("I am a file\n")
-    line = run_cli_process(["tune", "--spec", "tiny.toml", "--trials", "1", "--db", "db", "--ship-to",
-                            "schedules/avx2"], cwd=tmp_path)
+    line = run_cli_process(["tune", "--spec", "tiny.toml", "--target", "avx2", "--trials", "1", "--db", "db",
+                            "--ship-to", "schedules/avx2"], cwd=tmp_path)
     assert re.fullmatch(r"error: cannot ship records to '\S*/schedules/avx2': '\S*/schedules' is not a directory; "
                         r"give --ship-to a directory this user can write", line), line
+    line = run_cli_process(["tune", "--spec", "tiny.toml", "--trials", "1", "--db", "db", "--ship-to", "elsewhere"],
+                           cwd=tmp_path)
+    assert line.startswith("error: ship records for a named target (--target avx2, znver4, sm_90...): 'llvm' is "), line
     assert sorted(p.name for p in tmp_path.iterdir()) == ["schedules", "tiny.toml"]  # no database: nothing tuned
 
 

@@ -59,6 +59,9 @@ def test_user_errors_are_one_line(tmp_path, tiny_toml):
                           "pass 'tokens_major' is not in the conv pipeline")
     assert_one_line_error(["--spec", tiny_toml, "-o", ""], "argument -o/--output: an empty path (an unset shell "
                                                            "variable?)")
+    no_cores = tmp_path / "mine.json"
+    no_cores.write_text('{"target": {"kind": "llvm", "mcpu": "znver3"}}')
+    assert_one_line_error(["--spec", tiny_toml, "--target", no_cores], "'num-cores' must be the number of cores")
 
 
 def test_paths_expand_the_home_directory(tmp_path, tiny_toml):

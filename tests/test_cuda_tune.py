@@ -160,6 +160,25 @@ def test_tuning_for_a_gpu_refuses_without_one(tiny_toml, tmp_path, capsys):
     assert not (tmp_path / "db").exists()  # refused before any work
 
 
+def test_tuning_for_a_cpu_this_one_cannot_run_refuses(tmp_path):
+    """znver4 (AVX-512) on an AVX2 machine: every candidate died in the runner, two minutes, exit 0."""
+    from mixer_compile.backend.target import build_requirements
+    from mixer_compile.errors import ArtifactError
+    from mixer_compile.machine import check_cpu
+
+    target = get_target("znver4")
+    try:
+        check_cpu(build_requirements(target.tvm_target())["cpu"], "here")
+        pytest.skip("this CPU runs znver4 code")
+    except ArtifactError:
+        pass
+    with pytest.raises(TuningError, match=r"^tuning for znver4 measures on this CPU, which cannot run its code "
+                                          r"\(mcpu=znver4 and needs CPU features this machine lacks: .*avx512f.*\): "
+                                          r"tune on such a machine, or measure on one with --rpc-tracker$"):
+        tune([], target, tmp_path / "db")
+    assert not (tmp_path / "db").exists()
+
+
 class _FakeGPU:
     compute_version = "8.0"
 

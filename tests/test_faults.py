@@ -111,6 +111,31 @@ def test_an_unwritable_kernel_cache_is_one_line(tmp_path, monkeypatch):
             cutlass.compile_cached("int x;", ["g++", "-c", "SRC", "-o", "OBJ"], ".o", "a kernel")
 
 
+def test_shipping_onto_a_full_disk_keeps_the_records_there(tmp_path):
+    """TVM's database writer says nothing of a full disk: the truncated files replaced good
+    shipped records, and the run said it shipped them all."""
+    from mixer_compile.errors import TuningError
+    from mixer_compile.tune import database
+
+    source = database.SCHEDULES_DIR / "avx2"
+    with tmpfs(tmp_path / "small", "size=64k") as small:
+        (small / "avx2").mkdir()
+        (small / "avx2" / "database_workload.json").write_text("")  # an existing (empty) set, kept as it was
+        with pytest.raises(TuningError, match=r"^cannot ship records to '.*small/avx2': \d+ of \d+ records read back "
+                                              r"whole \(a full disk\?\); the records there are unchanged$"):
+            database.export_best(source, small / "avx2")
+        assert sorted(p.name for p in (small / "avx2").iterdir()) == ["database_workload.json"]
+        assert (small / "avx2" / "database_workload.json").read_text() == ""
+
+
+def test_tuning_into_a_read_only_database_is_one_line(tmp_path, tiny_toml):
+    with tmpfs(tmp_path / "ro", "ro") as ro:
+        proc = cli("tune", "--spec", "tiny.toml", "--trials", "1", "--db", ro / "db", cwd=tmp_path)
+        line = error_line(proc.returncode, proc.stderr)
+        assert line.startswith(f"error: cannot write the tuning database '{ro / 'db'}': Read-only file system; "
+                               "give --db a directory this user can write"), line
+
+
 def test_no_permission_fails_before_the_build(tmp_path, tiny_toml):
     if os.geteuid() == 0:  # root ignores mode bits: a read-only file system refuses it too
         context = tmpfs(tmp_path / "ro", "ro")

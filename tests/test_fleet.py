@@ -230,7 +230,7 @@ def test_sigint_stops_cleanly_and_the_rerun_resumes_through_the_fleet(tmp_path, 
 
         code, err = run_until(r"task 1/\d+ ", interrupts=1)
         assert code == 130 and "Traceback" not in err, err
-        assert "interrupted: stopping once the trials in flight are recorded" in err
+        assert "interrupted (SIGINT): stopping once the trials in flight are recorded" in err
         assert "interrupted: every measured record is kept; run the same command again to resume" in err
         first = (tmp_path / "db" / RECORDS).read_text()
         # every kernel's default, then the first kernel's batch (its budget less the default), nothing after it

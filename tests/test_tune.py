@@ -161,8 +161,8 @@ def test_bad_workload_line_drops_its_records(tuned: dict, tmp_path: Path) -> Non
 
 def test_shipped_records_apply_for_matching_target(tuned: dict, tmp_path: Path, monkeypatch) -> None:
     schedules = tuned["shipped"]  # `tune --ship-to`: each kernel's best record, not the whole search
-    shipped = re.search(rf"shipped (\d+) kernels' best records -> {re.escape(str(schedules / TARGET))}$",
-                        tuned["resume_out"], re.M)
+    shipped = re.search(rf"shipped (\d+) kernels' best records \(\d+ of this model's\) -> "
+                        rf"{re.escape(str(schedules / TARGET))}$", tuned["resume_out"], re.M)
     assert shipped and int(shipped.group(1)) >= 5, tuned["resume_out"]
     assert len(_lines(schedules / TARGET / RECORDS)) == int(shipped.group(1)) < len(_lines(tuned["db"] / RECORDS))
     again = tmp_path / "again"

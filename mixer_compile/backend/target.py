@@ -73,6 +73,12 @@ def _read(path: Path) -> dict[str, Any]:
         raise TargetError(f"target file '{path}' is not valid JSON: {exc}") from None
     if not isinstance(data, dict) or not isinstance(data.get("target"), dict):
         raise TargetError(f"target file '{path}' must hold an object with a 'target' object")
+    target = data["target"]
+    cores = target.get("num-cores")
+    if target.get("kind") == "llvm" and cores != "host" and (
+            not isinstance(cores, int) or isinstance(cores, bool) or cores < 1):
+        raise TargetError(f"target file '{path}': 'num-cores' must be the number of cores to run on (1 or more, "
+                          f"or \"host\" for this machine's), got {cores!r}")
     return data
 
 

@@ -266,6 +266,10 @@ def export_best(src_dir: Path, dest_dir: Path, mods: list[Any] | None = None) ->
         for _, r in (best[key] for key in sorted(best)):
             db.commit_tuning_record(TuningRecord(r.trace, db.commit_workload(r.workload.mod), r.run_secs, r.target,
                                                  r.args_info))
+        written = scan(tmp)  # TVM's writer says nothing of a full disk: read back before replacing
+        if not written.clean or len(written.records) != len(best):
+            raise TuningError(f"cannot ship records to '{dest_dir}': {len(written.records)} of {len(best)} records "
+                              "read back whole (a full disk?); the records there are unchanged")
         for name in (WORKLOADS, RECORDS):
             os.replace(tmp / name, dest_dir / name)
     finally:

@@ -36,7 +36,9 @@ from mixer_compile.machine import physical_cores, use_all_cores
 from mixer_compile.tune.database import open_database
 from mixer_compile.tune.tasks import Task, best_latency, count_records, record_secs
 from mixer_compile.util.interrupt import StopOnInterrupt, ignore_sigint
+from mixer_compile.util.atomic import why_unwritable
 from mixer_compile.util.locking import exclusive
+from mixer_compile.util.temps import claim_prefix
 
 BATCH = 16
 # MetaSchedule applies mutated traces without catching schedule errors (evolutionary_search.cc):
@@ -124,6 +126,10 @@ def tune(tasks: list[Task], target: TargetInfo, db_dir: Path, say: Say = print,
     shipped records), are skipped. `runner`: where candidates are measured (default a
     LocalRunner here; fleet.rpc_runner for remote devices)."""
     _check_measurable(target, runner)
+    problem = why_unwritable(db_dir)
+    if problem:
+        raise TuningError(f"cannot write the tuning database '{db_dir}': {problem}; give --db a directory this "
+                          "user can write (or set MIXER_COMPILE_CACHE)")
     use_all_cores()  # measured as deployed: on every core (the runner processes inherit it)
     start = time.perf_counter()
     tvm_target = target.tvm_target()
@@ -154,9 +160,21 @@ def tune(tasks: list[Task], target: TargetInfo, db_dir: Path, say: Say = print,
 
 
 def _check_measurable(target: TargetInfo, runner: Any) -> None:
-    """Refuses, before any work, to tune a GPU target with no GPU to measure on: MetaSchedule's
-    local runner would fail every candidate, one timeout after the other."""
-    if target.kind != "cuda" or runner is not None:
+    """Refuses, before any work, to tune for a GPU with no GPU to measure on, or for a CPU whose
+    instruction sets this one lacks: MetaSchedule's local runner would fail every candidate,
+    one timeout after the other, and end with nothing measured."""
+    if runner is not None:
+        return
+    if target.kind != "cuda":
+        from mixer_compile.backend.target import build_requirements
+        from mixer_compile.machine import check_cpu
+
+        try:
+            check_cpu(build_requirements(target.tvm_target())["cpu"], f"the {target.name} code")
+        except ArtifactError as exc:
+            reason = str(exc).split(";")[0].removeprefix(f"the {target.name} code was built for ")
+            raise TuningError(f"tuning for {target.name} measures on this CPU, which cannot run its code ({reason}): "
+                              "tune on such a machine, or measure on one with --rpc-tracker") from None
         return
     from mixer_compile.machine import check_gpu, gpu_arch, local_gpu
 
@@ -300,7 +318,8 @@ def _tune_tasks(todo: list[Task], tasks: list[Task], tvm_target: Any, db: Any, s
                 interrupt: StopOnInterrupt, pools: tuple[Any, Any, Any]) -> int:
     clock: dict[str, Any] = {"start": time.perf_counter(), "measured": 0, "interrupt": interrupt,
                              "remaining": lambda: sum(max(0, t.trials - t.done) for t in todo)}
-    with tempfile.TemporaryDirectory(prefix="mixer-compile-tune-") as work_dir:  # MetaSchedule's logs
+    tmp = Path(tempfile.gettempdir())  # MetaSchedule's logs; a killed run's go with the next run
+    with tempfile.TemporaryDirectory(prefix=claim_prefix(tmp, "mixer-compile-tune-"), dir=tmp) as work_dir:
         for t in todo:
             index = tasks.index(t) + 1
             clock.pop("best", None)

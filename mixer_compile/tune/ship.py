@@ -22,9 +22,14 @@ from mixer_compile.tune.database import export_best
 from mixer_compile.util.atomic import why_unwritable
 
 
-def check_writable(root: Path) -> None:
+def check_writable(root: Path, target: TargetInfo) -> None:
     """Fails before the tuning, not after hours of it, when the schedules tree `root` could
-    not be written; creates nothing that outlives the check."""
+    not be written, or the target is the host's own `llvm` (its records would go to
+    `schedules/llvm`, which every host build would take in place of the named sets for its
+    instruction sets); creates nothing that outlives the check."""
+    if target.name == "llvm":
+        raise TuningError("ship records for a named target (--target avx2, znver4, sm_90...): 'llvm' is this "
+                          "machine's own CPU, and a schedules/llvm set would hide the others from every host build")
     problem = why_unwritable(root)
     if problem:
         raise TuningError(f"cannot ship records to '{Path(root).resolve()}': {problem}; give --ship-to a directory "
@@ -43,5 +48,5 @@ def ship(target: TargetInfo, db_dir: Path, root: Path, mods: list[Any], gemm_rec
         written.append(f"{len(gemm_records)} library GEMM records -> {path}")
     if mods:
         count = export_best(db_dir, root / target.name, mods)
-        written.append(f"{count} kernels' best records -> {root / target.name}")
+        written.append(f"{count} kernels' best records ({len(mods)} of this model's) -> {root / target.name}")
     return written

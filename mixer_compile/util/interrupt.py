@@ -1,4 +1,5 @@
-"""Ctrl-C during tuning: stop after the batch in flight is recorded, or at once on a second one.
+"""Ctrl-C (or SIGTERM) during tuning: stop after the batch in flight is recorded, or at once on a
+second one.
 
 MetaSchedule's search runs in C++ and calls back into Python (builders, runners, measure
 callbacks), so Python's default handler would raise KeyboardInterrupt inside one of those
@@ -17,6 +18,10 @@ from types import FrameType, TracebackType
 from typing import Any, Callable
 
 
+# Ctrl-C, and SIGTERM: what `timeout`, CI runners and job schedulers send first
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
 class StopOnInterrupt:
     """`with StopOnInterrupt(say) as stop:` ... `stop.requested` is True after a first Ctrl-C.
 
@@ -29,18 +34,19 @@ class StopOnInterrupt:
 
     def __enter__(self) -> "StopOnInterrupt":
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
+            self._previous = {s: signal.signal(s, self._handle) for s in SIGNALS}
         return self
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         self.requested = True
-        signal.signal(signal.SIGINT, signal.SIG_DFL)
-        self._say("      interrupted: stopping once the trials in flight are recorded "
-                  "(Ctrl-C again to stop at once and lose them); re-run to resume")
+        for s in SIGNALS:
+            signal.signal(s, signal.SIG_DFL)
+        self._say(f"      interrupted ({signal.Signals(signum).name}): stopping once the trials in flight are "
+                  "recorded (again to stop at once and lose them); re-run to resume")
 
     def __exit__(self, kind: type | None, value: BaseException | None, tb: TracebackType | None) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        for s, previous in (self._previous or {}).items():
+            signal.signal(s, previous)
 
 
 def ignore_sigint() -> None:
