@@ -160,10 +160,12 @@ def _short(exc: BaseException) -> str:
 
 
 def _write_clean(result: ScanResult, dest: Path) -> None:
-    for name, lines in ((WORKLOADS, result.workloads), (RECORDS, result.records)):
-        tmp = dest / f".{name}.tmp"
-        tmp.write_text("".join(line + "\n" for line in lines))
-        os.replace(tmp, dest / name)
+    """Both files written aside first, then renamed: a full disk leaves the originals as they were."""
+    parts = ((WORKLOADS, result.workloads), (RECORDS, result.records))
+    for name, lines in parts:
+        (dest / f".{name}.tmp").write_text("".join(line + "\n" for line in lines))
+    for name, _ in parts:
+        os.replace(dest / f".{name}.tmp", dest / name)
 
 
 def open_database(db_dir: Path, writable: bool = False) -> Any:
@@ -185,10 +187,17 @@ def open_database(db_dir: Path, writable: bool = False) -> Any:
         path = db_dir
     elif writable:
         stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S")
-        for name in (WORKLOADS, RECORDS):
-            if (db_dir / name).is_file():
-                shutil.copy2(db_dir / name, db_dir / f"{name}.corrupt-{stamp}")
-        _write_clean(result, db_dir)
+        try:
+            for name in (WORKLOADS, RECORDS):
+                if (db_dir / name).is_file():
+                    shutil.copy2(db_dir / name, db_dir / f"{name}.corrupt-{stamp}")
+            _write_clean(result, db_dir)
+        except OSError as exc:
+            for name in (WORKLOADS, RECORDS):
+                (db_dir / f"{name}.corrupt-{stamp}").unlink(missing_ok=True)
+                (db_dir / f".{name}.tmp").unlink(missing_ok=True)
+            raise TuningError(f"cannot repair the tuning database '{db_dir}': {exc.strerror or exc}; free some "
+                              "space, or give --db another directory") from None
         warnings.warn(f"{db_dir}: {len(result.problems)} bad line(s) removed; the original files are kept "
                       f"as *.corrupt-{stamp}", TuningWarning, stacklevel=2)
         path = db_dir

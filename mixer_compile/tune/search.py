@@ -33,7 +33,7 @@ from mixer_compile.backend import backend_for, gemm_space
 from mixer_compile.backend.target import TargetInfo
 from mixer_compile.errors import ArtifactError, TuningError
 from mixer_compile.machine import physical_cores, use_all_cores
-from mixer_compile.tune.database import open_database
+from mixer_compile.tune.database import open_database, scan
 from mixer_compile.tune.tasks import Task, best_latency, count_records, record_secs
 from mixer_compile.util.interrupt import StopOnInterrupt, ignore_sigint
 from mixer_compile.util.atomic import why_unwritable
@@ -156,6 +156,9 @@ def tune(tasks: list[Task], target: TargetInfo, db_dir: Path, say: Say = print,
             todo = [t for t in todo if t.done < t.trials]
             if todo and not interrupt.requested:
                 measured += _tune_tasks(todo, tasks, tvm_target, db, say, seed, interrupt, pools)
+        if measured and not scan(Path(db_dir)).clean:  # TVM's writer says nothing of a full disk
+            raise TuningError(f"the tuning database '{db_dir}' was not written whole (a full disk?): free some "
+                              "space and run the same command again; its good records are kept")
     return TuneSummary(tasks, measured, Path(db_dir), time.perf_counter() - start, interrupt.requested)
 
 
