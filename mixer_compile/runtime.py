@@ -93,10 +93,11 @@ def _cpu_call(call: Any) -> Any:
 
 
 def _forget_threads() -> None:
-    """In a forked child: the parent's threads, and TVM's pools in them, did not come along."""
-    global _THREADS_LOCK, _threads, _adopted, _forked_in, _callers
-    _THREADS_LOCK, _threads, _adopted, _callers = threading.Lock(), threading.local(), 0, None
-    _forked_in = threading.get_ident()
+    """In a forked child: the parent's threads, and TVM's pools in them, did not come along (nor
+    would a lock one of them held be released)."""
+    global _LOAD_LOCK, _THREADS_LOCK, _threads, _adopted, _forked_in, _callers
+    _LOAD_LOCK, _THREADS_LOCK = threading.Lock(), threading.Lock()
+    _threads, _adopted, _callers, _forked_in = threading.local(), 0, None, threading.get_ident()
 
 
 os.register_at_fork(after_in_child=_forget_threads)

@@ -180,8 +180,9 @@ def test_a_thread_per_call_does_not_leak_threads(artifact):
 
     calls(2 * (os.cpu_count() or 2))  # past the threads that run their own calls
     settled = _os_threads()
-    calls(40)
-    assert _os_threads() <= settled
+    calls(40)  # a leak: 40 pools of cores - 1 workers; at most: our callers' pools, not all started yet
+    cores = os.cpu_count() or 2
+    assert _os_threads() - settled <= max(2, cores) * cores < 40 * (cores - 1)
 
 
 _FORK_CHILD = """
