@@ -138,6 +138,10 @@ class CompiledMixer:
         try:
             self._library = _load_library(tvm, self.path / LIBRARY, self.metadata.files[LIBRARY])
         except Exception as exc:  # TVM raises its own error types for unloadable libraries
+            if os.statvfs(self.path).f_flag & os.ST_NOEXEC:
+                raise ArtifactError(f"cannot load '{self.path / LIBRARY}': its file system is mounted noexec, and "
+                                    "a library's code cannot be mapped from there; copy the artifact elsewhere "
+                                    "(or give compile an out_dir that is not noexec)") from None
             raise ArtifactError(f"cannot load '{self.path / LIBRARY}': {str(exc).splitlines()[0]}") from None
         self._vm_class = VirtualMachine
         self._local = threading.local()

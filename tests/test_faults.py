@@ -136,6 +136,20 @@ def test_tuning_into_a_read_only_database_is_one_line(tmp_path, tiny_toml):
                                "give --db a directory this user can write"), line
 
 
+def test_an_artifact_on_a_noexec_mount_names_the_mount(tmp_path, tiny_spec):
+    """Hardened hosts mount /tmp noexec: the library's code cannot be mapped from there, which TVM
+    reported as 'failed to map segment from shared object'."""
+    import shutil
+
+    art = tmp_path / "art"
+    compile_model(CompileOptions(spec=tiny_spec, out_dir=art), Progress(6, quiet=True))
+    with tmpfs(tmp_path / "noexec", "noexec") as mnt:
+        copy = shutil.copytree(art, mnt / "art")
+        with pytest.raises(ArtifactError, match=r"^cannot load '.*/noexec/art/model.so': its file system is mounted "
+                                                r"noexec, .* copy the artifact elsewhere"):
+            runtime.load(copy)
+
+
 def test_no_permission_fails_before_the_build(tmp_path, tiny_toml):
     if os.geteuid() == 0:  # root ignores mode bits: a read-only file system refuses it too
         context = tmpfs(tmp_path / "ro", "ro")
