@@ -7,8 +7,8 @@ input (MixerCompileError) are printed as one line, `error: ...`, with exit statu
 from __future__ import annotations
 
 import argparse
-import os
 import contextlib
+import os
 import signal
 import sys
 import threading

@@ -228,17 +228,17 @@ class CompiledMixer:
             taken = ("(N" if self.batches.is_range else f"({self.input_shape[0]}") + \
                 ", " + ", ".join(map(str, self.input_shape[1:])) + ")"
             raise InputError(f"input has shape {tuple(shape)}; this module takes {taken} "
-                                    f"(NCHW, batch {self.batches.describe()})")
+                             f"(NCHW, batch {self.batches.describe()})")
         n = shape[0]
         if n < 1:
             raise InputError(f"input has batch {n}; this module serves batches {self.batches.describe()}")
         if not self.batches.min <= n <= self.batches.max:
             if self.batches.is_range:
                 raise InputError(f"input has batch {n}; this module serves batches "
-                                        f"{self.batches.min} to {self.batches.max} (rebuild with --batch "
-                                        f"{min(n, self.batches.min)}-{max(n, self.batches.max)})")
+                                 f"{self.batches.min} to {self.batches.max} (rebuild with --batch "
+                                 f"{min(n, self.batches.min)}-{max(n, self.batches.max)})")
             raise InputError(f"input has batch {n}; this module was built for batch "
-                                    f"{self.input_shape[0]} (rebuild with --batch {n})")
+                             f"{self.input_shape[0]} (rebuild with --batch {n})")
         if dtype != self.input_dtype:
             raise InputError(f"input has dtype {dtype}; this module takes {self.input_dtype} (convert with "
                              f".astype(np.{self.input_dtype}) or, for a torch tensor, .to(torch.{self.input_dtype}))")

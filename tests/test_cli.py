@@ -1,5 +1,7 @@
 """The command line: subcommands, and every user error as one line with exit status 2."""
 
+import os
+
 import numpy as np
 
 from mixer_compile.model.params import random_weights
@@ -66,8 +68,6 @@ def test_user_errors_are_one_line(tmp_path, tiny_toml):
 
 def test_paths_expand_the_home_directory(tmp_path, tiny_toml):
     """`-o "~/m"` (quoted, so the shell left it) is the home's m, not a directory named '~'."""
-    import os
-
     proc = cli("--spec", tiny_toml, "-o", "~/m", cwd=tmp_path, env={**os.environ, "HOME": str(tmp_path)})
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "m" / "metadata.json").is_file() and not (tmp_path / "~").exists()

@@ -198,6 +198,7 @@ def test_import_and_export_refusals_name_the_problem_and_write_nothing(spec, tmp
                       str(tmp_path / "half.onnx"), dynamo=False, opset_version=17)
     (tmp_path / "empty.onnx").write_bytes(b"")
     np.savez(tmp_path / "w.npz", **w)
+    (tmp_path / "x.json").write_text(json.dumps(spec.to_dict()))
     before = sorted(p.name for p in tmp_path.iterdir())
     for args, message in (
             (["import-onnx", "timm.onnx", "--target", "nosuch", "-o", "a"], "unknown target 'nosuch'"),
@@ -205,9 +206,6 @@ def test_import_and_export_refusals_name_the_problem_and_write_nothing(spec, tmp
             (["import-onnx", "empty.onnx", "-o", "a"], "'empty.onnx' is empty, not an ONNX model"),
             (["import-onnx", ".", "-o", "a"], "'.' is a directory; give the .onnx file"),
             (["export-onnx", "--spec", "x.json", "--weights", "w.npz", "-o", "m.txt"], "must be a .onnx file")):
-        if args[0] == "export-onnx":
-            (tmp_path / "x.json").write_text(json.dumps(spec.to_dict()))
-            before = sorted(set(before) | {"x.json"})
         monkeypatch.chdir(tmp_path)
         rc = main(args)
         assert rc == 2 and message in capsys.readouterr().err.splitlines()[-1], args

@@ -68,10 +68,11 @@ def check_writable(out_dir: str | Path) -> None:
     problem = why_unwritable(out.parent)  # the artifact is built beside `out`, then swapped in
     if problem:
         raise ArtifactError(f"cannot write artifact to '{out}': {problem}")
-    problem = why_unwritable(tempfile.gettempdir())
-    free = shutil.disk_usage(tempfile.gettempdir()).free if not problem else 0
+    temp = tempfile.gettempdir()
+    problem = why_unwritable(temp)
+    free = shutil.disk_usage(temp).free if not problem else 0
     if problem or free < TEMP_SPACE:  # the build's objects are written there first
-        raise ArtifactError(f"the temporary directory '{tempfile.gettempdir()}' "
+        raise ArtifactError(f"the temporary directory '{temp}' "
                             f"{'is unusable: ' + problem if problem else f'has {free >> 20} MB free'}; "
                             f"set TMPDIR to a directory with at least {TEMP_SPACE >> 20} MB free")
 

@@ -35,8 +35,8 @@ from mixer_compile.errors import ArtifactError, TuningError
 from mixer_compile.machine import physical_cores, use_all_cores
 from mixer_compile.tune.database import open_database, scan
 from mixer_compile.tune.tasks import Task, best_latency, count_records, record_secs
-from mixer_compile.util.interrupt import StopOnInterrupt, ignore_sigint
 from mixer_compile.util.atomic import why_unwritable
+from mixer_compile.util.interrupt import StopOnInterrupt, ignore_sigint
 from mixer_compile.util.locking import exclusive
 from mixer_compile.util.temps import claim_prefix
 

@@ -43,8 +43,9 @@ def markdown(c: Comparison) -> str:
     out += ["| " + " | ".join(cell.replace("|", "/") for cell in row) + " |" for row in rows]
     for note in _model_note(c):
         out += ["", note]
-    if _missing(c):
-        out += ["", "## Kernels not in every input", ""] + [f"- {n}" for n in _missing(c)]
+    missing = _missing(c)
+    if missing:
+        out += ["", "## Kernels not in every input", ""] + [f"- {n}" for n in missing]
     problems = _problems(c)
     if problems:
         out += ["", "## Skipped lines", ""] + [f"- {p}" for p in problems]
@@ -68,8 +69,9 @@ def page(c: Comparison, convergence_png: bytes, bars_png: bytes) -> str:
         *("<tr>" + "".join(f"<td>{esc(v)}</td>" for v in row) + "</tr>" for row in rows), "</table>",
     ]
     body += [f"<p>{esc(note)}</p>" for note in _model_note(c)]
-    if _missing(c):
-        body += ["<h2>Kernels not in every input</h2>", items(_missing(c))]
+    missing = _missing(c)
+    if missing:
+        body += ["<h2>Kernels not in every input</h2>", items(missing)]
     problems = _problems(c)
     if problems:
         body += ["<h2>Skipped lines</h2>", items(problems)]
