@@ -178,8 +178,6 @@ def rss_bytes() -> int:
 
 
 def soak(args: argparse.Namespace) -> int:
-    from mixer_compile import runtime
-
     spec = load_spec(args.spec)
     low, high = parse_batch(args.range)
     model, _ = build(spec, (low, high), Path(args.work) / f"{spec.name}-range-{low}-{high}", reuse=True)

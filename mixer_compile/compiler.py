@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import datetime
 import platform
+import shlex
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -235,9 +236,24 @@ def _tuning_records(opts: CompileOptions, spec: MixerSpec, target: TargetInfo,
     database = open_union(dirs)
     if database is None:  # not a problem since every kernel has a default schedule (backend/cpu_schedules.py)
         progress.say(f"      no tuning records for target '{target.name}': every kernel gets its default schedule; "
-                     f"`mixer-compile tune --spec {spec.name} --batch {spec.batch} --target {target.name}` "
-                     "(or --tune) refines them")
+                     f"{_tune_hint(opts, spec, batches)} refines them")
     return database, {"databases": [str(Path(d).resolve()) for d in dirs], "tuned_now": opts.tune}
+
+
+def _tune_hint(opts: CompileOptions, spec: MixerSpec, batches: BatchRange | None) -> str:
+    """How to tune this build's kernels: the `tune` command that makes the same kernels when the
+    spec is a preset's (the GELU flavour included: it may have come from the weights), else
+    --tune, since `tune` cannot name a spec read off a checkpoint or given in memory."""
+    from mixer_compile.model.spec import PRESETS
+
+    preset = PRESETS.get(spec.name)
+    if preset is None or preset.replace(batch=spec.batch, gelu=spec.gelu) != spec:
+        return "adding --tune to this build"
+    batch = f"{batches.min}-{batches.max}" if batches is not None and batches.is_range else str(spec.batch)
+    extra = f" --dtype {opts.dtype}" if opts.dtype != CompileOptions.dtype else ""
+    extra += f" --form {opts.form}" if opts.form != CompileOptions.form else ""
+    return (f"`mixer-compile tune --spec {spec.name} --batch {batch} --gelu {spec.resolved_gelu} --target "
+            f"{shlex.quote(opts.target)}{extra}` (or --tune)")
 
 
 def _applied(applied: Any, tuning: dict[str, Any], progress: Progress, db: Path | None) -> None:

@@ -5,6 +5,8 @@ MixerCompileError; the CLI prints it as one line and exits non-zero. Anything el
 escapes is a bug in mixer-compile and keeps its traceback.
 """
 
+import difflib
+
 
 class MixerCompileError(Exception):
     """Base class: a one-line message that names the problem and, where possible, the fix."""
@@ -37,3 +39,9 @@ class TuningError(MixerCompileError):
 class InputError(MixerCompileError, ValueError):
     """Images a loaded model cannot take (shape, batch, dtype, not an array); also a ValueError,
     so that serving code catching bad requests as ValueError catches these."""
+
+
+def did_you_mean(word: str, choices: list[str] | tuple[str, ...]) -> str:
+    """"; did you mean 'X'?" for the closest of `choices` to a misspelt name, else ""."""
+    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.5)
+    return f"; did you mean '{close[0]}'?" if close else ""

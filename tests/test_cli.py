@@ -3,7 +3,10 @@
 import os
 
 import numpy as np
+import pytest
 
+from mixer_compile.backend.target import get_target
+from mixer_compile.errors import TargetError
 from mixer_compile.model.params import random_weights
 from mixer_compile.model.spec import PRESETS
 from tests.helpers import TINY_TOML, cli, error_line
@@ -49,7 +52,8 @@ def test_user_errors_are_one_line(tmp_path, tiny_toml):
     typo = tmp_path / "typo.toml"
     typo.write_text(TINY_TOML + "num_block = 3\n")
     assert_one_line_error(["--spec", typo], "unknown spec key 'num_block'; did you mean 'num_blocks'?")
-    assert_one_line_error(["--spec", tiny_toml, "--target", "riscv"], "unknown target 'riscv' (known: ")
+    assert_one_line_error(["--spec", tiny_toml, "--target", "sm90"], "unknown target 'sm90'; did you mean 'sm_90'? "
+                                                                      "(known: ")
     assert_one_line_error(["--spec", tiny_toml, "--weights", tmp_path / "none.npz"], "does not exist")
     wrong = random_weights(PRESETS["mixer_s32"].replace(
         image_size=(64, 64), hidden_dim=8, channels_mlp_dim=8, tokens_mlp_dim=4, num_blocks=1))
@@ -64,6 +68,15 @@ def test_user_errors_are_one_line(tmp_path, tiny_toml):
     no_cores = tmp_path / "mine.json"
     no_cores.write_text('{"target": {"kind": "llvm", "mcpu": "znver3"}}')
     assert_one_line_error(["--spec", tiny_toml, "--target", no_cores], "'num-cores' must be the number of cores")
+    # a CPU name LLVM does not know would build for its generic CPU: refused, for a GPU target's host too
+    gpu = tmp_path / "gpu.json"
+    gpu.write_text('{"target": {"kind": "cuda", "arch": "sm_90", "host": {"kind": "llvm", "mcpu": "znver9"}}}')
+    assert_one_line_error(["--spec", tiny_toml, "--target", gpu], f"target file '{gpu}': LLVM knows no CPU 'znver9'")
+    no_cores.write_text('{"target": {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "skylake-avx52", '
+                        '"num-cores": 2}}')
+    with pytest.raises(TargetError, match="LLVM knows no CPU 'skylake-avx52' for x86_64-linux-gnu; did you mean "
+                                          "'skylake-avx512'?"):
+        get_target(str(no_cores))
 
 
 def test_paths_expand_the_home_directory(tmp_path, tiny_toml):

@@ -23,6 +23,7 @@ from mixer_compile.check.validate import validate
 from mixer_compile.compose import compose, model_tasks
 from mixer_compile.model.params import random_weights
 from mixer_compile.model.spec import MixerSpec
+from mixer_compile.tune.tasks import best_latency
 from tests.helpers import FP32
 
 
@@ -400,3 +401,12 @@ def test_tuning_starts_from_the_defaults(tiny_spec, no_records) -> None:
     fused = cpu.prepare(compose(tiny_spec, target).module, target)
     _, applied = cpu.schedule_kernels(fused, target, db)
     assert {t.name for t in tasks} <= set(applied.tuned)
+    # run again (resumed, or asked for its table): the defaults are found among the records, not re-measured
+    names = {t.name: t for t in tasks}
+    again = [t for t in model_tasks(tiny_spec, target, trials=1) if t.name in names]
+    lines.clear()
+    tune(again, target, no_records / "db", say=lines.append)
+    assert not any("measuring the default" in line for line in lines), lines
+    for t in again:
+        assert t.default_secs == best_latency(db, t.mod, target), t.name
+        assert t.default_decision == names[t.name].default_decision, t.name

@@ -224,4 +224,4 @@ def test_gpu_targets_are_listed_and_unknown_ones_rejected(capsys):
         assert line in listed
     assert main(["--spec", "mixer_s32", "--target", "sm_99"]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress line of the stage
-    assert err.startswith("error: unknown target 'sm_99' (known: ") and "cuda, llvm, sm_100, sm_120, sm_80, sm_90" in err
+    assert err.startswith("error: unknown target 'sm_99'; did you mean 'sm_90'? (known: ") and "cuda, llvm, sm_100, sm_120, sm_80, sm_90" in err

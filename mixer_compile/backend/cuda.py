@@ -178,7 +178,7 @@ def runner(executable: CudaLibrary, target: TargetInfo, params: list[Any],
     if kernels:  # the library GEMMs' CPU implementation, linked in like the GPU build links CUTLASS's
         lib = _with_addons(lib, [cutlass.host_object(kernels)], Path(executable.work.name) / "host_check.so")
     return Runner(lib, tvm.cpu(), small_params,
-                  f"host CPU: the same lowering and precision built for llvm"
+                  "host CPU: the same lowering and precision built for llvm"
                   + (f" ({len(kernels)} library GEMMs by their C++ stand-in)" if kernels else "")
                   + f"; GPU run pending ({why})", batch)
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from mixer_compile.machine import FEATURES, gpu_arch, local_gpu, normalize_arch, physical_cores
-from mixer_compile.errors import TargetError
+from mixer_compile.errors import TargetError, did_you_mean
 
 # the top-level targets/, installed as the package data mixer_compile.targets (pyproject.toml)
 TARGETS_DIR = Path(files("mixer_compile.targets"))
@@ -92,6 +92,7 @@ def get_target(name: str) -> TargetInfo:
     path = Path(name)
     if path.suffix == ".json" and path.is_file():
         data = _read(path)
+        _check_cpu_names(path, data["target"])
         return TargetInfo(path.stem, data.get("description", ""), _resolve_host(data["target"]))
     targets = known_targets()
     for stem, data in targets.items():
@@ -99,8 +100,26 @@ def get_target(name: str) -> TargetInfo:
             if data["target"].get("arch") == "local":
                 return _local_gpu_target(stem, data)
             return TargetInfo(stem, data.get("description", ""), _resolve_host(data["target"]))
-    names = ", ".join(sorted(targets))
-    raise TargetError(f"unknown target '{name}' (known: {names}; or a path to a target .json file)")
+    words = [*targets, *(alias for data in targets.values() for alias in data.get("aliases", []))]
+    raise TargetError(f"unknown target '{name}'{did_you_mean(name, words)} (known: {', '.join(sorted(targets))}; "
+                      "or a path to a target .json file)")
+
+
+def _check_cpu_names(path: Path, target: dict[str, Any]) -> None:
+    """Refuses a CPU name LLVM does not know: LLVM would build for its generic CPU, with a log
+    line as the only sign, and the code would run without the vector units the file names."""
+    for config in (target, target.get("host")):
+        if not isinstance(config, dict) or config.get("kind") != "llvm" or config.get("mcpu") in (None, "host"):
+            continue
+        import tvm
+        from tvm.target import codegen
+
+        triple = str(config.get("mtriple") or codegen.llvm_get_system_triple())
+        if not codegen.llvm_is_valid_cpu(str(config["mcpu"]), triple):
+            known = [str(c) for c in codegen.llvm_get_cpu_archlist(tvm.target.Target({"kind": "llvm", "mtriple": triple}))]
+            raise TargetError(f"target file '{path}': LLVM knows no CPU '{config['mcpu']}' for {triple}"
+                              f"{did_you_mean(str(config['mcpu']), known)} (give one of `llc -mtriple={triple} "
+                              "-mcpu=help`, or \"host\" for this machine's)")
 
 
 def build_requirements(tvm_target: Any) -> dict[str, Any]:

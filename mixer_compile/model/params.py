@@ -8,8 +8,6 @@ format is converted once, here, with every shape checked against the spec.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 
 from mixer_compile.errors import WeightsError

@@ -8,7 +8,6 @@ once, here, so later stages can trust it. The field names follow the official JA
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
 import re
 import tomllib
@@ -16,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mixer_compile.errors import SpecError
+from mixer_compile.errors import SpecError, did_you_mean
 
 GELU_FLAVOURS = ("tanh", "erf")
 
@@ -155,18 +154,13 @@ PRESETS: dict[str, MixerSpec] = {
     )
 }
 
-def _nearest(word: str, choices: list[str] | tuple[str, ...]) -> str:
-    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.5)
-    return f"; did you mean '{close[0]}'?" if close else ""
-
-
 def spec_from_dict(data: dict[str, Any], name: str = "custom") -> MixerSpec:
     """Builds a spec from a mapping; a `base` key starts from a preset and overrides fields."""
     data = dict(data)
     base = data.pop("base", None)
     for key in data:
         if key not in FIELDS:
-            raise SpecError(f"unknown spec key '{key}'{_nearest(key, FIELDS)} "
+            raise SpecError(f"unknown spec key '{key}'{did_you_mean(key, FIELDS)} "
                             f"(valid keys: base, {', '.join(FIELDS)})")
     if "image_size" in data:
         size = data["image_size"]
@@ -186,7 +180,7 @@ def spec_from_dict(data: dict[str, Any], name: str = "custom") -> MixerSpec:
 
 def get_preset(name: str) -> MixerSpec:
     if name not in PRESETS:
-        raise SpecError(f"unknown preset '{name}'{_nearest(name, list(PRESETS))} "
+        raise SpecError(f"unknown preset '{name}'{did_you_mean(name, list(PRESETS))} "
                         f"(presets: {', '.join(PRESETS)}; or pass a .toml/.json spec file)")
     return PRESETS[name]
 

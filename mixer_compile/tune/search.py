@@ -138,6 +138,7 @@ def tune(tasks: list[Task], target: TargetInfo, db_dir: Path, say: Say = print,
     with exclusive(db_dir, say):  # one writer per database: a second tuner waits for the first
         db = open_database(Path(db_dir), writable=True)
         count_records(db, tasks)
+        _recall_defaults([t for t in tasks if t.done], target, db)
         shipped = [t for t in tasks if known is not None and best_latency(known, t.mod, target) is not None]
         unusable = [t for t in tasks if t not in shipped and best_latency(db, t.mod, target) is None]
         for t in unusable:  # a spent budget without one valid record (every build timed out...) is retried
@@ -235,6 +236,23 @@ def _measure_defaults(tasks: list[Task], target: TargetInfo, db: Any, say: Say, 
         else:
             say(f"      {t.name}: default schedule failed ({str(error).strip().splitlines()[-1][:150]})")
     return recorded
+
+
+def _recall_defaults(tasks: list[Task], target: TargetInfo, db: Any) -> None:
+    """Sets `Task.default_secs` (and `default_decision`) of kernels a previous run started from
+    the record `_measure_defaults` committed, found by its trace, so that a resumed run still
+    says what the search gained over the default."""
+    default_schedule = backend_for(target).default_schedule
+    for t in tasks:
+        sch = default_schedule(t.mod, target)
+        if sch is None:
+            continue
+        trace = str(sch.trace.as_json(remove_postproc=True))
+        records = db.get_top_k(db.commit_workload(t.mod), t.done)
+        default = next((r for r in records if str(r.trace.as_json(remove_postproc=True)) == trace), None)
+        if record_secs(default):
+            t.default_secs = record_secs(default)
+            t.default_decision = gemm_space.decision_of(sch.trace) if t.micro_kernel else None
 
 
 def _inline_builder() -> Any:
