@@ -28,7 +28,7 @@ import pytest
 from mixer_compile import runtime
 from mixer_compile.compiler import CompileOptions, compile_model
 from mixer_compile.artifact.place import staged
-from mixer_compile.errors import ArtifactError
+from mixer_compile.errors import ArtifactError, MixerCompileError
 from mixer_compile.model import reference
 from mixer_compile.model.params import random_weights
 from mixer_compile.util.atomic import write_bytes
@@ -136,9 +136,10 @@ def test_tuning_into_a_read_only_database_is_one_line(tmp_path, tiny_toml):
                                "give --db a directory this user can write"), line
 
 
-def test_an_artifact_on_a_noexec_mount_names_the_mount(tmp_path, tiny_spec):
+def test_an_artifact_on_a_noexec_mount_names_the_mount(tmp_path, tiny_spec, monkeypatch):
     """Hardened hosts mount /tmp noexec: the library's code cannot be mapped from there, which TVM
-    reported as 'failed to map segment from shared object'."""
+    reported as 'failed to map segment from shared object'. A CUDA build with TMPDIR there said
+    only that it embedded no GPU code."""
     import shutil
 
     art = tmp_path / "art"
@@ -148,6 +149,11 @@ def test_an_artifact_on_a_noexec_mount_names_the_mount(tmp_path, tiny_spec):
         with pytest.raises(ArtifactError, match=r"^cannot load '.*/noexec/art/model.so': its file system is mounted "
                                                 r"noexec, .* copy the artifact elsewhere"):
             runtime.load(copy)
+        if shutil.which("nvcc"):  # a CUDA build loads what it writes to TMPDIR: TVM fell back to CUDA source
+            monkeypatch.setattr(tempfile, "tempdir", str(mnt))
+            with pytest.raises(MixerCompileError, match=f"^the temporary directory '{mnt}' is on a file system "
+                                                        "mounted noexec, .* set TMPDIR to a directory that is not$"):
+                compile_model(CompileOptions(spec=tiny_spec, target="sm_90"), Progress(5, quiet=True))
 
 
 def test_no_permission_fails_before_the_build(tmp_path, tiny_toml):

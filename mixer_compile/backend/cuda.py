@@ -203,6 +203,10 @@ def build_cuda_library(mod: Any, target: TargetInfo) -> CudaLibrary:
     import tvm
 
     _tool("nvcc", "install the CUDA toolkit (nvcc compiles the GPU kernels at build time)")
+    temp = tempfile.gettempdir()
+    if os.statvfs(temp).f_flag & os.ST_NOEXEC:  # TVM would fall back to CUDA source, saying why only in a log
+        raise MixerCompileError(f"the temporary directory '{temp}' is on a file system mounted noexec, and the CUDA "
+                                "build loads the libraries it writes there; set TMPDIR to a directory that is not")
     work = tempfile.TemporaryDirectory(prefix="mixer-compile-cuda-")
     work_dir = Path(work.name)
     module_json, target_json, out = work_dir / "module.json", work_dir / "target.json", work_dir / "model.so"
