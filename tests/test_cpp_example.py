@@ -83,6 +83,12 @@ def test_cpp_refuses_a_wrong_sized_image(binary, artifact, tmp_path):
     rc, out, err = _run(binary, artifact, tmp_path / "small.bin")
     assert rc == 1 and out == ""
     assert f"small.bin holds 40 bytes; expected {3 * 32 * 48 * 4} (one float32 NCHW image)" in err
+    rc, _, err = _run(binary, tmp_path / "none")
+    assert rc == 1 and err == f"error: '{tmp_path / 'none'}' is not a directory; give the artifact directory " \
+                              "mixer-compile wrote (-o)\n"
+    rc, _, err = _run(binary, tmp_path)
+    assert rc == 1 and err == f"error: '{tmp_path}' holds no metadata.json, so it is no mixer-compile artifact; " \
+                              "give the directory a compile wrote (-o)\n"
 
 
 @pytest.fixture(scope="module")

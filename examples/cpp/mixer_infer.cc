@@ -38,6 +38,7 @@
 #include <algorithm>
 #include <cstdio>
 #include <cstdlib>
+#include <filesystem>
 #include <fstream>
 #include <numeric>
 #include <sstream>
@@ -144,6 +145,11 @@ int main(int argc, char** argv) {
   const std::string dir = positional[0];
   setenv("TVM_NUM_THREADS", std::to_string(std::thread::hardware_concurrency()).c_str(), /*overwrite=*/0);
   try {
+    if (!std::filesystem::is_directory(dir))
+      throw std::runtime_error("'" + dir + "' is not a directory; give the artifact directory mixer-compile wrote (-o)");
+    if (!std::filesystem::is_regular_file(dir + "/metadata.json"))
+      throw std::runtime_error("'" + dir + "' holds no metadata.json, so it is no mixer-compile artifact; give the "
+                               "directory a compile wrote (-o)");
     ffi::String error;
     ffi::json::Value meta = ffi::json::Parse(ReadFile(dir + "/metadata.json"), &error);
     if (!error.empty()) throw std::runtime_error("metadata.json: " + std::string(error));
