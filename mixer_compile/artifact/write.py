@@ -78,8 +78,11 @@ def check_writable(out_dir: str | Path) -> None:
 
 
 def _linker_problem(exc: RuntimeError) -> str:
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    failed = [line for line in lines if "failed" in line or "No space" in line or "Permission" in line]
+    """The line of TVM's linker error that says what went wrong: TVM heads the compiler's output
+    with "Compilation error:" and ends it with the command line."""
+    lines = [line.strip() for line in str(exc).splitlines()
+             if line.strip() and not line.startswith(("Compilation error", "Command line:", "collect2:"))]
+    failed = [line for line in lines if any(word in line for word in ("failed", "No space", "Permission", "cannot"))]
     return (failed or lines or [type(exc).__name__])[0]
 
 

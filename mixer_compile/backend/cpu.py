@@ -12,6 +12,9 @@ came from.
 
 from __future__ import annotations
 
+import os
+import platform
+import shutil
 import sys
 import warnings
 from dataclasses import dataclass, field
@@ -23,7 +26,8 @@ from tvm import relax
 from mixer_compile.backend.runner import Runner
 from mixer_compile.backend.gemm_space import vector_unit
 from mixer_compile.backend.target import TargetInfo
-from mixer_compile.machine import physical_cores
+from mixer_compile.errors import TargetError
+from mixer_compile.machine import normalize_arch, physical_cores
 from mixer_compile.passes.context import PassContext
 
 TUNABLE = True
@@ -268,13 +272,49 @@ def build(mod: tvm.IRModule, target: TargetInfo, database: Any = None,
     from mixer_compile.backend.cpu_schedules import BUILD_CONFIG
 
     tvm_target = target.tvm_target()
+    cross = cross_linker(target)  # before the work: no toolchain for a foreign architecture, no build
     mod = prepare(mod, target)
     mod, applied = schedule_kernels(mod, target, database)
     if on_applied is not None:
         on_applied(applied)
     with tvm_target, tvm.transform.PassContext(config=BUILD_CONFIG):
         rest = tvm.transform.Sequential(cpu.dataflow_lower_passes(tvm_target) + cpu.finalize_passes(tvm_target))
-        return tvm.compile(mod, tvm_target, relax_pipeline=rest)
+        executable = tvm.compile(mod, tvm_target, relax_pipeline=rest)
+    return executable if cross is None else CrossLinked(executable, cross)
+
+
+def cross_linker(target: TargetInfo) -> str | None:
+    """The C compiler that links a build for another architecture (LLVM compiles for any, but
+    TVM links with this machine's g++, which fails on foreign objects with an empty "Compilation
+    error"): $CXX or $CC when set, else the `<triple>-g++` or `-gcc` of a cross toolchain on
+    PATH. None for this machine's architecture (TVM's own choice links it)."""
+    triple = str(target.tvm_target().attrs.get("mtriple") or "")
+    arch = normalize_arch(triple.split("-")[0]) if triple else None
+    if arch is None or arch == normalize_arch(platform.machine()):
+        return None
+    given = os.environ.get("CXX") or os.environ.get("CC")
+    if given:
+        return given
+    short = triple.replace("-unknown-", "-")  # LLVM's aarch64-unknown-linux-gnu is Debian's aarch64-linux-gnu
+    for name in dict.fromkeys(f"{t}-{cc}" for t in (triple, short) for cc in ("g++", "gcc")):
+        if shutil.which(name):
+            return name
+    raise TargetError(f"the {target.name} build is for {arch} and this machine is {normalize_arch(platform.machine())}; "
+                      f"linking it needs a C compiler for {short}: install one (Debian/Ubuntu: apt install "
+                      f"g++-{short}) or set CXX to it")
+
+
+class CrossLinked:
+    """A build for another architecture, linked by its cross compiler; duck-types the one
+    method the artifact writer uses (`export_library`), as backend/cuda.py's CudaLibrary does."""
+
+    def __init__(self, executable: Any, compiler: str) -> None:
+        self.executable, self.compiler = executable, compiler
+
+    def export_library(self, file_name: str) -> None:
+        from tvm.support.cc import cross_compiler
+
+        self.executable.export_library(file_name, fcompile=cross_compiler(self.compiler))
 
 
 def runner(executable: Any, target: TargetInfo, params: list[Any],
