@@ -15,7 +15,7 @@ import tvm
 from tvm.s_tir import Schedule
 from tvm.s_tir.meta_schedule.arg_info import ArgInfo
 
-from mixer_compile.backend.gemm_space import (MAX_CANDIDATES, ROWS_USED, Gemm, Vector, candidates, design_spaces,
+from mixer_compile.backend.gemm_space import (COLUMNS_USED, MAX_CANDIDATES, ROWS_USED, Gemm, Vector, candidates, design_spaces,
                                                find_gemm, vector_unit)
 from mixer_compile.backend.target import get_target
 from mixer_compile.compose import model_tasks
@@ -68,7 +68,7 @@ def test_every_candidate_computes_the_kernel(tiny_spec: MixerSpec, target_name: 
 
 
 def test_candidates_fit_the_registers_and_fill_their_row_tiles() -> None:
-    """Vectors divide N; rows need not divide M (the last row tile is peeled off at lowering)
+    """Neither rows nor vectors need divide M or N (the last row tile is peeled off at lowering)
     but fill at least ROWS_USED of the tiles: 49 tokens (the /32 presets) get a tuning space."""
     for m in (196, 49):
         gemm = Gemm("matmul", 1, m, 3072)
@@ -76,10 +76,20 @@ def test_candidates_fit_the_registers_and_fill_their_row_tiles() -> None:
             cands = candidates(gemm, vec, cores=2)
             assert cands and len(cands) <= MAX_CANDIDATES
             for c in cands:
-                assert m / (-(-m // c.mr) * c.mr) >= ROWS_USED and (3072 // vec.lanes) % (c.nv * c.chunks) == 0
+                blocks = -(-3072 // (c.nv * vec.lanes))  # column tiles, the last one predicated when c.nv does not divide
+                assert m / (-(-m // c.mr) * c.mr) >= ROWS_USED and 3072 / (blocks * c.nv * vec.lanes) >= COLUMNS_USED
+                assert blocks % c.chunks == 0
                 assert c.mr * c.nv + c.nv + 1 <= vec.registers  # C tile, B vectors, A broadcast
                 assert gemm.batch * c.chunks >= 2  # both cores busy
     assert candidates(Gemm("matmul", 1, 7, 13 * 16), Vector(16, 32), 2) == []  # no tile fits: generic space
+    # N no multiple of the SIMD width (D_C = 750): any vectors, the last column tile predicated; the
+    # parallel loop is N's chunks alone (gemm_space.apply), which keep both cores busy
+    tail = Gemm("matmul", 3, 196, 750)
+    for vec in (Vector(16, 32), Vector(8, 16)):
+        cands = candidates(tail, vec, cores=2)
+        assert cands and any(750 % (c.nv * vec.lanes) for c in cands)
+        for c in cands:
+            assert c.mchunks == 1 and -(-750 // (c.nv * vec.lanes)) % c.chunks == 0 and c.chunks >= 2
 
 
 def test_tvm_threads_default_to_physical_cores(monkeypatch) -> None:

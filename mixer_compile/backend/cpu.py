@@ -201,8 +201,7 @@ def schedule_kernels(fused: tvm.IRModule, target: TargetInfo, database: Any = No
         scheduled, from_record = None, False
         sch = Schedule(func)
         gemm = gemm_space.find_gemm(sch)
-        tiled = gemm is not None and bool(gemm_space.candidates(gemm, m.vec, m.cores)) \
-            and gemm.n % m.lanes == 0
+        tiled = gemm is not None and bool(gemm_space.candidates(gemm, m.vec, m.cores))
         if tiled:
             sig = gemm_space.signature(sch, gemm, m.lanes)
             own = tvm_ffi.structural_hash(_normalize_mod(func)) if sig in decisions else None

@@ -12,8 +12,8 @@ returns False leaves the kernel untouched: each runs on a copy). The rules:
   it, in vector accumulators (rfactor), so the row stays in cache from the first pass to the
   output; a reduction that is not along the contiguous axis it reads leaves the kernel to
   `reduction`;
-- `reduction`: LayerNorm, the token mean, a GEMM gemm_space cannot tile (the 1000-class head
-  when 1000 is no multiple of the SIMD width, a 10-class test head): elementwise blocks are
+- `reduction`: LayerNorm, the token mean, a GEMM gemm_space cannot tile (no tile fits the
+  registers, or a primitive refused its epilogue): elementwise blocks are
   inlined; a reduction along the contiguous axis (LayerNorm's sums) is split by the SIMD width
   and rfactor'ed into vector accumulators; a reduction whose output's last axis is contiguous
   in its input (the mean over tokens, a GEMV) is vectorised along that axis, the reduction

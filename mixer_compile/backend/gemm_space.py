@@ -14,9 +14,10 @@ measures the candidates like any others and keeps the records; a build reads the
 from a record's trace (`decision_of`) and re-applies it with `apply` to any GEMM of the same
 per-call shape (`signature`: any epilogue, any batch), the parallel split recomputed for the
 build target. Without a record, `default_candidate` picks the tile by a model of the core
-(backend/cpu.py). Kernels that are not a GEMM with a vectorisable N (LayerNorm, mean, the
-1000-class head on AVX-512) keep MetaSchedule's generic space when tuned, and
-cpu_schedules.py's rules by default.
+(backend/cpu.py). An N that is no multiple of the SIMD width (a spec's odd D_C, the
+1000-class head on AVX-512) gets the same micro-kernel, its last column tile predicated and
+peeled off at lowering (`tile_vectors`). Kernels that are not a GEMM (LayerNorm, mean) keep
+MetaSchedule's generic space when tuned, and cpu_schedules.py's rules by default.
 
 Shape of the match: one block with spatial iterators (..., i, j) and one reduction k, reading
 A[..., i, k] (not indexed by j) and B[..., k, j] or its panels B[j // P, k, j % P] (j
@@ -41,6 +42,7 @@ from tvm.tirx import FloorMod, IntImm, IterVar
 from tvm.tirx.analysis import undefined_vars
 
 MAX_CANDIDATES = 16
+MAX_NV = 6  # vectors per row of a micro-tile: loads of B per k
 
 
 @dataclass(frozen=True)
@@ -105,18 +107,31 @@ def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
+def tile_vectors(gemm: Gemm, lanes: int) -> list[int]:
+    """The vectors per row of C a micro-tile may hold (up to MAX_NV). A width that does not
+    divide N leaves a predicated last column tile, peeled off at lowering like the last row
+    tile (cpu_schedules.likely_guards), the full tiles vectorised: any width when N is no
+    multiple of the SIMD width (a spec's D_C of 750, a head of 37 classes: the tail is there
+    anyway), else one whose column tiles N fills to COLUMNS_USED. Divisors alone were too few
+    for some N: 200 (25 vectors) left a 14 x 1 tile, at half the speed of a 4 x 2 with a tail."""
+    widths = range(1, MAX_NV + 1)
+    if gemm.n % lanes:
+        return list(widths)
+    return [nv for nv in widths if filled(gemm.n, nv * lanes) >= COLUMNS_USED]
+
+
 def candidates(gemm: Gemm, vec: Vector, cores: int) -> list[Candidate]:
     """The tuning space: micro-kernels that keep C's tile in registers (between half of them
-    and all but the few B and A needs), with vectors that divide N (a predicated N tail would
-    turn the vector loop scalar) and rows that fill at least ROWS_USED of their tiles (the last
-    row tile, predicated where mr does not divide M, is peeled off at lowering:
-    cpu_schedules.likely_guards), fewest loads per useful FMA first, under each loop order; the
-    parallel split from `parallel_split` (a build recomputes it anyway)."""
-    vectors = gemm.n // vec.lanes
+    and all but the few B and A needs), with the vectors `tile_vectors` allows and rows that
+    fill at least ROWS_USED of their tiles (the last row tile, predicated where mr does not
+    divide M, is peeled off at lowering: cpu_schedules.likely_guards), fewest loads per useful
+    FMA first, under each loop order; the parallel split from `parallel_split` (a build
+    recomputes it anyway)."""
     kernels = [(mr, nv) for mr in range(1, min(16, gemm.m) + 1) if filled(gemm.m, mr) >= ROWS_USED
-               for nv in _divisors(vectors) if nv <= 6 if vec.registers // 2 <= mr * nv <= vec.registers - nv - 1]
-    # fewest loads per FMA first ((mr + nv) / (mr * nv), over the share of real rows), then the bigger tile
-    kernels.sort(key=lambda k: ((k[0] + k[1]) / (k[0] * k[1]) / filled(gemm.m, k[0]), -k[0] * k[1]))
+               for nv in tile_vectors(gemm, vec.lanes) if vec.registers // 2 <= mr * nv <= vec.registers - nv - 1]
+    # fewest loads per FMA first ((mr + nv) / (mr * nv), over the share of real rows and columns), then the bigger tile
+    kernels.sort(key=lambda k: ((k[0] + k[1]) / (k[0] * k[1]) / filled(gemm.m, k[0]) / filled(gemm.n, k[1] * vec.lanes),
+                                -k[0] * k[1]))
     out = []
     for mr, nv in kernels[:MAX_CANDIDATES // 2]:
         chunks, mchunks = parallel_split(gemm, mr, nv, vec.lanes, cores)
@@ -125,6 +140,7 @@ def candidates(gemm: Gemm, vec: Vector, cores: int) -> list[Candidate]:
 
 
 ROWS_USED = 7 / 8  # the least share of real rows in a tuning candidate's row tiles
+COLUMNS_USED = 7 / 8  # the least share of real columns in a micro-tile's column tiles (tile_vectors)
 
 
 def filled(n: int, group: int) -> float:
@@ -143,20 +159,28 @@ def parallel_split(gemm: Gemm, mr: int, nv: int, lanes: int, cores: int) -> tupl
     equal work on `cores` threads keep them busy for E / (ceil(E / cores) x cores) of the time;
     the split is the smallest with that share at least 7/8 (E divisible by the cores, or
     E >= 8 x cores), N split before M (each core then streams only its share of the weights).
-    A kernel with fewer tiles than that gets its most balanced split."""
-    col_blocks, row_blocks = gemm.n // (nv * lanes), -(-gemm.m // mr)
-    splits = [(c, r) for r in _divisors(row_blocks) for c in _divisors(col_blocks)]
+    A kernel with fewer tiles than that gets its most balanced split. With a column tail
+    (`column_tail`) the parallel loop is N's chunks alone: E = chunks."""
+    col_blocks, row_blocks = -(-gemm.n // (nv * lanes)), -(-gemm.m // mr)
+    tail = column_tail(gemm, nv, lanes)  # then only N's chunks run in parallel (apply)
+    batch = 1 if tail else gemm.batch
+    splits = [(c, r) for r in ([1] if tail else _divisors(row_blocks)) for c in _divisors(col_blocks)]
     for c, r in splits:
-        if filled(gemm.batch * c * r, cores) >= BALANCE:
+        if filled(batch * c * r, cores) >= BALANCE:
             return c, r
-    return max(splits, key=lambda cr: (filled(gemm.batch * cr[0] * cr[1], cores), gemm.batch * cr[0] * cr[1]))
+    return max(splits, key=lambda cr: (filled(batch * cr[0] * cr[1], cores), batch * cr[0] * cr[1]))
+
+
+def column_tail(gemm: Gemm, nv: int, lanes: int) -> bool:
+    """Whether a tile of nv vectors leaves a predicated last column tile (N no multiple of its width)."""
+    return gemm.n % (nv * lanes) != 0
 
 
 # the model of a core behind default_candidate: two FMA pipes of 4 cycles' latency and two vector
 # loads per cycle (Zen, Intel since Haswell; the same on the AVX-512 parts this targets); B's
 # vectors stream from L2 at about one per two cycles (its panel, re-read by every row tile,
-# outgrows L1), where A's few rows stay in L1
-FMA_PER_CYCLE, FMA_LATENCY, LOADS_PER_CYCLE, B_VECTORS_PER_CYCLE = 2, 4, 2, 0.5
+# outgrows L1), where A's few rows stay in L1; A's broadcasts issue at one per cycle
+FMA_PER_CYCLE, FMA_LATENCY, LOADS_PER_CYCLE, B_VECTORS_PER_CYCLE, BROADCASTS_PER_CYCLE = 2, 4, 2, 0.5, 1
 
 
 def tile_efficiency(mr: int, nv: int) -> float:
@@ -164,30 +188,32 @@ def tile_efficiency(mr: int, nv: int) -> float:
     mr x nv FMAs, mr broadcasts of A and nv loads of B, and its mr x nv accumulators must cover
     the FMA latency x throughput or the chains stall. B's loads also bound it from L2: a tile of
     fewer than 4 rows waits on B (a 2 x 5 tile ran well below a 4 x 2 one on Mixer-H/14's GEMMs,
-    benchmarks/results/cpu_matrix_znver3_large.md)."""
+    benchmarks/results/cpu_matrix_znver3_large.md). A's broadcasts issue at one per cycle, which
+    only a tile of one vector per row outruns: 14 x 1 and 8 x 1 tiles ran at half to two thirds
+    of a 4 x 2's speed on GEMMs whose N (100, 200) left no wider tile among N's divisors
+    (benchmarks/results/cpu_matrix_znver3_odd_specs.md)."""
     fmas = mr * nv
-    cycles = max(fmas / FMA_PER_CYCLE, (mr + nv) / LOADS_PER_CYCLE, nv / B_VECTORS_PER_CYCLE, FMA_LATENCY)
+    cycles = max(fmas / FMA_PER_CYCLE, (mr + nv) / LOADS_PER_CYCLE, mr / BROADCASTS_PER_CYCLE,
+                 nv / B_VECTORS_PER_CYCLE, FMA_LATENCY)
     return fmas / FMA_PER_CYCLE / cycles
 
 
 def default_candidate(gemm: Gemm, vec: Vector, cores: int) -> Candidate | None:
     """The candidate chosen without measuring: the micro-tile the register model rates best
-    (`tile_efficiency`, times the share of its rows that are real when M is no multiple of mr:
-    the last row tile is predicated), ties to the bigger tile, then to one that divides M; B
-    panel reused across M (`c_outer`); the parallel split from the cores. The tile's vectors
-    divide N (a predicated vector would turn scalar); None when N is not a multiple of the
-    SIMD width."""
-    if gemm.n % vec.lanes:
-        return None
-    vectors = gemm.n // vec.lanes
-    fits = [(mr, nv) for mr in range(1, min(16, gemm.m) + 1) for nv in _divisors(vectors) if nv <= 6
+    (`tile_efficiency`, times the share of its rows and columns that are real when M is no
+    multiple of mr or N of the tile's width: the last tile is predicated), ties to the bigger
+    tile, then to one that divides M; B panel reused across M (`c_outer`); the parallel split
+    from the cores. The tile's vectors are those `tile_vectors` allows; None when no tile fits
+    the registers."""
+    fits = [(mr, nv) for mr in range(1, min(16, gemm.m) + 1) for nv in tile_vectors(gemm, vec.lanes)
             if mr * nv <= vec.registers - nv - 1]
     if not fits:
         return None
 
     def score(k: tuple[int, int]) -> tuple[float, int, bool, int]:
         mr, nv = k
-        return round(tile_efficiency(mr, nv) * filled(gemm.m, mr), 3), mr * nv, gemm.m % mr == 0, mr
+        real = filled(gemm.m, mr) * filled(gemm.n, nv * vec.lanes)
+        return round(tile_efficiency(mr, nv) * real, 3), mr * nv, gemm.m % mr == 0, mr
 
     mr, nv = max(fits, key=score)
     chunks, mchunks = parallel_split(gemm, mr, nv, vec.lanes, cores)
@@ -196,8 +222,8 @@ def default_candidate(gemm: Gemm, vec: Vector, cores: int) -> Candidate | None:
 
 def with_decision(gemm: Gemm, d: Decision, vec: Vector, cores: int) -> Candidate | None:
     """The candidate that makes decision `d` on this GEMM for this machine's cores (None when
-    its vectors do not divide N or its tile does not fit this machine's registers)."""
-    if d.mr > gemm.m or gemm.n % (d.nv * vec.lanes) or d.mr * d.nv > vec.registers - d.nv - 1:
+    `tile_vectors` does not allow its vectors or its tile does not fit this machine's registers)."""
+    if d.mr > gemm.m or d.nv not in tile_vectors(gemm, vec.lanes) or d.mr * d.nv > vec.registers - d.nv - 1:
         return None
     chunks, mchunks = parallel_split(gemm, d.mr, d.nv, vec.lanes, cores)
     return Candidate(d.mr, d.nv, chunks, d.c_outer, mchunks)
@@ -314,8 +340,11 @@ def apply(sch: Schedule, gemm: Gemm, c: Candidate, lanes: int) -> None:
         (io, ii), mo = sch.split(i, [None, c.mr]), None
     jo, jm, jv, jl = sch.split(j, [c.chunks, None, c.nv, lanes])
     inner = [k, ii, jv, jl]
-    outer = [*batch, jo] + ([mo] if mo is not None else [])
-    sch.reorder(*outer, *((jm, io) if c.c_outer else (io, jm)), *inner)
+    if column_tail(gemm, c.nv, lanes):  # N's chunks alone in parallel: LoopPartition peels the
+        outer, batch = [jo], batch  # tail tile off a plain loop only (not off a fused one's j % chunks)
+    else:
+        outer, batch = [*batch, jo] + ([mo] if mo is not None else []), []
+    sch.reorder(*outer, *batch, *((jm, io) if c.c_outer else (io, jm)), *inner)
     sch.parallel(sch.fuse(*outer) if len(outer) > 1 else outer[0])
     sch.unroll(ii)
     sch.unroll(jv)
@@ -363,7 +392,7 @@ def _widening(sch: Schedule, block: Any) -> dict[str, int]:
 def design_spaces(sch: Schedule, vec: Vector, cores: int) -> list[Schedule]:
     """One schedule per candidate, or [] when the kernel is not a GEMM this space handles."""
     gemm = find_gemm(sch)
-    if gemm is None or gemm.n % vec.lanes:
+    if gemm is None:
         return []
     spaces = []
     for c in candidates(gemm, vec, cores):
