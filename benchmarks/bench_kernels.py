@@ -29,7 +29,8 @@ from bench_cpu import machine, matrix_spec, write_report  # noqa: E402
 from mixer_compile.backend.target import get_target  # noqa: E402
 
 
-def kernel_times(spec_name: str, batch: int, gelu: str, target_name: str, repeat: int) -> list[dict[str, Any]]:
+def kernel_times(spec_name: str, batch: int, gelu: str, target_name: str, repeat: int,
+                 form: str = "matmul") -> list[dict[str, Any]]:
     """Per kernel: calls per forward, ms per call by the defaults and by the shipped records, and
     the GEMM tile each chose."""
     import tvm
@@ -41,8 +42,8 @@ def kernel_times(spec_name: str, batch: int, gelu: str, target_name: str, repeat
     from mixer_compile.tune.database import open_union, shipped_db_dirs
 
     spec, target = matrix_spec(spec_name, batch, gelu), get_target(target_name)
-    fused = cpu.prepare(compose(spec, target).module, target)
-    calls = {t.name: t.calls for t in model_tasks(spec, target)}
+    fused = cpu.prepare(compose(spec, target, form).module, target)
+    calls = {t.name: t.calls for t in model_tasks(spec, target, form)}
     builds = {label: cpu.schedule_kernels(fused, target, db)
               for label, db in (("defaults", None), ("shipped", open_union(shipped_db_dirs(target))))}
     dev, rows = tvm.cpu(), []
@@ -98,6 +99,7 @@ def main() -> int:
     ap.add_argument("--spec", default="mixer_b16", help="preset, or preset@PIXELS")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--gelu", choices=("erf", "tanh"), default="erf")
+    ap.add_argument("--form", choices=("matmul", "conv"), default="matmul")
     ap.add_argument("--target", default="llvm")
     ap.add_argument("--repeat", type=int, default=15)
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
@@ -109,9 +111,10 @@ def main() -> int:
                               "machine": machine(threads), "target": args.target, "spec": args.spec,
                               "batch": args.batch, "gelu": args.gelu, "repeat": args.repeat,
                               "load_before": [round(v, 2) for v in os.getloadavg()]}
-    report["kernels"] = kernel_times(args.spec, args.batch, args.gelu, args.target, args.repeat)
+    report["kernels"] = kernel_times(args.spec, args.batch, args.gelu, args.target, args.repeat, args.form)
     report["load_after"] = [round(v, 2) for v in os.getloadavg()]
     stem = f"kernels_{report['machine']['llvm_cpu']}_{Path(args.spec).stem}_b{args.batch}_{args.gelu}"
+    stem += f"_{args.form}" if args.form != "matmul" else ""
     write_report(Path(args.out), stem, report, markdown(report))
     print(markdown(report))
     return 0

@@ -74,6 +74,8 @@ def test_conv_form_and_embedded_weights(tmp_path, wide_spec, form, embed, capfd)
     wide_spec = wide_spec.replace(layer_norm_eps=1e-2)
     result = _compile(wide_spec, tmp_path / "art", form=form, embed_weights=embed, seed=2)
     assert result.validation.max_rel_error < FP32
+    # built for a CPU, the conv form's convolutions run as GEMMs (TVM's conv kernels: far slower)
+    assert any(p["name"] == "convs_as_gemms" and p["changes"] for p in result.metadata.passes) == (form == "conv")
     assert (tmp_path / "art" / "weights.params").exists() != embed
     assert "Scope Saving" not in capfd.readouterr().err  # TVM's per-constant debug line, filtered out
     model = runtime.load(tmp_path / "art")

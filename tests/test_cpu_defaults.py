@@ -94,8 +94,8 @@ def test_odd_token_count_peels_the_predicated_row_tile(no_records) -> None:
 
 def test_n_no_multiple_of_the_simd_width_gets_the_micro_kernel(no_records) -> None:
     """C = 20, D_C = 60 and 7 classes at batch 3: no GEMM's N is a multiple of the SIMD width, as
-    in a user's spec (D_C = 750 ran its channel fc1 4x slower than ONNX Runtime by the `reduction`
-    rule, benchmarks/results/cpu_matrix_znver3_odd_specs.md). Every GEMM now gets the micro-kernel,
+    in a user's spec (D_C = 750 ran its channel fc1 by the generic `reduction` rule, far slower:
+    benchmarks/results/cpu_matrix_znver3_odd_specs_before.md). Every GEMM now gets the micro-kernel,
     its last column tile predicated and peeled off at lowering: the full tiles' k loop has no
     branch. N's chunks alone run in parallel (LoopPartition cannot peel off a loop fused with the
     batch), and the model is still correct."""

@@ -15,8 +15,10 @@ from tests.helpers import rel_error
 # The interpreter runs in float64, so a correct rewrite agrees to rounding error.
 BOUND = 1e-10
 # A context in which every pass has work to do on the literal graph: kernels in panels of 16
-# columns (pack_kernels), float16 storage (precision); the other passes do not read it.
-WORK_FOR_ALL = PassContext(dtype="float16", panel=16)
+# columns (pack_kernels), float16 storage (precision), convolutions as GEMMs (convs_as_gemms, on
+# the conv form's convolutions); the other passes do not read it.
+WORK_FOR_ALL = PassContext(dtype="float16", panel=16, gemm_convs=True)
+CONVS = ("token_mixing_as_conv", "channel_mixing_as_conv1x1", "fuse_epilogues")
 
 
 @pytest.fixture(params=["tiny_spec", "wide_spec"])
@@ -45,6 +47,8 @@ def test_literal_graph_matches_reference(case):
 def test_each_pass_alone_is_equivalent(case, name):
     spec, weights, images = case
     before = build_graph(spec)
+    if name == "convs_as_gemms":  # the literal graph has no convolution
+        before, _ = run_passes(before, CONVS)
     after, reports = run_passes(before, (name,), WORK_FOR_ALL)
     assert reports[0].changes, f"{name} changed nothing on the literal graph"
     if name == "precision":  # storage only: the same function of the weights as stored (rounded)
@@ -71,6 +75,23 @@ def test_token_mixing_is_one_tied_full_receptive_field_conv(wide_spec):
         assert kernel.shape == (wide_spec.tokens_mlp_dim, 1, gh, gw)
         assert graph.tensor(conv.inputs[0]).shape == (wide_spec.batch * wide_spec.hidden_dim, 1, gh, gw)
     assert not any(op.kind == "dense" and op.output.layout == "BCS" for op in graph.ops)
+
+
+def test_convs_become_gemms_where_the_target_has_gemm_kernels(wide_spec):
+    """Every convolution of the conv form is a GEMM written as one: built for a target whose
+    kernels are GEMMs, each becomes a dense op (1x1: over the pixels, transposed to them; the
+    full-grid conv and its mirror: right products, all of them), its kernel re-laid; the ONNX export's context
+    keeps them convolutions."""
+    conv_form, _ = run_passes(build_graph(wide_spec), CONVS)
+    graph, reports = run_passes(conv_form, ("convs_as_gemms",), PassContext(gemm_convs=True))
+    assert not [op for op in graph.ops if op.kind.startswith("conv")]
+    assert len(reports[0].changes) == 4 * wide_spec.num_blocks
+    gemms = {op.output.name: op for op in graph.ops if op.kind == "dense" and op.output.name.endswith(".gemm")}
+    layouts = sorted((op.attrs["kernel_layout"], op.attrs["axis"], len(op.output.shape)) for op in gemms.values())
+    assert layouts == sorted([("KN", 1, 2)] * 2 * wide_spec.num_blocks + [("KN", 2, 3)] * 2 * wide_spec.num_blocks)
+    assert all(op.attrs.get("bias") for name, op in gemms.items() if ".ch." in name)  # the fused epilogues kept
+    kept, reports = run_passes(conv_form, ("convs_as_gemms",), PassContext())
+    assert kept.ops == conv_form.ops and reports[0].changes == []
 
 
 def test_channel_mixing_is_1x1_conv(tiny_spec):

@@ -38,7 +38,8 @@ def pass_context(target: TargetInfo, dtype: str) -> PassContext:
     """Right-product kernels in panels of the CPU's SIMD width (passes/pack_kernels.py);
     activations in float32 whatever the storage dtype: the arithmetic is float32 here
     (passes/precision.py)."""
-    return PassContext(dtype=dtype, panel=vector_unit(target.tvm_target()).lanes, activation_dtype="float32")
+    return PassContext(dtype=dtype, panel=vector_unit(target.tvm_target()).lanes, activation_dtype="float32",
+                       gemm_convs=True)
 
 
 def prepare(mod: tvm.IRModule, target: TargetInfo) -> tvm.IRModule:

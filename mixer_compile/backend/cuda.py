@@ -115,8 +115,8 @@ def pass_context(target: TargetInfo, dtype: str) -> PassContext:
     float32, as 3xTF32); the rest keeps the (K, N) weight layout DLight's schedules expect."""
     arch = _arch(target)
     if not cutlass.has_family(arch):
-        return PassContext(dtype=dtype)
-    return PassContext(dtype=dtype, gemm_library="cutlass")
+        return PassContext(dtype=dtype, gemm_convs=True)
+    return PassContext(dtype=dtype, gemm_library="cutlass", gemm_convs=True)
 
 
 def _arch(target: TargetInfo) -> str:

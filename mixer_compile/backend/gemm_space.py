@@ -113,7 +113,7 @@ def tile_vectors(gemm: Gemm, lanes: int) -> list[int]:
     tile (cpu_schedules.likely_guards), the full tiles vectorised: any width when N is no
     multiple of the SIMD width (a spec's D_C of 750, a head of 37 classes: the tail is there
     anyway), else one whose column tiles N fills to COLUMNS_USED. Divisors alone were too few
-    for some N: 200 (25 vectors) left a 14 x 1 tile, at half the speed of a 4 x 2 with a tail."""
+    for some N: 200 (25 vectors) left 1 or 5, and a 4 x 2 with a tail beats both."""
     widths = range(1, MAX_NV + 1)
     if gemm.n % lanes:
         return list(widths)
@@ -189,9 +189,9 @@ def tile_efficiency(mr: int, nv: int) -> float:
     the FMA latency x throughput or the chains stall. B's loads also bound it from L2: a tile of
     fewer than 4 rows waits on B (a 2 x 5 tile ran well below a 4 x 2 one on Mixer-H/14's GEMMs,
     benchmarks/results/cpu_matrix_znver3_large.md). A's broadcasts issue at one per cycle, which
-    only a tile of one vector per row outruns: 14 x 1 and 8 x 1 tiles ran at half to two thirds
-    of a 4 x 2's speed on GEMMs whose N (100, 200) left no wider tile among N's divisors
-    (benchmarks/results/cpu_matrix_znver3_odd_specs.md)."""
+    only a tile of one vector per row outruns: 14 x 1 and 8 x 1 tiles, which the model without
+    that bound rated near peak, measured well below a 4 x 2 on GEMMs whose N (100, 200) left no
+    wider tile among N's divisors (benchmarks/results/cpu_matrix_znver3_odd_specs*.md)."""
     fmas = mr * nv
     cycles = max(fmas / FMA_PER_CYCLE, (mr + nv) / LOADS_PER_CYCLE, mr / BROADCASTS_PER_CYCLE,
                  nv / B_VECTORS_PER_CYCLE, FMA_LATENCY)

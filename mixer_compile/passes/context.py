@@ -24,6 +24,9 @@ class PassContext:
     # where activations are stored: `dtype` ("") where the hardware computes on half precision
     # (GPU tensor cores), "float32" where every operand is converted to float32 anyway (CPUs)
     activation_dtype: str = ""
+    # the conv form's convolutions built as the GEMMs they are (convs_as_gemms.py): the target's
+    # kernels are GEMMs; False where the convolutions are the point (the ONNX export)
+    gemm_convs: bool = False
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:

@@ -3,7 +3,8 @@
 - "matmul": tokens-major, transpose-free; every MLP layer a matmul with a fused epilogue.
   The fast form on CPUs and GPUs.
 - "conv": token mixing as a tied full-receptive-field depthwise conv and its mirror,
-  channel mixing as 1x1 convs (paper, section 2): the form for conv-only runtimes.
+  channel mixing as 1x1 convs (paper, section 2): the form for conv-only runtimes; built for a
+  target with GEMM kernels, its convolutions become GEMMs again (convs_as_gemms).
 
 Every form ends with the target's weight layout, the storage precision and the GEMMs handed to
 a kernel library, in that order, so that no rewrite has to reason about packed weights or mixed
@@ -17,8 +18,8 @@ from typing import Callable
 
 from mixer_compile.errors import MixerCompileError
 from mixer_compile.ir.graph import Graph
-from mixer_compile.passes import (channel_mixing_as_conv1x1, fuse_epilogues, library_gemms, pack_kernels,
-                                  precision, token_mixing_as_conv, tokens_major)
+from mixer_compile.passes import (channel_mixing_as_conv1x1, convs_as_gemms, fuse_epilogues, library_gemms,
+                                  pack_kernels, precision, token_mixing_as_conv, tokens_major)
 from mixer_compile.passes.context import PassContext
 
 PassFn = Callable[[Graph, PassContext], tuple[Graph, list[str]]]
@@ -28,6 +29,7 @@ PASSES: dict[str, PassFn] = {
     "channel_mixing_as_conv1x1": channel_mixing_as_conv1x1.run,
     "tokens_major": tokens_major.run,
     "fuse_epilogues": fuse_epilogues.run,
+    "convs_as_gemms": convs_as_gemms.run,
     "pack_kernels": pack_kernels.run,
     "precision": precision.run,
     "library_gemms": library_gemms.run,
@@ -35,8 +37,8 @@ PASSES: dict[str, PassFn] = {
 
 FORMS: dict[str, tuple[str, ...]] = {
     "matmul": ("tokens_major", "fuse_epilogues", "pack_kernels", "precision", "library_gemms"),
-    "conv": ("token_mixing_as_conv", "channel_mixing_as_conv1x1", "fuse_epilogues", "pack_kernels", "precision",
-             "library_gemms"),
+    "conv": ("token_mixing_as_conv", "channel_mixing_as_conv1x1", "fuse_epilogues", "convs_as_gemms", "pack_kernels",
+             "precision", "library_gemms"),
 }
 
 
