@@ -60,13 +60,22 @@ def test_without_records_every_kernel_is_scheduled_and_correct(tiny_spec, no_rec
     assert validate(run, spec, weights, seed=1, tolerance=FP32).passed
 
 
+def _partitioned(func: tvm.tirx.PrimFunc, config: dict) -> str:
+    """`func` through the start of TVM's TIR pipeline, up to LoopPartition, under `config`."""
+    from tvm import s_tir, tirx
+
+    lower = [s_tir.transform.LowerInitBlock(), s_tir.transform.ConvertBlocksToOpaque(),
+             s_tir.transform.LowerOpaqueBlock(), tirx.transform.FlattenBuffer(), s_tir.transform.LoopPartition(),
+             tirx.transform.StmtSimplify()]
+    with tvm.transform.PassContext(config=config):
+        return tvm.transform.Sequential(lower)(tvm.IRModule({"main": func}))["main"].script()
+
+
 def test_odd_token_count_peels_the_predicated_row_tile(no_records) -> None:
     """49 tokens (the /32 presets' 7 x 7) at batch 3: the GEMMs take row tiles that do not divide
     M, the last one guarded by a predicate. The guard is marked likely (likely_guards) and, under
     BUILD_CONFIG, LoopPartition peels the last tile off: the full tiles' k loop has no branch
     (with it, LLVM spilled the guarded row's accumulators in every tile). Still correct."""
-    from tvm import s_tir, tirx
-
     if why := cannot_run("avx2"):
         pytest.skip(why)
     target = get_target("avx2")  # 5-row tiles are AVX2's (AVX-512's 7 x 2 divides 49)
@@ -79,14 +88,10 @@ def test_odd_token_count_peels_the_predicated_row_tile(no_records) -> None:
     rows = {name: gemm_space.find_gemm(Schedule(fused[name])).m for name in applied.gemms}
     guarded = [mod[name] for name, c in applied.gemms.items() if rows[name] % c.mr]  # a last row tile to peel
     assert len(guarded) >= 3, "patchify and the channel GEMMs, M = 3 x 49 rows in tiles of 5"
-    lower = [s_tir.transform.LowerInitBlock(), s_tir.transform.ConvertBlocksToOpaque(),
-             s_tir.transform.LowerOpaqueBlock(), tirx.transform.FlattenBuffer(), s_tir.transform.LoopPartition(),
-             tirx.transform.StmtSimplify()]  # the start of TVM's TIR pipeline, up to LoopPartition
     for func in guarded:
         assert "T.where(T.likely(" in _block_body(func.script(), "matmul_update")
         for config, branch in (({}, True), (cpu_schedules.BUILD_CONFIG, False)):
-            with tvm.transform.PassContext(config=config):
-                script = tvm.transform.Sequential(lower)(tvm.IRModule({"main": func}))["main"].script()
+            script = _partitioned(func, config)
             # peeled: the full tiles' k loop, then the last row tile's (and a column tail's, where there is one)
             assert script.count("for k in") >= (1 if branch else 2)
             assert ("if " in _nested(script, "for k in")) == branch, script
@@ -99,8 +104,6 @@ def test_n_no_multiple_of_the_simd_width_gets_the_micro_kernel(no_records) -> No
     its last column tile predicated and peeled off at lowering: the full tiles' k loop has no
     branch. N's chunks alone run in parallel (LoopPartition cannot peel off a loop fused with the
     batch), and the model is still correct."""
-    from tvm import s_tir, tirx
-
     odd = MixerSpec("cols", (32, 32), 8, 20, 12, 60, 1, num_classes=7, batch=3)
     spec, weights, run, applied = _build(odd, "erf")
     target = get_target("llvm")
@@ -110,14 +113,10 @@ def test_n_no_multiple_of_the_simd_width_gets_the_micro_kernel(no_records) -> No
     assert len(gemms) == 6 and set(gemms) <= set(applied.gemms), (gemms, applied.gemms)
     assert all(c.mchunks == 1 for c in applied.gemms.values())
     assert validate(run, spec, weights, seed=1, tolerance=FP32).passed
-    lower = [s_tir.transform.LowerInitBlock(), s_tir.transform.ConvertBlocksToOpaque(),
-             s_tir.transform.LowerOpaqueBlock(), tirx.transform.FlattenBuffer(), s_tir.transform.LoopPartition(),
-             tirx.transform.StmtSimplify()]
     guarded = [name for name in gemms if "T.where(T.likely(" in _block_body(mod[name].script(), "matmul_update")]
     assert len(guarded) == 6, gemms
     for name in guarded:  # every k loop of the lowered kernel (full tiles, then tails) without a branch
-        with tvm.transform.PassContext(config=cpu_schedules.BUILD_CONFIG):
-            script = tvm.transform.Sequential(lower)(tvm.IRModule({"main": mod[name]}))["main"].script()
+        script = _partitioned(mod[name], cpu_schedules.BUILD_CONFIG)
         nests = script.split("for k in")[1:]
         assert nests and all("if " not in _nested("for k in" + nest, "for k in") for nest in nests), (name, script)
 

@@ -13,7 +13,6 @@ came from.
 from __future__ import annotations
 
 import os
-import platform
 import shutil
 import sys
 import warnings
@@ -27,7 +26,7 @@ from mixer_compile.backend.runner import Runner
 from mixer_compile.backend.gemm_space import vector_unit
 from mixer_compile.backend.target import TargetInfo
 from mixer_compile.errors import TargetError
-from mixer_compile.machine import normalize_arch, physical_cores
+from mixer_compile.machine import host_arch, normalize_arch, physical_cores
 from mixer_compile.passes.context import PassContext
 
 TUNABLE = True
@@ -289,8 +288,8 @@ def cross_linker(target: TargetInfo) -> str | None:
     error"): $CXX or $CC when set, else the `<triple>-g++` or `-gcc` of a cross toolchain on
     PATH. None for this machine's architecture (TVM's own choice links it)."""
     triple = str(target.tvm_target().attrs.get("mtriple") or "")
-    arch = normalize_arch(triple.split("-")[0]) if triple else None
-    if arch is None or arch == normalize_arch(platform.machine()):
+    arch, here = normalize_arch(triple.split("-")[0]) if triple else None, host_arch()
+    if arch is None or arch == here:
         return None
     given = os.environ.get("CXX") or os.environ.get("CC")
     if given:
@@ -299,7 +298,7 @@ def cross_linker(target: TargetInfo) -> str | None:
     for name in dict.fromkeys(f"{t}-{cc}" for t in (triple, short) for cc in ("g++", "gcc")):
         if shutil.which(name):
             return name
-    raise TargetError(f"the {target.name} build is for {arch} and this machine is {normalize_arch(platform.machine())}; "
+    raise TargetError(f"the {target.name} build is for {arch} and this machine is {here}; "
                       f"linking it needs a C compiler for {short}: install one (Debian/Ubuntu: apt install "
                       f"g++-{short}) or set CXX to it")
 

@@ -340,11 +340,11 @@ def apply(sch: Schedule, gemm: Gemm, c: Candidate, lanes: int) -> None:
         (io, ii), mo = sch.split(i, [None, c.mr]), None
     jo, jm, jv, jl = sch.split(j, [c.chunks, None, c.nv, lanes])
     inner = [k, ii, jv, jl]
-    if column_tail(gemm, c.nv, lanes):  # N's chunks alone in parallel: LoopPartition peels the
-        outer, batch = [jo], batch  # tail tile off a plain loop only (not off a fused one's j % chunks)
+    if column_tail(gemm, c.nv, lanes):  # N's chunks alone in parallel, the batch inside: LoopPartition
+        outer, serial = [jo], batch  # peels the tail tile off a plain loop only (not off a fused one's j % chunks)
     else:
-        outer, batch = [*batch, jo] + ([mo] if mo is not None else []), []
-    sch.reorder(*outer, *batch, *((jm, io) if c.c_outer else (io, jm)), *inner)
+        outer, serial = [*batch, jo] + ([mo] if mo is not None else []), []
+    sch.reorder(*outer, *serial, *((jm, io) if c.c_outer else (io, jm)), *inner)
     sch.parallel(sch.fuse(*outer) if len(outer) > 1 else outer[0])
     sch.unroll(ii)
     sch.unroll(jv)

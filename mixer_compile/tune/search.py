@@ -229,8 +229,7 @@ def _measure_defaults(tasks: list[Task], target: TargetInfo, db: Any, say: Say, 
                                                  ArgInfo.from_prim_func(t.mod["main"])))
             t.done += 1
             recorded += 1
-            t.default_secs = sum(secs) / len(secs)
-            t.default_decision = gemm_space.decision_of(sch.trace) if t.micro_kernel else None
+            _remember_default(t, sch, sum(secs) / len(secs))
             say(f"      {t.name}: default schedule {t.default_secs * 1e3:.3f} ms "
                 f"({t.flops / t.default_secs / 1e9:.1f} GFLOP/s)")
         else:
@@ -249,10 +248,16 @@ def _recall_defaults(tasks: list[Task], target: TargetInfo, db: Any) -> None:
             continue
         trace = str(sch.trace.as_json(remove_postproc=True))
         records = db.get_top_k(db.commit_workload(t.mod), t.done)
-        default = next((r for r in records if str(r.trace.as_json(remove_postproc=True)) == trace), None)
-        if record_secs(default):
-            t.default_secs = record_secs(default)
-            t.default_decision = gemm_space.decision_of(sch.trace) if t.micro_kernel else None
+        secs = record_secs(next((r for r in records if str(r.trace.as_json(remove_postproc=True)) == trace), None))
+        if secs:
+            _remember_default(t, sch, secs)
+
+
+def _remember_default(t: Task, sch: Any, secs: float) -> None:
+    """What `_gain` compares the search's best with: the default's time and, for a GEMM of
+    gemm_space, its decision (a best record making it is the default re-measured)."""
+    t.default_secs = secs
+    t.default_decision = gemm_space.decision_of(sch.trace) if t.micro_kernel else None
 
 
 def _inline_builder() -> Any:
