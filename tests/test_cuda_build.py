@@ -30,7 +30,7 @@ from mixer_compile.model.params import random_weights
 from mixer_compile.model.spec import MixerSpec
 from mixer_compile.passes.context import PassContext
 from mixer_compile.passes.pipeline import passes_for, run_passes
-from tests.helpers import TINY, rel_error
+from tests.helpers import TINY, TINY_TOML, rel_error
 from tests.sass import cuobjdump, sass
 
 TINY4 = TINY.replace(batch=4)  # the fp32 GPU builds: checked on the host CPU at batch 2 without a GPU
@@ -210,10 +210,43 @@ def test_cuda_target_is_the_local_gpu_else_sm_90(monkeypatch):
     assert "no GPU visible" in get_target("gpu").description
     monkeypatch.setattr(targets, "local_gpu", lambda: _FakeGPU("8.0"))
     assert get_target("cuda").config == get_target("a100").config
+    # named by what it resolves to: the tuning records kept and shipped under that name are this GPU's
+    assert get_target("cuda").name == "sm_80"
     monkeypatch.setattr(targets, "local_gpu", lambda: _FakeGPU("8.9"))  # no target file: limits off the device
     t = get_target("cuda")
     assert t.kind == "cuda" and t.config["arch"] == "sm_89" and t.config["max_shared_memory_per_block"] == 101376
+    assert t.name == "sm_89"
     assert str(t.tvm_target().attrs["arch"]) == "sm_89" and "Fake GPU 8.9" in t.description
+
+
+def test_gpu_host_code_is_for_the_building_machines_architecture(monkeypatch, tmp_path, capsys):
+    """GH200 and GB200 hosts are AArch64: "host": "portable" follows the machine that builds,
+    and a target file naming another architecture is refused before nvcc runs (its objects
+    would be for this machine)."""
+    import mixer_compile.backend.target as targets
+    from mixer_compile.backend.target import build_requirements
+
+    assert build_requirements(get_target("h100").tvm_target())["cpu"]["arch"] == "x86_64"
+    monkeypatch.setattr(targets, "host_arch", lambda: "aarch64")
+    gh200 = get_target("gh200")
+    assert gh200.name == "sm_90" and gh200.config["host"] == {"kind": "llvm", "mtriple": "aarch64-linux-gnu",
+                                                               "mcpu": "generic"}
+    assert build_requirements(gh200.tvm_target()) == {"gpu_arch": "sm_90", "cpu": {
+        "arch": "aarch64", "mcpu": "generic", "features": ["neon"]}}
+    monkeypatch.undo()
+    foreign = tmp_path / "grace.json"
+    foreign.write_text(json.dumps({"target": {"tag": "nvidia/nvidia-h100", "arch": "sm_90", "host": {
+        "kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "neoverse-v2"}}}))
+    here = targets.host_arch()
+    if here == "aarch64":
+        pytest.skip("this machine is AArch64: the target file is its own architecture")
+    (tmp_path / "tiny.toml").write_text(TINY_TOML)
+    code = main(["--spec", str(tmp_path / "tiny.toml"), "--target", str(foreign), "-o", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 2 and err == (f"error: the grace target's host code is for aarch64 and this machine is {here}; a CUDA build's "
+                   "host side is compiled for the machine that builds: build on a aarch64 machine, or give the "
+                   "target \"host\": \"portable\" (this machine's architecture)"), err
+    assert not (tmp_path / "out").exists()
 
 
 def test_gpu_targets_are_listed_and_unknown_ones_rejected(capsys):

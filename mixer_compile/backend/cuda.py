@@ -30,8 +30,9 @@ from typing import Any, Callable
 
 from mixer_compile.backend import cutlass, gemm_choice
 from mixer_compile.backend.runner import Runner
-from mixer_compile.backend.target import TargetInfo, get_target
+from mixer_compile.backend.target import TargetInfo, build_requirements, get_target
 from mixer_compile.errors import MixerCompileError, TargetError
+from mixer_compile.machine import host_arch
 from mixer_compile.passes.context import PassContext
 
 TUNABLE = True
@@ -202,6 +203,11 @@ def build_cuda_library(mod: Any, target: TargetInfo) -> CudaLibrary:
     """Compiles `mod` for the CUDA `target` in a child process, into a directory of its own."""
     import tvm
 
+    arch, here = build_requirements(target.tvm_target())["cpu"]["arch"], host_arch()
+    if arch != here:  # nvcc's objects would be for this machine, and TVM's link would fail on them
+        raise TargetError(f"the {target.name} target's host code is for {arch} and this machine is {here}; a CUDA "
+                          f"build's host side is compiled for the machine that builds: build on a {arch} machine, "
+                          "or give the target \"host\": \"portable\" (this machine's architecture)")
     _tool("nvcc", "install the CUDA toolkit (nvcc compiles the GPU kernels at build time)")
     temp = tempfile.gettempdir()
     if os.statvfs(temp).f_flag & os.ST_NOEXEC:  # TVM would fall back to CUDA source, saying why only in a log

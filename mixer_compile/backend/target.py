@@ -4,7 +4,10 @@ TVM 0.27 takes targets as dicts, not CLI strings; a name on our command line map
 file, so a target is reviewed and versioned like code. The value "host" in a CPU target
 stands for what this machine has (its LLVM CPU name, its core count), resolved at build time;
 a CUDA target with `"arch": "local"` stands for this machine's GPU (the file's `default`
-target when none is visible), so `--target cuda` builds for the GPU at hand.
+target when none is visible), so `--target cuda` builds for the GPU at hand. A CUDA target's
+`"host": "portable"` is this machine's CPU architecture at a baseline every server of it has
+(PORTABLE_HOSTS): nvcc compiles the GPU kernels' host side for the machine it runs on, so the
+host code cannot be for another architecture, and GH200 and GB200 hosts are AArch64.
 """
 
 from __future__ import annotations
@@ -15,11 +18,15 @@ from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
-from mixer_compile.machine import FEATURES, gpu_arch, local_gpu, normalize_arch, physical_cores
+from mixer_compile.machine import FEATURES, gpu_arch, host_arch, local_gpu, normalize_arch, physical_cores
 from mixer_compile.errors import TargetError, did_you_mean
 
 # the top-level targets/, installed as the package data mixer_compile.targets (pyproject.toml)
 TARGETS_DIR = Path(files("mixer_compile.targets"))
+
+# a GPU build's host code only launches kernels: any CPU of the architecture will do
+PORTABLE_HOSTS = {"x86_64": {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "x86-64-v3"},
+                  "aarch64": {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "generic"}}
 
 
 @dataclass(frozen=True)
@@ -46,24 +53,28 @@ def _resolve_host(config: dict[str, Any]) -> dict[str, Any]:
         config["mcpu"] = tvm.target.codegen.llvm_get_system_cpu()
     if config.get("num-cores") == "host":
         config["num-cores"] = physical_cores()
+    if config.get("host") == "portable":
+        config["host"] = PORTABLE_HOSTS.get(host_arch(), {"kind": "llvm", "mcpu": "generic"})
     if isinstance(config.get("host"), dict):
         config["host"] = _resolve_host(config["host"])
     return config
 
 
-def _local_gpu_target(stem: str, data: dict[str, Any]) -> TargetInfo:
+def _local_gpu_target(data: dict[str, Any]) -> TargetInfo:
     """The sm_XY target file of the local GPU if there is one, else its limits read off the
-    device; with no GPU visible, the file's `default` target."""
+    device; with no GPU visible, the file's `default` target. Named by the architecture it
+    resolves to: tuning records are kept and shipped by target name, and records tuned on an
+    H100 must not reach an A100's `--target cuda` build."""
     dev = local_gpu()
     if dev is None:
         base = get_target(data["default"])
-        return TargetInfo(stem, f"no GPU visible: {base.name} ({base.description})", base.config)
+        return TargetInfo(base.name, f"no GPU visible: {base.name} ({base.description})", base.config)
     arch = gpu_arch(dev)
     if (TARGETS_DIR / f"{arch}.json").is_file():
-        return TargetInfo(stem, f"local {dev.device_name}: {arch}", get_target(arch).config)
+        return TargetInfo(arch, f"local {dev.device_name}: {arch}", get_target(arch).config)
     config = {**data["target"], "arch": arch, "max_shared_memory_per_block": dev.max_shared_memory_per_block,
               "max_threads_per_block": dev.max_threads_per_block, "thread_warp_size": dev.warp_size}
-    return TargetInfo(stem, f"local {dev.device_name}: {arch}", _resolve_host(config))
+    return TargetInfo(arch, f"local {dev.device_name}: {arch}", _resolve_host(config))
 
 
 def _read(path: Path) -> dict[str, Any]:
@@ -98,7 +109,7 @@ def get_target(name: str) -> TargetInfo:
     for stem, data in targets.items():
         if name == stem or name in data.get("aliases", []):
             if data["target"].get("arch") == "local":
-                return _local_gpu_target(stem, data)
+                return _local_gpu_target(data)
             return TargetInfo(stem, data.get("description", ""), _resolve_host(data["target"]))
     words = [*targets, *(alias for data in targets.values() for alias in data.get("aliases", []))]
     raise TargetError(f"unknown target '{name}'{did_you_mean(name, words)} (known: {', '.join(sorted(targets))}; "
