@@ -18,6 +18,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -120,6 +121,14 @@ def test_compile_applies_records_and_second_compile_does_not_tune(tuned: dict, t
     assert (db / RECORDS).read_text() == before  # everything was in the database: no tuning happened
 
 
+def _opened(db: Path, writable: bool = False) -> tuple[Any, list[str]]:
+    """The database and every TuningWarning its opening gave (each bad line warns once)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        database = open_database(db, writable=writable)
+    return database, [str(w.message) for w in caught if issubclass(w.category, TuningWarning)]
+
+
 def test_corrupt_lines_are_skipped_with_file_and_line(tuned: dict, tmp_path: Path) -> None:
     db = tmp_path / "db"
     shutil.copytree(tuned["db"], db)
@@ -129,10 +138,7 @@ def test_corrupt_lines_are_skipped_with_file_and_line(tuned: dict, tmp_path: Pat
     lines.insert(3, '[99, []]')  # line 4: points at no workload
     (db / RECORDS).write_text("\n".join(lines) + "\n" + good[0][: len(good[0]) // 2])  # last: cut mid-write
     damaged = (db / RECORDS).read_text()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        database = open_database(db)
-    messages = [str(w.message) for w in caught if issubclass(w.category, TuningWarning)]
+    database, messages = _opened(db)
     path = db / RECORDS
     assert any(m.startswith(f"{path}:2: bad tuning record") for m in messages), messages
     assert any(m.startswith(f"{path}:4: bad tuning record") and "workload 99" in m for m in messages), messages
@@ -140,8 +146,8 @@ def test_corrupt_lines_are_skipped_with_file_and_line(tuned: dict, tmp_path: Pat
     assert len(database.get_all_tuning_records()) == len(good)
     assert path.read_text() == damaged  # read-only use never touches the user's file
 
-    with pytest.warns(TuningWarning, match="original files are kept"):
-        writable = open_database(db, writable=True)
+    writable, messages = _opened(db, writable=True)
+    assert any("original files are kept" in m for m in messages), messages
     assert len(writable.get_all_tuning_records()) == len(good)
     backups = list(db.glob(f"{RECORDS}.corrupt-*"))
     assert len(backups) == 1 and backups[0].read_text() == damaged
@@ -154,8 +160,8 @@ def test_bad_workload_line_drops_its_records(tuned: dict, tmp_path: Path) -> Non
     records = _lines(db / RECORDS)
     on_first = sum(1 for r in records if json.loads(r)[0] == 0)
     (db / WORKLOADS).write_text("\n".join(["{garbage"] + workloads[1:]) + "\n")
-    with pytest.warns(TuningWarning, match=rf"{WORKLOADS}:1: bad workload line skipped"):
-        database = open_database(db)
+    database, messages = _opened(db)
+    assert any(m.startswith(f"{db / WORKLOADS}:1: bad workload line skipped") for m in messages), messages
     assert len(database.get_all_tuning_records()) == len(records) - on_first
 
 
