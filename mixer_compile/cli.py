@@ -83,6 +83,17 @@ def _load_spec(args: argparse.Namespace):
     return load_spec(args.spec or DEFAULT_SPEC, batch=batch, gelu=args.gelu)
 
 
+def _code_for(target: dict) -> list[str]:
+    """What the code was built for, beyond the target's name: the CPU, or the GPU's
+    architecture where the name is not it and the CPU its host code runs on."""
+    config = target["config"]
+    if config.get("mcpu"):
+        return [config["mcpu"]]
+    host = config.get("host") if isinstance(config.get("host"), dict) else {}
+    return ([config["arch"]] if config.get("arch", target["name"]) != target["name"] else []) + \
+        ([f"{host['mcpu']} host"] if host.get("mcpu") else [])
+
+
 def cmd_compile(args: argparse.Namespace) -> int:
     from mixer_compile.compiler import CompileOptions, compile_model
 
@@ -105,8 +116,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
     batch = f"batches {r.metadata.batch['min']}-{r.metadata.batch['max']}" if r.metadata.batch else f"batch {s.batch}"
     print(f"compiled {s.name} ({s.image_size[0]}x{s.image_size[1]}, patch {s.patch_size}, {batch}, "
           f"{s.resolved_gelu} GELU) for {r.metadata.target['name']} "
-          f"[{r.metadata.target['config'].get('mcpu') or r.metadata.target['config'].get('arch', '')}, "
-          f"{r.metadata.precision['dtype']}]")
+          f"[{', '.join(_code_for(r.metadata.target) + [r.metadata.precision['dtype']])}]")
     print(f"  params     {s.param_count():,}   {s.flops_per_image() / 1e9:.2f} GFLOP/image")
     print(f"  weights    {r.metadata.weights}")
     print(f"  validation {r.validation.summary()}")

@@ -219,6 +219,36 @@ def test_cuda_target_is_the_local_gpu_else_sm_90(monkeypatch):
     assert str(t.tvm_target().attrs["arch"]) == "sm_89" and "Fake GPU 8.9" in t.description
 
 
+def test_a_resolved_target_says_what_it_became(monkeypatch):
+    """`--target gpu` (an alias of `cuda`) names the GPU it resolved to in its target stage, and
+    the summary line says what the code is for beyond that name."""
+    import io
+
+    import mixer_compile.backend.cuda as cuda
+    import mixer_compile.backend.target as targets
+    from mixer_compile.cli import _code_for
+    from mixer_compile.util.progress import Progress
+
+    class Stop(Exception):
+        pass
+
+    def stop(*args, **kwargs):
+        raise Stop
+
+    monkeypatch.setattr(targets, "local_gpu", lambda: None)
+    monkeypatch.setattr(cuda, "build", stop)
+    out = io.StringIO()
+    with pytest.raises(Stop):
+        compile_model(CompileOptions(spec=TINY, target="gpu"), progress=Progress(5, stream=out))
+    assert "      sm_90: no GPU visible: sm_90 (NVIDIA Hopper, compute capability 9.0 (H100, H200, GH200))" \
+        in out.getvalue().splitlines()
+    h100 = get_target("h100")
+    assert _code_for({"name": h100.name, "config": h100.config}) == ["x86-64-v3 host"]
+    assert _code_for({"name": "grace", "config": {**h100.config, "host": {"kind": "llvm", "mcpu": "neoverse-v2"}}}) \
+        == ["sm_90", "neoverse-v2 host"]
+    assert _code_for({"name": "avx2", "config": get_target("avx2").config}) == ["x86-64-v3"]
+
+
 def test_gpu_host_code_is_for_the_building_machines_architecture(monkeypatch, tmp_path, capsys):
     """GH200 and GB200 hosts are AArch64: "host": "portable" follows the machine that builds,
     and a target file naming another architecture is refused before nvcc runs (its objects
