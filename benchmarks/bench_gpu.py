@@ -12,7 +12,7 @@ random weights (seed 0) everywhere.
 Ours is timed as production calls it (`mixer_compile.runtime.load`, a torch tensor on the
 device in and out). Timing: after warm-up, `--repeat` runs of `--number` calls each, bracketed by device
 synchronisation, wall clock; the median run is reported. Results go to
-`--out/gpu_<device>_<spec>.json` and `.md`, named with the device, rewritten after each
+`--out/gpu_<device>_<spec>[_<tag>].json` and `.md`, named with the device, rewritten after each
 batch size so a run cut short still leaves what it measured.
 
     python benchmarks/bench_gpu.py --spec mixer_b16 --out benchmarks/results
@@ -174,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-torch-compile", action="store_true")
     ap.add_argument("--artifacts", default="out/bench", help="where our builds go (reused when present)")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
+    ap.add_argument("--tag", default="", help="suffix of the result files' names (one per subset run)")
     args = ap.parse_args(argv)
 
     import torch
@@ -196,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
               "tensor_core_peak": peak, "rows": rows, "ours_vs_torch_compile": {}, "validation": validation}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"gpu_{re.sub(r'[^A-Za-z0-9]+', '_', name).strip('_').lower()}_{base.name}"
+    stem = f"gpu_{re.sub(r'[^A-Za-z0-9]+', '_', name).strip('_').lower()}_{base.name}" + (f"_{args.tag}" if args.tag else "")
     for batch in (int(b) for b in args.batches.split(",")):
         spec = base.replace(batch=batch)
         weights = random_weights(spec, 0)

@@ -2,18 +2,25 @@
 # What a session with a GPU machine (the device tool) runs, by stage:
 #   stage    (device call 1, carry [".gpu/a"])  the first half of TVM lands; prints the machine and its nvcc
 #   install  (device call 2, carry [".gpu/b"])  joins the halves, installs TVM, tvm-ffi, CUTLASS and xgboost into /tmp/site
+#   targets  the issue's two targets first: benchmarks/bench_gpu.py at batch 256 and 1, fp16 only, with
+#            no records (the defaults a first compile gets): ours against PyTorch eager, torch.compile
+#            and (batch 1) torch.compile's CUDA graphs, plus the tensor-core peak
 #   test     the GPU tests (tests/test_cuda_build.py, test_library_gemms.py, test_gemm_choice.py and
 #            test_cuda_tune.py with --runslow: the CUTLASS sm_90a kernels too), every build validated
 #            on the GPU
+#   bench    benchmarks/bench_gpu.py over BATCHES (default 256,64,1) and DTYPES (default fp16, bf16,
+#            fp32; builds the targets stage made are reused), every build validated on the GPU
 #   tune     mixer-compile tune for the GPU at batch 256, fp16: the library GEMMs' CUTLASS (and cuBLASLt)
 #            candidates measured per problem, then MetaSchedule on TVM's kernels (TRIALS, default 8);
-#            the records land in $OUT/schedules (tune --ship-to: copy it into schedules/ and commit)
-#            and the next stages' builds apply them
-#   bench    benchmarks/bench_gpu.py: ours (validated on the GPU) vs PyTorch eager and torch.compile
+#            the records land in $OUT as they are measured ($OUT/library_gemms, $OUT/tuning) and, at
+#            the end, as a schedules tree in $OUT/schedules (copy it into schedules/ and commit);
+#            later stages' builds apply them
 #   cpuscale benchmarks/bench_cpu.py on the machine's CPU at 2, 4, 8 and 16 threads (CPU scaling)
-# The machine forgets everything 30 s after a call, so run the calls back to back; stages can be
-# combined: `bash scripts/gpu_session.sh install test bench`. Results land in $OUT (device tool) or
-# ./gpu-results; copy them to benchmarks/results/ and commit. See README, "NVIDIA GPUs".
+# The machine forgets everything 30 s after a call, so run the calls back to back; stages combine,
+# in priority order, since a call is cut at 10 minutes and returns only what is in $OUT by then:
+# `bash scripts/gpu_session.sh install targets test bench tune`. Every stage writes its results
+# into $OUT as it goes (device tool; ./gpu-results here): copy them to benchmarks/results/ and
+# commit. See README, "NVIDIA GPUs".
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu-results}; mkdir -p "$OUT"
@@ -54,16 +61,27 @@ for stage in "$@"; do
         tests/test_cuda_tune.py tests/test_cublaslt.py 2>&1 | tee "$OUT/test_gpu.log" ;;
     tune)
       export MIXER_COMPILE_CACHE=${MIXER_COMPILE_CACHE:-/tmp/mixer-cache}
+      # the records are written into $OUT as they are measured: a call cut short still returns them
+      for d in library_gemms tuning; do
+        mkdir -p "$OUT/$d" "$MIXER_COMPILE_CACHE"
+        if [ -d "$MIXER_COMPILE_CACHE/$d" ] && [ ! -L "$MIXER_COMPILE_CACHE/$d" ]; then
+          cp -r "$MIXER_COMPILE_CACHE/$d/." "$OUT/$d/" && rm -rf "${MIXER_COMPILE_CACHE:?}/$d"
+        fi
+        ln -sfn "$OUT/$d" "$MIXER_COMPILE_CACHE/$d"
+      done
       python3 -m mixer_compile.cli tune --spec "$SPEC" --target cuda --dtype float16 --batch "${TUNE_BATCH:-256}" \
-        --trials "${TRIALS:-8}" --ship-to "$OUT/schedules" 2>&1 | tee "$OUT/tune.log"
-      cp -r "$MIXER_COMPILE_CACHE/library_gemms" "$MIXER_COMPILE_CACHE/tuning" "$OUT/" 2>/dev/null ;;
+        --trials "${TRIALS:-8}" --ship-to "$OUT/schedules" 2>&1 | tee "$OUT/tune.log" ;;
+    targets)
+      python3 benchmarks/bench_gpu.py --spec "$SPEC" --batches 256,1 --dtypes float16 --tag targets \
+        --artifacts /tmp/bench --out "$OUT" 2>&1 | tee "$OUT/bench_targets.log" ;;
     bench)
-      python3 benchmarks/bench_gpu.py --spec "$SPEC" --batches "${BATCHES:-1,64,256}" --artifacts /tmp/bench --out "$OUT" 2>&1 | tee "$OUT/bench.log" ;;
+      python3 benchmarks/bench_gpu.py --spec "$SPEC" --batches "${BATCHES:-256,64,1}" \
+        --dtypes "${DTYPES:-float16,bfloat16,float32}" --artifacts /tmp/bench --out "$OUT" 2>&1 | tee "$OUT/bench.log" ;;
     cpuscale)
       for t in ${THREADS:-2 4 8 16}; do
         python3 benchmarks/bench_cpu.py --specs mixer_b16 --batches 1 8 --threads "$t" --out "$OUT/cpu_threads_$t" \
           2>&1 | tee "$OUT/cpu_threads_$t.log"
       done ;;
-    *) echo "unknown stage '$stage' (stage, install, test, tune, bench, cpuscale)"; exit 2 ;;
+    *) echo "unknown stage '$stage' (stage, install, targets, test, bench, tune, cpuscale)"; exit 2 ;;
   esac
 done
