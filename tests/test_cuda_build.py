@@ -256,7 +256,8 @@ def test_gpu_host_code_is_for_the_building_machines_architecture(monkeypatch, tm
     and a target file naming another architecture is refused before nvcc runs (its objects
     would be for this machine)."""
     import mixer_compile.backend.target as targets
-    from mixer_compile.backend.target import build_requirements
+    from mixer_compile.backend.cuda import check_host
+    from mixer_compile.backend.target import TargetInfo, build_requirements
 
     assert build_requirements(get_target("h100").tvm_target())["cpu"]["arch"] == "x86_64"
     monkeypatch.setattr(targets, "host_arch", lambda: "aarch64")
@@ -272,6 +273,7 @@ def test_gpu_host_code_is_for_the_building_machines_architecture(monkeypatch, tm
     here = targets.host_arch()
     if here == "aarch64":
         pytest.skip("this machine is AArch64: the target file is its own architecture")
+    check_host(TargetInfo("bare", "", {"kind": "cuda", "arch": "sm_90"}))  # no host: LLVM's default, this machine's
     (tmp_path / "tiny.toml").write_text(TINY_TOML)
     code = main(["--spec", str(tmp_path / "tiny.toml"), "--target", str(foreign), "-o", str(tmp_path / "out")])
     err = capsys.readouterr().err.strip().splitlines()[-1]

@@ -199,15 +199,22 @@ def describe(executable: CudaLibrary) -> dict[str, Any]:
     return {"gpu_code": executable.describe(), "runtime_libraries": runtime_libraries(executable.kernels) or None}
 
 
+def check_host(target: TargetInfo) -> None:
+    """Refuses host code for another CPU architecture: nvcc compiles the kernels' launch code
+    for this machine, and TVM's link would fail on the mix (a target without a host gets LLVM's
+    default, this machine's)."""
+    cpu, here = build_requirements(target.tvm_target()).get("cpu"), host_arch()
+    if cpu is not None and cpu["arch"] != here:
+        raise TargetError(f"the {target.name} target's host code is for {cpu['arch']} and this machine is {here}; a "
+                          f"CUDA build's host side is compiled for the machine that builds: build on a {cpu['arch']} "
+                          "machine, or give the target \"host\": \"portable\" (this machine's architecture)")
+
+
 def build_cuda_library(mod: Any, target: TargetInfo) -> CudaLibrary:
     """Compiles `mod` for the CUDA `target` in a child process, into a directory of its own."""
     import tvm
 
-    arch, here = build_requirements(target.tvm_target())["cpu"]["arch"], host_arch()
-    if arch != here:  # nvcc's objects would be for this machine, and TVM's link would fail on them
-        raise TargetError(f"the {target.name} target's host code is for {arch} and this machine is {here}; a CUDA "
-                          f"build's host side is compiled for the machine that builds: build on a {arch} machine, "
-                          "or give the target \"host\": \"portable\" (this machine's architecture)")
+    check_host(target)
     _tool("nvcc", "install the CUDA toolkit (nvcc compiles the GPU kernels at build time)")
     temp = tempfile.gettempdir()
     if os.statvfs(temp).f_flag & os.ST_NOEXEC:  # TVM would fall back to CUDA source, saying why only in a log
