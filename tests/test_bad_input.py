@@ -489,4 +489,8 @@ def test_a_failed_gpu_build_says_tvms_error_not_the_ir_after_it():
               "2227814400 exceeds range of int32\n\nError in pass: RewriteDataflowReshape\n" + "    T.evaluate(0)\n" * 200)
     assert _what_failed(stderr) == ("ValueError: Check failed: Literal value 2227814400 exceeds range of int32 / "
                                     "Error in pass: RewriteDataflowReshape")
-    assert _what_failed("nvcc fatal: one\ntwo") == "nvcc fatal: one\ntwo"
+    assert _what_failed("ld: one\ntwo") == "ld: one\ntwo"  # nothing it knows: the last lines
+    # TVM's bare "RuntimeError:", the CUDA source, then nvcc's own line (an arch this nvcc dropped)
+    stderr = ("RuntimeError: \n" + "extern \"C\" __global__ void k() {}\n" * 50
+              + "\nCompilation error:\nnvcc fatal   : Unsupported gpu architecture 'compute_50'\n")
+    assert _what_failed(stderr) == "nvcc fatal   : Unsupported gpu architecture 'compute_50'"

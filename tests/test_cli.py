@@ -1,6 +1,8 @@
 """The command line: subcommands, and every user error as one line with exit status 2."""
 
+import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -79,6 +81,17 @@ def test_user_errors_are_one_line(tmp_path, tiny_toml):
     with pytest.raises(TargetError, match="LLVM knows no CPU 'skylake-avx52' for x86_64-linux-gnu; did you mean "
                                           "'skylake-avx512'?"):
         get_target(str(no_cores))
+    # what TVM itself refuses, or would guess, is refused in one line before the build
+    for config, message in [({"kind": "cuda", "arch": "sm_90", "host": "banana"},
+                             "is no target TVM can build: Target kind \"banana\" is not defined"),
+                            ({"kind": "llvm", "num-cores": 2, "banana": 3}, "Unknown config option 'banana'"),
+                            ({"kind": "cuda", "arch": "sm_9x"}, "'arch' must name an NVIDIA GPU architecture as "
+                                                                "sm_XY (sm_80, sm_90, sm_90a...), got 'sm_9x'"),
+                            ({"kind": "cuda"}, "names no GPU: give it an 'arch' (sm_80, sm_90...), or build with "
+                                               "--target cuda for this machine's GPU")]:
+        no_cores.write_text(json.dumps({"target": config}))
+        with pytest.raises(TargetError, match=re.escape(message)):
+            get_target(str(no_cores))
 
 
 def test_paths_expand_the_home_directory(tmp_path, tiny_toml):

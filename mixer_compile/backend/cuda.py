@@ -250,9 +250,10 @@ def build_cuda_library(mod: Any, target: TargetInfo) -> CudaLibrary:
 
 def _what_failed(stderr: str) -> str:
     """The error of a failed child build: TVM follows its message with the IR it was working on
-    (hundreds of lines), so the exception's line and the pass it names, else the last lines."""
+    (hundreds of lines), so the exception's line and the pass it names, or nvcc's error after
+    the CUDA source TVM prints, else the last lines."""
     lines = stderr.strip().splitlines()
-    found = [line.strip() for line in lines if re.match(r"\w+(Error|Exception): |Error in pass: ", line)]
+    found = [line.strip() for line in lines if re.match(r"\w+(Error|Exception): .|Error in pass: |nvcc fatal|.*\berror: ", line)]
     return " / ".join(found[-2:]) if found else "\n".join(lines[-15:])
 
 

@@ -13,6 +13,7 @@ host code cannot be for another architecture, and GH200 and GB200 hosts are AArc
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
@@ -104,7 +105,7 @@ def get_target(name: str) -> TargetInfo:
     if path.suffix == ".json" and path.is_file():
         data = _read(path)
         _check_cpu_names(path, data["target"])
-        return TargetInfo(path.stem, data.get("description", ""), _resolve_host(data["target"]))
+        return _checked(path, TargetInfo(path.stem, data.get("description", ""), _resolve_host(data["target"])))
     targets = known_targets()
     for stem, data in targets.items():
         if name == stem or name in data.get("aliases", []):
@@ -114,6 +115,25 @@ def get_target(name: str) -> TargetInfo:
     words = [*targets, *(alias for data in targets.values() for alias in data.get("aliases", []))]
     raise TargetError(f"unknown target '{name}'{did_you_mean(name, words)} (known: {', '.join(sorted(targets))}; "
                       "or a path to a target .json file)")
+
+
+def _checked(path: Path, target: TargetInfo) -> TargetInfo:
+    """A user's target file as TVM reads it: a kind, key or host TVM does not know, or a GPU
+    arch that is no `sm_XY`, is refused here, in one line, not as a traceback mid-build."""
+    try:
+        tvm_target = target.tvm_target()
+    except (ValueError, RuntimeError) as exc:  # TVM's errors: an unknown kind, key or value type
+        raise TargetError(f"target file '{path}' is no target TVM can build: {str(exc).splitlines()[0]}") from None
+    if tvm_target.kind.name != "cuda":
+        return target
+    if "arch" not in target.config and "tag" not in target.config:  # TVM would guess: the GPU here, else sm_50
+        raise TargetError(f"target file '{path}' names no GPU: give it an 'arch' (sm_80, sm_90...), or build "
+                          "with --target cuda for this machine's GPU")
+    arch = str(tvm_target.attrs.get("arch", ""))
+    if not re.fullmatch(r"sm_\d{2,3}a?", arch):
+        raise TargetError(f"target file '{path}': 'arch' must name an NVIDIA GPU architecture as sm_XY "
+                          f"(sm_80, sm_90, sm_90a...), got {arch!r}")
+    return target
 
 
 def _check_cpu_names(path: Path, target: dict[str, Any]) -> None:
