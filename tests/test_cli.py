@@ -88,7 +88,11 @@ def test_user_errors_are_one_line(tmp_path, tiny_toml):
                             ({"kind": "cuda", "arch": "sm_9x"}, "'arch' must name an NVIDIA GPU architecture as "
                                                                 "sm_XY (sm_80, sm_90, sm_90a...), got 'sm_9x'"),
                             ({"kind": "cuda"}, "names no GPU: give it an 'arch' (sm_80, sm_90...), or build with "
-                                               "--target cuda for this machine's GPU")]:
+                                               "--target cuda for this machine's GPU"),
+                            # LLVM would only log that it ignores the feature, and build without it
+                            ({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "znver3", "num-cores": 2,
+                              "mattr": ["+avx2", "+avx9"]}, "LLVM knows no CPU feature 'avx9' for x86_64-linux-gnu; "
+                                                            "did you mean 'avx'?")]:
         no_cores.write_text(json.dumps({"target": config}))
         with pytest.raises(TargetError, match=re.escape(message)):
             get_target(str(no_cores))

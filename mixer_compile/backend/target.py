@@ -137,20 +137,33 @@ def _checked(path: Path, target: TargetInfo) -> TargetInfo:
 
 
 def _check_cpu_names(path: Path, target: dict[str, Any]) -> None:
-    """Refuses a CPU name LLVM does not know: LLVM would build for its generic CPU, with a log
-    line as the only sign, and the code would run without the vector units the file names."""
+    """Refuses a CPU name or a `+feature` LLVM does not know: LLVM would build for its generic
+    CPU, or without the feature, with a log line as the only sign, and the code would run
+    without the vector units the file names."""
     for config in (target, target.get("host")):
-        if not isinstance(config, dict) or config.get("kind") != "llvm" or config.get("mcpu") in (None, "host"):
+        if not isinstance(config, dict) or config.get("kind") != "llvm":
             continue
         import tvm
         from tvm.target import codegen
 
         triple = str(config.get("mtriple") or codegen.llvm_get_system_triple())
-        if not codegen.llvm_is_valid_cpu(str(config["mcpu"]), triple):
+        mcpu = str(config.get("mcpu") or "generic")
+        mcpu = codegen.llvm_get_system_cpu() if mcpu == "host" else mcpu
+        if not codegen.llvm_is_valid_cpu(mcpu, triple):
             known = [str(c) for c in codegen.llvm_get_cpu_archlist(tvm.target.Target({"kind": "llvm", "mtriple": triple}))]
-            raise TargetError(f"target file '{path}': LLVM knows no CPU '{config['mcpu']}' for {triple}"
-                              f"{did_you_mean(str(config['mcpu']), known)} (give one of `llc -mtriple={triple} "
+            raise TargetError(f"target file '{path}': LLVM knows no CPU '{mcpu}' for {triple}"
+                              f"{did_you_mean(mcpu, known)} (give one of `llc -mtriple={triple} "
                               "-mcpu=help`, or \"host\" for this machine's)")
+        mattr = config.get("mattr")
+        wanted = [str(f)[1:] for f in mattr if str(f).startswith("+")] if isinstance(mattr, list) else []
+        if wanted:
+            have = {str(f) for f in codegen.llvm_get_cpu_features(
+                tvm.target.Target({"kind": "llvm", "mtriple": triple, "mcpu": mcpu, "mattr": mattr}))}
+            unknown = [f for f in wanted if f not in have]
+            if unknown:
+                raise TargetError(f"target file '{path}': LLVM knows no CPU feature '{unknown[0]}' for {triple}"
+                                  f"{did_you_mean(unknown[0], sorted(have))} (give ones of `llc -mtriple={triple} "
+                                  "-mattr=help`)")
 
 
 def build_requirements(tvm_target: Any) -> dict[str, Any]:
