@@ -90,7 +90,7 @@ def compile_model(opts: CompileOptions, progress: Progress | None = None) -> Com
     with progress.stage("target", opts.target):
         target = get_target(opts.target)
         backend = backend_for(target)
-        if target.name != opts.target:  # an alias, a target file's path, or `cuda` resolved to the GPU here
+        if target.name != opts.target and target.description:  # an alias, or `cuda` resolved to the GPU here
             progress.say(f"      {target.name}: {target.description}")
     with progress.stage("weights", _weights_line(opts)):
         weights, spec, source = weights_for(spec, opts.weights, opts.seed)
