@@ -36,6 +36,10 @@ class TuningError(MixerCompileError):
     """A tuning database or tuning run that cannot be used (corrupt file, no tasks...)."""
 
 
+class PerformanceWarning(UserWarning):
+    """Code that runs, but slower on this machine than a build for it would."""
+
+
 class InputError(MixerCompileError, ValueError):
     """Images a loaded model cannot take (shape, batch, dtype, not an array); also a ValueError,
     so that serving code catching bad requests as ValueError catches these."""

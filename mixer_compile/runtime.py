@@ -50,6 +50,7 @@ import sys
 import tempfile
 import threading
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -58,7 +59,7 @@ import numpy as np
 
 from mixer_compile.artifact.format import LIBRARY, METADATA, WEIGHTS, BatchRange, Metadata, read_metadata, sha256
 from mixer_compile.artifact.place import refuse_foreign, staged
-from mixer_compile.errors import ArtifactError, InputError
+from mixer_compile.errors import ArtifactError, InputError, PerformanceWarning
 from mixer_compile.util.stderr import TVM_LOAD_NOISE, without_stderr_lines
 from mixer_compile.machine import (check_cpu, check_gpu, check_tvm_version, gpu_arch, load_runtime_libraries,
                                    local_gpu, use_all_cores)
@@ -127,9 +128,10 @@ class CompiledMixer:
         import tvm
         from tvm.runtime.vm import VirtualMachine
 
-        use_all_cores()  # before the pool starts: TVM alone would use half the cores on x86
+        threads = use_all_cores()  # before the pool starts: TVM alone would use half the cores on x86
         self.path = Path(artifact_dir).resolve()
         self._read_checked()
+        _warn_split_for_fewer_cores(self.metadata, f"artifact '{self.path}'", threads)
         self.input_shape = tuple(self.metadata.input["shape"])  # at the largest batch served
         self.input_dtype = self.metadata.input["dtype"]
         self.batches = BatchRange.from_metadata(self.metadata.batch, list(self.input_shape))
@@ -343,6 +345,17 @@ def check_machine(metadata: Metadata, where: str) -> None:
     if "cpu" in requires:
         check_cpu(requires["cpu"], where)
     load_runtime_libraries(metadata.runtime_libraries or [], where)
+
+
+def _warn_split_for_fewer_cores(metadata: Metadata, where: str, threads: int) -> None:
+    """A CPU build's parallel loops are split for the cores of its target (a CI machine's 2,
+    say): on a machine running more threads, most of them may wait. Said once per load, since
+    the build runs correctly, only slower than one for this machine."""
+    built = (metadata.target.get("config") or {}).get("num-cores")
+    if metadata.target.get("kind") == "llvm" and isinstance(built, int) and built < threads:
+        warnings.warn(f"{where} splits its parallel loops for {built} cores and this machine runs {threads} "
+                      f"threads, which may leave most of them idle; rebuild it here (--target llvm) or for "
+                      f"\"num-cores\": {threads} in its target file", PerformanceWarning, stacklevel=4)
 
 
 def _torch_tensor(tvm: Any, x: Any) -> Any:

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 import threading
+import warnings
 
 import numpy as np
 import pytest
@@ -20,7 +22,7 @@ import torch
 from mixer_compile import runtime
 from mixer_compile.backend.target import build_requirements
 from mixer_compile.compiler import CompileOptions, compile_model
-from mixer_compile.errors import ArtifactError, InputError, MixerCompileError
+from mixer_compile.errors import ArtifactError, InputError, MixerCompileError, PerformanceWarning
 from mixer_compile.machine import check_cpu, check_gpu, host_cpu_features
 from mixer_compile.model import reference
 from mixer_compile.model.params import random_weights
@@ -290,6 +292,20 @@ def test_refusals_happen_before_loading(copy):
     edit_metadata(copy, lambda m: m.update(tvm_version="0.26.0"))
     with pytest.raises(ArtifactError, match=r"was built with TVM 0.26.0 and this runtime is TVM 0.27.\S*; "
                                             r"install apache-tvm==0.26.0 or rebuild"):
+        runtime.load(copy)
+
+
+def test_a_build_split_for_fewer_cores_than_run_here_says_so(copy, monkeypatch):
+    monkeypatch.setenv("TVM_NUM_THREADS", "8")  # the threads runtime.load will run
+    edit_metadata(copy, lambda m: m["target"]["config"].update({"num-cores": 2}))
+    with pytest.warns(PerformanceWarning, match=re.escape(
+            f"artifact '{copy}' splits its parallel loops for 2 cores and this machine runs 8 threads, which may "
+            "leave most of them idle; rebuild it here (--target llvm) or for \"num-cores\": 8 in its target file")):
+        model = runtime.load(copy)
+    assert model(_images()).shape == (2, 10)  # it runs, only slower
+    edit_metadata(copy, lambda m: m["target"]["config"].update({"num-cores": 8}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
         runtime.load(copy)
 
 
