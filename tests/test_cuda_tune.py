@@ -10,7 +10,12 @@ CUTLASS) applies a record.
 from __future__ import annotations
 
 import json
+import os
+import re
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import tvm
@@ -269,3 +274,23 @@ def test_choose_form_on_a_gpu_target_keeps_the_form_and_says_why(monkeypatch, ca
     lines = out.getvalue().splitlines()
     assert "[3/6] choose    not for sm_90: keeping form matmul" in lines
     assert any(line.startswith("[4/6] graph") and "form matmul" in line for line in lines)
+
+
+def test_the_gpu_session_kit_dispatches_its_stages_and_tunes_into_out(tmp_path, tiny_toml):
+    """scripts/gpu_session.sh, what a device call runs (README, "NVIDIA GPUs"): it cannot be
+    tried on the GPU machine before the call that matters, so its dispatch and the tune stage's
+    records-into-$OUT links are checked here (the tuning itself stops: no GPU)."""
+    script = Path(__file__).resolve().parent.parent / "scripts" / "gpu_session.sh"
+    env = {**os.environ, "OUT": str(tmp_path / "out"), "SPEC": str(tiny_toml), "TRIALS": "1",
+           "MIXER_COMPILE_CACHE": str(tmp_path / "cache"), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    run = subprocess.run(["bash", str(script), "nonsense"], capture_output=True, text=True, env=env, timeout=60)
+    assert run.returncode == 2 and "unknown stage 'nonsense' (stage, install, targets, test, bench, tune, cpuscale)" \
+        in run.stdout, run.stdout + run.stderr
+    if local_gpu() is not None:
+        pytest.skip("a GPU is visible: the tune stage would tune for real")
+    subprocess.run(["bash", str(script), "tune"], capture_output=True, text=True, env=env, timeout=300)
+    log = (tmp_path / "out" / "tune.log").read_text()
+    assert "none is visible here" in log, log
+    database = Path(re.search(r"database (\S+)", log).group(1))  # the cache's tuning/<target>, through the link
+    assert database.parent.is_symlink() and database.parent.resolve() == (tmp_path / "out" / "tuning").resolve()
+    assert (tmp_path / "out" / "library_gemms").is_dir()
