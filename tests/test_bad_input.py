@@ -467,7 +467,8 @@ def test_a_batch_beyond_tvms_32_bit_indexing_is_refused_with_the_largest_that_bu
     """TVM 0.27 fails deep in its pipeline on a tensor of 2^31 elements or more; such a batch is
     refused in one line before anything is built. Mixer-B/16's largest tensor per image is the
     channel-mixing hidden layer, 196 x 3072 (2^31 // 602112 = 3566 images), on a CPU; on a GPU
-    the library GEMMs alone touch it, and the 196 x 768 activations (14266 images) bound it."""
+    the library GEMMs alone touch it, and the 196 x 768 activations (14266 images) bound it, with
+    the image, of the same size, named: the first in graph order, whatever the hash seed."""
     from mixer_compile.backend.target import get_target
     from mixer_compile.compose import compose
     from mixer_compile.errors import MixerCompileError
@@ -478,7 +479,8 @@ def test_a_batch_beyond_tvms_32_bit_indexing_is_refused_with_the_largest_that_bu
                                                 r"\(2\.15e\+09 elements\), beyond the 2\^31 .* the largest batch is 3566"):
         compose(b16.replace(batch=3567), get_target("llvm"))
     compose(b16.replace(batch=3567), get_target("sm_90"), dtype="float16")  # within a GPU's bound: builds
-    with pytest.raises(MixerCompileError, match=r"x196x768 tensor .* the largest batch is 14266: run larger batches"):
+    with pytest.raises(MixerCompileError, match=r"^batch 14267 makes the 14267x3x224x224 tensor image .* the largest "
+                                                r"batch is 14266: run larger batches"):
         compose(b16.replace(batch=14267), get_target("sm_90"), dtype="float16")
 
 

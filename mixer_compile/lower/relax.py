@@ -176,7 +176,8 @@ def check_indexable(graph: Graph) -> None:
     GEMMs read and write (the channel-mixing hidden layer on a GPU) do not count: the kernels
     index with 64 bits."""
     shapes = {graph.input.name: graph.input.shape, **{op.output.name: op.output.shape for op in graph.ops}}
-    indexed = {n for op in graph.ops if not op.attrs.get("library") for n in (*op.inputs, op.output.name)}
+    # in graph order, so that of tensors of one size (B/16's image and activations) the first is named
+    indexed = dict.fromkeys(n for op in graph.ops if not op.attrs.get("library") for n in (*op.inputs, op.output.name))
     name, shape = max(((n, shapes[n]) for n in indexed if n in shapes), key=lambda item: math.prod(item[1]))
     size, batch = math.prod(shape), graph.input.shape[0]
     if size >= INDEX_LIMIT:
