@@ -104,7 +104,6 @@ def get_target(name: str) -> TargetInfo:
     path = Path(name)
     if path.suffix == ".json" and path.is_file():
         data = _read(path)
-        _check_cpu_names(path, data["target"])
         return _checked(path, TargetInfo(path.stem, data.get("description", ""), _resolve_host(data["target"])))
     targets = known_targets()
     for stem, data in targets.items():
@@ -118,12 +117,14 @@ def get_target(name: str) -> TargetInfo:
 
 
 def _checked(path: Path, target: TargetInfo) -> TargetInfo:
-    """A user's target file as TVM reads it: a kind, key or host TVM does not know, or a GPU
-    arch that is no `sm_XY`, is refused here, in one line, not as a traceback mid-build."""
+    """A user's target file as TVM reads it: a kind, key or host TVM does not know, a CPU name
+    or feature LLVM does not know, or a GPU arch that is no `sm_XY`, is refused here, in one
+    line, not as a traceback mid-build."""
     try:
         tvm_target = target.tvm_target()
     except (ValueError, RuntimeError) as exc:  # TVM's errors: an unknown kind, key or value type
         raise TargetError(f"target file '{path}' is no target TVM can build: {str(exc).splitlines()[0]}") from None
+    _check_cpu_names(path, tvm_target)
     if tvm_target.kind.name != "cuda":
         return target
     if "arch" not in target.config and "tag" not in target.config:  # TVM would guess: the GPU here, else sm_50
@@ -136,34 +137,30 @@ def _checked(path: Path, target: TargetInfo) -> TargetInfo:
     return target
 
 
-def _check_cpu_names(path: Path, target: dict[str, Any]) -> None:
-    """Refuses a CPU name or a `+feature` LLVM does not know: LLVM would build for its generic
-    CPU, or without the feature, with a log line as the only sign, and the code would run
-    without the vector units the file names."""
-    for config in (target, target.get("host")):
-        if not isinstance(config, dict) or config.get("kind") != "llvm":
-            continue
-        import tvm
-        from tvm.target import codegen
+def _check_cpu_names(path: Path, tvm_target: Any) -> None:
+    """Refuses a CPU name or a `+feature` LLVM does not know, in the target or its host: LLVM
+    would build for its generic CPU, or without the feature, with a log line as the only sign,
+    and the code would run without the vector units the file names."""
+    import tvm
+    from tvm.target import codegen
 
-        triple = str(config.get("mtriple") or codegen.llvm_get_system_triple())
-        mcpu = str(config.get("mcpu") or "generic")
-        mcpu = codegen.llvm_get_system_cpu() if mcpu == "host" else mcpu
+    for config in (tvm_target, tvm_target.host):
+        if config is None or config.kind.name != "llvm":
+            continue
+        triple = str(config.attrs.get("mtriple") or codegen.llvm_get_system_triple())
+        mcpu = str(config.attrs.get("mcpu") or "generic")
         if not codegen.llvm_is_valid_cpu(mcpu, triple):
             known = [str(c) for c in codegen.llvm_get_cpu_archlist(tvm.target.Target({"kind": "llvm", "mtriple": triple}))]
             raise TargetError(f"target file '{path}': LLVM knows no CPU '{mcpu}' for {triple}"
                               f"{did_you_mean(mcpu, known)} (give one of `llc -mtriple={triple} "
                               "-mcpu=help`, or \"host\" for this machine's)")
-        mattr = config.get("mattr")
-        wanted = [str(f)[1:] for f in mattr if str(f).startswith("+")] if isinstance(mattr, list) else []
-        if wanted:
-            have = {str(f) for f in codegen.llvm_get_cpu_features(
-                tvm.target.Target({"kind": "llvm", "mtriple": triple, "mcpu": mcpu, "mattr": mattr}))}
-            unknown = [f for f in wanted if f not in have]
-            if unknown:
-                raise TargetError(f"target file '{path}': LLVM knows no CPU feature '{unknown[0]}' for {triple}"
-                                  f"{did_you_mean(unknown[0], sorted(have))} (give ones of `llc -mtriple={triple} "
-                                  "-mattr=help`)")
+        wanted = [str(f)[1:] for f in config.attrs.get("mattr") or [] if str(f).startswith("+")]
+        have = {str(f) for f in codegen.llvm_get_cpu_features(config)} if wanted else set()
+        unknown = [f for f in wanted if f not in have]
+        if unknown:
+            raise TargetError(f"target file '{path}': LLVM knows no CPU feature '{unknown[0]}' for {triple}"
+                              f"{did_you_mean(unknown[0], sorted(have))} (give ones of `llc -mtriple={triple} "
+                              "-mattr=help`)")
 
 
 def build_requirements(tvm_target: Any) -> dict[str, Any]:
