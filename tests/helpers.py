@@ -101,3 +101,27 @@ def cannot_run(target_name: str) -> str | None:
     except ArtifactError as exc:
         return str(exc).split("; rebuild")[0]
     return None
+
+
+def lines_until_cuda_build(monkeypatch, opts, stages: int) -> list[str]:
+    """The progress lines of a compile stopped where its CUDA build would start: what the stages
+    before the build say, without a build's minute."""
+    import io
+
+    import pytest
+
+    from mixer_compile.backend import cuda
+    from mixer_compile.compiler import compile_model
+    from mixer_compile.util.progress import Progress
+
+    class Stopped(Exception):
+        pass
+
+    def stop(*args, **kwargs):
+        raise Stopped
+
+    monkeypatch.setattr(cuda, "build", stop)
+    out = io.StringIO()
+    with pytest.raises(Stopped):
+        compile_model(opts, progress=Progress(stages, stream=out))
+    return out.getvalue().splitlines()

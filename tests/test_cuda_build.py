@@ -30,7 +30,7 @@ from mixer_compile.model.params import random_weights
 from mixer_compile.model.spec import MixerSpec
 from mixer_compile.passes.context import PassContext
 from mixer_compile.passes.pipeline import passes_for, run_passes
-from tests.helpers import TINY, TINY_TOML, rel_error
+from tests.helpers import TINY, TINY_TOML, lines_until_cuda_build, rel_error
 from tests.sass import cuobjdump, sass
 
 TINY4 = TINY.replace(batch=4)  # the fp32 GPU builds: checked on the host CPU at batch 2 without a GPU
@@ -222,27 +222,13 @@ def test_cuda_target_is_the_local_gpu_else_sm_90(monkeypatch):
 def test_a_resolved_target_says_what_it_became(monkeypatch):
     """`--target gpu` (an alias of `cuda`) names the GPU it resolved to in its target stage, and
     the summary line says what the code is for beyond that name."""
-    import io
-
-    import mixer_compile.backend.cuda as cuda
     import mixer_compile.backend.target as targets
     from mixer_compile.cli import _code_for
     from mixer_compile.machine import physical_cores
-    from mixer_compile.util.progress import Progress
-
-    class Stop(Exception):
-        pass
-
-    def stop(*args, **kwargs):
-        raise Stop
 
     monkeypatch.setattr(targets, "local_gpu", lambda: None)
-    monkeypatch.setattr(cuda, "build", stop)
-    out = io.StringIO()
-    with pytest.raises(Stop):
-        compile_model(CompileOptions(spec=TINY, target="gpu"), progress=Progress(5, stream=out))
     assert "      sm_90: no GPU visible: sm_90 (NVIDIA Hopper, compute capability 9.0 (H100, H200, GH200))" \
-        in out.getvalue().splitlines()
+        in lines_until_cuda_build(monkeypatch, CompileOptions(spec=TINY, target="gpu"), 5)
     h100 = get_target("h100")
     assert _code_for({"name": h100.name, "config": h100.config}) == ["x86-64-v3 host"]
     assert _code_for({"name": "grace", "config": {**h100.config, "host": {"kind": "llvm", "mcpu": "neoverse-v2"}}}) \

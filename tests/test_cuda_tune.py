@@ -37,6 +37,7 @@ from mixer_compile.tune.database import RECORDS, WORKLOADS
 from mixer_compile.tune.search import _build, _worker_pools, tune
 from mixer_compile.tune.tasks import tensor_core_space
 from mixer_compile.util.progress import Progress
+from tests.helpers import lines_until_cuda_build
 
 TENSORIZABLE = MixerSpec("tc", (72, 72), 8, 96, 96, 192, 1, num_classes=10, batch=2)  # as in test_cuda_build
 STORAGE_REWRITE_ERROR = "tvm_access_ptr element type must match the source buffer"
@@ -256,22 +257,8 @@ def test_a_search_that_meets_a_metaschedule_error_is_retried_with_another_seed(g
 def test_choose_form_on_a_gpu_target_keeps_the_form_and_says_why(monkeypatch, capsys):
     """--choose-form times builds on this CPU: a CUDA compile keeps its form, in a stage of its
     own (the stage count stays right), and tunes only that form."""
-    import io
-
-    from mixer_compile.util.progress import Progress
-
-    class Stop(Exception):
-        pass
-
-    def stop(*args, **kwargs):
-        raise Stop
-
-    monkeypatch.setattr(cuda, "build", stop)
-    out = io.StringIO()
-    with pytest.raises(Stop):
-        compile_model(CompileOptions(spec=TENSORIZABLE, target="sm_90", dtype="float16", choose_form=True),
-                      progress=Progress(6, stream=out))
-    lines = out.getvalue().splitlines()
+    lines = lines_until_cuda_build(monkeypatch, CompileOptions(spec=TENSORIZABLE, target="sm_90", dtype="float16",
+                                                               choose_form=True), 6)
     assert "[3/6] choose    not for sm_90: keeping form matmul" in lines
     assert any(line.startswith("[4/6] graph") and "form matmul" in line for line in lines)
 
