@@ -281,6 +281,21 @@ def test_avx512_build_is_refused_on_an_avx2_machine():
         check_cpu(avx512, "the znver4 build", haswell, "x86_64")
 
 
+def test_host_build_needs_only_what_this_machine_has(monkeypatch):
+    """mcpu=host is LLVM's name for this CPU less what the name implies and the machine hides
+    (a VM's hypervisor hid AMX on an Emerald Rapids here, and the loader refused the artifact
+    its own compile had just written)."""
+    from mixer_compile.backend import target
+
+    have = host_cpu_features()
+    assert set(build_requirements(target.get_target("llvm").tvm_target())["cpu"]["features"]) <= have
+    monkeypatch.setattr(target, "host_cpu_features", lambda: have - {"avx2"})  # a VM hiding AVX2
+    resolved = target.get_target("llvm")
+    assert "-avx2" in resolved.config["mattr"]
+    needs = set(build_requirements(resolved.tvm_target())["cpu"]["features"])
+    assert "avx2" not in needs and needs <= have - {"avx2"}
+
+
 def test_refusals_happen_before_loading(copy):
     (copy / "model.so").write_bytes(b"not a library" * 10)  # would fail to load, if it got that far
     edit_metadata(copy, lambda m: m["target"]["requires"]["cpu"]["features"].append("amx-tile"))

@@ -19,7 +19,8 @@ from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
-from mixer_compile.machine import FEATURES, gpu_arch, host_arch, local_gpu, normalize_arch, physical_cores
+from mixer_compile.machine import (FEATURES, gpu_arch, host_arch, host_cpu_features, local_gpu, normalize_arch,
+                                   physical_cores)
 from mixer_compile.errors import TargetError, did_you_mean
 
 # the top-level targets/, installed as the package data mixer_compile.targets (pyproject.toml)
@@ -46,12 +47,29 @@ class TargetInfo:
         return tvm.target.Target(self.config)
 
 
+def _host_cpu(config: dict[str, Any]) -> dict[str, Any]:
+    """`mcpu: host` as clang's -march=native reads it: LLVM's name for this CPU, less the
+    features that name implies and this machine does not have. Hypervisors hide some (AMX on
+    Sapphire and Emerald Rapids VMs, AVX-512 on some instances): LLVM, given the name alone,
+    may use them, and the build's requirements would list them, so the loader would refuse the
+    artifact on the very machine that built it."""
+    import tvm
+    from tvm.target import codegen
+
+    name = codegen.llvm_get_system_cpu()
+    have = host_cpu_features()
+    if have is None:  # no /proc/cpuinfo: the name is all there is to go on
+        return {**config, "mcpu": name}
+    implied = {str(f) for f in codegen.llvm_get_cpu_features(tvm.target.Target({"kind": "llvm", "mcpu": name}))}
+    hidden = sorted(implied & set(FEATURES.get(host_arch(), {})) - have)
+    mattr = [*(config.get("mattr") or []), *(f"-{f}" for f in hidden)]
+    return {**config, "mcpu": name, **({"mattr": mattr} if mattr else {})}
+
+
 def _resolve_host(config: dict[str, Any]) -> dict[str, Any]:
     config = dict(config)
     if config.get("mcpu") == "host":
-        import tvm
-
-        config["mcpu"] = tvm.target.codegen.llvm_get_system_cpu()
+        config = _host_cpu(config)
     if config.get("num-cores") == "host":
         config["num-cores"] = physical_cores()
     if config.get("host") == "portable":
