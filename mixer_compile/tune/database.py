@@ -35,6 +35,9 @@ WORKLOADS, RECORDS = "database_workload.json", "database_tuning_record.json"
 SCHEDULES_DIR = Path(files("mixer_compile.schedules"))
 CACHE_ENV = "MIXER_COMPILE_CACHE"
 _ISA_PREFIXES = ("avx", "fma", "sse", "f16c", "bmi", "popcnt", "amx", "vnni")
+# AMD's SSE4a (bit-field extract and insert, scalar streaming stores): no instruction of it is in
+# the code of these kernels, and counting it kept Zen 4's AVX-512 records from Intel's AVX-512 CPUs
+_ISA_UNUSED = {"sse4a"}
 
 
 class TuningWarning(UserWarning):
@@ -66,29 +69,34 @@ def _isa(config: dict[str, Any]) -> set[str]:
     import tvm
 
     features = tvm.target.codegen.llvm_get_cpu_features(tvm.target.Target(config))
-    return {str(f) for f in features if str(f).startswith(_ISA_PREFIXES)}
+    return {str(f) for f in features if str(f).startswith(_ISA_PREFIXES) and str(f) not in _ISA_UNUSED}
 
 
 def shipped_db_dirs(target: TargetInfo) -> list[Path]:
     """Shipped records usable for `target`: `schedules/<name>/` when it exists; otherwise (the
-    host target) every shipped set whose CPU's instruction sets the target CPU also has, the
-    richest first. Schedules are target-independent TIR transformations, so records tuned for
-    a compatible CPU apply and compile for this one."""
+    host target) every shipped set tuned for a CPU of the same SIMD unit whose instruction sets
+    the target CPU also has, the richest first. Schedules are target-independent TIR
+    transformations, so records tuned for a compatible CPU apply and compile for this one; but
+    a schedule shaped for another vector width is no schedule for this one (AVX2-tuned LayerNorm
+    and mean records ran 1.2x the defaults' time on an AVX-512 CPU), and a GEMM's decisions
+    are keyed by the width anyway."""
     own = SCHEDULES_DIR / target.name
     if has_records(own):
         return [own]
     if target.kind != "llvm" or not SCHEDULES_DIR.is_dir():
         return []
+    from mixer_compile.backend.gemm_space import vector_unit
     from mixer_compile.backend.target import get_target
 
-    mine = _isa(target.config)
+    mine, unit = _isa(target.config), vector_unit(target.tvm_target())
     found = []
     for d in sorted(p for p in SCHEDULES_DIR.iterdir() if has_records(p)):
         try:
-            theirs = _isa(get_target(d.name).config)
+            tuned_for = get_target(d.name)
         except TargetError:
             continue
-        if theirs <= mine:
+        theirs = _isa(tuned_for.config)
+        if theirs <= mine and vector_unit(tuned_for.tvm_target()) == unit:
             found.append((len(theirs), d))
     return [d for _, d in sorted(found, key=lambda x: -x[0])]
 
