@@ -18,7 +18,7 @@ import os
 import statistics
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -29,15 +29,41 @@ from bench_cpu import machine, matrix_spec, write_report  # noqa: E402
 from mixer_compile.backend.target import get_target  # noqa: E402
 
 
+def kernel_timer(func: Any, target: Any) -> Callable[..., Any]:
+    """`func` (one scheduled kernel) built alone as tuning builds a candidate, and its timer."""
+    import tvm
+
+    from mixer_compile.backend.cpu_schedules import BUILD_CONFIG
+
+    with tvm.transform.PassContext(config=BUILD_CONFIG):
+        lib = tvm.tirx.build(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=target.tvm_target())
+    return lib.time_evaluator("main", tvm.cpu(), number=1, repeat=1, min_repeat_ms=50)
+
+
+def random_args(func: Any) -> list[Any]:
+    """Random inputs (and outputs) for a kernel, seed 0."""
+    import tvm
+    from tvm.s_tir.meta_schedule.arg_info import ArgInfo
+
+    rng = np.random.default_rng(0)
+    return [tvm.runtime.tensor(rng.standard_normal([int(d) for d in a.shape]).astype(a.dtype), tvm.cpu())
+            for a in ArgInfo.from_prim_func(func)]
+
+
+def interleaved_medians(timers: dict[str, Callable[..., Any]], args: list[Any], repeat: int) -> dict[str, float]:
+    """Median ms per call of each build, timed in turn `repeat` rounds: load drifts hit all alike."""
+    samples: dict[str, list[float]] = {label: [] for label in timers}
+    for _ in range(repeat):
+        for label, timer in timers.items():
+            samples[label].append(timer(*args).mean * 1e3)
+    return {label: statistics.median(v) for label, v in samples.items()}
+
+
 def kernel_times(spec_name: str, batch: int, gelu: str, target_name: str, repeat: int,
                  form: str = "matmul") -> list[dict[str, Any]]:
     """Per kernel: calls per forward, ms per call by the defaults and by the shipped records, and
     the GEMM tile each chose."""
-    import tvm
-    from tvm.s_tir.meta_schedule.arg_info import ArgInfo
-
     from mixer_compile.backend import cpu
-    from mixer_compile.backend.cpu_schedules import BUILD_CONFIG
     from mixer_compile.compose import compose, model_tasks
     from mixer_compile.tune.database import open_union, shipped_db_dirs
 
@@ -46,26 +72,16 @@ def kernel_times(spec_name: str, batch: int, gelu: str, target_name: str, repeat
     calls = {t.name: t.calls for t in model_tasks(spec, target, form)}
     builds = {label: cpu.schedule_kernels(fused, target, db)
               for label, db in (("defaults", None), ("shipped", open_union(shipped_db_dirs(target))))}
-    dev, rows = tvm.cpu(), []
+    rows = []
     for gv, func in fused.functions.items():
         if not cpu.is_kernel(func):
             continue
-        rng = np.random.default_rng(0)
-        args = [tvm.runtime.tensor(rng.standard_normal([int(d) for d in a.shape]).astype(a.dtype), dev)
-                for a in ArgInfo.from_prim_func(func)]
-        timers = {}
-        for label, (mod, _) in builds.items():
-            kernel = tvm.IRModule({"main": mod[gv.name_hint].with_attr("global_symbol", "main")})
-            with tvm.transform.PassContext(config=BUILD_CONFIG):
-                lib = tvm.tirx.build(kernel, target=target.tvm_target())
-            timers[label] = lib.time_evaluator("main", dev, number=1, repeat=1, min_repeat_ms=50)
-        samples: dict[str, list[float]] = {label: [] for label in timers}
-        for _ in range(repeat):  # the two builds in turn: load drifts hit both
-            for label, timer in timers.items():
-                samples[label].append(timer(*args).mean * 1e3)
+        args = random_args(func)
+        timers = {label: kernel_timer(mod[gv.name_hint], target) for label, (mod, _) in builds.items()}
+        medians = interleaved_medians(timers, args, repeat)
         row = {"kernel": gv.name_hint, "calls": calls.get(gv.name_hint, 1)}
         for label, (_, applied) in builds.items():
-            row[f"{label}_ms"] = statistics.median(samples[label])
+            row[f"{label}_ms"] = medians[label]
             tile = applied.gemms.get(gv.name_hint)
             row[f"{label}_tile"] = f"{tile.mr}x{tile.nv}" if tile else None
             row[f"{label}_from"] = "record" if gv.name_hint in applied.tuned else "default"

@@ -1,0 +1,109 @@
+"""Every micro-tile of a model's GEMMs timed alone on this CPU, the register model's default marked.
+
+The default tile (`gemm_space.default_candidate`) is a model of the core; tuning measures the
+candidates of `gemm_space.candidates`. When the defaults lose on a CPU (to a tuning record, to
+a peer), this says which tile would have won each GEMM and by how much: the data a change to
+the model needs. Each GEMM kernel of the model (as the build fuses it) is scheduled with every
+candidate and with the default, built alone as tuning builds a candidate, and timed in turn
+on random inputs, `--repeat` rounds, medians; GFLOP/s of the GEMM alone (epilogue not counted).
+
+    python benchmarks/bench_tiles.py --spec mixer_b16 --batch 1 --out benchmarks/results
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from bench_cpu import machine, matrix_spec, write_report  # noqa: E402
+from bench_kernels import interleaved_medians, kernel_timer, random_args  # noqa: E402
+from mixer_compile.backend.target import get_target  # noqa: E402
+
+
+def tile_times(spec_name: str, batch: int, gelu: str, target_name: str, repeat: int) -> list[dict[str, Any]]:
+    """Per GEMM kernel: its shape, the default tile, and GFLOP/s of every candidate, fastest first."""
+    from tvm.s_tir import Schedule
+
+    from mixer_compile.backend import cpu, gemm_space
+    from mixer_compile.compose import compose
+
+    target = get_target(target_name)
+    m = cpu.machine(target)
+    fused = cpu.prepare(compose(matrix_spec(spec_name, batch, gelu), target).module, target)
+    rows = []
+    for gv, func in fused.functions.items():
+        if not cpu.is_kernel(func):
+            continue
+        sch = Schedule(func)
+        gemm = gemm_space.find_gemm(sch)
+        if gemm is None or not gemm_space.candidates(gemm, m.vec, m.cores):
+            continue
+        k = int(sch.get(sch.get_sblock(gemm.block)).iter_vars[-1].dom.extent)
+        default = gemm_space.default_candidate(gemm, m.vec, m.cores)
+        timers = {}
+        for c in dict.fromkeys([default, *gemm_space.candidates(gemm, m.vec, m.cores)]):
+            scheduled = sch.copy()
+            gemm_space.apply(scheduled, gemm, c, m.lanes)
+            label = f"{c.mr}x{c.nv}{'' if c.c_outer else ' (A outer)'}"
+            timers[label] = kernel_timer(scheduled.mod["main"], target)
+        default_label = f"{default.mr}x{default.nv}{'' if default.c_outer else ' (A outer)'}"
+        medians = interleaved_medians(timers, random_args(func), repeat)
+        gflop = 2 * gemm.batch * gemm.m * gemm.n * k / 1e9
+        ranked = sorted(medians, key=medians.get)
+        rows.append({"kernel": gv.name_hint, "batch": gemm.batch, "m": gemm.m, "n": gemm.n, "k": k,
+                     "default": default_label,
+                     "tiles": [{"tile": t, "ms": medians[t], "gflops": gflop / medians[t] * 1e3} for t in ranked]})
+    return rows
+
+
+def markdown(report: dict[str, Any]) -> str:
+    m = report["machine"]
+    out = [f"# GEMM tiles of {report['spec']} at batch {report['batch']} ({report['gelu']} GELU): {m['cpu']} "
+           f"({m['llvm_cpu']}), {m['threads']} threads; target `{report['target']}`", "",
+           f"{report['date']}; TVM {m['tvm']}. Every candidate of `gemm_space.candidates` and the default "
+           f"(*), each kernel built alone and timed in turn, {report['repeat']} rounds, medians; GFLOP/s of "
+           f"the GEMM alone. Load average before {report['load_before']}, after {report['load_after']}.", "",
+           "| kernel | M x N x K (batch) | default | best | default / best | tiles by GFLOP/s |", "|---|---|---|---|---|---|"]
+    for r in report["gemms"]:
+        tiles = r["tiles"]
+        default = next(t for t in tiles if t["tile"] == r["default"])
+        ranked = "  ".join(f"{t['tile']}{'*' if t['tile'] == r['default'] else ''} {t['gflops']:.0f}" for t in tiles)
+        out.append(f"| {r['kernel'][:32]} | {r['m']} x {r['n']} x {r['k']} ({r['batch']}) | {r['default']} "
+                   f"{default['gflops']:.0f} | {tiles[0]['tile']} {tiles[0]['gflops']:.0f} | "
+                   f"{default['ms'] / tiles[0]['ms']:.2f}x | {ranked} |")
+    return "\n".join(out) + "\n"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--spec", default="mixer_b16", help="preset, or preset@PIXELS")
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--gelu", choices=("erf", "tanh"), default="erf")
+    ap.add_argument("--target", default="llvm")
+    ap.add_argument("--repeat", type=int, default=7)
+    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
+    args = ap.parse_args()
+    from mixer_compile.machine import use_all_cores
+
+    threads = use_all_cores()
+    report: dict[str, Any] = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                              "machine": machine(threads), "target": args.target, "spec": args.spec,
+                              "batch": args.batch, "gelu": args.gelu, "repeat": args.repeat,
+                              "load_before": [round(v, 2) for v in os.getloadavg()]}
+    report["gemms"] = tile_times(args.spec, args.batch, args.gelu, args.target, args.repeat)
+    report["load_after"] = [round(v, 2) for v in os.getloadavg()]
+    stem = f"tiles_{report['machine']['llvm_cpu']}_{Path(args.spec).stem}_b{args.batch}_{args.gelu}"
+    write_report(Path(args.out), stem, report, markdown(report))
+    print(markdown(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
