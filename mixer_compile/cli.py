@@ -86,10 +86,13 @@ def _load_spec(args: argparse.Namespace):
 def _code_for(target: dict) -> list[str]:
     """What the code was built for, beyond the target's name: the CPU and the cores its
     parallel loops are split for, or the GPU's architecture where the name is not it and the
-    CPU its host code runs on."""
+    CPU its host code runs on; for a host CPU, the features its name implies and this machine
+    hides (target.py, `mcpu: host`)."""
     config = target["config"]
     if config.get("mcpu"):
-        return [config["mcpu"]] + ([f"{config['num-cores']} cores"] if config.get("num-cores") else [])
+        hidden = [str(f)[1:] for f in config.get("mattr") or [] if str(f).startswith("-")]
+        return [config["mcpu"] + (f" without {'/'.join(hidden)}" if hidden else "")] + \
+            ([f"{config['num-cores']} cores"] if config.get("num-cores") else [])
     host = config.get("host") if isinstance(config.get("host"), dict) else {}
     return ([config["arch"]] if config.get("arch", target["name"]) != target["name"] else []) + \
         ([f"{host['mcpu']} host"] if host.get("mcpu") else [])

@@ -235,6 +235,8 @@ def test_a_resolved_target_says_what_it_became(monkeypatch):
         == ["sm_90", "neoverse-v2 host"]
     cores = physical_cores()  # avx2 splits its parallel loops for the building machine's cores
     assert _code_for({"name": "avx2", "config": get_target("avx2").config}) == ["x86-64-v3", f"{cores} cores"]
+    vm = {"kind": "llvm", "mcpu": "emeraldrapids", "num-cores": 2, "mattr": ["-amx-bf16", "-amx-tile"]}
+    assert _code_for({"name": "llvm", "config": vm}) == ["emeraldrapids without amx-bf16/amx-tile", "2 cores"]
 
 
 def test_gpu_host_code_is_for_the_building_machines_architecture(monkeypatch, tmp_path, capsys):
