@@ -8,6 +8,7 @@ candidate and with the default, built alone as tuning builds a candidate, and ti
 on random inputs, `--repeat` rounds, medians; GFLOP/s of the GEMM alone (epilogue not counted).
 
     python benchmarks/bench_tiles.py --spec mixer_b16 --batch 1 --out benchmarks/results
+    python benchmarks/bench_tiles.py --spec mixer_l16 --tiles 14x2   # and a tile the space leaves out
 """
 
 from __future__ import annotations
@@ -27,8 +28,10 @@ from bench_kernels import interleaved_medians, kernel_timer, random_args  # noqa
 from mixer_compile.backend.target import get_target  # noqa: E402
 
 
-def tile_times(spec_name: str, batch: int, gelu: str, target_name: str, repeat: int) -> list[dict[str, Any]]:
-    """Per GEMM kernel: its shape, the default tile, and GFLOP/s of every candidate, fastest first."""
+def tile_times(spec_name: str, batch: int, gelu: str, target_name: str, repeat: int,
+               extra: list[tuple[int, int]]) -> list[dict[str, Any]]:
+    """Per GEMM kernel: its shape, the default tile, and GFLOP/s of every candidate (and of the
+    `extra` mr x nv tiles that fit it), fastest first."""
     from tvm.s_tir import Schedule
 
     from mixer_compile.backend import cpu, gemm_space
@@ -48,7 +51,8 @@ def tile_times(spec_name: str, batch: int, gelu: str, target_name: str, repeat: 
         k = int(sch.get(sch.get_sblock(gemm.block)).iter_vars[-1].dom.extent)
         default = gemm_space.default_candidate(gemm, m.vec, m.cores)
         timers = {}
-        for c in dict.fromkeys([default, *gemm_space.candidates(gemm, m.vec, m.cores)]):
+        asked = [gemm_space.with_decision(gemm, gemm_space.Decision(mr, nv, True), m.vec, m.cores) for mr, nv in extra]
+        for c in dict.fromkeys([default, *gemm_space.candidates(gemm, m.vec, m.cores), *filter(None, asked)]):
             scheduled = sch.copy()
             gemm_space.apply(scheduled, gemm, c, m.lanes)
             label = f"{c.mr}x{c.nv}{'' if c.c_outer else ' (A outer)'}"
@@ -67,8 +71,8 @@ def markdown(report: dict[str, Any]) -> str:
     m = report["machine"]
     out = [f"# GEMM tiles of {report['spec']} at batch {report['batch']} ({report['gelu']} GELU): {m['cpu']} "
            f"({m['llvm_cpu']}), {m['threads']} threads; target `{report['target']}`", "",
-           f"{report['date']}; TVM {m['tvm']}. Every candidate of `gemm_space.candidates` and the default "
-           f"(*), each kernel built alone and timed in turn, {report['repeat']} rounds, medians; GFLOP/s of "
+           f"{report['date']}; TVM {m['tvm']}. Every candidate of `gemm_space.candidates`, the default "
+           f"(*) and the tiles asked for ({', '.join(report['tiles']) or 'none'}), each kernel built alone and timed in turn, {report['repeat']} rounds, medians; GFLOP/s of "
            f"the GEMM alone. Load average before {report['load_before']}, after {report['load_after']}.", "",
            "| kernel | M x N x K (batch) | default | best | default / best | tiles by GFLOP/s |", "|---|---|---|---|---|---|"]
     for r in report["gemms"]:
@@ -88,6 +92,8 @@ def main() -> int:
     ap.add_argument("--gelu", choices=("erf", "tanh"), default="erf")
     ap.add_argument("--target", default="llvm")
     ap.add_argument("--repeat", type=int, default=7)
+    ap.add_argument("--tiles", nargs="*", default=[], metavar="MRxNV",
+                    help="more tiles to time where they fit (e.g. 14x2: a default of an earlier model)")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     args = ap.parse_args()
     from mixer_compile.machine import use_all_cores
@@ -95,9 +101,10 @@ def main() -> int:
     threads = use_all_cores()
     report: dict[str, Any] = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                               "machine": machine(threads), "target": args.target, "spec": args.spec,
-                              "batch": args.batch, "gelu": args.gelu, "repeat": args.repeat,
+                              "batch": args.batch, "gelu": args.gelu, "repeat": args.repeat, "tiles": args.tiles,
                               "load_before": [round(v, 2) for v in os.getloadavg()]}
-    report["gemms"] = tile_times(args.spec, args.batch, args.gelu, args.target, args.repeat)
+    extra = [tuple(int(v) for v in t.lower().split("x")) for t in args.tiles]
+    report["gemms"] = tile_times(args.spec, args.batch, args.gelu, args.target, args.repeat, extra)
     report["load_after"] = [round(v, 2) for v in os.getloadavg()]
     stem = f"tiles_{report['machine']['llvm_cpu']}_{Path(args.spec).stem}_b{args.batch}_{args.gelu}"
     write_report(Path(args.out), stem, report, markdown(report))

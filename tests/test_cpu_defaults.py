@@ -386,14 +386,14 @@ def test_parallel_split_keeps_every_core_busy(no_records, cores) -> None:
 
 
 def test_parallel_split_rule() -> None:
-    g = gemm_space.Gemm("matmul", 1, 196, 3072)
+    g = gemm_space.Gemm("matmul", 1, 196, 3072, 768)
     for cores in (1, 2, 3, 4, 6, 16, 64):
         chunks, mchunks = gemm_space.parallel_split(g, 4, 3, 8, cores)
         e = chunks * mchunks
         assert gemm_space.filled(e, cores) >= gemm_space.BALANCE, (cores, e)
         assert 3072 // 8 // 3 % chunks == 0 and 196 // 4 % mchunks == 0
     assert gemm_space.parallel_split(g, 4, 3, 8, 2) == (2, 1)  # N split first
-    assert gemm_space.parallel_split(gemm_space.Gemm("m", 8, 196, 768), 4, 3, 8, 2) == (1, 1)  # the batch suffices
+    assert gemm_space.parallel_split(gemm_space.Gemm("m", 8, 196, 768, 3072), 4, 3, 8, 2) == (1, 1)  # the batch suffices
 
 
 def test_default_tiles_keep_b_off_the_critical_path() -> None:
@@ -401,10 +401,26 @@ def test_default_tiles_keep_b_off_the_critical_path() -> None:
     where N's vector count has no factor 3 (Mixer-H/14's 5120 and 1280 on AVX2) it takes a 4 x 2
     tile, not the 2 x 5 whose five B loads per k bound it; Mixer-B/16 keeps its 4 x 3."""
     avx2 = gemm_space.Vector(8, 16)
-    for m, n, tile in ((256, 5120, (4, 2)), (256, 1280, (4, 2)), (196, 3072, (4, 3)), (196, 768, (4, 3))):
-        c = gemm_space.default_candidate(gemm_space.Gemm("matmul", 1, m, n), avx2, 2)
+    for m, n, k, tile in ((256, 5120, 1280, (4, 2)), (256, 1280, 5120, (4, 2)), (196, 3072, 768, (4, 3)),
+                          (196, 768, 3072, (4, 3))):
+        c = gemm_space.default_candidate(gemm_space.Gemm("matmul", 1, m, n, k), avx2, 2)
         assert (c.mr, c.nv) == tile, (m, n, c)
     assert gemm_space.tile_efficiency(2, 5) < gemm_space.tile_efficiency(4, 2) == 1.0
+
+
+def test_avx512_default_tiles_keep_a_in_l1_and_slack_in_the_units() -> None:
+    """On AVX-512, rows of A K = 1024 x n floats apart share one L1 set: a tile takes at most 8
+    of them (S/16's and L/16's channel fc2 get 4 x 4, not the 14 x 2 that thrashed the set), and
+    of tiles rated alike the one with slack on its busiest unit wins (B/16's 7 x 3: its 14 x 2
+    issued a broadcast every cycle). AVX2's tiles (at most 7 rows) are as before."""
+    avx512 = gemm_space.Vector(16, 32)
+    assert [gemm_space.rows_in_one_set(14, k) for k in (1024, 2048, 3072, 768, 512, 384, 196)] == [14, 14, 14, 4, 7, 2, 1]
+    for m, n, k, tile in ((196, 512, 2048, (4, 4)), (196, 1024, 4096, (4, 4)), (196, 768, 3072, (7, 3)),
+                          (196, 3072, 768, (7, 3)), (196, 1024, 512, (14, 2))):
+        c = gemm_space.default_candidate(gemm_space.Gemm("matmul", 1, m, n, k), avx512, 2)
+        assert (c.mr, c.nv) == tile, (m, n, k, c)
+        assert gemm_space.rows_in_one_set(c.mr, k) <= gemm_space.L1_WAYS
+    assert gemm_space.tile_pressure(7, 3) < gemm_space.tile_pressure(14, 2) == 1.0
 
 
 def test_loud_warning_when_a_kernel_stays_unscheduled(tiny_spec, no_records, monkeypatch) -> None:

@@ -42,7 +42,7 @@ def test_gemm_kernels_match_and_others_keep_the_generic_space(tiny_spec: MixerSp
     assert len(gemms) == 6, found
     assert found["layer_norm"] is None and found["mean"] is None
     tokens = (32 // 8) ** 2
-    assert Gemm("matmul", tiny_spec.batch, tokens, 128) in found.values()  # channel fc1: (b, tokens) x C -> D_C
+    assert Gemm("matmul", tiny_spec.batch, tokens, 128, 32) in found.values()  # channel fc1: (b, tokens) x C -> D_C
 
 
 @pytest.mark.parametrize("target_name", ["znver4", "avx2"])
@@ -71,7 +71,7 @@ def test_candidates_fit_the_registers_and_fill_their_row_tiles() -> None:
     """Neither rows nor vectors need divide M or N (the last row tile is peeled off at lowering)
     but fill at least ROWS_USED of the tiles: 49 tokens (the /32 presets) get a tuning space."""
     for m in (196, 49):
-        gemm = Gemm("matmul", 1, m, 3072)
+        gemm = Gemm("matmul", 1, m, 3072, 768)
         for vec in (Vector(16, 32), Vector(8, 16)):
             cands = candidates(gemm, vec, cores=2)
             assert cands and len(cands) <= MAX_CANDIDATES
@@ -81,10 +81,10 @@ def test_candidates_fit_the_registers_and_fill_their_row_tiles() -> None:
                 assert blocks % c.chunks == 0
                 assert c.mr * c.nv + c.nv + 1 <= vec.registers  # C tile, B vectors, A broadcast
                 assert gemm.batch * c.chunks >= 2  # both cores busy
-    assert candidates(Gemm("matmul", 1, 7, 13 * 16), Vector(16, 32), 2) == []  # no tile fits: generic space
+    assert candidates(Gemm("matmul", 1, 7, 13 * 16, 64), Vector(16, 32), 2) == []  # no tile fits: generic space
     # N no multiple of the SIMD width (D_C = 750): any vectors, the last column tile predicated; the
     # parallel loop is N's chunks alone (gemm_space.apply), which keep both cores busy
-    tail = Gemm("matmul", 3, 196, 750)
+    tail = Gemm("matmul", 3, 196, 750, 384)
     for vec in (Vector(16, 32), Vector(8, 16)):
         cands = candidates(tail, vec, cores=2)
         assert cands and any(750 % (c.nv * vec.lanes) for c in cands)

@@ -101,6 +101,7 @@ class Gemm:
     batch: int  # product of the leading spatial extents
     m: int
     n: int
+    k: int
 
 
 def _divisors(n: int) -> list[int]:
@@ -183,6 +184,14 @@ def column_tail(gemm: Gemm, nv: int, lanes: int) -> bool:
 FMA_PER_CYCLE, FMA_LATENCY, LOADS_PER_CYCLE, B_VECTORS_PER_CYCLE, BROADCASTS_PER_CYCLE = 2, 4, 2, 0.5, 1
 
 
+def _cycles(mr: int, nv: int) -> tuple[float, list[float]]:
+    """Per k of a mr x nv micro-tile: the FMA pipes' cycles, and each other unit's (loads,
+    A's broadcasts, B's vectors from L2, the FMA latency's chains)."""
+    fmas = mr * nv
+    return fmas / FMA_PER_CYCLE, [(mr + nv) / LOADS_PER_CYCLE, mr / BROADCASTS_PER_CYCLE, nv / B_VECTORS_PER_CYCLE,
+                                  FMA_LATENCY]
+
+
 def tile_efficiency(mr: int, nv: int) -> float:
     """Share of the FMA peak a mr x nv micro-tile can reach in the model: per k it issues
     mr x nv FMAs, mr broadcasts of A and nv loads of B, and its mr x nv accumulators must cover
@@ -192,28 +201,57 @@ def tile_efficiency(mr: int, nv: int) -> float:
     only a tile of one vector per row outruns: 14 x 1 and 8 x 1 tiles, which the model without
     that bound rated near peak, measured well below a 4 x 2 on GEMMs whose N (100, 200) left no
     wider tile among N's divisors (benchmarks/results/cpu_matrix_znver3_odd_specs*.md)."""
-    fmas = mr * nv
-    cycles = max(fmas / FMA_PER_CYCLE, (mr + nv) / LOADS_PER_CYCLE, mr / BROADCASTS_PER_CYCLE,
-                 nv / B_VECTORS_PER_CYCLE, FMA_LATENCY)
-    return fmas / FMA_PER_CYCLE / cycles
+    fma, others = _cycles(mr, nv)
+    return fma / max(fma, *others)
+
+
+def tile_pressure(mr: int, nv: int) -> float:
+    """The busiest unit besides the FMA pipes, as a share of their cycles: among tiles the model
+    rates alike, one whose loads, broadcasts or B stream run at their limit has no slack for
+    what the model does not see (a miss, a busy L2). On AVX-512 the 14 x 2 tile issues one
+    broadcast a cycle, at the limit, and ran behind a 7 x 3 on Mixer-B/16's GEMMs
+    (benchmarks/results/tiles_emeraldrapids_*.md); AVX2's tiles of full efficiency all have a
+    unit at its limit, so they tie here as before."""
+    fma, others = _cycles(mr, nv)
+    return max(others[:3]) / fma
+
+
+# L1 data caches of the x86 cores this targets: 64 sets of 64-byte lines (32 KB 8-way on Zen 2-4,
+# 48 KB 12-way on Zen 5 and Intel since Ice Lake); the fewest ways bound
+L1_SETS, L1_WAYS, LINE = 64, 8, 64
+
+
+def rows_in_one_set(mr: int, k: int) -> int:
+    """How many of a tile's mr rows of A (K floats apart) map to one L1 set. With K a multiple
+    of 1024 every row starts at a multiple of 4 KiB: all mr rows share a set, and more rows than
+    the set has ways evict each other's lines before their 16 uses are done. Mixer's channel fc2
+    (K = D_C: 2048, 3072, 4096) ran 14 x 2 tiles behind 4 x 4, 5 x 4 and 7 x 3 ones on an Emerald
+    Rapids (12 ways; benchmarks/results/tiles_emeraldrapids_*.md), and Zen 4's tuning (8 ways)
+    chose 7 x 3 and 4 x 4 for them."""
+    stride_lines = k * 4 / LINE
+    if stride_lines != int(stride_lines):  # rows not line-aligned: spread over the sets
+        return 1
+    period = L1_SETS // math.gcd(L1_SETS, int(stride_lines))  # distinct sets the rows cycle through
+    return -(-mr // period)
 
 
 def default_candidate(gemm: Gemm, vec: Vector, cores: int) -> Candidate | None:
     """The candidate chosen without measuring: the micro-tile the register model rates best
     (`tile_efficiency`, times the share of its rows and columns that are real when M is no
-    multiple of mr or N of the tile's width: the last tile is predicated), ties to the bigger
-    tile, then to one that divides M; B panel reused across M (`c_outer`); the parallel split
-    from the cores. The tile's vectors are those `tile_vectors` allows; None when no tile fits
-    the registers."""
+    multiple of mr or N of the tile's width: the last tile is predicated), ties to the one with
+    the most slack on its busiest other unit (`tile_pressure`), then to the bigger tile, then to
+    one that divides M; never more rows of A in one L1 set than it has ways (`rows_in_one_set`);
+    B panel reused across M (`c_outer`); the parallel split from the cores. The tile's vectors
+    are those `tile_vectors` allows; None when no tile fits the registers."""
     fits = [(mr, nv) for mr in range(1, min(16, gemm.m) + 1) for nv in tile_vectors(gemm, vec.lanes)
-            if mr * nv <= vec.registers - nv - 1]
+            if mr * nv <= vec.registers - nv - 1 and rows_in_one_set(mr, gemm.k) <= L1_WAYS]
     if not fits:
         return None
 
-    def score(k: tuple[int, int]) -> tuple[float, int, bool, int]:
+    def score(k: tuple[int, int]) -> tuple[float, float, int, bool, int]:
         mr, nv = k
         real = filled(gemm.m, mr) * filled(gemm.n, nv * vec.lanes)
-        return round(tile_efficiency(mr, nv) * real, 3), mr * nv, gemm.m % mr == 0, mr
+        return round(tile_efficiency(mr, nv) * real, 3), -round(tile_pressure(mr, nv), 3), mr * nv, gemm.m % mr == 0, mr
 
     mr, nv = max(fits, key=score)
     chunks, mchunks = parallel_split(gemm, mr, nv, vec.lanes, cores)
@@ -302,7 +340,7 @@ def find_gemm(sch: Schedule) -> Gemm | None:
     if not a_ok or not _contiguous_along(b, j):
         return None
     extents = [int(iv.dom.extent) for iv in block.iter_vars]
-    return Gemm(block.name_hint, math.prod(extents[:-3]), extents[-3], extents[-2])
+    return Gemm(block.name_hint, math.prod(extents[:-3]), extents[-3], extents[-2], extents[-1])
 
 
 def _contiguous_along(region: Any, j: Any) -> bool:
