@@ -250,6 +250,15 @@ def built_for(report: dict[str, Any]) -> str:
     return report["target"].get("mcpu", report["machine"]["llvm_cpu"])
 
 
+def tvm_heading(report: dict[str, Any], title: str, method: str) -> list[str]:
+    """The first lines of a results file of our kernels alone: the machine, the target, how
+    they were timed, the load."""
+    m = report["machine"]
+    return [f"# {title}: {m['cpu']} ({m['llvm_cpu']}), {m['threads']} threads; target `{report['target']}`", "",
+            f"{report['date']}; TVM {m['tvm']}. {method} Load average before {report['load_before']}, after "
+            f"{report['load_after']}.", ""]
+
+
 def heading(report: dict[str, Any], title: str) -> list[str]:
     """The first lines of a results file: the machine, the software, the load."""
     m = report["machine"]

@@ -22,7 +22,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench_cpu import machine, matrix_spec, write_report  # noqa: E402
+from bench_cpu import machine, matrix_spec, tvm_heading, write_report  # noqa: E402
 
 
 def form_times(spec_name: str, batch: int, gelu: str, target_name: str) -> dict[str, Any]:
@@ -38,12 +38,9 @@ def form_times(spec_name: str, batch: int, gelu: str, target_name: str) -> dict[
 
 
 def markdown(report: dict[str, Any]) -> str:
-    m = report["machine"]
-    out = [f"# IR forms built for this CPU: {m['cpu']} ({m['llvm_cpu']}), {m['threads']} threads; target "
-           f"`{report['target']}`", "",
-           f"{report['date']}; TVM {m['tvm']}. Load average before {report['load_before']}, after "
-           f"{report['load_after']}. Each form built as `--choose-form` builds it (shipped records applied) and "
-           "timed by TVM's time evaluator, median of 5 calls after a warm-up.", "",
+    out = tvm_heading(report, "IR forms built for this CPU", "Each form built as `--choose-form` builds it "
+                      "(shipped records applied) and timed by TVM's time evaluator, median of 5 calls after a "
+                      "warm-up.") + [
            "| spec | batch | GELU | matmul ms | conv ms | conv / matmul | kernels from records (matmul, conv) |",
            "|---|---|---|---|---|---|---|"]
     for case in report["cases"]:

@@ -25,7 +25,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench_cpu import machine, matrix_spec, write_report  # noqa: E402
+from bench_cpu import machine, matrix_spec, tvm_heading, write_report  # noqa: E402
 from mixer_compile.backend.target import get_target  # noqa: E402
 
 
@@ -90,14 +90,11 @@ def kernel_times(spec_name: str, batch: int, gelu: str, target_name: str, repeat
 
 
 def markdown(report: dict[str, Any]) -> str:
-    m = report["machine"]
     rows = report["kernels"]
     total = {k: sum(r[f"{k}_ms"] * r["calls"] for r in rows) for k in ("defaults", "shipped")}
-    out = [f"# Kernels of {report['spec']} at batch {report['batch']} ({report['gelu']} GELU): {m['cpu']} "
-           f"({m['llvm_cpu']}), {m['threads']} threads; target `{report['target']}`", "",
-           f"{report['date']}; TVM {m['tvm']}. Each kernel built alone from the model build's schedule, "
-           f"defaults and shipped timed in turn, {report['repeat']} rounds, medians. Load average before "
-           f"{report['load_before']}, after {report['load_after']}.", "",
+    out = tvm_heading(report, f"Kernels of {report['spec']} at batch {report['batch']} ({report['gelu']} GELU)",
+                      "Each kernel built alone from the model build's schedule, defaults and shipped timed in "
+                      f"turn, {report['repeat']} rounds, medians.") + [
            "| kernel | calls | defaults ms | tile | shipped ms | from | tile | shipped / defaults | x calls, ms |",
            "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -110,23 +107,32 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(out) + "\n"
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def model_options(description: str, batch: int, repeat: int) -> argparse.ArgumentParser:
+    """The options of a benchmark of one model's kernels on this CPU (this one, bench_tiles)."""
+    ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--spec", default="mixer_b16", help="preset, or preset@PIXELS")
-    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--batch", type=int, default=batch)
     ap.add_argument("--gelu", choices=("erf", "tanh"), default="erf")
-    ap.add_argument("--form", choices=("matmul", "conv"), default="matmul")
     ap.add_argument("--target", default="llvm")
-    ap.add_argument("--repeat", type=int, default=15)
+    ap.add_argument("--repeat", type=int, default=repeat)
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
-    args = ap.parse_args()
+    return ap
+
+
+def new_report(args: argparse.Namespace) -> dict[str, Any]:
+    """A report's header: when, on what machine (all its cores in use), which model and target."""
     from mixer_compile.machine import use_all_cores
 
-    threads = use_all_cores()
-    report: dict[str, Any] = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                              "machine": machine(threads), "target": args.target, "spec": args.spec,
-                              "batch": args.batch, "gelu": args.gelu, "repeat": args.repeat,
-                              "load_before": [round(v, 2) for v in os.getloadavg()]}
+    return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "machine": machine(use_all_cores()), "target": args.target, "spec": args.spec, "batch": args.batch,
+            "gelu": args.gelu, "repeat": args.repeat, "load_before": [round(v, 2) for v in os.getloadavg()]}
+
+
+def main() -> int:
+    ap = model_options(__doc__.splitlines()[0], batch=8, repeat=15)
+    ap.add_argument("--form", choices=("matmul", "conv"), default="matmul")
+    args = ap.parse_args()
+    report = new_report(args)
     report["kernels"] = kernel_times(args.spec, args.batch, args.gelu, args.target, args.repeat, args.form)
     report["load_after"] = [round(v, 2) for v in os.getloadavg()]
     stem = f"kernels_{report['machine']['llvm_cpu']}_{Path(args.spec).stem}_b{args.batch}_{args.gelu}"

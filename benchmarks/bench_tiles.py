@@ -13,8 +13,6 @@ on random inputs, `--repeat` rounds, medians; GFLOP/s of the GEMM alone (epilogu
 
 from __future__ import annotations
 
-import argparse
-import datetime
 import os
 import sys
 from pathlib import Path
@@ -23,8 +21,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench_cpu import machine, matrix_spec, write_report  # noqa: E402
-from bench_kernels import interleaved_medians, kernel_timer, random_args  # noqa: E402
+from bench_cpu import matrix_spec, tvm_heading, write_report  # noqa: E402
+from bench_kernels import interleaved_medians, kernel_timer, model_options, new_report, random_args  # noqa: E402
 from mixer_compile.backend.target import get_target  # noqa: E402
 
 
@@ -68,12 +66,10 @@ def tile_times(spec_name: str, batch: int, gelu: str, target_name: str, repeat: 
 
 
 def markdown(report: dict[str, Any]) -> str:
-    m = report["machine"]
-    out = [f"# GEMM tiles of {report['spec']} at batch {report['batch']} ({report['gelu']} GELU): {m['cpu']} "
-           f"({m['llvm_cpu']}), {m['threads']} threads; target `{report['target']}`", "",
-           f"{report['date']}; TVM {m['tvm']}. Every candidate of `gemm_space.candidates`, the default "
-           f"(*) and the tiles asked for ({', '.join(report['tiles']) or 'none'}), each kernel built alone and timed in turn, {report['repeat']} rounds, medians; GFLOP/s of "
-           f"the GEMM alone. Load average before {report['load_before']}, after {report['load_after']}.", "",
+    out = tvm_heading(report, f"GEMM tiles of {report['spec']} at batch {report['batch']} ({report['gelu']} GELU)",
+                      f"Every candidate of `gemm_space.candidates`, the default (*) and the tiles asked for "
+                      f"({', '.join(report['tiles']) or 'none'}), each kernel built alone and timed in turn, "
+                      f"{report['repeat']} rounds, medians; GFLOP/s of the GEMM alone.") + [
            "| kernel | M x N x K (batch) | default | best | default / best | tiles by GFLOP/s |", "|---|---|---|---|---|---|"]
     for r in report["gemms"]:
         tiles = r["tiles"]
@@ -86,23 +82,11 @@ def markdown(report: dict[str, Any]) -> str:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--spec", default="mixer_b16", help="preset, or preset@PIXELS")
-    ap.add_argument("--batch", type=int, default=1)
-    ap.add_argument("--gelu", choices=("erf", "tanh"), default="erf")
-    ap.add_argument("--target", default="llvm")
-    ap.add_argument("--repeat", type=int, default=7)
+    ap = model_options(__doc__.splitlines()[0], batch=1, repeat=7)
     ap.add_argument("--tiles", nargs="*", default=[], metavar="MRxNV",
                     help="more tiles to time where they fit (e.g. 14x2: a default of an earlier model)")
-    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     args = ap.parse_args()
-    from mixer_compile.machine import use_all_cores
-
-    threads = use_all_cores()
-    report: dict[str, Any] = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                              "machine": machine(threads), "target": args.target, "spec": args.spec,
-                              "batch": args.batch, "gelu": args.gelu, "repeat": args.repeat, "tiles": args.tiles,
-                              "load_before": [round(v, 2) for v in os.getloadavg()]}
+    report = {**new_report(args), "tiles": args.tiles}
     extra = [tuple(int(v) for v in t.lower().split("x")) for t in args.tiles]
     report["gemms"] = tile_times(args.spec, args.batch, args.gelu, args.target, args.repeat, extra)
     report["load_after"] = [round(v, 2) for v in os.getloadavg()]
