@@ -193,17 +193,16 @@ def test_shipped_records_apply_for_matching_target(tuned: dict, tmp_path: Path, 
     assert tuning_db.shipped_db_dirs(get_target(OTHER)) == []
 
 
-@pytest.mark.parametrize("mcpu, shipped", [("emeraldrapids", "znver4"), ("znver5", "znver4"),
-                                           ("znver3", "avx2"), ("haswell", "avx2")])
-def test_a_host_takes_the_shipped_records_of_its_simd_unit(mcpu: str, shipped: str) -> None:
-    """An Intel AVX-512 CPU takes Zen 4's AVX-512 records (AMD's SSE4a, in no kernel, does not
-    count against it; it did, and an Emerald Rapids got the AVX2 set, GEMMs at the defaults'
-    14 x 2 tiles where Zen 4's 7 x 3 ran B/16's channel fc2 in 0.83x the time); an AVX2 CPU the
-    AVX2 ones."""
+@pytest.mark.parametrize("mcpu, shipped", [("znver5", ["znver4"]), ("znver3", ["avx2"]), ("haswell", ["avx2"]),
+                                           ("emeraldrapids", [])])
+def test_a_host_takes_the_shipped_records_of_its_simd_unit(mcpu: str, shipped: list[str]) -> None:
+    """A Zen 5 takes Zen 4's AVX-512 records, an AVX2 CPU the AVX2 ones; an Intel AVX-512 CPU
+    neither: not the AVX2 set, shaped for another vector width (its LayerNorm and mean ran 1.2x
+    the defaults' time on an Emerald Rapids), nor Zen 4's, whose CPU has AMD's SSE4a."""
     from mixer_compile.backend.target import TargetInfo
 
     host = TargetInfo("llvm", "", {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": mcpu, "num-cores": 2})
-    assert tuning_db.shipped_db_dirs(host) == [tuning_db.SCHEDULES_DIR / shipped]
+    assert tuning_db.shipped_db_dirs(host) == [tuning_db.SCHEDULES_DIR / name for name in shipped]
 
 
 def test_export_takes_only_the_kernels_asked_for(tuned: dict, tmp_path: Path) -> None:

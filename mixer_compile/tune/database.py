@@ -35,9 +35,6 @@ WORKLOADS, RECORDS = "database_workload.json", "database_tuning_record.json"
 SCHEDULES_DIR = Path(files("mixer_compile.schedules"))
 CACHE_ENV = "MIXER_COMPILE_CACHE"
 _ISA_PREFIXES = ("avx", "fma", "sse", "f16c", "bmi", "popcnt", "amx", "vnni")
-# AMD's SSE4a (bit-field extract and insert, scalar streaming stores): no instruction of it is in
-# the code of these kernels, and counting it kept Zen 4's AVX-512 records from Intel's AVX-512 CPUs
-_ISA_UNUSED = {"sse4a"}
 
 
 class TuningWarning(UserWarning):
@@ -69,7 +66,7 @@ def _isa(config: dict[str, Any]) -> set[str]:
     import tvm
 
     features = tvm.target.codegen.llvm_get_cpu_features(tvm.target.Target(config))
-    return {str(f) for f in features if str(f).startswith(_ISA_PREFIXES) and str(f) not in _ISA_UNUSED}
+    return {str(f) for f in features if str(f).startswith(_ISA_PREFIXES)}
 
 
 def shipped_db_dirs(target: TargetInfo) -> list[Path]:
@@ -79,7 +76,9 @@ def shipped_db_dirs(target: TargetInfo) -> list[Path]:
     transformations, so records tuned for a compatible CPU apply and compile for this one; but
     a schedule shaped for another vector width is no schedule for this one (AVX2-tuned LayerNorm
     and mean records ran 1.2x the defaults' time on an AVX-512 CPU), and a GEMM's decisions
-    are keyed by the width anyway."""
+    are keyed by the width anyway. Zen 4's set (its instruction sets include AMD's SSE4a) serves
+    Zen 4 and 5, not Intel's AVX-512 CPUs, where the defaults ran faster than its records
+    (benchmarks/results/cpu_matrix_emeraldrapids_avx512_model.md)."""
     own = SCHEDULES_DIR / target.name
     if has_records(own):
         return [own]
