@@ -132,7 +132,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
     if r.metadata.tuning:
         t = r.metadata.tuning
         print(f"  schedules  {t['kernels']} kernels: {len(t['tuned'])} from records, {len(t.get('defaults', []))} "
-              f"default, {len(t['untuned'])} unscheduled; records from {', '.join(t['databases']) or 'nowhere'}")
+              f"default, {len(t['untuned'])} unscheduled; " + (f"records from {', '.join(t['databases'])}"
+              if t["databases"] else "no tuning records for this target (`mixer-compile tune` refines the defaults)"))
         if "form_choice" in t:
             print("  form       " + ", ".join(f"{f} {d['ms']:.2f} ms" if d["ms"] is not None else f"{f} not timed"
                                           for f, d in t["form_choice"]["figures"].items())

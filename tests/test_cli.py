@@ -33,6 +33,13 @@ def test_compile_default_command_end_to_end(tmp_path, tiny_toml):
         assert f"{stage} done in" in err
     assert "random init, seed 0" in err and "tokens_major:" in err
     assert (tmp_path / "art" / "model.so").is_file()
+    # where the schedules came from: the databases that hold records for this CPU, or the defaults alone
+    from mixer_compile.tune.database import has_records, shipped_db_dirs, user_db_dir
+
+    host = get_target("llvm")
+    used = [str(d) for d in (user_db_dir(host), *shipped_db_dirs(host)) if has_records(d)]
+    assert (f"; records from {', '.join(used)}" if used else
+            "; no tuning records for this target (`mixer-compile tune` refines the defaults)") in out
 
 
 def test_specs_show_targets():
