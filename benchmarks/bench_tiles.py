@@ -26,6 +26,10 @@ from bench_kernels import interleaved_medians, kernel_timer, model_options, new_
 from mixer_compile.backend.target import get_target  # noqa: E402
 
 
+def _label(c: Any) -> str:
+    return f"{c.mr}x{c.nv}{'' if c.c_outer else ' (A outer)'}"
+
+
 def tile_times(spec_name: str, batch: int, gelu: str, target_name: str, repeat: int,
                extra: list[tuple[int, int]]) -> list[dict[str, Any]]:
     """Per GEMM kernel: its shape, the default tile, and GFLOP/s of every candidate (and of the
@@ -44,23 +48,21 @@ def tile_times(spec_name: str, batch: int, gelu: str, target_name: str, repeat: 
             continue
         sch = Schedule(func)
         gemm = gemm_space.find_gemm(sch)
-        if gemm is None or not gemm_space.candidates(gemm, m.vec, m.cores):
+        space = gemm_space.candidates(gemm, m.vec, m.cores) if gemm is not None else []
+        if not space:
             continue
-        k = int(sch.get(sch.get_sblock(gemm.block)).iter_vars[-1].dom.extent)
         default = gemm_space.default_candidate(gemm, m.vec, m.cores)
-        timers = {}
         asked = [gemm_space.with_decision(gemm, gemm_space.Decision(mr, nv, True), m.vec, m.cores) for mr, nv in extra]
-        for c in dict.fromkeys([default, *gemm_space.candidates(gemm, m.vec, m.cores), *filter(None, asked)]):
+        timers = {}
+        for c in dict.fromkeys([default, *space, *filter(None, asked)]):
             scheduled = sch.copy()
             gemm_space.apply(scheduled, gemm, c, m.lanes)
-            label = f"{c.mr}x{c.nv}{'' if c.c_outer else ' (A outer)'}"
-            timers[label] = kernel_timer(scheduled.mod["main"], target)
-        default_label = f"{default.mr}x{default.nv}{'' if default.c_outer else ' (A outer)'}"
+            timers[_label(c)] = kernel_timer(scheduled.mod["main"], target)
         medians = interleaved_medians(timers, random_args(func), repeat)
-        gflop = 2 * gemm.batch * gemm.m * gemm.n * k / 1e9
+        gflop = 2 * gemm.batch * gemm.m * gemm.n * gemm.k / 1e9
         ranked = sorted(medians, key=medians.get)
-        rows.append({"kernel": gv.name_hint, "batch": gemm.batch, "m": gemm.m, "n": gemm.n, "k": k,
-                     "default": default_label,
+        rows.append({"kernel": gv.name_hint, "batch": gemm.batch, "m": gemm.m, "n": gemm.n, "k": gemm.k,
+                     "default": _label(default),
                      "tiles": [{"tile": t, "ms": medians[t], "gflops": gflop / medians[t] * 1e3} for t in ranked]})
     return rows
 

@@ -298,7 +298,8 @@ def test_host_build_needs_only_what_this_machine_has(monkeypatch):
 
 def test_refusals_happen_before_loading(copy):
     (copy / "model.so").write_bytes(b"not a library" * 10)  # would fail to load, if it got that far
-    lacking = next(f for f in X86_FEATURES if f not in host_cpu_features())  # AMX on any AMD CPU or most VMs
+    have = host_cpu_features()
+    lacking = next(f for f in X86_FEATURES if f not in have)  # AMX on any AMD CPU or most VMs
     edit_metadata(copy, lambda m: m["target"]["requires"]["cpu"]["features"].append(lacking))
     with pytest.raises(ArtifactError, match=rf"needs CPU features this machine lacks: {lacking};"):
         runtime.load(copy)

@@ -186,10 +186,8 @@ FMA_PER_CYCLE, FMA_LATENCY, LOADS_PER_CYCLE, B_VECTORS_PER_CYCLE, BROADCASTS_PER
 
 def _cycles(mr: int, nv: int) -> tuple[float, list[float]]:
     """Per k of a mr x nv micro-tile: the FMA pipes' cycles, and each other unit's (loads,
-    A's broadcasts, B's vectors from L2, the FMA latency's chains)."""
-    fmas = mr * nv
-    return fmas / FMA_PER_CYCLE, [(mr + nv) / LOADS_PER_CYCLE, mr / BROADCASTS_PER_CYCLE, nv / B_VECTORS_PER_CYCLE,
-                                  FMA_LATENCY]
+    A's broadcasts, B's vectors from L2); the FMA latency's chains bound them all (FMA_LATENCY)."""
+    return mr * nv / FMA_PER_CYCLE, [(mr + nv) / LOADS_PER_CYCLE, mr / BROADCASTS_PER_CYCLE, nv / B_VECTORS_PER_CYCLE]
 
 
 def tile_efficiency(mr: int, nv: int) -> float:
@@ -201,8 +199,8 @@ def tile_efficiency(mr: int, nv: int) -> float:
     only a tile of one vector per row outruns: 14 x 1 and 8 x 1 tiles, which the model without
     that bound rated near peak, measured well below a 4 x 2 on GEMMs whose N (100, 200) left no
     wider tile among N's divisors (benchmarks/results/cpu_matrix_znver3_odd_specs*.md)."""
-    fma, others = _cycles(mr, nv)
-    return fma / max(fma, *others)
+    fma, units = _cycles(mr, nv)
+    return fma / max(fma, *units, FMA_LATENCY)
 
 
 def tile_pressure(mr: int, nv: int) -> float:
@@ -212,8 +210,8 @@ def tile_pressure(mr: int, nv: int) -> float:
     broadcast a cycle, at the limit, and ran behind a 7 x 3 on Mixer-B/16's GEMMs
     (benchmarks/results/tiles_emeraldrapids_*.md); AVX2's tiles of full efficiency all have a
     unit at its limit, so they tie here as before."""
-    fma, others = _cycles(mr, nv)
-    return max(others[:3]) / fma
+    fma, units = _cycles(mr, nv)
+    return max(units) / fma
 
 
 # L1 data caches of the x86 cores this targets: 64 sets of 64-byte lines (32 KB 8-way on Zen 2-4,
@@ -228,10 +226,10 @@ def rows_in_one_set(mr: int, k: int) -> int:
     (K = D_C: 2048, 3072, 4096) ran 14 x 2 tiles behind 4 x 4, 5 x 4 and 7 x 3 ones on an Emerald
     Rapids (12 ways; benchmarks/results/tiles_emeraldrapids_*.md), and Zen 4's tuning (8 ways)
     chose 7 x 3 and 4 x 4 for them."""
-    stride_lines = k * 4 / LINE
-    if stride_lines != int(stride_lines):  # rows not line-aligned: spread over the sets
+    stride = k * 4  # bytes from one row of A to the next
+    if stride % LINE:  # rows not line-aligned: spread over the sets
         return 1
-    period = L1_SETS // math.gcd(L1_SETS, int(stride_lines))  # distinct sets the rows cycle through
+    period = L1_SETS // math.gcd(L1_SETS, stride // LINE)  # distinct sets the rows cycle through
     return -(-mr // period)
 
 
