@@ -30,13 +30,12 @@ from mixer_compile.backend.target import get_target  # noqa: E402
 
 
 def kernel_timer(func: Any, target: Any) -> Callable[..., Any]:
-    """`func` (one scheduled kernel) built alone as tuning builds a candidate, and its timer."""
+    """`func` (one scheduled kernel) built alone as the model build lowers it, and its timer."""
     import tvm
 
-    from mixer_compile.backend.cpu_schedules import BUILD_CONFIG
+    from mixer_compile.backend.cpu_schedules import build_kernel
 
-    with tvm.transform.PassContext(config=BUILD_CONFIG):
-        lib = tvm.tirx.build(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=target.tvm_target())
+    lib = build_kernel(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target.tvm_target())
     return lib.time_evaluator("main", tvm.cpu(), number=1, repeat=1, min_repeat_ms=50)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 
+import numpy as np
 import pytest
 import tvm
 from tvm.s_tir import Schedule
@@ -119,6 +120,43 @@ def test_n_no_multiple_of_the_simd_width_gets_the_micro_kernel(no_records) -> No
         script = _partitioned(mod[name], cpu_schedules.BUILD_CONFIG)
         nests = script.split("for k in")[1:]
         assert nests and all("if " not in _nested("for k in" + nest, "for k in") for nest in nests), (name, script)
+
+
+def test_row_and_column_tails_both_peel_and_compute_right() -> None:
+    """A micro-tile whose rows do not divide M and whose columns do not divide N (5 x 2 on the
+    GEMMs of 49 rows whose N is 20 or 60): the guard holds two conditions, each marked likely
+    on its own, and LoopPartition peels both tails off; with one likely around both, the full
+    tiles kept the branch and such tiles timed 3-7x slower
+    (benchmarks/results/tiles_emeraldrapids_odd_c100_b3_tanh_before.md). The kernel built as the
+    model build lowers it (`build_kernel`) computes what the plain one does."""
+    spec = MixerSpec("tails", (56, 56), 8, 20, 12, 60, 1, num_classes=7, batch=1)
+    target = get_target("llvm")
+    m = cpu.machine(target)
+    fused = cpu.prepare(compose(spec, target).module, target)
+    kernels = [func for func in fused.functions.values() if cpu.is_kernel(func)]
+    tiled = 0
+    for func in kernels:
+        sch = Schedule(func)
+        gemm = gemm_space.find_gemm(sch)
+        if gemm is None or gemm.m != 49 or gemm.n % m.lanes == 0:
+            continue
+        gemm_space.apply(sch, gemm, gemm_space.with_decision(gemm, gemm_space.Decision(5, 2, True), m.vec, m.cores),
+                         m.lanes)
+        script = _partitioned(cpu_schedules.likely_guards(sch).mod["main"], cpu_schedules.BUILD_CONFIG)
+        nests = script.split("for k in")[1:]
+        # the full tiles and the last row tile's; and the last column tile's and the corner's
+        # where N has a full column tile
+        assert len(nests) >= (4 if gemm.n > 2 * m.lanes else 2), script
+        assert all("if " not in _nested("for k in" + nest, "for k in") for nest in nests), script
+        args = [tvm.runtime.tensor(np.random.default_rng(0).standard_normal([int(d) for d in a.shape]).astype(a.dtype))
+                for a in ArgInfo.from_prim_func(func)]
+        want = [tvm.runtime.tensor(a.numpy()) for a in args]
+        named = {"global_symbol": "main"}
+        tvm.tirx.build(tvm.IRModule({"main": func.with_attrs(named)}), target=target.tvm_target())(*want)
+        cpu_schedules.build_kernel(tvm.IRModule({"main": sch.mod["main"].with_attrs(named)}), target.tvm_target())(*args)
+        np.testing.assert_allclose(args[-1].numpy(), want[-1].numpy(), rtol=1e-5, atol=1e-5)
+        tiled += 1
+    assert tiled == 4, "the patchify, token fc1 and channel GEMMs, all of 49 rows"
 
 
 def test_layer_norm_runs_each_row_inside_one_parallel_loop(tiny_spec) -> None:

@@ -292,7 +292,7 @@ def likely_guards(sch: Schedule) -> Schedule:
     off: the full tiles run without a branch. The predicates are only rewritten, so the
     schedule's trace no longer replays to this module: call it on what gets built."""
     from tvm.s_tir.stmt import SBlockRealize
-    from tvm.tirx import For, SeqStmt, likely
+    from tvm.tirx import For, SeqStmt
 
     def guarded(stmt: Any) -> bool:
         return isinstance(stmt, SBlockRealize) and not isinstance(stmt.predicate, tvm.tirx.IntImm) \
@@ -306,12 +306,31 @@ def likely_guards(sch: Schedule) -> Schedule:
         stmts = list(loop.body) if isinstance(loop.body, SeqStmt) else [loop.body]
         if not any(guarded(s) for s in stmts):
             continue
-        stmts = [SBlockRealize(s.iter_values, likely(s.predicate), s.block) if guarded(s) else s for s in stmts]
+        stmts = [SBlockRealize(s.iter_values, _likely_terms(s.predicate), s.block) if guarded(s) else s for s in stmts]
         reuse = {s.block: s.block for s in stmts if isinstance(s, SBlockRealize)}
         body = SeqStmt(stmts) if len(stmts) > 1 else stmts[0]
         sch.state.replace(sch.get_sref(loops[-1]), For(loop.loop_var, loop.min, loop.extent, loop.kind, body,
                                                        loop.thread_binding, loop.annotations), reuse)
     return sch
+
+
+def _likely_terms(predicate: Any) -> Any:
+    """`predicate` with each term of its conjunction marked likely on its own"""
+    from tvm.tirx import And, likely
+
+    if isinstance(predicate, And):
+        return And(_likely_terms(predicate.a), _likely_terms(predicate.b))
+    return likely(predicate)
+
+
+def build_kernel(mod: tvm.IRModule, target: Any) -> Any:
+    """One scheduled kernel built as the model build lowers it (`likely_guards`, `BUILD_CONFIG`):
+    tuning's candidates and the benchmarks' kernels timed alone. Built without them, a tile with
+    a predicated last row or column tile kept its guard in every k loop and timed up to 9x
+    slower than in the model (benchmarks/results/tiles_emeraldrapids_odd_c100_b3_tanh_before.md)."""
+    mod = likely_guards(Schedule(mod)).mod
+    with tvm.transform.PassContext(config=BUILD_CONFIG):
+        return tvm.tirx.build(mod, target=target)
 
 
 def default_schedule(sch: Schedule, m: Machine) -> tuple[Schedule, str] | None:

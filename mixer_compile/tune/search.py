@@ -288,20 +288,20 @@ def _build(mod: Any, target: Any, _params: Any = None) -> Any:
     tvm.s_tir.tensor_intrin`: that import parses hundreds of TVMScript intrinsics, each walking
     the call stack over every loaded module, and took 40 s in a process that has torch loaded
     (a scheduled candidate needs none of them). Candidates build as the model build applying
-    their records does: CUDA ones under cuda_schedules.BUILD_CONFIG, CPU ones with
-    cpu_schedules.likely_guards under its BUILD_CONFIG."""
+    their records does: CUDA ones under cuda_schedules.BUILD_CONFIG, CPU ones by
+    cpu_schedules.build_kernel."""
     import tvm
-    from tvm.s_tir import Schedule
     from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
 
-    if target.kind.name == "cuda":
-        from mixer_compile.backend.cuda_schedules import BUILD_CONFIG
-    else:
-        from mixer_compile.backend.cpu_schedules import BUILD_CONFIG, likely_guards
+    mod = RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod)
+    if target.kind.name != "cuda":
+        from mixer_compile.backend.cpu_schedules import build_kernel
 
-        mod = likely_guards(Schedule(mod)).mod
+        return build_kernel(mod, target)
+    from mixer_compile.backend.cuda_schedules import BUILD_CONFIG
+
     with tvm.transform.PassContext(config=BUILD_CONFIG):
-        return tvm.tirx.build(RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod), target=target)
+        return tvm.tirx.build(mod, target=target)
 
 
 def _search(trials: int) -> Any:
