@@ -436,10 +436,11 @@ def test_parallel_split_rule() -> None:
 
 def test_default_tiles_keep_b_off_the_critical_path() -> None:
     """The register model counts B's vectors as streamed from L2 (gemm_space.tile_efficiency):
-    where N's vector count has no factor 3 (Mixer-H/14's 5120 and 1280 on AVX2) it takes a 4 x 2
-    tile, not the 2 x 5 whose five B loads per k bound it; Mixer-B/16 keeps its 4 x 3."""
+    where N's vector count has no factor 3 (Mixer-H/14's 5120 and 1280 on AVX2) it takes a two
+    vector tile (6 x 2, BLIS's Haswell kernel), not the 2 x 5 whose five B loads per k bound it;
+    Mixer-B/16 keeps its 4 x 3."""
     avx2 = gemm_space.Vector(8, 16)
-    for m, n, k, tile in ((256, 5120, 1280, (4, 2)), (256, 1280, 5120, (4, 2)), (196, 3072, 768, (4, 3)),
+    for m, n, k, tile in ((256, 5120, 1280, (6, 2)), (256, 1280, 5120, (6, 2)), (196, 3072, 768, (4, 3)),
                           (196, 768, 3072, (4, 3))):
         c = gemm_space.default_candidate(gemm_space.Gemm("matmul", 1, m, n, k), avx2, 2)
         assert (c.mr, c.nv) == tile, (m, n, c)
@@ -448,13 +449,14 @@ def test_default_tiles_keep_b_off_the_critical_path() -> None:
 
 def test_avx512_default_tiles_keep_a_in_l1_and_slack_in_the_units() -> None:
     """On AVX-512, rows of A K = 1024 x n floats apart share one L1 set: a tile takes at most 8
-    of them (S/16's and L/16's channel fc2 get 4 x 4, not the 14 x 2 that thrashed the set), and
-    of tiles rated alike the one with slack on its busiest unit wins (B/16's 7 x 3: its 14 x 2
-    issued a broadcast every cycle). AVX2's tiles (at most 7 rows) are as before."""
+    of them (B/16's channel fc2 gets 8 x 3, not the 9 x 3 of its fc1), and of tiles rated
+    within MODEL_TOLERANCE of the best, one without a column tail and with slack on its busiest
+    unit wins, a row tail notwithstanding (6 x 4 on S/16's and L/16's GEMMs: 14 x 2 issued a
+    broadcast every cycle, x3 tiles leave a tail of N = 512 or 1024; 9 x 3 on B/16's)."""
     avx512 = gemm_space.Vector(16, 32)
     assert [gemm_space.rows_in_one_set(14, k) for k in (1024, 2048, 3072, 768, 512, 384, 196)] == [14, 14, 14, 4, 7, 2, 1]
-    for m, n, k, tile in ((196, 512, 2048, (4, 4)), (196, 1024, 4096, (4, 4)), (196, 768, 3072, (7, 3)),
-                          (196, 3072, 768, (7, 3)), (196, 1024, 512, (14, 2))):
+    for m, n, k, tile in ((196, 512, 2048, (6, 4)), (196, 1024, 4096, (6, 4)), (196, 4096, 1024, (6, 4)),
+                          (196, 768, 3072, (8, 3)), (196, 3072, 768, (9, 3)), (196, 1024, 512, (6, 4))):
         c = gemm_space.default_candidate(gemm_space.Gemm("matmul", 1, m, n, k), avx512, 2)
         assert (c.mr, c.nv) == tile, (m, n, k, c)
         assert gemm_space.rows_in_one_set(c.mr, k) <= gemm_space.L1_WAYS
