@@ -463,6 +463,23 @@ def test_avx512_default_tiles_keep_a_in_l1_and_slack_in_the_units() -> None:
     assert gemm_space.tile_pressure(7, 3) < gemm_space.tile_pressure(14, 2) == 1.0
 
 
+def test_column_tail_tiles_rated_by_what_runs_in_parallel() -> None:
+    """Where N is no multiple of the SIMD width (a user's C = 100 or 200), every tile leaves a
+    column tail: its full column tiles run as parallel tasks and the tail after them on one core
+    (`gemm_space.tail_share`). On two cores 9 x 3 keeps both busy on N = 100 (two full tiles,
+    then one vector), where 6 x 4 ran one full tile on one core and 14 x 2 three on two; each
+    column tile is its own task."""
+    avx512 = gemm_space.Vector(16, 32)
+    share = {t: gemm_space.tail_share(gemm_space.Gemm("m", 1, 196, 100, 750), *t, 16, 2) for t in ((9, 3), (6, 4), (14, 2))}
+    assert share[(9, 3)] > share[(14, 2)] > share[(6, 4)], share
+    for n in (100, 200):
+        gemm = gemm_space.Gemm("matmul", 1, 196, n, 750)
+        c = gemm_space.default_candidate(gemm, avx512, 2)
+        assert (c.mr, c.nv, c.chunks, c.mchunks) == (9, 3, -(-n // 48), 1), (n, c)
+    # N a multiple of the SIMD width: a tile without a column tail, as before (S/16's 6 x 4, not 7 x 3)
+    assert gemm_space.default_candidate(gemm_space.Gemm("matmul", 1, 196, 512, 768), avx512, 2).nv == 4
+
+
 def test_loud_warning_when_a_kernel_stays_unscheduled(tiny_spec, no_records, monkeypatch) -> None:
     monkeypatch.setattr(cpu_schedules, "RULES", [lambda sch, m: False])
     target = get_target("llvm")

@@ -203,8 +203,25 @@ def tile_efficiency(mr: int, nv: int) -> float:
     only a tile of one vector per row outruns: 14 x 1 and 8 x 1 tiles, which the model without
     that bound rated near peak, measured well below a 4 x 2 on GEMMs whose N (100, 200) left no
     wider tile among N's divisors (benchmarks/results/cpu_matrix_znver3_odd_specs*.md)."""
+    return _cycles(mr, nv)[0] / _tile_cycles(mr, nv)
+
+
+def tail_share(gemm: Gemm, mr: int, nv: int, lanes: int, cores: int) -> float:
+    """Share of the cores' FMA peak a tile of nv vectors keeps on a GEMM whose N it leaves a
+    column tail: the full column tiles run as parallel tasks (`parallel_split`), and the last
+    one, which LoopPartition peels off the parallel loop, runs after them on one core, with
+    only the vectors that hold real columns. So 9 x 3 beats 6 x 4 on N = 100 (two full tiles on
+    two cores, then one vector; against one full tile on one core, then three vectors) and 14 x 2
+    (three full tiles on two cores): benchmarks/results/tiles_emeraldrapids_odd_c100_b3_tanh.md."""
+    full, rest = divmod(gemm.n, nv * lanes)
+    cycles = -(-full // cores) * _tile_cycles(mr, nv) + _tile_cycles(mr, -(-rest // lanes))
+    return mr * gemm.n / lanes / (FMA_PER_CYCLE * cores) / cycles
+
+
+def _tile_cycles(mr: int, nv: int) -> float:
+    """Cycles per k of a mr x nv micro-tile in the model: its busiest unit, or the FMA latency."""
     fma, units = _cycles(mr, nv)
-    return fma / max(fma, *units, FMA_LATENCY)
+    return max(fma, *units, FMA_LATENCY)
 
 
 def tile_pressure(mr: int, nv: int) -> float:
@@ -268,9 +285,10 @@ def default_candidate(gemm: Gemm, vec: Vector, cores: int) -> Candidate | None:
 
     def rate(k: tuple[int, int]) -> float:
         mr, nv = k
+        if column_tail(gemm, nv, vec.lanes):
+            return filled(gemm.m, mr) * tail_share(gemm, mr, nv, vec.lanes, cores)
         chunks, mchunks = parallel_split(gemm, mr, nv, vec.lanes, cores)
-        busy = 1.0 if column_tail(gemm, nv, vec.lanes) else filled(gemm.batch * chunks * mchunks, cores)
-        return tile_efficiency(mr, nv) * filled(gemm.m, mr) * filled(gemm.n, nv * vec.lanes) * busy
+        return tile_efficiency(mr, nv) * filled(gemm.m, mr) * filled(gemm.batch * chunks * mchunks, cores)
 
     def slack(k: tuple[int, int]) -> tuple[bool, float, int, bool, int]:
         mr, nv = k
