@@ -165,15 +165,13 @@ def parallel_split(gemm: Gemm, mr: int, nv: int, lanes: int, cores: int) -> tupl
     peels the last one off (with several column tiles per task their k loops kept the guard,
     and odd_dc750's GEMMs ran 1.2-1.4x slower: tiles_emeraldrapids_odd_dc750_b1_tanh*.md)."""
     col_blocks, row_blocks = -(-gemm.n // (nv * lanes)), -(-gemm.m // mr)
-    tail = column_tail(gemm, nv, lanes)  # then only N's chunks run in parallel (apply)
-    batch = 1 if tail else gemm.batch
-    if tail:
+    if column_tail(gemm, nv, lanes):
         return col_blocks, 1
     splits = [(c, r) for r in _divisors(row_blocks) for c in _divisors(col_blocks)]
     for c, r in splits:
-        if filled(batch * c * r, cores) >= BALANCE:
+        if filled(gemm.batch * c * r, cores) >= BALANCE:
             return c, r
-    return max(splits, key=lambda cr: (filled(batch * cr[0] * cr[1], cores), batch * cr[0] * cr[1]))
+    return max(splits, key=lambda cr: (filled(gemm.batch * cr[0] * cr[1], cores), gemm.batch * cr[0] * cr[1]))
 
 
 def column_tail(gemm: Gemm, nv: int, lanes: int) -> bool:
@@ -260,24 +258,22 @@ MODEL_TOLERANCE = 0.03
 
 
 def default_candidate(gemm: Gemm, vec: Vector, cores: int) -> Candidate | None:
-    """The candidate chosen without measuring. The register model rates each micro-tile
-    (`tile_efficiency`, times the share of its rows and columns that are real when M is no
-    multiple of mr or N of the tile's width: the last tile is predicated; and, without a column
-    tail, by the share of the cores its parallel split keeps busy: 13 row tiles split no way
-    across 16 cores); among the tiles
-    rated within MODEL_TOLERANCE of the best, the choice goes to one without a column tail, then
-    to the one with the most slack on its busiest other unit (`tile_pressure`), then to the
-    bigger tile, then to one that divides M. Never more rows of A in one L1 set than it has ways
-    (`rows_in_one_set`); B panel reused across M (`c_outer`); the parallel split from the
-    cores. The tile's vectors are those `tile_vectors` allows; None when no tile fits the
+    """The candidate chosen without measuring. The register model rates each micro-tile:
+    without a column tail, `tile_efficiency` times the share of its rows that are real (where
+    mr does not divide M the last row tile is predicated) times the share of the cores its
+    parallel split keeps busy (13 row tiles split no way over 16 cores); with one, the real
+    rows' share times `tail_share`. Among the tiles rated within MODEL_TOLERANCE of the best,
+    the choice goes to one without a column tail (its tail runs alone on one core after the
+    rest), then to the one with the most slack on its busiest other unit (`tile_pressure`), then
+    to the bigger tile, then to one that divides M. Never more rows of A in one L1 set than it
+    has ways (`rows_in_one_set`); B panel reused across M (`c_outer`); the parallel split from
+    the cores. The tile's vectors are those `tile_vectors` allows; None when no tile fits the
     registers.
 
     Why the tolerance: a row tail costs little (the last row tile is peeled off,
-    cpu_schedules.likely_guards), and the model's exact best lost to tiles it rated 1-3% lower.
-    On AVX-512, 9 x 3 and 8 x 3 beat 7 x 3 on B/16's GEMMs, and 6 x 4 beat 14 x 2 and 4 x 4 on
-    S/16's and L/16's, with 196 rows each. A column tail does cost: x3 tiles on L/16's
-    N = 1024 ran at half the speed of 6 x 4. The measurements are in
-    benchmarks/results/tiles_emeraldrapids_*.md."""
+    cpu_schedules.likely_guards), and the model's exact best lost to tiles it rated 1-3% lower:
+    on AVX-512, 9 x 3 and 8 x 3 to 7 x 3 on B/16's GEMMs, and 6 x 4 to 14 x 2 and 4 x 4 on
+    S/16's and L/16's, with 196 rows each (benchmarks/results/tiles_emeraldrapids_*_guarded.md)."""
     fits = [(mr, nv) for mr in range(1, min(16, gemm.m) + 1) for nv in tile_vectors(gemm, vec.lanes)
             if mr * nv <= vec.registers - nv - 1 and rows_in_one_set(mr, gemm.k) <= L1_WAYS]
     if not fits:
