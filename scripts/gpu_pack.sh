@@ -12,6 +12,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 LIMIT=$((64 << 20))
+if [ "${KERNELS:-0}" = 1 ]; then  # the kernels need CUTLASS's and cuBLASLt's headers: fail now, not after 30 min of nvcc
+  python3 -c 'import importlib.metadata as m; [m.version(p) for p in ("nvidia-cutlass", "nvidia-cublas")]' 2>/dev/null \
+    || { echo "error: KERNELS=1 needs nvidia-cutlass and nvidia-cublas in this python3: pip install -e '.[test,cublas]'"; exit 1; }
+fi
 rm -rf .gpu/a .gpu/b .gpu/dl .gpu/tvm && mkdir -p .gpu/a .gpu/b .gpu/dl .gpu/tvm .gpu/cache
 xgboost=$(python3 -c 'import importlib.metadata as m; print(m.version("xgboost-cpu"))')
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
