@@ -315,7 +315,7 @@ def likely_guards(sch: Schedule) -> Schedule:
 
 
 def _likely_terms(predicate: Any) -> Any:
-    """`predicate` with each term of its conjunction marked likely on its own"""
+    """`predicate` with each term of its conjunction marked likely on its own."""
     from tvm.tirx import And, likely
 
     if isinstance(predicate, And):

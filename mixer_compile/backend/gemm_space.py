@@ -290,8 +290,9 @@ def default_candidate(gemm: Gemm, vec: Vector, cores: int) -> Candidate | None:
         mr, nv = k
         return not column_tail(gemm, nv, vec.lanes), -round(tile_pressure(mr, nv), 3), mr * nv, gemm.m % mr == 0, mr
 
-    best = max(map(rate, fits))
-    mr, nv = max((k for k in fits if rate(k) >= best * (1 - MODEL_TOLERANCE)), key=slack)
+    rates = {k: rate(k) for k in fits}
+    best = max(rates.values())
+    mr, nv = max((k for k, r in rates.items() if r >= best * (1 - MODEL_TOLERANCE)), key=slack)
     chunks, mchunks = parallel_split(gemm, mr, nv, vec.lanes, cores)
     return Candidate(mr, nv, chunks, True, mchunks)
 
