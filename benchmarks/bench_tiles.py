@@ -9,10 +9,14 @@ on random inputs, `--repeat` rounds, medians; GFLOP/s of the GEMM alone (epilogu
 
     python benchmarks/bench_tiles.py --spec mixer_b16 --batch 1 --out benchmarks/results
     python benchmarks/bench_tiles.py --spec mixer_l16 --tiles 14x2   # and a tile the space leaves out
+    python benchmarks/bench_tiles.py --spec mixer_h14 --kernels matmul2 --k-blocks 0 512 1024 2560
+The last: the default tile alone, with K in blocks of each size given that divides K (0: no
+blocks), against the default's own (`gemm_space.k_block`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 from pathlib import Path
@@ -27,13 +31,14 @@ from mixer_compile.backend.target import get_target  # noqa: E402
 
 
 def _label(c: Any) -> str:
-    return f"{c.mr}x{c.nv}{'' if c.c_outer else ' (A outer)'}"
+    return f"{c.mr}x{c.nv}{'' if c.c_outer else ' (A outer)'}{f' k{c.kc}' if c.kc else ''}"
 
 
 def tile_times(spec_name: str, batch: int, gelu: str, target_name: str, repeat: int,
-               extra: list[tuple[int, int]]) -> list[dict[str, Any]]:
-    """Per GEMM kernel: its shape, the default tile, and GFLOP/s of every candidate (and of the
-    `extra` mr x nv tiles that fit it), fastest first."""
+               extra: list[tuple[int, int]], kernels: str = "", k_blocks: list[int] | None = None) -> list[dict[str, Any]]:
+    """Per GEMM kernel (those whose name contains `kernels`): its shape, the default tile, and
+    GFLOP/s of every candidate (and of the `extra` mr x nv tiles that fit it), fastest first; or,
+    given `k_blocks`, of the default tile with K in each of those blocks."""
     from tvm.s_tir import Schedule
 
     from mixer_compile.backend import cpu, gemm_space
@@ -44,7 +49,7 @@ def tile_times(spec_name: str, batch: int, gelu: str, target_name: str, repeat: 
     fused = cpu.prepare(compose(matrix_spec(spec_name, batch, gelu), target).module, target)
     rows = []
     for gv, func in fused.functions.items():
-        if not cpu.is_kernel(func):
+        if not cpu.is_kernel(func) or kernels not in gv.name_hint:
             continue
         sch = Schedule(func)
         gemm = gemm_space.find_gemm(sch)
@@ -53,6 +58,8 @@ def tile_times(spec_name: str, batch: int, gelu: str, target_name: str, repeat: 
             continue
         default = gemm_space.default_candidate(gemm, m.vec, m.cores)
         asked = [gemm_space.with_decision(gemm, gemm_space.Decision(mr, nv, True), m.vec, m.cores) for mr, nv in extra]
+        if k_blocks is not None:
+            space, asked = [dataclasses.replace(default, kc=kc) for kc in k_blocks if kc == 0 or gemm.k % kc == 0], []
         timers = {}
         for c in dict.fromkeys([default, *space, *filter(None, asked)]):
             scheduled = sch.copy()
@@ -68,9 +75,15 @@ def tile_times(spec_name: str, batch: int, gelu: str, target_name: str, repeat: 
 
 
 def markdown(report: dict[str, Any]) -> str:
+    if report.get("k_blocks") is not None:
+        what = (f"The default tile (*) with K in blocks of {', '.join(map(str, report['k_blocks']))} (0: none) "
+                f"where they divide K, and its own (`gemm_space.k_block`)")
+    else:
+        what = (f"Every candidate of `gemm_space.candidates`, the default (*) and the tiles asked for "
+                f"({', '.join(report['tiles']) or 'none'})")
+    kernels = f", kernels matching `{report['kernels']}`" if report.get("kernels") else ""
     out = tvm_heading(report, f"GEMM tiles of {report['spec']} at batch {report['batch']} ({report['gelu']} GELU)",
-                      f"Every candidate of `gemm_space.candidates`, the default (*) and the tiles asked for "
-                      f"({', '.join(report['tiles']) or 'none'}), each kernel built alone and timed in turn, "
+                      f"{what}{kernels}, each kernel built alone and timed in turn, "
                       f"{report['repeat']} rounds, medians; GFLOP/s of the GEMM alone.") + [
            "| kernel | M x N x K (batch) | default | best | default / best | tiles by GFLOP/s |", "|---|---|---|---|---|---|"]
     for r in report["gemms"]:
@@ -87,12 +100,17 @@ def main() -> int:
     ap = model_options(__doc__.splitlines()[0], batch=1, repeat=7)
     ap.add_argument("--tiles", nargs="*", default=[], metavar="MRxNV",
                     help="more tiles to time where they fit (e.g. 14x2: a default of an earlier model)")
+    ap.add_argument("--kernels", default="", help="only the kernels whose name contains this (e.g. matmul2)")
+    ap.add_argument("--k-blocks", nargs="*", type=int, metavar="KC",
+                    help="time the default tile with K in these blocks instead of the candidates (0: no blocks)")
     args = ap.parse_args()
-    report = {**new_report(args), "tiles": args.tiles}
+    report = {**new_report(args), "tiles": args.tiles, "kernels": args.kernels, "k_blocks": args.k_blocks}
     extra = [tuple(int(v) for v in t.lower().split("x")) for t in args.tiles]
-    report["gemms"] = tile_times(args.spec, args.batch, args.gelu, args.target, args.repeat, extra)
+    report["gemms"] = tile_times(args.spec, args.batch, args.gelu, args.target, args.repeat, extra,
+                                 args.kernels, args.k_blocks)
     report["load_after"] = [round(v, 2) for v in os.getloadavg()]
-    stem = f"tiles_{report['machine']['llvm_cpu']}_{Path(args.spec).stem}_b{args.batch}_{args.gelu}"
+    study = "kblocks" if args.k_blocks is not None else "tiles"
+    stem = f"{study}_{report['machine']['llvm_cpu']}_{Path(args.spec).stem}_b{args.batch}_{args.gelu}"
     write_report(Path(args.out), stem, report, markdown(report))
     print(markdown(report))
     return 0

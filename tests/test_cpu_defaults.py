@@ -159,6 +159,36 @@ def test_row_and_column_tails_both_peel_and_compute_right() -> None:
     assert tiled == 4, "the patchify, token fc1 and channel GEMMs, all of 49 rows"
 
 
+def test_a_panel_over_half_of_l2_runs_in_k_blocks_and_computes_right() -> None:
+    """Channel fc2 with K = D_C = 4096 and N = C = 64: the default 4-vector tile's B panel is
+    1 MB, over half of L2 (`gemm_space.k_block`), so K runs in blocks of 1024, C's tile carried
+    across them in memory and the residual epilogue after the last; at batch 2 (the batch in the
+    parallel loop) with 49 rows (a row tail), it computes what the plain kernel does; with C
+    re-initialised in every block (a wrong place for the reduction's init) it fails."""
+    spec = MixerSpec("deep", (56, 56), 8, 64, 16, 4096, 1, num_classes=7, batch=2)
+    target = get_target("znver4")
+    if why := cannot_run("znver4"):
+        pytest.skip(why)
+    m = cpu.machine(target)
+    fused = cpu.prepare(compose(spec, target).module, target)
+    func = next(f for f in fused.functions.values()
+                if cpu.is_kernel(f) and (g := gemm_space.find_gemm(Schedule(f))) is not None and g.k == 4096)
+    sch = Schedule(func)
+    gemm = gemm_space.find_gemm(sch)
+    candidate = gemm_space.default_candidate(gemm, m.vec, m.cores)
+    assert (candidate.nv, candidate.kc) == (4, 1024), candidate
+    gemm_space.apply(sch, gemm, candidate, m.lanes)
+    # a tuning record of it transfers as the same decision (its K blocks recomputed by the build)
+    assert gemm_space.decision_of(sch.trace) == gemm_space.Decision(candidate.mr, 4, True)
+    args = [tvm.runtime.tensor(np.random.default_rng(0).standard_normal([int(d) for d in a.shape]).astype(a.dtype))
+            for a in ArgInfo.from_prim_func(func)]
+    want = [tvm.runtime.tensor(a.numpy()) for a in args]
+    named = {"global_symbol": "main"}
+    tvm.tirx.build(tvm.IRModule({"main": func.with_attrs(named)}), target=target.tvm_target())(*want)
+    cpu_schedules.build_kernel(tvm.IRModule({"main": sch.mod["main"].with_attrs(named)}), target.tvm_target())(*args)
+    np.testing.assert_allclose(args[-1].numpy(), want[-1].numpy(), rtol=1e-4, atol=1e-4)
+
+
 def test_layer_norm_runs_each_row_inside_one_parallel_loop(tiny_spec) -> None:
     """The `rows` rule: LayerNorm's two sums and its normalisation all run inside one parallel
     loop over rows (the row stays in cache between the passes, where the `reduction` rule made

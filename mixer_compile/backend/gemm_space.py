@@ -12,8 +12,8 @@ order (the `Decision`, which belongs to the machine's registers and caches) and 
 split (`parallel_split`, which belongs to the machine that runs the code: its cores). MetaSchedule
 measures the candidates like any others and keeps the records; a build reads the decision back
 from a record's trace (`decision_of`) and re-applies it with `apply` to any GEMM of the same
-per-call shape (`signature`: any epilogue, any batch), the parallel split recomputed for the
-build target. Without a record, `default_candidate` picks the tile by a model of the core
+per-call shape (`signature`: any epilogue, any batch), the parallel split (and K's blocks,
+`k_block`) recomputed for the build target. Without a record, `default_candidate` picks the tile by a model of the core
 (backend/cpu.py). An N that is no multiple of the SIMD width (a spec's odd D_C, the
 1000-class head on AVX-512) gets the same micro-kernel, its last column tile predicated and
 peeled off at lowering (`tile_vectors`). Kernels that are not a GEMM (LayerNorm, mean) keep
@@ -81,6 +81,7 @@ class Candidate:
     chunks: int  # parallel split of N (times the batch extent: the parallel loop)
     c_outer: bool  # order: N blocks outside M blocks (B panel reused across A) or inside
     mchunks: int = 1  # parallel split of M, when batch x chunks alone cannot keep the cores busy
+    kc: int = 0  # rows of B's panel per pass over the row tiles (`k_block`); 0: all K at once
 
 
 @dataclass(frozen=True)
@@ -135,9 +136,15 @@ def candidates(gemm: Gemm, vec: Vector, cores: int) -> list[Candidate]:
                                 -k[0] * k[1]))
     out = []
     for mr, nv in kernels[:MAX_CANDIDATES // 2]:
-        chunks, mchunks = parallel_split(gemm, mr, nv, vec.lanes, cores)
-        out += [Candidate(mr, nv, chunks, c_outer, mchunks) for c_outer in (False, True)]
+        out += [_candidate(gemm, Decision(mr, nv, c_outer), vec.lanes, cores) for c_outer in (False, True)]
     return out[:MAX_CANDIDATES]
+
+
+def _candidate(gemm: Gemm, d: Decision, lanes: int, cores: int) -> Candidate:
+    """Decision `d` on this GEMM, with what belongs to the machine that runs it: the parallel
+    split and K's block."""
+    chunks, mchunks = parallel_split(gemm, d.mr, d.nv, lanes, cores)
+    return Candidate(d.mr, d.nv, chunks, d.c_outer, mchunks, k_block(gemm, d.nv, lanes) if d.c_outer else 0)
 
 
 ROWS_USED = 7 / 8  # the least share of real rows in a tuning candidate's row tiles
@@ -252,6 +259,26 @@ def rows_in_one_set(mr: int, k: int) -> int:
     return -(-mr // period)
 
 
+# L2 of the x86 cores this targets: 1 MB on Zen 4 and 5, 1.25-2 MB on Intel's since Ice Lake; the least bounds
+L2_BYTES = 1 << 20
+
+
+def k_block(gemm: Gemm, nv: int, lanes: int) -> int:
+    """Rows of B's panel each pass over the row tiles reads (0: all K in one pass). The panel,
+    K x nv vectors, is what every row tile re-reads from L2 while A's rows stream past it; a
+    panel over 3/4 of L2 leaves too little room for that stream, and each row tile then reads B
+    from L3 again. Over that, K goes in blocks of a quarter of L2's worth of B's rows (a divisor
+    of K: no predicated block), C's tile stored and reloaded between them, the epilogue after
+    the last. H/14's and L/16's channel fc2 (K = 5120 and 4096: 1.3 and 1 MB panels of 6 x 4
+    tiles) run in blocks of 1024; on an Emerald Rapids (2 MB of L2, where they still fit) that
+    measured from no change to 1.16x faster, and blocking B/16's fc2 (a 590 KB panel, left
+    whole) 0.94-1.00x (benchmarks/results/kblocks_emeraldrapids_*.md)."""
+    row = nv * lanes * 4  # bytes of one row of the panel
+    if gemm.k * row <= L2_BYTES * 3 // 4:
+        return 0
+    return max(d for d in _divisors(gemm.k) if d * row <= L2_BYTES // 4)
+
+
 # rates the register model gives within this share of each other are alike to it: what tells such
 # tiles apart is what it does not see (a 1% row tail against the broadcast unit at its limit)
 MODEL_TOLERANCE = 0.03
@@ -293,8 +320,7 @@ def default_candidate(gemm: Gemm, vec: Vector, cores: int) -> Candidate | None:
     rates = {k: rate(k) for k in fits}
     best = max(rates.values())
     mr, nv = max((k for k, r in rates.items() if r >= best * (1 - MODEL_TOLERANCE)), key=slack)
-    chunks, mchunks = parallel_split(gemm, mr, nv, vec.lanes, cores)
-    return Candidate(mr, nv, chunks, True, mchunks)
+    return _candidate(gemm, Decision(mr, nv, True), vec.lanes, cores)
 
 
 def with_decision(gemm: Gemm, d: Decision, vec: Vector, cores: int) -> Candidate | None:
@@ -302,8 +328,7 @@ def with_decision(gemm: Gemm, d: Decision, vec: Vector, cores: int) -> Candidate
     `tile_vectors` does not allow its vectors or its tile does not fit this machine's registers)."""
     if d.mr > gemm.m or d.nv not in tile_vectors(gemm, vec.lanes) or d.mr * d.nv > vec.registers - d.nv - 1:
         return None
-    chunks, mchunks = parallel_split(gemm, d.mr, d.nv, vec.lanes, cores)
-    return Candidate(d.mr, d.nv, chunks, d.c_outer, mchunks)
+    return _candidate(gemm, d, vec.lanes, cores)
 
 
 def signature(sch: Schedule, gemm: Gemm, lanes: int) -> tuple[Any, ...]:
@@ -416,18 +441,20 @@ def apply(sch: Schedule, gemm: Gemm, c: Candidate, lanes: int) -> None:
     else:
         (io, ii), mo = sch.split(i, [None, c.mr]), None
     jo, jm, jv, jl = sch.split(j, [c.chunks, None, c.nv, lanes])
+    ko, k = sch.split(k, [None, c.kc]) if c.kc and c.c_outer and c.kc < gemm.k else (None, k)
     inner = [k, ii, jv, jl]
     if column_tail(gemm, c.nv, lanes):  # N's chunks alone in parallel, the batch inside: LoopPartition
         outer, serial = [jo], batch  # peels the tail tile off a plain loop only (not off a fused one's j % chunks)
     else:
         outer, serial = [*batch, jo] + ([mo] if mo is not None else []), []
-    sch.reorder(*outer, *serial, *((jm, io) if c.c_outer else (io, jm)), *inner)
+    blocks = (jm, ko, io) if ko is not None else (jm, io) if c.c_outer else (io, jm)
+    sch.reorder(*outer, *serial, *blocks, *inner)
     sch.parallel(sch.fuse(*outer) if len(outer) > 1 else outer[0])
     sch.unroll(ii)
     sch.unroll(jv)
     sch.vectorize(jl)
     if sch.get(output).name_hint != gemm.block:
-        sch.reverse_compute_at(output, io if c.c_outer else jm)
+        sch.reverse_compute_at(output, jm if ko is not None or not c.c_outer else io)
         last = sch.get_loops(output)[-1]
         sch.vectorize(sch.split(last, [None, lanes])[1])
     for name, operand in widen.items():
@@ -445,7 +472,7 @@ def apply(sch: Schedule, gemm: Gemm, c: Candidate, lanes: int) -> None:
         sch.vectorize(sch.get_loops(stage)[-1])
     elif widened:  # converted at each use
         sch.compute_inline(sch.get_sblock(widened))
-    sch.decompose_reduction(block, k)
+    sch.decompose_reduction(block, ko if ko is not None else k)
 
 
 def _widening(sch: Schedule, block: Any) -> dict[str, int]:
