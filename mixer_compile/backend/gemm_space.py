@@ -270,9 +270,9 @@ def k_block(gemm: Gemm, nv: int, lanes: int) -> int:
     from L3 again. Over that, K goes in blocks of a quarter of L2's worth of B's rows (a divisor
     of K: no predicated block), C's tile stored and reloaded between them, the epilogue after
     the last. H/14's and L/16's channel fc2 (K = 5120 and 4096: 1.3 and 1 MB panels of 6 x 4
-    tiles) run in blocks of 1024; on an Emerald Rapids (2 MB of L2, where they still fit) that
-    measured from no change to 1.16x faster, and blocking B/16's fc2 (a 590 KB panel, left
-    whole) 0.94-1.00x (benchmarks/results/kblocks_emeraldrapids_*.md)."""
+    tiles) run in blocks of 1024. On an Emerald Rapids, whose 2 MB of L2 still holds those
+    panels, that measured 0.99-1.06x, and blocking B/16's fc2 (a 590 KB panel, left whole)
+    0.94-1.00x (benchmarks/results/kblocks_emeraldrapids_*.md)."""
     row = nv * lanes * 4  # bytes of one row of the panel
     if gemm.k * row <= L2_BYTES * 3 // 4:
         return 0
