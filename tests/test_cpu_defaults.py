@@ -122,6 +122,18 @@ def test_n_no_multiple_of_the_simd_width_gets_the_micro_kernel(no_records) -> No
         assert nests and all("if " not in _nested("for k in" + nest, "for k in") for nest in nests), (name, script)
 
 
+def _assert_computes_as_plain(func: tvm.tirx.PrimFunc, sch: Schedule, target: TargetInfo, tol: float) -> None:
+    """The scheduled kernel, built as the model build lowers it (`build_kernel`), computes what
+    the unscheduled one does on the same random inputs."""
+    args = [tvm.runtime.tensor(np.random.default_rng(0).standard_normal([int(d) for d in a.shape]).astype(a.dtype))
+            for a in ArgInfo.from_prim_func(func)]
+    want = [tvm.runtime.tensor(a.numpy()) for a in args]
+    named = {"global_symbol": "main"}
+    tvm.tirx.build(tvm.IRModule({"main": func.with_attrs(named)}), target=target.tvm_target())(*want)
+    cpu_schedules.build_kernel(tvm.IRModule({"main": sch.mod["main"].with_attrs(named)}), target.tvm_target())(*args)
+    np.testing.assert_allclose(args[-1].numpy(), want[-1].numpy(), rtol=tol, atol=tol)
+
+
 def test_row_and_column_tails_both_peel_and_compute_right() -> None:
     """A micro-tile whose rows do not divide M and whose columns do not divide N (5 x 2 on the
     GEMMs of 49 rows whose N is 20 or 60): the guard holds two conditions, each marked likely
@@ -148,13 +160,7 @@ def test_row_and_column_tails_both_peel_and_compute_right() -> None:
         # where N has a full column tile
         assert len(nests) >= (4 if gemm.n > 2 * m.lanes else 2), script
         assert all("if " not in _nested("for k in" + nest, "for k in") for nest in nests), script
-        args = [tvm.runtime.tensor(np.random.default_rng(0).standard_normal([int(d) for d in a.shape]).astype(a.dtype))
-                for a in ArgInfo.from_prim_func(func)]
-        want = [tvm.runtime.tensor(a.numpy()) for a in args]
-        named = {"global_symbol": "main"}
-        tvm.tirx.build(tvm.IRModule({"main": func.with_attrs(named)}), target=target.tvm_target())(*want)
-        cpu_schedules.build_kernel(tvm.IRModule({"main": sch.mod["main"].with_attrs(named)}), target.tvm_target())(*args)
-        np.testing.assert_allclose(args[-1].numpy(), want[-1].numpy(), rtol=1e-5, atol=1e-5)
+        _assert_computes_as_plain(func, sch, target, tol=1e-5)
         tiled += 1
     assert tiled == 4, "the patchify, token fc1 and channel GEMMs, all of 49 rows"
 
@@ -180,13 +186,7 @@ def test_a_panel_over_half_of_l2_runs_in_k_blocks_and_computes_right() -> None:
     gemm_space.apply(sch, gemm, candidate, m.lanes)
     # a tuning record of it transfers as the same decision (its K blocks recomputed by the build)
     assert gemm_space.decision_of(sch.trace) == gemm_space.Decision(candidate.mr, 4, True)
-    args = [tvm.runtime.tensor(np.random.default_rng(0).standard_normal([int(d) for d in a.shape]).astype(a.dtype))
-            for a in ArgInfo.from_prim_func(func)]
-    want = [tvm.runtime.tensor(a.numpy()) for a in args]
-    named = {"global_symbol": "main"}
-    tvm.tirx.build(tvm.IRModule({"main": func.with_attrs(named)}), target=target.tvm_target())(*want)
-    cpu_schedules.build_kernel(tvm.IRModule({"main": sch.mod["main"].with_attrs(named)}), target.tvm_target())(*args)
-    np.testing.assert_allclose(args[-1].numpy(), want[-1].numpy(), rtol=1e-4, atol=1e-4)
+    _assert_computes_as_plain(func, sch, target, tol=1e-4)
 
 
 def test_layer_norm_runs_each_row_inside_one_parallel_loop(tiny_spec) -> None:
