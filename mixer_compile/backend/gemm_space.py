@@ -272,7 +272,7 @@ def k_block(gemm: Gemm, nv: int, lanes: int) -> int:
     the last. H/14's and L/16's channel fc2 (K = 5120 and 4096: 1.3 and 1 MB panels of 6 x 4
     tiles) run in blocks of 1024. On an Emerald Rapids, whose 2 MB of L2 still holds those
     panels, that measured 0.99-1.06x, and blocking B/16's fc2 (a 590 KB panel, left whole)
-    0.94-1.00x (benchmarks/results/kblocks_emeraldrapids_*.md)."""
+    0.99-1.00x (benchmarks/results/kblocks_emeraldrapids_*.md)."""
     row = nv * lanes * 4  # bytes of one row of the panel
     if gemm.k * row <= L2_BYTES * 3 // 4:
         return 0
