@@ -183,6 +183,8 @@ def test_a_panel_over_half_of_l2_runs_in_k_blocks_and_computes_right() -> None:
     gemm = gemm_space.find_gemm(sch)
     candidate = gemm_space.default_candidate(gemm, m.vec, m.cores)
     assert (candidate.nv, candidate.kc) == (4, 1024), candidate
+    # no blocks of a few rows where K has no divisor near 1024 (a prime D_C): K stays whole
+    assert gemm_space.k_block(gemm_space.Gemm("matmul", 1, 49, 64, 4099), 4, 16) == 0
     gemm_space.apply(sch, gemm, candidate, m.lanes)
     # a tuning record of it transfers as the same decision (its K blocks recomputed by the build)
     assert gemm_space.decision_of(sch.trace) == gemm_space.Decision(candidate.mr, 4, True)

@@ -13,8 +13,8 @@ split (`parallel_split`, which belongs to the machine that runs the code: its co
 measures the candidates like any others and keeps the records; a build reads the decision back
 from a record's trace (`decision_of`) and re-applies it with `apply` to any GEMM of the same
 per-call shape (`signature`: any epilogue, any batch), the parallel split (and K's blocks,
-`k_block`) recomputed for the build target. Without a record, `default_candidate` picks the tile by a model of the core
-(backend/cpu.py). An N that is no multiple of the SIMD width (a spec's odd D_C, the
+`k_block`) recomputed for the build target. Without a record, `default_candidate` picks the
+tile by a model of the core (backend/cpu.py). An N that is no multiple of the SIMD width (a spec's odd D_C, the
 1000-class head on AVX-512) gets the same micro-kernel, its last column tile predicated and
 peeled off at lowering (`tile_vectors`). Kernels that are not a GEMM (LayerNorm, mean) keep
 MetaSchedule's generic space when tuned, and cpu_schedules.py's rules by default.
@@ -268,15 +268,17 @@ def k_block(gemm: Gemm, nv: int, lanes: int) -> int:
     K x nv vectors, is what every row tile re-reads from L2 while A's rows stream past it; a
     panel over 3/4 of L2 leaves too little room for that stream, and each row tile then reads B
     from L3 again. Over that, K goes in blocks of a quarter of L2's worth of B's rows (a divisor
-    of K: no predicated block), C's tile stored and reloaded between them, the epilogue after
-    the last. H/14's and L/16's channel fc2 (K = 5120 and 4096: 1.3 and 1 MB panels of 6 x 4
+    of K: no predicated block; none when K's largest such divisor is under half of that, as for
+    a prime K), C's tile stored and reloaded between them, the epilogue after the last. H/14's and L/16's channel fc2 (K = 5120 and 4096: 1.3 and 1 MB panels of 6 x 4
     tiles) run in blocks of 1024. On an Emerald Rapids, whose 2 MB of L2 still holds those
     panels, that measured 0.99-1.06x, and blocking B/16's fc2 (a 590 KB panel, left whole)
     0.99-1.00x (benchmarks/results/kblocks_emeraldrapids_*.md)."""
     row = nv * lanes * 4  # bytes of one row of the panel
     if gemm.k * row <= L2_BYTES * 3 // 4:
         return 0
-    return max(d for d in _divisors(gemm.k) if d * row <= L2_BYTES // 4)
+    rows = L2_BYTES // 4 // row
+    kc = max(d for d in _divisors(gemm.k) if d <= rows)
+    return kc if 2 * kc >= rows else 0
 
 
 # rates the register model gives within this share of each other are alike to it: what tells such
