@@ -165,9 +165,9 @@ def test_row_and_column_tails_both_peel_and_compute_right() -> None:
     assert tiled == 4, "the patchify, token fc1 and channel GEMMs, all of 49 rows"
 
 
-def test_a_panel_over_half_of_l2_runs_in_k_blocks_and_computes_right() -> None:
+def test_a_panel_over_three_quarters_of_l2_runs_in_k_blocks_and_computes_right() -> None:
     """Channel fc2 with K = D_C = 4096 and N = C = 64: the default 4-vector tile's B panel is
-    1 MB, over half of L2 (`gemm_space.k_block`), so K runs in blocks of 1024, C's tile carried
+    1 MB, over 3/4 of a 1 MB L2 (`gemm_space.k_block`), so K runs in blocks of 1024, C's tile carried
     across them in memory and the residual epilogue after the last; at batch 2 (the batch in the
     parallel loop) with 49 rows (a row tail), it computes what the plain kernel does; with C
     re-initialised in every block (a wrong place for the reduction's init) it fails."""

@@ -14,9 +14,9 @@ measures the candidates like any others and keeps the records; a build reads the
 from a record's trace (`decision_of`) and re-applies it with `apply` to any GEMM of the same
 per-call shape (`signature`: any epilogue, any batch), the parallel split (and K's blocks,
 `k_block`) recomputed for the build target. Without a record, `default_candidate` picks the
-tile by a model of the core (backend/cpu.py). An N that is no multiple of the SIMD width (a spec's odd D_C, the
-1000-class head on AVX-512) gets the same micro-kernel, its last column tile predicated and
-peeled off at lowering (`tile_vectors`). Kernels that are not a GEMM (LayerNorm, mean) keep
+tile by a model of the core (backend/cpu.py). An N that is no multiple of the SIMD width (a
+spec's odd D_C, the 1000-class head on AVX-512) gets the same micro-kernel, its last column
+tile predicated and peeled off at lowering (`tile_vectors`). Kernels that are not a GEMM (LayerNorm, mean) keep
 MetaSchedule's generic space when tuned, and cpu_schedules.py's rules by default.
 
 Shape of the match: one block with spatial iterators (..., i, j) and one reduction k, reading
@@ -269,10 +269,12 @@ def k_block(gemm: Gemm, nv: int, lanes: int) -> int:
     panel over 3/4 of L2 leaves too little room for that stream, and each row tile then reads B
     from L3 again. Over that, K goes in blocks of a quarter of L2's worth of B's rows (a divisor
     of K: no predicated block; none when K's largest such divisor is under half of that, as for
-    a prime K), C's tile stored and reloaded between them, the epilogue after the last. H/14's and L/16's channel fc2 (K = 5120 and 4096: 1.3 and 1 MB panels of 6 x 4
-    tiles) run in blocks of 1024. On an Emerald Rapids, whose 2 MB of L2 still holds those
-    panels, that measured 0.99-1.06x, and blocking B/16's fc2 (a 590 KB panel, left whole)
-    0.99-1.00x (benchmarks/results/kblocks_emeraldrapids_*.md)."""
+    a prime K), C's tile stored and reloaded between them, the epilogue after the last. Only
+    with B's panel outside the row tiles (`c_outer`), the order the blocks belong to. H/14's and
+    L/16's channel fc2 (K = 5120 and 4096: 1.3 and 1 MB panels of 6 x 4 tiles) run in blocks of
+    1024. On an Emerald Rapids, whose 2 MB of L2 still holds those panels, that measured
+    0.99-1.06x, and blocking B/16's fc2 (a 590 KB panel, left whole) 0.99-1.00x
+    (benchmarks/results/kblocks_emeraldrapids_*.md)."""
     row = nv * lanes * 4  # bytes of one row of the panel
     if gemm.k * row <= L2_BYTES * 3 // 4:
         return 0
@@ -443,7 +445,7 @@ def apply(sch: Schedule, gemm: Gemm, c: Candidate, lanes: int) -> None:
     else:
         (io, ii), mo = sch.split(i, [None, c.mr]), None
     jo, jm, jv, jl = sch.split(j, [c.chunks, None, c.nv, lanes])
-    ko, k = sch.split(k, [None, c.kc]) if c.kc and c.c_outer and c.kc < gemm.k else (None, k)
+    ko, k = sch.split(k, [None, c.kc]) if c.kc else (None, k)  # kc only with c_outer (`_candidate`)
     inner = [k, ii, jv, jl]
     if column_tail(gemm, c.nv, lanes):  # N's chunks alone in parallel, the batch inside: LoopPartition
         outer, serial = [jo], batch  # peels the tail tile off a plain loop only (not off a fused one's j % chunks)
