@@ -466,7 +466,8 @@ def test_tune_shipping_where_it_cannot_write_stops_before_tuning(tmp_path, tiny_
 def test_a_batch_beyond_tvms_32_bit_indexing_is_refused_with_the_largest_that_builds():
     """TVM 0.27 fails deep in its pipeline on a tensor of 2^31 elements or more; such a batch is
     refused in one line before anything is built. Mixer-B/16's largest tensor per image is the
-    channel-mixing hidden layer, 196 x 3072 (2^31 // 602112 = 3566 images), on a CPU; on a GPU
+    channel-mixing hidden layer, 196 x 3072 (2^31 // 602112 = 3566 images), on a CPU (held as the
+    batch's rows: passes/batch_as_rows.py); on a GPU
     the library GEMMs alone touch it, and the 196 x 768 activations (14266 images) bound it, with
     the image, of the same size, named: the first in graph order, whatever the hash seed."""
     from mixer_compile.backend.target import get_target
@@ -475,7 +476,7 @@ def test_a_batch_beyond_tvms_32_bit_indexing_is_refused_with_the_largest_that_bu
     from mixer_compile.model.spec import load_spec
 
     b16 = load_spec("mixer_b16")
-    with pytest.raises(MixerCompileError, match=r"^batch 3567 makes the 3567x196x3072 tensor b\d+\.ch\.gelu "
+    with pytest.raises(MixerCompileError, match=r"^batch 3567 makes the 699132x3072 tensor b\d+\.ch\.gelu\.rows "
                                                 r"\(2\.15e\+09 elements\), beyond the 2\^31 .* the largest batch is 3566"):
         compose(b16.replace(batch=3567), get_target("llvm"))
     compose(b16.replace(batch=3567), get_target("sm_90"), dtype="float16")  # within a GPU's bound: builds

@@ -55,10 +55,11 @@ def test_artifact_contents_and_metadata(tmp_path, tiny_spec):
     assert meta["validation"]["passed"] and meta["validation"]["max_rel_error"] < FP32
     host = get_target("llvm")
     lanes = backend_for(host).pass_context(host, "float32").panel  # the host's SIMD width: 16 with AVX-512, 8 with AVX2
-    names = [p["name"] for p in meta["passes"]]  # the form's, in order: the panels of `lanes`, then precision
-    assert names == list(passes_for("matmul")) and names[:4] == ["tokens_major", "fuse_epilogues", "pack_kernels",
-                                                                 "precision"]
-    assert meta["passes"][2]["changes"] and not meta["passes"][3]["changes"]  # float32: precision is a no-op
+    names = [p["name"] for p in meta["passes"]]  # the form's, in order: the batch's rows, the panels of `lanes`, precision
+    assert names == list(passes_for("matmul")) and names[:5] == ["tokens_major", "fuse_epilogues", "batch_as_rows",
+                                                                 "pack_kernels", "precision"]
+    assert meta["passes"][2]["changes"] and meta["passes"][3]["changes"]  # batch 2: a batch to fold; panels
+    assert not meta["passes"][4]["changes"]  # float32: precision is a no-op
     stored = tvm.runtime.load_param_dict_from_file(str(tmp_path / "art" / "weights.params"))
     assert tuple(stored["b0.ch.fc1.w"].shape) == (128 // lanes, 32, lanes)  # (K, N) stored as panels
     assert meta["input"]["shape"] == [2, 3, 32, 32] and meta["target"]["kind"] == "llvm"

@@ -42,7 +42,8 @@ def test_gemm_kernels_match_and_others_keep_the_generic_space(tiny_spec: MixerSp
     assert len(gemms) == 6, found
     assert found["layer_norm"] is None and found["mean"] is None
     tokens = (32 // 8) ** 2
-    assert Gemm("matmul", tiny_spec.batch, tokens, 128, 32) in found.values()  # channel fc1: (b, tokens) x C -> D_C
+    # channel fc1: the batch's rows (passes/batch_as_rows.py) x C -> D_C
+    assert Gemm("matmul", 1, tiny_spec.batch * tokens, 128, 32) in found.values()
 
 
 @pytest.mark.parametrize("target_name", ["znver4", "avx2"])

@@ -1,6 +1,8 @@
 """Each pass preserves the model's function (checked through the NumPy interpreter) and
 makes the structural change it claims."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -16,8 +18,8 @@ from tests.helpers import rel_error
 BOUND = 1e-10
 # A context in which every pass has work to do on the literal graph: kernels in panels of 16
 # columns (pack_kernels), float16 storage (precision), convolutions as GEMMs (convs_as_gemms, on
-# the conv form's convolutions); the other passes do not read it.
-WORK_FOR_ALL = PassContext(dtype="float16", panel=16, gemm_convs=True)
+# the conv form's convolutions), the batch as rows (batch_as_rows); the other passes do not read it.
+WORK_FOR_ALL = PassContext(dtype="float16", panel=16, gemm_convs=True, batch_rows=True)
 CONVS = ("token_mixing_as_conv", "channel_mixing_as_conv1x1", "fuse_epilogues")
 
 
@@ -145,6 +147,31 @@ def test_right_product_kernels_stored_in_panels(case, panel):
             assert layout == "KN" and param.tensor.shape[1] % panel
         else:
             assert layout == "NK"  # left products (token mixing) keep (N, K)
+
+
+@pytest.mark.parametrize("form", list(FORMS))
+def test_a_batch_of_images_runs_each_right_product_as_one_gemm_over_all_their_rows(case, form):
+    """A CPU's context: every right product over images becomes one GEMM over all their rows
+    (batch x tokens), and the model still computes the reference; between two such GEMMs (channel
+    fc1 -> fc2) the rows stay rows, no reshape there and back. At batch 1, and where the context
+    does not ask for it (a GPU's), nothing changes."""
+    spec, weights, images = case
+    cpu = PassContext(panel=16, gemm_convs=True, batch_rows=True)
+    graph, reports = run_passes(build_graph(spec), passes_for(form), cpu)
+    assert rel_error(_run(graph, weights, images), reference.forward(spec, weights, images)) < BOUND
+    right = [op for op in graph.ops if op.kind == "dense" and op.attrs["axis"] == len(op.output.shape) - 1]
+    tokens = spec.grid[0] * spec.grid[1]
+    rows = [op for op in right if op.output.layout.startswith("R")]  # stem, channel fc1, fc2: R(ows) x N
+    assert len(rows) == 1 + 2 * spec.num_blocks and all(len(op.output.shape) == 2 for op in right)
+    assert all(op.output.shape[0] == spec.batch * tokens for op in rows)
+    if form == "matmul":  # (the conv form transposes to channels-major between its 1x1 convs)
+        fc2 = [op for op in rows if op.attrs.get("residual")]
+        assert len(fc2) == spec.num_blocks and all(graph.producer(op.inputs[0]).kind == "dense" for op in fc2)
+    assert next(r for r in reports if r.name == "batch_as_rows").changes[0].endswith(
+        f"{spec.batch} images of {tokens} rows as one {spec.batch * tokens}x{spec.hidden_dim} GEMM")
+    for unchanged in (run_passes(build_graph(spec.replace(batch=1)), passes_for(form), cpu)[1],
+                      run_passes(build_graph(spec), passes_for(form), replace(cpu, batch_rows=False))[1]):
+        assert next(r for r in unchanged if r.name == "batch_as_rows").changes == []
 
 
 def test_half_precision_stores_activations_in_half_only_where_the_hardware_computes_in_half(tiny_spec):

@@ -34,11 +34,11 @@ CHOOSES_FORM = True  # --choose-form can time this kind's builds here, on this C
 
 
 def pass_context(target: TargetInfo, dtype: str) -> PassContext:
-    """Right-product kernels in panels of the CPU's SIMD width (passes/pack_kernels.py);
-    activations in float32 whatever the storage dtype: the arithmetic is float32 here
-    (passes/precision.py)."""
+    """Right-product kernels in panels of the CPU's SIMD width (passes/pack_kernels.py), over
+    the whole batch's rows (passes/batch_as_rows.py); activations in float32 whatever the
+    storage dtype: the arithmetic is float32 here (passes/precision.py)."""
     return PassContext(dtype=dtype, panel=vector_unit(target.tvm_target()).lanes, activation_dtype="float32",
-                       gemm_convs=True)
+                       gemm_convs=True, batch_rows=True)
 
 
 def prepare(mod: tvm.IRModule, target: TargetInfo) -> tvm.IRModule:

@@ -27,6 +27,9 @@ class PassContext:
     # the conv form's convolutions built as the GEMMs they are (convs_as_gemms.py): the target's
     # kernels are GEMMs; False where the convolutions are the point (the ONNX export)
     gemm_convs: bool = False
+    # a right product's batch of images run as one GEMM over all their rows (batch_as_rows.py):
+    # where a kernel takes the batch as an outer loop of its own (the CPU micro-kernels)
+    batch_rows: bool = False
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:

@@ -6,9 +6,11 @@
   channel mixing as 1x1 convs (paper, section 2): the form for conv-only runtimes; built for a
   target with GEMM kernels, its convolutions become GEMMs again (convs_as_gemms).
 
-Every form ends with the target's weight layout, the storage precision and the GEMMs handed to
-a kernel library, in that order, so that no rewrite has to reason about packed weights or mixed
-precisions; each is a no-op when the context says so (no panel on GPUs, float32, no library).
+Every form ends with the GEMMs' rows as the target's kernels take them (batch_as_rows), the
+target's weight layout, the storage precision and the GEMMs handed to a kernel library, in
+that order, so that no rewrite has to reason about folded rows, packed weights or mixed
+precisions; each is a no-op when the context says so (batch 1 or a GPU, no panel on GPUs,
+float32, no library).
 """
 
 from __future__ import annotations
@@ -18,8 +20,8 @@ from typing import Callable
 
 from mixer_compile.errors import MixerCompileError
 from mixer_compile.ir.graph import Graph
-from mixer_compile.passes import (channel_mixing_as_conv1x1, convs_as_gemms, fuse_epilogues, library_gemms,
-                                  pack_kernels, precision, token_mixing_as_conv, tokens_major)
+from mixer_compile.passes import (batch_as_rows, channel_mixing_as_conv1x1, convs_as_gemms, fuse_epilogues,
+                                  library_gemms, pack_kernels, precision, token_mixing_as_conv, tokens_major)
 from mixer_compile.passes.context import PassContext
 
 PassFn = Callable[[Graph, PassContext], tuple[Graph, list[str]]]
@@ -30,15 +32,16 @@ PASSES: dict[str, PassFn] = {
     "tokens_major": tokens_major.run,
     "fuse_epilogues": fuse_epilogues.run,
     "convs_as_gemms": convs_as_gemms.run,
+    "batch_as_rows": batch_as_rows.run,
     "pack_kernels": pack_kernels.run,
     "precision": precision.run,
     "library_gemms": library_gemms.run,
 }
 
 FORMS: dict[str, tuple[str, ...]] = {
-    "matmul": ("tokens_major", "fuse_epilogues", "pack_kernels", "precision", "library_gemms"),
-    "conv": ("token_mixing_as_conv", "channel_mixing_as_conv1x1", "fuse_epilogues", "convs_as_gemms", "pack_kernels",
-             "precision", "library_gemms"),
+    "matmul": ("tokens_major", "fuse_epilogues", "batch_as_rows", "pack_kernels", "precision", "library_gemms"),
+    "conv": ("token_mixing_as_conv", "channel_mixing_as_conv1x1", "fuse_epilogues", "convs_as_gemms", "batch_as_rows",
+             "pack_kernels", "precision", "library_gemms"),
 }
 
 
