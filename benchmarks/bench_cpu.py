@@ -27,15 +27,19 @@ and gemm_space's register model) and with the shipped records only; against ONNX
 the PyTorch Mixer with timm's module names (`torch.onnx.export`, same weights and GELU) and
 torch.compile. Nothing is left out because it is slow; `--specs/--batches/--gelus/--peers`
 pick a subset that fits the machine's time; `--dtypes float16 bfloat16` adds our defaults in those
-storage dtypes. Every output is checked against ONNX Runtime's.
+storage dtypes, `--without PASS...` our defaults built without those passes of the pipeline
+(passes/pipeline.py; an ablation: what each pass is worth, side by side in the same run). Every
+output is checked against ONNX Runtime's.
 
     python benchmarks/bench_cpu.py --matrix --specs mixer_s16 mixer_b16 --batches 1 8 --gelus erf \
         --peers onnxruntime --repeat 5
+    python benchmarks/bench_cpu.py --matrix --specs mixer_s32 --batches 8 --without batch_as_rows
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -45,7 +49,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -57,6 +61,7 @@ from mixer_compile.util.progress import Progress  # noqa: E402
 from mixer_compile.model.spec import MixerSpec, load_spec  # noqa: E402
 from mixer_compile.backend.target import TargetInfo, get_target  # noqa: E402
 from mixer_compile.model.params import random_weights  # noqa: E402
+from mixer_compile.passes.pipeline import PASSES  # noqa: E402
 
 SGEMM_N = 2048
 PAUSE_S = 0.3  # before each timed call: the previous implementation's spinning threads park (interleaved)
@@ -334,8 +339,21 @@ def matrix_spec(name: str, batch: int, gelu: str) -> MixerSpec:
     return spec.replace(gelu=gelu)
 
 
+@contextlib.contextmanager
+def without_pass(name: str) -> Iterator[None]:
+    """The pipeline with pass `name` left out (it returns the graph unchanged) while inside."""
+    from mixer_compile.passes import pipeline
+
+    kept = pipeline.PASSES[name]
+    pipeline.PASSES[name] = lambda graph, ctx: (graph, [])
+    try:
+        yield
+    finally:
+        pipeline.PASSES[name] = kept
+
+
 def matrix_case(name: str, batch: int, gelu: str, target: TargetInfo, peer_names: list[str], repeat: int,
-                warmup: int, work: Path, dtypes: tuple[str, ...] = ()) -> dict[str, Any]:
+                warmup: int, work: Path, dtypes: tuple[str, ...] = (), without: tuple[str, ...] = ()) -> dict[str, Any]:
     import torch
     import tvm
 
@@ -367,6 +385,11 @@ def matrix_case(name: str, batch: int, gelu: str, target: TargetInfo, peer_names
         half = compose(spec, target, dtype=dtype, weights=weights)
         run = Runner(cpu.build(half.module, target), tvm.cpu(), list(half.params.values()), "this CPU").function()
         fns[f"ours_{dtype}"] = lambda run=run: run(x)
+    for pass_name in without:  # the defaults without a pass (an ablation)
+        with without_pass(pass_name):
+            ablated = compose(spec, target, weights=weights)
+        run = Runner(cpu.build(ablated.module, target), tvm.cpu(), list(ablated.params.values()), "this CPU").function()
+        fns[f"ours_without_{pass_name}"] = lambda run=run: run(x)
     tm = torch_mixer(spec, weights)
     xt = torch.from_numpy(x)
     fns["onnxruntime"] = onnxruntime_session(tm, x, work / f"{spec.fingerprint()}.onnx")
@@ -380,6 +403,8 @@ def matrix_case(name: str, batch: int, gelu: str, target: TargetInfo, peer_names
                                                           fns[k]().numpy(), np.float64) - reference).max()
                                          / np.abs(reference).max())
                                 for k in fns if k != "onnxruntime"}
+    if without:
+        case["without"] = list(without)
     print(f"  timing {', '.join(fns)}", file=sys.stderr, flush=True)
     times = interleaved(fns, repeat, warmup)
     flops = spec.flops_per_image() * batch
@@ -401,10 +426,14 @@ def matrix_markdown(report: dict[str, Any]) -> str:
     if dtypes:
         out[-1] += (f" {' and '.join(dtypes)}: our defaults with that storage dtype (sums in float32), against "
                     "ONNX Runtime in float32; max rel. error is of the float32 builds.")
+    ablations = list(dict.fromkeys(p for c in report["cases"] for p in c.get("without", [])))
+    if ablations:
+        out[-1] += (f" Without {', '.join(f'`{p}`' for p in ablations)}: our defaults built with that pass left out, "
+                    "and the defaults' time over that build's (below 1: the pass pays).")
     out += ["", "| spec | batch | GELU | defaults ms | shipped ms | ONNX Runtime ms | torch.compile ms | defaults / ORT "
             "| shipped / ORT | defaults / shipped | shipped records | build s (defaults) | max rel. error |"
-            + "".join(f" {d} ms (/ ORT) |" for d in dtypes),
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|" + "---|" * len(dtypes)]
+            + "".join(f" {d} ms (/ ORT) |" for d in dtypes) + "".join(f" without {p} ms (defaults / it) |" for p in ablations),
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|" + "---|" * (len(dtypes) + len(ablations))]
     for c in report["cases"]:
         r = c["results"]
 
@@ -421,7 +450,10 @@ def matrix_markdown(report: dict[str, Any]) -> str:
                    f"| {c['builds']['ours_defaults']['build_s']:.1f} "
                    f"| {max(v for k, v in c['rel_error_vs_ort'].items() if k.removeprefix('ours_') not in dtypes):.1e} |"
                    + "".join(f" {ms('ours_' + d)} ({r['ours_' + d]['vs_onnxruntime']:.2f}x) |" if 'ours_' + d in r
-                             else " - |" for d in dtypes))
+                             else " - |" for d in dtypes)
+                   + "".join(f" {ms('ours_without_' + p)} "
+                             f"({r['ours_defaults']['median_ms'] / r['ours_without_' + p]['median_ms']:.2f}x) |"
+                             if 'ours_without_' + p in r else " - |" for p in ablations))
     if report.get("first_compile"):
         f = report["first_compile"]
         out += ["", f"First compile of {f['spec']} batch {f['batch']} without records (`mixer-compile compile`, "
@@ -471,7 +503,8 @@ def matrix_main(args: argparse.Namespace) -> int:
                 for gelu in args.gelus:
                     print(f"{name} batch {batch} {gelu}", file=sys.stderr, flush=True)
                     report["cases"].append(matrix_case(name, batch, gelu, target, args.peers, args.repeat,
-                                                       args.warmup, Path(tmp), tuple(args.dtypes)))
+                                                       args.warmup, Path(tmp), tuple(args.dtypes),
+                                                       tuple(args.without)))
                     report["load_after"] = [round(v, 2) for v in os.getloadavg()]
                     write_report(out, stem, report, matrix_markdown(report))  # kept as it grows
     print(matrix_markdown(report))
@@ -486,6 +519,8 @@ def main() -> int:
                     choices=["onnxruntime", "torch_compile"], help="matrix mode: the peers timed")
     ap.add_argument("--dtypes", nargs="*", default=[], choices=["float16", "bfloat16"],
                     help="matrix mode: also our defaults with these storage dtypes")
+    ap.add_argument("--without", nargs="*", default=[], metavar="PASS", choices=list(PASSES),
+                    help="matrix mode: also our defaults built without each PASS (passes/pipeline.py)")
     ap.add_argument("--tag", default="", help="matrix mode: suffix of the result files' names (one per subset run)")
     ap.add_argument("--first-compile", action="store_true",
                     help="matrix mode: also time a whole first compile of Mixer-B/16 without records")
