@@ -342,14 +342,12 @@ def matrix_spec(name: str, batch: int, gelu: str) -> MixerSpec:
 @contextlib.contextmanager
 def without_pass(name: str) -> Iterator[None]:
     """The pipeline with pass `name` left out (it returns the graph unchanged) while inside."""
-    from mixer_compile.passes import pipeline
-
-    kept = pipeline.PASSES[name]
-    pipeline.PASSES[name] = lambda graph, ctx: (graph, [])
+    kept = PASSES[name]
+    PASSES[name] = lambda graph, ctx: (graph, [])
     try:
         yield
     finally:
-        pipeline.PASSES[name] = kept
+        PASSES[name] = kept
 
 
 def matrix_case(name: str, batch: int, gelu: str, target: TargetInfo, peer_names: list[str], repeat: int,
