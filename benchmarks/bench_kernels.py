@@ -8,6 +8,11 @@ only), built alone as tuning builds a candidate, and timed on random inputs with
 evaluator; the two builds of a kernel are timed in turn, `--repeat` rounds, medians.
 
     python benchmarks/bench_kernels.py --spec mixer_b16 --batch 8 --gelu erf --out benchmarks/results
+    python benchmarks/bench_kernels.py --spec mixer_s16 --batch 8 --without batch_as_rows
+
+With `--without PASS` the second build is not the shipped records' but the defaults' of the
+model built without that pass (bench_cpu.py's ablation, kernel by kernel): kernels paired in
+order, each timed on inputs of its own shapes; a pass that changes the kernels' number is refused.
 """
 
 from __future__ import annotations
@@ -25,7 +30,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench_cpu import machine, matrix_spec, tvm_heading, write_report  # noqa: E402
+from bench_cpu import machine, matrix_spec, tvm_heading, without_pass, write_report  # noqa: E402
+from mixer_compile.passes.pipeline import PASSES  # noqa: E402
 from mixer_compile.backend.target import get_target  # noqa: E402
 
 
@@ -49,19 +55,21 @@ def random_args(func: Any) -> list[Any]:
             for a in ArgInfo.from_prim_func(func)]
 
 
-def interleaved_medians(timers: dict[str, Callable[..., Any]], args: list[Any], repeat: int) -> dict[str, float]:
-    """Median ms per call of each build, timed in turn `repeat` rounds: load drifts hit all alike."""
+def interleaved_medians(timers: dict[str, Callable[..., Any]], args: list[Any] | dict[str, list[Any]],
+                        repeat: int) -> dict[str, float]:
+    """Median ms per call of each build, timed in turn `repeat` rounds: load drifts hit all alike.
+    `args`: the inputs of all, or each build's own (by label)."""
     samples: dict[str, list[float]] = {label: [] for label in timers}
     for _ in range(repeat):
         for label, timer in timers.items():
-            samples[label].append(timer(*args).mean * 1e3)
+            samples[label].append(timer(*(args[label] if isinstance(args, dict) else args)).mean * 1e3)
     return {label: statistics.median(v) for label, v in samples.items()}
 
 
 def kernel_times(spec_name: str, batch: int, gelu: str, target_name: str, repeat: int,
-                 form: str = "matmul") -> list[dict[str, Any]]:
-    """Per kernel: calls per forward, ms per call by the defaults and by the shipped records, and
-    the GEMM tile each chose."""
+                 form: str = "matmul", without: str | None = None) -> list[dict[str, Any]]:
+    """Per kernel: calls per forward, ms per call by the defaults and by the other build (the
+    shipped records, or the defaults without pass `without`), and the GEMM tile each chose."""
     from mixer_compile.backend import cpu
     from mixer_compile.compose import compose, model_tasks
     from mixer_compile.tune.database import open_union, shipped_db_dirs
@@ -69,40 +77,54 @@ def kernel_times(spec_name: str, batch: int, gelu: str, target_name: str, repeat
     spec, target = matrix_spec(spec_name, batch, gelu), get_target(target_name)
     fused = cpu.prepare(compose(spec, target, form).module, target)
     calls = {t.name: t.calls for t in model_tasks(spec, target, form)}
-    builds = {label: cpu.schedule_kernels(fused, target, db)
-              for label, db in (("defaults", None), ("shipped", open_union(shipped_db_dirs(target))))}
+    other = OTHER if without is None else "without"
+    if without is None:
+        other_fused, other_build = fused, cpu.schedule_kernels(fused, target, open_union(shipped_db_dirs(target)))
+    else:
+        with without_pass(without):
+            other_fused = cpu.prepare(compose(spec, target, form).module, target)
+        other_build = cpu.schedule_kernels(other_fused, target, None)
+    builds = {"defaults": (cpu.schedule_kernels(fused, target, None), fused), other: (other_build, other_fused)}
+    kernels = {label: [gv.name_hint for gv, func in f.functions.items() if cpu.is_kernel(func)]
+               for label, (_, f) in builds.items()}
+    if len(kernels["defaults"]) != len(kernels[other]):
+        raise SystemExit(f"without {without} the model has {len(kernels[other])} kernels, not "
+                         f"{len(kernels['defaults'])}: no pairs to time")
     rows = []
-    for gv, func in fused.functions.items():
-        if not cpu.is_kernel(func):
-            continue
-        args = random_args(func)
-        timers = {label: kernel_timer(mod[gv.name_hint], target) for label, (mod, _) in builds.items()}
+    for names in zip(*kernels.values()):
+        name = dict(zip(builds, names))
+        timers = {label: kernel_timer(mod[name[label]], target) for label, ((mod, _), _) in builds.items()}
+        args = {label: random_args(f[name[label]]) for label, (_, f) in builds.items()}
         medians = interleaved_medians(timers, args, repeat)
-        row = {"kernel": gv.name_hint, "calls": calls.get(gv.name_hint, 1)}
-        for label, (_, applied) in builds.items():
+        row = {"kernel": name["defaults"], "calls": calls.get(name["defaults"], 1)}
+        for label, ((_, applied), _) in builds.items():
             row[f"{label}_ms"] = medians[label]
-            tile = applied.gemms.get(gv.name_hint)
+            tile = applied.gemms.get(name[label])
             row[f"{label}_tile"] = f"{tile.mr}x{tile.nv}" if tile else None
-            row[f"{label}_from"] = "record" if gv.name_hint in applied.tuned else "default"
+            row[f"{label}_from"] = "record" if name[label] in applied.tuned else "default"
         rows.append(row)
     return rows
 
 
+OTHER = "shipped"  # the second build of a report, unless it is the defaults without a pass
+
+
 def markdown(report: dict[str, Any]) -> str:
-    rows = report["kernels"]
-    total = {k: sum(r[f"{k}_ms"] * r["calls"] for r in rows) for k in ("defaults", "shipped")}
+    rows, other = report["kernels"], "without" if report.get("without") else OTHER
+    title = f"without `{report['without']}`" if report.get("without") else "shipped"
+    total = {k: sum(r[f"{k}_ms"] * r["calls"] for r in rows) for k in ("defaults", other)}
     out = tvm_heading(report, f"Kernels of {report['spec']} at batch {report['batch']} ({report['gelu']} GELU)",
-                      "Each kernel built alone from the model build's schedule, defaults and shipped timed in "
+                      f"Each kernel built alone from the model build's schedule, defaults and {title} timed in "
                       f"turn, {report['repeat']} rounds, medians.") + [
-           "| kernel | calls | defaults ms | tile | shipped ms | from | tile | shipped / defaults | x calls, ms |",
+           f"| kernel | calls | defaults ms | tile | {title} ms | from | tile | {title} / defaults | x calls, ms |",
            "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         out.append(f"| {r['kernel'][:60]} | {r['calls']} | {r['defaults_ms']:.3f} | {r['defaults_tile'] or '-'} | "
-                   f"{r['shipped_ms']:.3f} | {r['shipped_from']} | {r['shipped_tile'] or '-'} | "
-                   f"{r['shipped_ms'] / r['defaults_ms']:.2f}x | "
-                   f"{(r['shipped_ms'] - r['defaults_ms']) * r['calls']:+.2f} |")
+                   f"{r[other + '_ms']:.3f} | {r[other + '_from']} | {r[other + '_tile'] or '-'} | "
+                   f"{r[other + '_ms'] / r['defaults_ms']:.2f}x | "
+                   f"{(r[other + '_ms'] - r['defaults_ms']) * r['calls']:+.2f} |")
     out += ["", f"Sum over a forward (kernels alone, calls counted): defaults {total['defaults']:.1f} ms, "
-            f"shipped {total['shipped']:.1f} ms ({total['shipped'] / total['defaults']:.3f}x)."]
+            f"{title} {total[other]:.1f} ms ({total[other] / total['defaults']:.3f}x)."]
     return "\n".join(out) + "\n"
 
 
@@ -130,12 +152,17 @@ def new_report(args: argparse.Namespace) -> dict[str, Any]:
 def main() -> int:
     ap = model_options(__doc__.splitlines()[0], batch=8, repeat=15)
     ap.add_argument("--form", choices=("matmul", "conv"), default="matmul")
+    ap.add_argument("--without", choices=list(PASSES), metavar="PASS",
+                    help="against the defaults built without PASS instead of the shipped records")
     args = ap.parse_args()
     report = new_report(args)
-    report["kernels"] = kernel_times(args.spec, args.batch, args.gelu, args.target, args.repeat, args.form)
+    report["without"] = args.without
+    report["kernels"] = kernel_times(args.spec, args.batch, args.gelu, args.target, args.repeat, args.form,
+                                     args.without)
     report["load_after"] = [round(v, 2) for v in os.getloadavg()]
     stem = f"kernels_{report['machine']['llvm_cpu']}_{Path(args.spec).stem}_b{args.batch}_{args.gelu}"
     stem += f"_{args.form}" if args.form != "matmul" else ""
+    stem += f"_without_{args.without}" if args.without else ""
     write_report(Path(args.out), stem, report, markdown(report))
     print(markdown(report))
     return 0
