@@ -5,9 +5,8 @@ Per image, the channel GEMMs of a /32 model have 49 rows: a CPU micro-kernel the
 panel of the weight from L3 once per image, for a few row tiles each, and splits its parallel
 loop over the images. Over all B*S rows, each panel is read once per call and re-read from L2 by
 every row tile, and the parallel loop splits the weight's columns (backend/gemm_space.py
-`parallel_split`). The price: where one image's rows of A stay in L2 across the panels and all
-the batch's do not (S/16's 196 x 512), they are re-read from L3 for every panel, and that model
-lost a little (README, "A batch as one GEMM"). Consecutive GEMMs (channel fc1 -> fc2) stay in rows between them: a reshape
+`parallel_split`). One model lost a little by it (S/16 at batch 8), not in its kernels but
+between them (README, "A batch as one GEMM"). Consecutive GEMMs (channel fc1 -> fc2) stay in rows between them: a reshape
 back to images is emitted only where something else reads the tensor (the residual path, the
 next LayerNorm). A batch of one has nothing to fold: the graph is left as it was. Where the
 backend's GEMM kernels take the batch as rows already (`PassContext.batch_rows` False: GPUs,
