@@ -379,15 +379,17 @@ def matrix_case(name: str, batch: int, gelu: str, target: TargetInfo, peer_names
         case["builds"][label] = {"build_s": seconds, "applied": applied[0].to_dict(),
                                  "summary": applied[0].summary()}
         print(f"  {label}: built in {seconds:.1f} s; {applied[0].summary()}", file=sys.stderr, flush=True)
+
+    def defaults(composed: Any) -> Callable[[], Any]:  # a variant of ours, default schedules only
+        executable = cpu.build(composed.module, target)
+        run = Runner(executable, tvm.cpu(), list(composed.params.values()), "this CPU").function()
+        return lambda: run(x)
+
     for dtype in dtypes:  # half-precision storage, defaults only: the same model as a user's --dtype build
-        half = compose(spec, target, dtype=dtype, weights=weights)
-        run = Runner(cpu.build(half.module, target), tvm.cpu(), list(half.params.values()), "this CPU").function()
-        fns[f"ours_{dtype}"] = lambda run=run: run(x)
+        fns[f"ours_{dtype}"] = defaults(compose(spec, target, dtype=dtype, weights=weights))
     for pass_name in without:  # the defaults without a pass (an ablation)
         with without_pass(pass_name):
-            ablated = compose(spec, target, weights=weights)
-        run = Runner(cpu.build(ablated.module, target), tvm.cpu(), list(ablated.params.values()), "this CPU").function()
-        fns[f"ours_without_{pass_name}"] = lambda run=run: run(x)
+            fns[f"ours_without_{pass_name}"] = defaults(compose(spec, target, weights=weights))
     tm = torch_mixer(spec, weights)
     xt = torch.from_numpy(x)
     fns["onnxruntime"] = onnxruntime_session(tm, x, work / f"{spec.fingerprint()}.onnx")

@@ -77,27 +77,29 @@ def kernel_times(spec_name: str, batch: int, gelu: str, target_name: str, repeat
     spec, target = matrix_spec(spec_name, batch, gelu), get_target(target_name)
     fused = cpu.prepare(compose(spec, target, form).module, target)
     calls = {t.name: t.calls for t in model_tasks(spec, target, form)}
-    other = OTHER if without is None else "without"
-    if without is None:
-        other_fused, other_build = fused, cpu.schedule_kernels(fused, target, open_union(shipped_db_dirs(target)))
+    other = second_build(without)
+    if without is None:  # the same kernels under the shipped records
+        modules, databases = {"defaults": fused, other: fused}, {other: open_union(shipped_db_dirs(target))}
     else:
         with without_pass(without):
-            other_fused = cpu.prepare(compose(spec, target, form).module, target)
-        other_build = cpu.schedule_kernels(other_fused, target, None)
-    builds = {"defaults": (cpu.schedule_kernels(fused, target, None), fused), other: (other_build, other_fused)}
+            ablated = cpu.prepare(compose(spec, target, form).module, target)
+        modules, databases = {"defaults": fused, other: ablated}, {}
+    scheduled = {label: cpu.schedule_kernels(f, target, databases.get(label)) for label, f in modules.items()}
     kernels = {label: [gv.name_hint for gv, func in f.functions.items() if cpu.is_kernel(func)]
-               for label, (_, f) in builds.items()}
+               for label, f in modules.items()}
     if len(kernels["defaults"]) != len(kernels[other]):
         raise SystemExit(f"without {without} the model has {len(kernels[other])} kernels, not "
                          f"{len(kernels['defaults'])}: no pairs to time")
     rows = []
     for names in zip(*kernels.values()):
-        name = dict(zip(builds, names))
-        timers = {label: kernel_timer(mod[name[label]], target) for label, ((mod, _), _) in builds.items()}
-        args = {label: random_args(f[name[label]]) for label, (_, f) in builds.items()}
+        name = dict(zip(modules, names))
+        timers = {label: kernel_timer(mod[name[label]], target) for label, (mod, _) in scheduled.items()}
+        # one set of inputs where both builds are of the same kernel, else each its own shapes
+        args = random_args(fused[name["defaults"]]) if without is None else \
+            {label: random_args(f[name[label]]) for label, f in modules.items()}
         medians = interleaved_medians(timers, args, repeat)
         row = {"kernel": name["defaults"], "calls": calls.get(name["defaults"], 1)}
-        for label, ((_, applied), _) in builds.items():
+        for label, (_, applied) in scheduled.items():
             row[f"{label}_ms"] = medians[label]
             tile = applied.gemms.get(name[label])
             row[f"{label}_tile"] = f"{tile.mr}x{tile.nv}" if tile else None
@@ -106,11 +108,14 @@ def kernel_times(spec_name: str, batch: int, gelu: str, target_name: str, repeat
     return rows
 
 
-OTHER = "shipped"  # the second build of a report, unless it is the defaults without a pass
+def second_build(without: str | None) -> str:
+    """The label of a report's second build (its rows' keys): the shipped records', or the
+    defaults' without a pass."""
+    return "without" if without else "shipped"
 
 
 def markdown(report: dict[str, Any]) -> str:
-    rows, other = report["kernels"], "without" if report.get("without") else OTHER
+    rows, other = report["kernels"], second_build(report.get("without"))
     title = f"without `{report['without']}`" if report.get("without") else "shipped"
     total = {k: sum(r[f"{k}_ms"] * r["calls"] for r in rows) for k in ("defaults", other)}
     out = tvm_heading(report, f"Kernels of {report['spec']} at batch {report['batch']} ({report['gelu']} GELU)",

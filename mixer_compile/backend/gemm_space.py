@@ -16,8 +16,9 @@ per-call shape (`signature`: any epilogue, any batch), the parallel split (and K
 `k_block`) recomputed for the build target. Without a record, `default_candidate` picks the
 tile by a model of the core (backend/cpu.py). An N that is no multiple of the SIMD width (a
 spec's odd D_C, the 1000-class head on AVX-512) gets the same micro-kernel, its last column
-tile predicated and peeled off at lowering (`tile_vectors`). Kernels that are not a GEMM (LayerNorm, mean) keep
-MetaSchedule's generic space when tuned, and cpu_schedules.py's rules by default.
+tile predicated and peeled off at lowering (`tile_vectors`). Kernels that are not a GEMM
+(LayerNorm, mean) keep MetaSchedule's generic space when tuned, and cpu_schedules.py's rules by
+default.
 
 Shape of the match: one block with spatial iterators (..., i, j) and one reduction k, reading
 A[..., i, k] (not indexed by j) and B[..., k, j] or its panels B[j // P, k, j % P] (j
