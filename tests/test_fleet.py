@@ -5,10 +5,10 @@ A tracker and RPC servers are started as TVM ships them (`python -m tvm.exec.rpc
 and killed in `finally` blocks. Every wait is bounded. The servers log one `load_module`
 line per candidate they measure: that is how a test knows a measurement went through RPC.
 
-MetaSchedule on this 2-core machine takes about a minute per kernel even for a handful of
-trials, so the runs are kept to the fewest kernels that still show the behaviour: the kill
-and resume cases tune a single matmul through the API, and the command line is run on the
-tiny spec only up to its first kernel.
+Every tuning process starts worker pools and a search (seconds on this 2-core machine, per
+kernel too), so the runs are kept to the fewest kernels that still show the behaviour: the
+kill and resume cases tune a single matmul through the API, and the command line is run on
+the tiny spec only up to its first kernel.
 """
 
 from __future__ import annotations

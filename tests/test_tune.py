@@ -106,6 +106,24 @@ def test_records_survive_sigkill_and_tuning_resumes(tuned: dict) -> None:
     assert len(after) <= sum(t.trials for t in tasks) + 1  # +1: a search space that ran out early
 
 
+def test_tensor_intrinsics_are_registered_and_inspect_is_left_as_it_was() -> None:
+    """What every TuneContext imports, through backend/intrinsics.py (its plain import took most
+    of a tiny tuning run): x86's and CUDA's intrinsics registered, and `inspect.getmodule`,
+    memoized while they are parsed, the standard one again afterwards."""
+    import inspect
+
+    from tvm.s_tir import TensorIntrin
+
+    from mixer_compile.backend.intrinsics import tensor_intrinsics
+
+    standard = inspect.getmodule
+    package = tensor_intrinsics()
+    assert inspect.getmodule is standard
+    assert package.__name__ == "tvm.s_tir.tensor_intrin"
+    for name in ("dot_16x4_avx512", package.cuda.WMMA_SYNC_16x16x16_f16f16f32_INTRIN):
+        assert TensorIntrin.get(name) is not None, name
+
+
 def test_compile_applies_records_and_second_compile_does_not_tune(tuned: dict, tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setenv("MIXER_COMPILE_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(tuning_db, "SCHEDULES_DIR", tmp_path / "no-schedules")

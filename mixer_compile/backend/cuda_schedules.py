@@ -15,15 +15,13 @@ the stock rule on bf16 matmuls with those names swapped in (`BF16Matmul`): same 
 thresholds (every dimension above 64), same fallback to the CUDA-core schedule. The SASS of a
 bf16 build then shows `HMMA.16816.F32.BF16` (tests/test_cuda_build.py checks it).
 
-Importing TVM's tensor intrinsics parses ~500 TVMScript functions, each calling
-`inspect.stack()`, whose per-frame `inspect.getmodule` scans all of `sys.modules`: 30-40 s
-of a CUDA build here. Memoizing `getmodule` by file name for the import brings it to ~3 s.
+The WMMA generators come from TVM's tensor intrinsics, imported through `intrinsics.py`
+(their plain import takes tens of seconds).
 """
 
 from __future__ import annotations
 
 import contextlib
-import inspect
 from typing import Any, Iterator
 
 import tvm
@@ -35,6 +33,7 @@ from tvm.s_tir.dlight.base.transform import _apply_rules, _is_scheduled
 from tvm.s_tir.dlight.gpu import matmul as dlight_matmul
 
 from mixer_compile.backend.cpu import Applied, is_kernel
+from mixer_compile.backend.intrinsics import memoized_getmodule, tensor_intrinsics
 from mixer_compile.backend.target import TargetInfo
 
 # StorageRewrite lets an fp32 accumulator's staging buffer share an fp16 operand's shared
@@ -42,28 +41,7 @@ from mixer_compile.backend.target import TargetInfo
 # nearly every fp32-accumulate tensor-core candidate of MetaSchedule fails to build (DESIGN.md 6)
 BUILD_CONFIG = {"tirx.disable_storage_rewrite": True}
 
-
-@contextlib.contextmanager
-def _memoized_getmodule() -> Iterator[None]:
-    original, cache = inspect.getmodule, {}
-
-    def getmodule(obj: Any, _filename: str | None = None) -> Any:
-        key = _filename or getattr(getattr(obj, "f_code", None), "co_filename", None)
-        if key is None:
-            return original(obj, _filename)
-        if key not in cache:
-            cache[key] = original(obj, _filename)
-        return cache[key]
-
-    inspect.getmodule = getmodule
-    try:
-        yield
-    finally:
-        inspect.getmodule = original
-
-
-with _memoized_getmodule():
-    from tvm.s_tir.tensor_intrin import cuda as intrinsics
+intrinsics = tensor_intrinsics().cuda
 
 _BF16 = {"_f16_a": "_bf16_a", "_f16_b": "_bf16_b", "f16f16": "bf16bf16"}
 _STOCK_GROUP = intrinsics.get_wmma_intrin_group
@@ -84,7 +62,7 @@ def _register_bf16_wmma() -> None:
                           *intrinsics.get_wmma_sync_intrin(16, 16, 16, "bfloat16", "float32", True), override=True)
 
 
-with _memoized_getmodule():
+with memoized_getmodule():
     _register_bf16_wmma()
 
 

@@ -30,6 +30,7 @@ from typing import Any, Callable
 from tvm.s_tir import meta_schedule as ms
 
 from mixer_compile.backend import backend_for, gemm_space
+from mixer_compile.backend.intrinsics import tensor_intrinsics
 from mixer_compile.backend.target import TargetInfo
 from mixer_compile.errors import ArtifactError, TuningError
 from mixer_compile.machine import physical_cores, use_all_cores
@@ -285,11 +286,10 @@ def _inline_builder() -> Any:
 
 def _build(mod: Any, target: Any, _params: Any = None) -> Any:
     """MetaSchedule's `default_build` (both builders' build function) without its `import
-    tvm.s_tir.tensor_intrin`: that import parses hundreds of TVMScript intrinsics, each walking
-    the call stack over every loaded module, and took 40 s in a process that has torch loaded
-    (a scheduled candidate needs none of them). Candidates build as the model build applying
-    their records does: CUDA ones under cuda_schedules.BUILD_CONFIG, CPU ones by
-    cpu_schedules.build_kernel."""
+    tvm.s_tir.tensor_intrin` (slow, see backend/intrinsics.py; a scheduled candidate needs none
+    of them, and a builder worker is a process of its own). Candidates build as the model
+    build applying their records does: CUDA ones under cuda_schedules.BUILD_CONFIG, CPU ones
+    by cpu_schedules.build_kernel."""
     import tvm
     from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
 
@@ -330,6 +330,7 @@ def _search_task(t: Task, index: int, total: int, tvm_target: Any, db: Any, say:
                  work_dir: str, pools: tuple[Any, Any, Any], rand_state: int) -> None:
     """One MetaSchedule search over the trials `t` has left; what it measures is in `db` as it goes."""
     pool, inline, runner = pools
+    tensor_intrinsics()  # a TuneContext imports them: through here it takes seconds, not a minute
     context = ms.TuneContext(mod=t.mod, target=tvm_target, space_generator=t.space, search_strategy=_search(t.trials),
                              task_name=t.name, rand_state=rand_state, num_threads="physical")
     callbacks = [*ms.measure_callback.MeasureCallback.create("default"), _progress_callback(t, index, total, clock, say)]
