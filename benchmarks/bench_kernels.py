@@ -13,6 +13,14 @@ evaluator; the two builds of a kernel are timed in turn, `--repeat` rounds, medi
 With `--without PASS` the second build is not the shipped records' but the defaults' of the
 model built without that pass (bench_cpu.py's ablation, kernel by kernel): kernels paired in
 order, each timed on inputs of its own shapes; a pass that changes the kernels' number is refused.
+
+With `--cold` the second column is the defaults again, each call timed after the caches are
+flushed of every argument but the first (TVM's `cache_flush_cpu_non_first_arg`: a GEMM's
+weights come from DRAM, its activations from cache). That is what a model pays at batch 1 when
+its weights exceed the caches, and what a kernel timed warm, its weights left in cache by the
+call before, hides.
+
+    python benchmarks/bench_kernels.py --spec mixer_s32 --batch 1 --cold
 """
 
 from __future__ import annotations
@@ -35,13 +43,17 @@ from mixer_compile.passes.pipeline import PASSES  # noqa: E402
 from mixer_compile.backend.target import get_target  # noqa: E402
 
 
-def kernel_timer(func: Any, target: Any) -> Callable[..., Any]:
-    """`func` (one scheduled kernel) built alone as the model build lowers it, and its timer."""
+def kernel_timer(func: Any, target: Any, cold: bool = False) -> Callable[..., Any]:
+    """`func` (one scheduled kernel) built alone as the model build lowers it, and its timer;
+    `cold`: 20 calls, each after the caches are flushed of all arguments but the first (the flush
+    runs once per repeat, so each repeat is one call)."""
     import tvm
 
     from mixer_compile.backend.cpu_schedules import build_kernel
 
     lib = build_kernel(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target.tvm_target())
+    if cold:
+        return lib.time_evaluator("main", tvm.cpu(), number=1, repeat=20, f_preproc="cache_flush_cpu_non_first_arg")
     return lib.time_evaluator("main", tvm.cpu(), number=1, repeat=1, min_repeat_ms=50)
 
 
@@ -67,9 +79,10 @@ def interleaved_medians(timers: dict[str, Callable[..., Any]], args: list[Any] |
 
 
 def kernel_times(spec_name: str, batch: int, gelu: str, target_name: str, repeat: int,
-                 form: str = "matmul", without: str | None = None) -> list[dict[str, Any]]:
+                 form: str = "matmul", without: str | None = None, cold: bool = False) -> list[dict[str, Any]]:
     """Per kernel: calls per forward, ms per call by the defaults and by the other build (the
-    shipped records, or the defaults without pass `without`), and the GEMM tile each chose."""
+    shipped records, the defaults without pass `without`, or the defaults timed `cold`), and the
+    GEMM tile each chose."""
     from mixer_compile.backend import cpu
     from mixer_compile.compose import compose, model_tasks
     from mixer_compile.tune.database import open_union, shipped_db_dirs
@@ -77,8 +90,10 @@ def kernel_times(spec_name: str, batch: int, gelu: str, target_name: str, repeat
     spec, target = matrix_spec(spec_name, batch, gelu), get_target(target_name)
     fused = cpu.prepare(compose(spec, target, form).module, target)
     calls = {t.name: t.calls for t in model_tasks(spec, target, form)}
-    other = second_build(without)
-    if without is None:  # the same kernels under the shipped records
+    other = second_build(without, cold)
+    if cold:  # the same kernels, the same schedules
+        modules, databases = {"defaults": fused, other: fused}, {}
+    elif without is None:  # the same kernels under the shipped records
         modules, databases = {"defaults": fused, other: fused}, {other: open_union(shipped_db_dirs(target))}
     else:
         with without_pass(without):
@@ -93,7 +108,8 @@ def kernel_times(spec_name: str, batch: int, gelu: str, target_name: str, repeat
     rows = []
     for names in zip(*kernels.values()):
         name = dict(zip(modules, names))
-        timers = {label: kernel_timer(mod[name[label]], target) for label, (mod, _) in scheduled.items()}
+        timers = {label: kernel_timer(mod[name[label]], target, cold=label == "cold")
+                  for label, (mod, _) in scheduled.items()}
         # one set of inputs where both builds are of the same kernel, else each its own shapes
         args = random_args(fused[name["defaults"]]) if without is None else \
             {label: random_args(f[name[label]]) for label, f in modules.items()}
@@ -108,15 +124,15 @@ def kernel_times(spec_name: str, batch: int, gelu: str, target_name: str, repeat
     return rows
 
 
-def second_build(without: str | None) -> str:
-    """The label of a report's second build (its rows' keys): the shipped records', or the
-    defaults' without a pass."""
-    return "without" if without else "shipped"
+def second_build(without: str | None, cold: bool = False) -> str:
+    """The label of a report's second build (its rows' keys): the shipped records', the
+    defaults' without a pass, or the defaults' timed with cold caches."""
+    return "cold" if cold else "without" if without else "shipped"
 
 
 def markdown(report: dict[str, Any]) -> str:
-    rows, other = report["kernels"], second_build(report.get("without"))
-    title = f"without `{report['without']}`" if report.get("without") else "shipped"
+    rows, other = report["kernels"], second_build(report.get("without"), report.get("cold", False))
+    title = {"cold": "cold caches", "without": f"without `{report.get('without')}`"}.get(other, "shipped")
     total = {k: sum(r[f"{k}_ms"] * r["calls"] for r in rows) for k in ("defaults", other)}
     out = tvm_heading(report, f"Kernels of {report['spec']} at batch {report['batch']} ({report['gelu']} GELU)",
                       f"Each kernel built alone from the model build's schedule, defaults and {title} timed in "
@@ -157,17 +173,20 @@ def new_report(args: argparse.Namespace) -> dict[str, Any]:
 def main() -> int:
     ap = model_options(__doc__.splitlines()[0], batch=8, repeat=15)
     ap.add_argument("--form", choices=("matmul", "conv"), default="matmul")
-    ap.add_argument("--without", choices=list(PASSES), metavar="PASS",
-                    help="against the defaults built without PASS instead of the shipped records")
+    second = ap.add_mutually_exclusive_group()
+    second.add_argument("--without", choices=list(PASSES), metavar="PASS",
+                        help="against the defaults built without PASS instead of the shipped records")
+    second.add_argument("--cold", action="store_true",
+                        help="against the defaults timed with the weights flushed from the caches before each call")
     args = ap.parse_args()
     report = new_report(args)
-    report["without"] = args.without
+    report["without"], report["cold"] = args.without, args.cold
     report["kernels"] = kernel_times(args.spec, args.batch, args.gelu, args.target, args.repeat, args.form,
-                                     args.without)
+                                     args.without, args.cold)
     report["load_after"] = [round(v, 2) for v in os.getloadavg()]
     stem = f"kernels_{report['machine']['llvm_cpu']}_{Path(args.spec).stem}_b{args.batch}_{args.gelu}"
     stem += f"_{args.form}" if args.form != "matmul" else ""
-    stem += f"_without_{args.without}" if args.without else ""
+    stem += f"_without_{args.without}" if args.without else "_cold" if args.cold else ""
     write_report(Path(args.out), stem, report, markdown(report))
     print(markdown(report))
     return 0
