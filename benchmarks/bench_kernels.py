@@ -91,10 +91,9 @@ def kernel_times(spec_name: str, batch: int, gelu: str, target_name: str, repeat
     fused = cpu.prepare(compose(spec, target, form).module, target)
     calls = {t.name: t.calls for t in model_tasks(spec, target, form)}
     other = second_build(without, cold)
-    if cold:  # the same kernels, the same schedules
-        modules, databases = {"defaults": fused, other: fused}, {}
-    elif without is None:  # the same kernels under the shipped records
-        modules, databases = {"defaults": fused, other: fused}, {other: open_union(shipped_db_dirs(target))}
+    if without is None:  # the same kernels: under the shipped records, or the defaults again (cold)
+        modules = {"defaults": fused, other: fused}
+        databases = {} if cold else {other: open_union(shipped_db_dirs(target))}
     else:
         with without_pass(without):
             ablated = cpu.prepare(compose(spec, target, form).module, target)

@@ -330,7 +330,6 @@ def _search_task(t: Task, index: int, total: int, tvm_target: Any, db: Any, say:
                  work_dir: str, pools: tuple[Any, Any, Any], rand_state: int) -> None:
     """One MetaSchedule search over the trials `t` has left; what it measures is in `db` as it goes."""
     pool, inline, runner = pools
-    tensor_intrinsics()  # a TuneContext imports them: through here it takes seconds, not a minute
     context = ms.TuneContext(mod=t.mod, target=tvm_target, space_generator=t.space, search_strategy=_search(t.trials),
                              task_name=t.name, rand_state=rand_state, num_threads="physical")
     callbacks = [*ms.measure_callback.MeasureCallback.create("default"), _progress_callback(t, index, total, clock, say)]
@@ -345,6 +344,7 @@ def _tune_tasks(todo: list[Task], tasks: list[Task], tvm_target: Any, db: Any, s
                 interrupt: StopOnInterrupt, pools: tuple[Any, Any, Any]) -> int:
     clock: dict[str, Any] = {"start": time.perf_counter(), "measured": 0, "interrupt": interrupt,
                              "remaining": lambda: sum(max(0, t.trials - t.done) for t in todo)}
+    tensor_intrinsics()  # each TuneContext imports them: once here, in seconds, not a minute
     tmp = Path(tempfile.gettempdir())  # MetaSchedule's logs; a killed run's go with the next run
     with tempfile.TemporaryDirectory(prefix=claim_prefix(tmp, "mixer-compile-tune-"), dir=tmp) as work_dir:
         for t in todo:
