@@ -255,11 +255,24 @@ def built_for(report: dict[str, Any]) -> str:
     return report["target"].get("mcpu", report["machine"]["llvm_cpu"])
 
 
+def threads_phrase(machine: dict[str, Any]) -> str:
+    """'1 thread', '2 threads': a results file says how many threads ran it."""
+    return f"{machine['threads']} thread{'s' if machine['threads'] != 1 else ''}"
+
+
+def threads_suffix(machine: dict[str, Any]) -> str:
+    """'_1thread' for a result file's name when a run used fewer threads than the machine's
+    cores (TVM_NUM_THREADS), so it does not overwrite the all-cores run's file; else ''."""
+    from mixer_compile.machine import physical_cores
+
+    return "" if machine["threads"] == physical_cores() else "_" + threads_phrase(machine).replace(" ", "")
+
+
 def tvm_heading(report: dict[str, Any], title: str, method: str) -> list[str]:
     """The first lines of a results file of our kernels alone: the machine, the target, how
     they were timed, the load."""
     m = report["machine"]
-    return [f"# {title}: {m['cpu']} ({m['llvm_cpu']}), {m['threads']} threads; target `{report['target']}`", "",
+    return [f"# {title}: {m['cpu']} ({m['llvm_cpu']}), {threads_phrase(m)}; target `{report['target']}`", "",
             f"{report['date']}; TVM {m['tvm']}. {method} Load average before {report['load_before']}, after "
             f"{report['load_after']}.", ""]
 
@@ -267,7 +280,7 @@ def tvm_heading(report: dict[str, Any], title: str, method: str) -> list[str]:
 def heading(report: dict[str, Any], title: str) -> list[str]:
     """The first lines of a results file: the machine, the software, the load."""
     m = report["machine"]
-    return [f"# {title}: {m['cpu']} ({m['llvm_cpu']}), {m['threads']} threads; ours built for `{built_for(report)}`",
+    return [f"# {title}: {m['cpu']} ({m['llvm_cpu']}), {threads_phrase(m)}; ours built for `{built_for(report)}`",
             "", f"{report['date']}; torch {m['torch']}, onnxruntime {m['onnxruntime']}, TVM {m['tvm']}. Load "
             f"average before {report['load_before']}, after {report['load_after']} (a shared machine: figures move "
             f"between runs). {report['repeat']} interleaved rounds, "]

@@ -38,7 +38,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench_cpu import machine, matrix_spec, tvm_heading, without_pass, write_report  # noqa: E402
+from bench_cpu import machine, matrix_spec, threads_suffix, tvm_heading, without_pass, write_report  # noqa: E402
 from mixer_compile.passes.pipeline import PASSES  # noqa: E402
 from mixer_compile.backend.target import get_target  # noqa: E402
 
@@ -186,6 +186,7 @@ def main() -> int:
     stem = f"kernels_{report['machine']['llvm_cpu']}_{Path(args.spec).stem}_b{args.batch}_{args.gelu}"
     stem += f"_{args.form}" if args.form != "matmul" else ""
     stem += f"_without_{args.without}" if args.without else "_cold" if args.cold else ""
+    stem += threads_suffix(report["machine"])
     write_report(Path(args.out), stem, report, markdown(report))
     print(markdown(report))
     return 0

@@ -45,7 +45,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from bench_cpu import interleaved, machine, stats  # noqa: E402
+from bench_cpu import interleaved, machine, stats, threads_phrase, write_report  # noqa: E402
 
 from mixer_compile.compiler import CompileOptions, compile_model  # noqa: E402
 from mixer_compile.model.params import random_weights  # noqa: E402
@@ -127,12 +127,9 @@ def speed(args: argparse.Namespace) -> int:
               f"{row['fixed']['median_ms']:.1f} ms, onnxruntime {row['onnxruntime']['median_ms']:.1f} ms",
               file=sys.stderr)
     report["load_after"] = list(os.getloadavg())
-    stem = f"serving_{report['machine']['llvm_cpu']}_{spec.name}_{threads}thread{'s' if threads > 1 else ''}"
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out / f"{stem}.md").write_text(speed_markdown(report))
-    print(f"wrote {out / stem}.json and .md", file=sys.stderr)
+    stem = f"serving_{report['machine']['llvm_cpu']}_{spec.name}_{threads_phrase(report['machine']).replace(' ', '')}"
+    write_report(Path(args.out), stem, report, speed_markdown(report))
+    print(f"wrote {Path(args.out) / stem}.json and .md", file=sys.stderr)
     return 0
 
 

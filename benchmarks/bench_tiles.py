@@ -10,8 +10,11 @@ on random inputs, `--repeat` rounds, medians; GFLOP/s of the GEMM alone (epilogu
     python benchmarks/bench_tiles.py --spec mixer_b16 --batch 1 --out benchmarks/results
     python benchmarks/bench_tiles.py --spec mixer_l16 --tiles 14x2   # and a tile the space leaves out
     python benchmarks/bench_tiles.py --spec mixer_h14 --kernels matmul2 --k-blocks 0 512 1024 2560
-The last: the default tile alone, with K in blocks of each size given that divides K (0: no
-blocks), against the default's own (`gemm_space.k_block`).
+    TVM_NUM_THREADS=1 python benchmarks/bench_tiles.py --spec mixer_s32 --cold
+The third: the default tile alone, with K in blocks of each size given that divides K (0: no
+blocks), against the default's own (`gemm_space.k_block`). The last: on one thread, each call
+after the weights are flushed from the caches, as a batch-1 model whose weights outgrow the
+caches meets them (file name `..._cold_1thread`).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench_cpu import matrix_spec, tvm_heading, write_report  # noqa: E402
+from bench_cpu import matrix_spec, threads_suffix, tvm_heading, write_report  # noqa: E402
 from bench_kernels import interleaved_medians, kernel_timer, model_options, new_report, random_args  # noqa: E402
 from mixer_compile.backend.target import get_target  # noqa: E402
 
@@ -35,10 +38,12 @@ def _label(c: Any) -> str:
 
 
 def tile_times(spec_name: str, batch: int, gelu: str, target_name: str, repeat: int,
-               extra: list[tuple[int, int]], kernels: str = "", k_blocks: list[int] | None = None) -> list[dict[str, Any]]:
+               extra: list[tuple[int, int]], kernels: str = "", k_blocks: list[int] | None = None,
+               cold: bool = False) -> list[dict[str, Any]]:
     """Per GEMM kernel (those whose name contains `kernels`): its shape, the default tile, and
     GFLOP/s of every candidate (and of the `extra` mr x nv tiles that fit it), fastest first; or,
-    given `k_blocks`, of the default tile with K in each of those blocks."""
+    given `k_blocks`, of the default tile with K in each of those blocks. `cold`: each call with
+    the weights flushed from the caches first (bench_kernels.kernel_timer)."""
     from tvm.s_tir import Schedule
 
     from mixer_compile.backend import cpu, gemm_space
@@ -64,7 +69,7 @@ def tile_times(spec_name: str, batch: int, gelu: str, target_name: str, repeat: 
         for c in dict.fromkeys([default, *space, *filter(None, asked)]):
             scheduled = sch.copy()
             gemm_space.apply(scheduled, gemm, c, m.lanes)
-            timers[_label(c)] = kernel_timer(scheduled.mod["main"], target)
+            timers[_label(c)] = kernel_timer(scheduled.mod["main"], target, cold)
         medians = interleaved_medians(timers, random_args(func), repeat)
         gflop = 2 * gemm.batch * gemm.m * gemm.n * gemm.k / 1e9
         ranked = sorted(medians, key=medians.get)
@@ -82,6 +87,7 @@ def markdown(report: dict[str, Any]) -> str:
         what = (f"Every candidate of `gemm_space.candidates`, the default (*) and the tiles asked for "
                 f"({', '.join(report['tiles']) or 'none'})")
     kernels = f", kernels matching `{report['kernels']}`" if report.get("kernels") else ""
+    kernels += ", each call with the weights flushed from the caches first (cold)" if report.get("cold") else ""
     out = tvm_heading(report, f"GEMM tiles of {report['spec']} at batch {report['batch']} ({report['gelu']} GELU)",
                       f"{what}{kernels}, each kernel built alone and timed in turn, "
                       f"{report['repeat']} rounds, medians; GFLOP/s of the GEMM alone.") + [
@@ -103,14 +109,18 @@ def main() -> int:
     ap.add_argument("--kernels", default="", help="only the kernels whose name contains this (e.g. matmul2)")
     ap.add_argument("--k-blocks", nargs="*", type=int, metavar="KC",
                     help="time the default tile with K in these blocks instead of the candidates (0: no blocks)")
+    ap.add_argument("--cold", action="store_true",
+                    help="each call with the weights flushed from the caches first, as a batch-1 model runs them")
     args = ap.parse_args()
-    report = {**new_report(args), "tiles": args.tiles, "kernels": args.kernels, "k_blocks": args.k_blocks}
+    report = {**new_report(args), "tiles": args.tiles, "kernels": args.kernels, "k_blocks": args.k_blocks,
+              "cold": args.cold}
     extra = [tuple(int(v) for v in t.lower().split("x")) for t in args.tiles]
     report["gemms"] = tile_times(args.spec, args.batch, args.gelu, args.target, args.repeat, extra,
-                                 args.kernels, args.k_blocks)
+                                 args.kernels, args.k_blocks, args.cold)
     report["load_after"] = [round(v, 2) for v in os.getloadavg()]
     study = "kblocks" if args.k_blocks is not None else "tiles"
     stem = f"{study}_{report['machine']['llvm_cpu']}_{Path(args.spec).stem}_b{args.batch}_{args.gelu}"
+    stem += ("_cold" if args.cold else "") + threads_suffix(report["machine"])
     write_report(Path(args.out), stem, report, markdown(report))
     print(markdown(report))
     return 0
