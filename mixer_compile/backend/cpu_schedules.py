@@ -326,8 +326,9 @@ def _likely_terms(predicate: Any) -> Any:
 def build_kernel(mod: tvm.IRModule, target: Any) -> Any:
     """One scheduled kernel built as the model build lowers it (`likely_guards`, `BUILD_CONFIG`):
     tuning's candidates and the benchmarks' kernels timed alone. Built without them, a tile with
-    a predicated last row or column tile kept its guard in every k loop and timed up to 9x
-    slower than in the model (benchmarks/results/tiles_emeraldrapids_odd_c100_b3_tanh_before.md)."""
+    a predicated last row or column tile kept its guard in every k loop and timed far slower
+    than in the model, so tuning ranked it wrongly
+    (benchmarks/results/tiles_emeraldrapids_odd_c100_b3_tanh_before.md)."""
     mod = likely_guards(Schedule(mod)).mod
     with tvm.transform.PassContext(config=BUILD_CONFIG):
         return tvm.tirx.build(mod, target=target)

@@ -1,11 +1,11 @@
 """Hand-written design spaces for the Mixer's GEMM kernels on x86 CPUs.
 
-MetaSchedule's generic multi-level tiling plateaus at 90-170 GFLOP/s on the Mixer's GEMMs
-here; ONNX Runtime's MLAS kernels reach ~460. The gap is the register micro-kernel: a
-`mr x nr` block of C held in vector registers across the whole K loop, one broadcast of A
-and `nr / lanes` vector loads of B per k, `mr * nr / lanes` FMAs. That loop nest, written
-once here, compiles (LLVM) to exactly that inner loop and reaches ~500 GFLOP/s on one
-196x768x3072 fc1 + GELU on this 2-core machine.
+MetaSchedule's generic multi-level tiling plateaus far below ONNX Runtime's MLAS kernels on
+the Mixer's GEMMs. The gap is the register micro-kernel: a `mr x nr` block of C held in
+vector registers across the whole K loop, one broadcast of A and `nr / lanes` vector loads
+of B per k, `mr * nr / lanes` FMAs. That loop nest, written once here, compiles (LLVM) to
+exactly that inner loop, which the tuning space of MetaSchedule's generic rules does not
+reach (benchmarks/bench_tiles.py times every tile of a model's GEMMs).
 
 Every candidate is a fixed loop nest (no random decisions): micro-kernel shape and loop
 order (the `Decision`, which belongs to the machine's registers and caches) and the parallel
@@ -170,8 +170,8 @@ def parallel_split(gemm: Gemm, mr: int, nv: int, lanes: int, cores: int) -> tupl
     E >= 8 x cores), N split before M (each core then streams only its share of the weights).
     A kernel with fewer tiles than that gets its most balanced split. With a column tail
     (`column_tail`) the parallel loop is N's column tiles, one task each: LoopPartition then
-    peels the last one off (with several column tiles per task their k loops kept the guard,
-    and odd_dc750's GEMMs ran 1.2-1.4x slower: tiles_emeraldrapids_odd_dc750_b1_tanh*.md)."""
+    peels the last one off (with several column tiles per task their k loops kept the guard
+    and odd_dc750's GEMMs ran slower: tiles_emeraldrapids_odd_dc750_b1_tanh*.md)."""
     col_blocks, row_blocks = -(-gemm.n // (nv * lanes)), -(-gemm.m // mr)
     if column_tail(gemm, nv, lanes):
         return col_blocks, 1
@@ -273,9 +273,8 @@ def k_block(gemm: Gemm, nv: int, lanes: int) -> int:
     a prime K), C's tile stored and reloaded between them, the epilogue after the last. Only
     with B's panel outside the row tiles (`c_outer`), the order the blocks belong to. H/14's and
     L/16's channel fc2 (K = 5120 and 4096: 1.3 and 1 MB panels of 6 x 4 tiles) run in blocks of
-    1024. On an Emerald Rapids, whose 2 MB of L2 still holds those panels, that measured
-    0.99-1.06x, and blocking B/16's fc2 (a 590 KB panel, left whole) 0.99-1.00x
-    (benchmarks/results/kblocks_emeraldrapids_*.md)."""
+    1024. The bound is the smallest L2 this targets: where L2 still holds a panel (2 MB on
+    Intel's), the blocks neither gain nor lose (benchmarks/results/kblocks_emeraldrapids_*.md)."""
     row = nv * lanes * 4  # bytes of one row of the panel
     if gemm.k * row <= L2_BYTES * 3 // 4:
         return 0

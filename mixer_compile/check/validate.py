@@ -28,8 +28,8 @@ from mixer_compile.model.spec import MixerSpec
 FP32_TOLERANCE = 1e-4
 # Image i's logits depend on image i alone, so the reference runs on the first few images of
 # the batch: a layout or batch-mixing bug still shows (the others are different random images),
-# and the float64 pass of Mixer-B/16 at batch 256 (298 s on an H100 machine's 16 cores) shrinks
-# 32-fold.
+# and the float64 pass over a GPU benchmark's batch of 256 (minutes of CPU for Mixer-B/16)
+# shrinks 32-fold.
 REFERENCE_IMAGES = 8
 TOLERANCES = {"float32": FP32_TOLERANCE, "float16": 1e-2, "bfloat16": 1e-2}
 

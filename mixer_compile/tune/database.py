@@ -75,7 +75,7 @@ def shipped_db_dirs(target: TargetInfo) -> list[Path]:
     the target CPU also has, the richest first. Schedules are target-independent TIR
     transformations, so records tuned for a compatible CPU apply and compile for this one; but
     a schedule shaped for another vector width is no schedule for this one (AVX2-tuned LayerNorm
-    and mean records ran 1.2x the defaults' time on an AVX-512 CPU), and a GEMM's decisions
+    and mean records ran slower than the defaults on an AVX-512 CPU), and a GEMM's decisions
     are keyed by the width anyway. Zen 4's set (its instruction sets include AMD's SSE4a) serves
     Zen 4 and 5, not Intel's AVX-512 CPUs, where the defaults ran faster than its records
     (benchmarks/results/cpu_matrix_emeraldrapids_avx512_model.md)."""

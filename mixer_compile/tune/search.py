@@ -319,7 +319,8 @@ def _worker_pools(tvm_target: Any, runner: Any) -> tuple[Any, Any, Any]:
     # a candidate whose build takes longer than 90 s is a pathological unrolling anyway.
     # Candidates are timed warm (MetaSchedule's default): flushing the caches before each run
     # (enable_cpu_cache_flush, to mimic weights arriving from DRAM) picked records that made
-    # Mixer-B/16 batch 1 slower in the model, 70-77 ms against 61-63 ms in an A/B run here.
+    # Mixer-B/16 batch 1 slower in the model, in an A/B run: a flushed run's time is mostly the
+    # weights' stream, the same for every candidate, so the noise picked the record.
     pool = ms.builder.LocalBuilder(max_workers=int(tvm_target.attrs.get("num-cores") or physical_cores()),
                                    timeout_sec=90, f_build=_build, initializer=ignore_sigint)
     inline = _inline_builder()
