@@ -326,9 +326,9 @@ def test_records_transfer_across_epilogues_and_batches(tiny_spec, no_records) ->
 
 
 def test_a_kernels_own_record_wins_over_a_faster_one_of_another_epilogue(tiny_spec, no_records) -> None:
-    """The best tile can differ with the epilogue (README, "A record of another epilogue"): the
-    erf model's fc1 takes its own record's tile where the tanh model's record of the same shape
-    measured faster, and the tanh model keeps its own."""
+    """The best tile can differ with the epilogue (benchmarks/README.md, "A record of another
+    epilogue"): the erf model's fc1 takes its own record's tile where the tanh model's record
+    of the same shape measured faster, and the tanh model keeps its own."""
     target = get_target("llvm")
     m = cpu.machine(target)
     db, fast = _record_db(tiny_spec.replace(gelu="tanh"), target, lambda gemm, cands: cands[0], secs=1e-6)

@@ -103,7 +103,8 @@ def _inline_elementwise(sch: Schedule, keep: set[str]) -> None:
 
 # vectors per innermost chunk of a spatial nest: a gather (the patchify's reshape-transpose, a
 # channel in every third float) computes each lane's address with divisions, which LLVM shares
-# across a chunk; with one vector per chunk the tuner's records beat the default (README)
+# across a chunk; with one vector per chunk the tuner's records beat the default
+# (benchmarks/README.md, "What makes the CPU code fast")
 SPATIAL_VECTORS = 8
 
 
@@ -288,9 +289,10 @@ def likely_guards(sch: Schedule) -> Schedule:
     guards the block inside the innermost loops: a GEMM whose micro-tile's rows do not divide
     M (5 x 2 on the 49 tokens of the /32 presets) tested the last tile's rows at every k, and
     LLVM kept that branch in every tile's k loop, the guarded row's accumulators spilled to the
-    stack (README, "Row tiles that do not divide M"). Marked likely, LoopPartition (`BUILD_CONFIG`) peels the last tile
-    off: the full tiles run without a branch. The predicates are only rewritten, so the
-    schedule's trace no longer replays to this module: call it on what gets built."""
+    stack (benchmarks/README.md, "Row tiles that do not divide M"). Marked likely,
+    LoopPartition (`BUILD_CONFIG`) peels the last tile off: the full tiles run without a
+    branch. The predicates are only rewritten, so the schedule's trace no longer replays to
+    this module: call it on what gets built."""
     from tvm.s_tir.stmt import SBlockRealize
     from tvm.tirx import For, SeqStmt
 

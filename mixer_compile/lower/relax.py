@@ -77,9 +77,9 @@ def _widened(weight: te.Tensor, dtype: str) -> te.Tensor:
     """A half-precision weight read as `dtype` through a stage of its own. Converted inside the
     product, each element is re-converted at every use: for every row tile of a micro-kernel
     (a right product's B panel) or every column tile (a left product's broadcast A), which made
-    half-weight CPU builds slower than float32 ones (README, "Half precision on a CPU"). As a
-    stage, the CPU schedule converts each panel once into cache, or the whole (small) token
-    weight once per call (backend/gemm_space.py `apply`)."""
+    half-weight CPU builds slower than float32 ones (benchmarks/README.md, "Half precision on
+    a CPU"). As a stage, the CPU schedule converts each panel once into cache, or the whole
+    (small) token weight once per call (backend/gemm_space.py `apply`)."""
     if weight.dtype == dtype:
         return weight
     return te.compute(weight.shape, lambda *i: weight(*i).astype(dtype), name="widen")
