@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import difflib
 import os
 import signal
 import sys
@@ -430,7 +431,13 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or (argv[0] not in SUBCOMMANDS and argv[0] not in ("-h", "--help")):
+    if argv and not argv[0].startswith("-") and argv[0] not in SUBCOMMANDS:
+        # compile, the default command, takes no positional argument: a word here is a mistyped command
+        near = difflib.get_close_matches(argv[0], SUBCOMMANDS, n=1)
+        print(f"error: unknown command '{argv[0]}'; " + (f"did you mean '{near[0]}'?" if near else
+              f"the commands are {', '.join(SUBCOMMANDS)} (see `mixer-compile --help`)"), file=sys.stderr)
+        return 2
+    if not argv or argv[0] not in (*SUBCOMMANDS, "-h", "--help"):
         argv.insert(0, "compile")
     args = parser().parse_args(argv)
     warnings.formatwarning = lambda message, *_, **__: f"warning: {message}\n"
@@ -440,6 +447,9 @@ def main(argv: list[str] | None = None) -> int:
         except MixerCompileError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
+        except BrokenPipeError:  # the reader went away (`mixer-compile specs | head -1`): stop quietly, as cat does
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more to flush at exit
+            return 141
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)
             return 130

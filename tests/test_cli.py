@@ -55,7 +55,23 @@ def test_specs_show_targets():
     assert code == 0 and "llvm" in out and "znver4" in out
 
 
+def test_a_closed_pipe_ends_quietly():
+    """`mixer-compile show ... | head -1`: the reader goes away mid-output, no traceback. (H/14's
+    conv form prints ~130 KB, twice a pipe's buffer: the writer is still writing when it closes.)"""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "mixer_compile.cli", "show", "--spec", "mixer_h14", "--form", "conv"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout.readline().startswith(b"// token_mixing_as_conv: ")
+    proc.stdout.close()  # as `head -1` does
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141 and err == "", err
+
+
 def test_user_errors_are_one_line(tmp_path, tiny_toml):
+    assert_one_line_error(["resize", "x"], "error: unknown command 'resize'; did you mean 'resize-weights'?")
+    assert_one_line_error(["frobnicate"], "error: unknown command 'frobnicate'; the commands are compile, specs,")
     assert_one_line_error(["--spec", "mixer_b17"], "unknown preset 'mixer_b17'; did you mean 'mixer_b16'?")
     bad = tmp_path / "bad.toml"
     bad.write_text(TINY_TOML.replace("image_size = 32", "image_size = 36"))

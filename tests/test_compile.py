@@ -130,6 +130,15 @@ def test_rebuild_replaces_artifact_atomically(tmp_path, tiny_spec):
     with pytest.raises(ArtifactError, match="exists and is not a mixer-compile artifact"):
         _compile(tiny_spec, tmp_path / "other")
     assert (tmp_path / "other" / "notes.txt").read_text() == "mine"
+    (tmp_path / "other" / "metadata.json").write_text('{"name": "another tool"}')  # not ours either
+    with pytest.raises(ArtifactError, match="exists and is not a mixer-compile artifact"):
+        _compile(tiny_spec, tmp_path / "other")
+    (tmp_path / "art" / "notes.txt").write_text("mine")  # a user's file inside an artifact: the swap would delete it
+    with pytest.raises(ArtifactError, match=r"'.*art' holds files that are not part of an artifact \(notes.txt\), "
+                                            r"which replacing it would delete; move them out or choose another"):
+        _compile(tiny_spec, tmp_path / "art", seed=3)
+    assert (tmp_path / "art" / "notes.txt").read_text() == "mine"
+    assert json.loads((tmp_path / "art" / "metadata.json").read_text())["weights"]["seed"] == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["art", "other"]
 
 

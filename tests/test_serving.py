@@ -110,7 +110,8 @@ def test_damaged_batch_record_is_refused(wide, tmp_path):
     meta = json.loads((copy / "metadata.json").read_text())
     meta["batch"]["entries"] = [2, 4, 5]  # batch 1 could not be made
     (copy / "metadata.json").write_text(json.dumps(meta))
-    with pytest.raises(ArtifactError, match="batch.entries"):
+    with pytest.raises(ArtifactError, match=r"field 'batch\.entries' must be ascending batch sizes from 1 to \d+, "
+                                            r"got \[2, 4, 5\]; the file was edited or damaged, rebuild the artifact"):
         runtime.load(copy)
 
 

@@ -77,6 +77,11 @@ def test_unknown_preset_and_missing_keys(tmp_path):
     bad.write_text("patch_size = [")
     with pytest.raises(SpecError, match="is not valid TOML"):
         load_spec(bad)
+    huge = tmp_path / "huge.json"  # Python refuses to parse an integer of over 4300 digits
+    huge.write_text('{"base": "mixer_s32", "num_classes": ' + "9" * 5000 + "}")
+    with pytest.raises(SpecError, match=r"^spec file '.*huge.json' is not valid JSON: Exceeds the limit \(4300 "
+                                        r"digits\) for integer string conversion: value has 5000 digits$"):
+        load_spec(huge)
 
 
 def test_fingerprint_names_shape_batch_and_gelu():

@@ -10,6 +10,7 @@ renames. Runtime-side: it imports nothing of the compiler.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -17,7 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from mixer_compile.artifact.format import METADATA
+from mixer_compile.artifact.format import LIBRARY, METADATA, WEIGHTS
 from mixer_compile.errors import ArtifactError
 from mixer_compile.util.locking import exclusive
 from mixer_compile.util.temps import claim_prefix, short
@@ -36,11 +37,33 @@ def _temp_dir_beside(out: Path) -> Path:
     return tmp
 
 
+def _is_our_metadata(path: Path) -> bool:
+    """Whether `path` is a metadata file some version of mixer-compile wrote (an older schema
+    is replaced by a rebuild, so only the marker field is asked for)."""
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError, RecursionError):
+        return False
+    return isinstance(meta, dict) and "format_version" in meta
+
+
 def refuse_foreign(out: Path) -> None:
-    """Refuses a destination that holds something other than an artifact (it would be replaced)."""
-    if out.exists() and (not out.is_dir() or not (out / METADATA).is_file() and any(out.iterdir())):
-        raise ArtifactError(f"'{out}' exists and is not a mixer-compile artifact; "
-                            "choose another output directory")
+    """Refuses a destination that holds anything but an artifact: the swap replaces the whole
+    directory, so a user's file in it (notes, calibration data, another tool's metadata.json)
+    would be deleted with the old artifact."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise ArtifactError(f"'{out}' exists and is not a directory; choose another output directory")
+    entries = {p.name for p in out.iterdir()}
+    if not entries:
+        return
+    if METADATA not in entries or not _is_our_metadata(out / METADATA):
+        raise ArtifactError(f"'{out}' exists and is not a mixer-compile artifact; choose another output directory")
+    others = sorted(entries - {LIBRARY, WEIGHTS, METADATA})
+    if others:
+        raise ArtifactError(f"'{out}' holds files that are not part of an artifact ({', '.join(others)[:200]}), "
+                            "which replacing it would delete; move them out or choose another output directory")
 
 
 def _swap_into_place(tmp: Path, out: Path) -> None:

@@ -224,9 +224,9 @@ def load_spec(name_or_path: str | Path, **overrides: Any) -> MixerSpec:
             data = tomllib.loads(raw) if path.suffix.lower() == ".toml" else json.loads(raw)
         except OSError as exc:
             raise SpecError(f"cannot read spec file '{path}': {exc.strerror or exc}") from None
-        except (tomllib.TOMLDecodeError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        except ValueError as exc:  # bad syntax, bad UTF-8, an integer of thousands of digits
             raise SpecError(f"spec file '{path}' is not valid {path.suffix[1:].upper()}: "
-                            f"{str(exc).splitlines()[0]}") from None
+                            f"{str(exc).splitlines()[0].split(';')[0]}") from None  # not Python's advice after ';'
         except RecursionError:  # both parsers recurse per nesting level
             raise SpecError(f"spec file '{path}' is nested too deeply to be a spec") from None
         if not isinstance(data, dict):
