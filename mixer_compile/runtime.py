@@ -185,7 +185,7 @@ class CompiledMixer:
             return seen is not None  # gone for an instant after being there
 
     def _check_files(self) -> None:
-        sizes = self.metadata.file_sizes
+        sizes = self.metadata.file_sizes or {}  # null in an edited file: the digests still guard
         for name, digest in self.metadata.files.items():
             f = self.path / name
             if not f.is_file():

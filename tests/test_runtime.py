@@ -352,6 +352,10 @@ def test_damaged_files_are_refused_by_message(copy, name):
     with pytest.raises(ArtifactError, match=rf"{name} does not match the SHA-256 recorded in metadata.json "
                                             r"\(altered, or from another build\)"):
         runtime.load(copy)
+    meta = json.loads((copy / "metadata.json").read_text())
+    (copy / "metadata.json").write_text(json.dumps({**meta, "file_sizes": None}))  # sizes lost: the digests still check
+    with pytest.raises(ArtifactError, match=rf"{name} does not match the SHA-256 recorded in metadata.json"):
+        runtime.load(copy)
     f.unlink()
     with pytest.raises(ArtifactError, match=rf"is incomplete: {name} is missing"):
         runtime.load(copy)
