@@ -1,12 +1,16 @@
 """Checkpoint loading: official .npz and timm .pth/.safetensors, written by the tests."""
 
+import re
+
 import numpy as np
 import pytest
 import torch
 from safetensors.numpy import save_file
+from safetensors.torch import save_file as save_torch_file
 
 from mixer_compile.errors import WeightsError
 from mixer_compile.frontends import load_weights
+from mixer_compile.frontends.torch_module import checkpoint_spec
 from mixer_compile.model.params import expected_shapes, random_weights
 from mixer_compile.frontends.timm import to_state_dict
 
@@ -119,3 +123,111 @@ def test_integer_tensor_in_pth_is_refused_like_npz(tmp_path, tiny_spec):
     torch.save(state, tmp_path / "int.pth")
     with pytest.raises(WeightsError, match="'head/bias' has dtype int64; expected floating point"):
         load_weights(tmp_path / "int.pth", tiny_spec)
+
+
+def _exactly(message):
+    """A `match=` pattern for the whole error message, literally."""
+    return "^" + re.escape(message) + "$"
+
+
+def _state(spec, dtype=torch.float32):
+    """A timm state dict of tensors of `dtype`."""
+    return {k: torch.from_numpy(v).to(dtype) for k, v in to_state_dict(random_weights(spec)).items()}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float8_e4m3fn])
+def test_low_precision_safetensors_load_as_float32(tmp_path, tiny_spec, dtype):
+    state = _state(tiny_spec, dtype)
+    path = tmp_path / "low.safetensors"
+    save_torch_file(state, str(path))
+    loaded, _ = load_weights(path, tiny_spec)
+    back = to_state_dict(loaded)
+    for k, v in state.items():
+        assert back[k].dtype == np.float32, k
+        np.testing.assert_array_equal(back[k], v.float().numpy(), err_msg=k)
+    assert checkpoint_spec(path).hidden_dim == tiny_spec.hidden_dim  # without a spec too
+
+
+def test_unreadable_float_dtype_is_named(tmp_path, tiny_spec):
+    state = _state(tiny_spec)
+    state["head.bias"] = torch.zeros(16, dtype=torch.uint8).view(torch.float4_e2m1fn_x2)
+    path = tmp_path / "f4.safetensors"
+    save_torch_file(state, str(path))
+    with pytest.raises(WeightsError, match=_exactly(
+            f"weights in {path}: 'head.bias' has dtype float4_e2m1fn_x2, which cannot be read as float32; "
+            "save the weights in float32, float16 or bfloat16")):
+        load_weights(path, tiny_spec)
+
+
+@pytest.mark.parametrize("key, shape, expected", [
+    ("stem/kernel", (8, 3, 32), "4-D conv kernel"),
+    ("MixerBlock_0/token_mixing/Dense_0/kernel", (16,), "2-D matrix"),
+    ("head/kernel", (), "2-D matrix"),
+])
+def test_misranked_npz_kernel_is_named_without_spec(tmp_path, tiny_spec, key, shape, expected):
+    weights = random_weights(tiny_spec)
+    weights[key] = np.zeros(shape, np.float32)
+    path = tmp_path / "w.npz"
+    _write(path, weights)
+    message = f"weights in {path}: '{key}' has shape {shape}; expected a {expected}"
+    with pytest.raises(WeightsError, match=_exactly(message)):
+        checkpoint_spec(path)
+
+
+def _npy(path):
+    with open(path, "wb") as f:
+        np.save(f, np.zeros(3, np.float32))
+
+
+def _torchscript(path):
+    torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), path)
+
+
+def _bytes(data):
+    return lambda path: path.write_bytes(data)
+
+
+LFS = b"version https://git-lfs.github.com/spec/v1\noid sha256:4d7a2146\nsize 12345\n"
+HTML = b"<!DOCTYPE html>\n<html><head><title>Sign in</title></head></html>\n"
+NOT_CHECKPOINTS = [
+    *(pytest.param(name, _bytes(LFS), "is not a checkpoint: it is a Git LFS pointer (run `git lfs pull`)",
+                   id=f"lfs{name[1:]}") for name in ("w.pth", "w.npz", "w.safetensors")),
+    *(pytest.param(name, _bytes(HTML), "is not a checkpoint: it looks like an HTML page (a download that failed? "
+                   "download the file itself)", id=f"html{name[1:]}") for name in ("w.pth", "w.npz", "w.safetensors")),
+    pytest.param("w.pth", _torchscript, "is not a checkpoint: it is a TorchScript archive; save model.state_dict() "
+                 "with torch.save", id="torchscript.pth"),
+    pytest.param("w.npz", _npy, "is not a checkpoint: it is a single NumPy array (.npy); save the weights dict "
+                 "with np.savez", id="npy.npz"),
+    pytest.param("w.pth", _bytes(b"hello world"), "is not a torch checkpoint (it starts with b'hello world'); save "
+                 "one with torch.save(model.state_dict(), path)", id="text.pth"),
+    pytest.param("w.npz", _bytes(b"hello world"), "is not a readable .npz archive (it starts with b'hello world'); "
+                 "save one with np.savez", id="text.npz"),
+    pytest.param("w.npz", lambda p: torch.save({"x": torch.zeros(2)}, p), "is not an .npz archive of arrays: "
+                 "'w/data.pkl' is not a .npy array (a torch checkpoint? rename it to .pth)", id="torch.npz"),
+]
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit.script
+@pytest.mark.parametrize("name, write, message", NOT_CHECKPOINTS)
+def test_files_that_are_not_checkpoints_say_what_they_are(tmp_path, tiny_spec, name, write, message):
+    path = tmp_path / name
+    write(path)
+    with pytest.raises(WeightsError, match=_exactly(f"weights file '{path}' {message}")):
+        load_weights(path, tiny_spec)
+
+
+@pytest.mark.filterwarnings("ignore:torch.quantize_per_tensor")
+@pytest.mark.parametrize("change, problem", [
+    (lambda t: torch.quantize_per_tensor(t, 0.1, 0, torch.qint8), "a quantized tensor (qint8); save dense float "
+                                                                  "weights (tensor.dequantize())"),
+    (lambda t: t.to_sparse(), "a sparse tensor (sparse_coo); save dense float weights (tensor.to_dense())"),
+    (lambda t: t.to("meta"), "a meta tensor, with no data; save dense float weights (those of a model whose "
+                             "weights are loaded)"),
+])
+def test_non_dense_tensors_are_refused_by_key(tmp_path, tiny_spec, change, problem):
+    state = _state(tiny_spec)
+    state["head.weight"] = change(state["head.weight"])
+    path = tmp_path / "w.pth"
+    torch.save(state, path)
+    with pytest.raises(WeightsError, match=_exactly(f"weights in {path}: 'head.weight' is {problem}")):
+        load_weights(path, tiny_spec)

@@ -9,8 +9,11 @@ whole (spec and weights) by onnx_import.py.
 
 from __future__ import annotations
 
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 from mixer_compile.errors import WeightsError
 from mixer_compile.model.params import Weights, check_weights, random_weights
@@ -37,7 +40,57 @@ def read_checkpoint(path: str | Path) -> tuple[Weights, str]:
     if not path.is_file():
         raise WeightsError(f"weights file '{path}' " + ("is not a file" if path.exists() else "does not exist"))
     origin = checkpoint_format(path)
+    _refuse_non_checkpoint(path)
     return (npz.read if origin == "jax" else timm.read)(path), origin
+
+
+# What each format's files start with; a file that starts otherwise is not one, whatever its reader
+# would guess (torch's reads any bytes as a pickle, NumPy's any non-zip as a pickled object).
+_TORCH = ("a torch checkpoint", (b"PK", b"\x80"), "save one with torch.save(model.state_dict(), path)")
+_SIGNATURES = {".npz": ("a readable .npz archive", (b"PK",), "save one with np.savez"),
+               ".pth": _TORCH, ".pt": _TORCH, ".bin": _TORCH}
+
+
+def _refuse_non_checkpoint(path: Path) -> None:
+    """Refuses, by its first bytes, a file that is no checkpoint at all (a Git LFS pointer, a
+    web page saved by a failed download, a TorchScript archive, text), saying what it is and what
+    to do: the format readers would report these as a pickle, a truncated file or worse."""
+    with open(path, "rb") as f:
+        head = f.read(512)
+    if head.startswith(b"version https://git-lfs"):
+        what = "it is a Git LFS pointer (run `git lfs pull`)"
+    elif head.lstrip().lower().startswith((b"<!doctype html", b"<html")):
+        what = "it looks like an HTML page (a download that failed? download the file itself)"
+    elif head.startswith(b"\x93NUMPY"):
+        what = "it is a single NumPy array (.npy); save the weights dict with np.savez"
+    elif head.startswith(b"PK") and _is_torchscript(path):
+        what = "it is a TorchScript archive; save model.state_dict() with torch.save"
+    else:
+        name, starts, fix = _SIGNATURES.get(path.suffix.lower(), (None, (), None))
+        # empty files are left to the readers ("truncated"); b"ustar": the legacy .tar torch.save
+        if name and head and not head.startswith(starts) and head[257:262] != b"ustar":
+            raise WeightsError(f"weights file '{path}' is not {name} (it starts with {head[:16]!r}); {fix}")
+        return
+    raise WeightsError(f"weights file '{path}' is not a checkpoint: {what}")
+
+
+def _is_torchscript(path: Path) -> bool:
+    """Whether a zip file is a TorchScript archive (torch.jit.save), as torch itself tells."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any(name.rsplit("/", 1)[-1] == "constants.pkl" for name in archive.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return False  # a truncated zip: the reader says so
+
+
+def check_kernel_rank(name: str, value: np.ndarray, source: str, key: str | None = None) -> None:
+    """Refuses a kernel of the wrong rank as soon as it is read, before a transpose or the
+    spec read off the shapes (spec_from_weights) trips over it: the stem conv kernel is 4-D,
+    every Dense kernel 2-D. `name` is the canonical key; `key` the file's own, when it differs."""
+    rank = 4 if name == "stem/kernel" else 2 if name.endswith("/kernel") else value.ndim
+    if value.ndim != rank:
+        raise WeightsError(f"weights in {source}: '{key or name}' has shape {value.shape}; expected a "
+                           + ("4-D conv kernel" if rank == 4 else "2-D matrix"))
 
 
 def load_weights(path: str | Path, spec: MixerSpec) -> tuple[Weights, str]:

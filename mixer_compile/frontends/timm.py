@@ -7,11 +7,14 @@ JAX one, so every Dense kernel is transposed and the conv kernel permuted to HWI
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from mixer_compile.errors import WeightsError
+from mixer_compile.frontends import check_kernel_rank
 
 _BLOCK = re.compile(r"blocks\.(\d+)\.(norm1|norm2|mlp_tokens|mlp_channels)\.(?:(fc1|fc2)\.)?(weight|bias)$")
 _MLP = {"mlp_tokens": "token_mixing", "mlp_channels": "channel_mixing"}
@@ -24,16 +27,31 @@ _TOP = {
 
 
 def _read_state_dict(path: Path) -> dict[str, np.ndarray]:
-    if path.suffix.lower() == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.numpy import load_file
+    state = _load_safetensors(path) if path.suffix.lower() == ".safetensors" else _load_torch(path)
+    return to_numpy(state, str(path))
 
-        try:
-            state = load_file(str(path))
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise WeightsError(f"weights file '{path}' is not a readable safetensors file ({exc})") from None
-        # bfloat16 (common on the Hub) arrives as ml_dtypes' type, which NumPy does not call floating
-        return {k: v.astype(np.float32) if v.dtype.name == "bfloat16" else v for k, v in state.items()}
+
+def _load_safetensors(path: Path) -> dict[str, Any]:
+    """The file's tensors through safetensors' torch backend: its NumPy one cannot make
+    bfloat16 (or fp8) arrays, and torch converts those to float32 in to_numpy."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            state = {}
+            for key in f.keys():
+                try:
+                    state[key] = f.get_tensor(key)
+                except SafetensorError:  # a dtype this torch has no type for (F6_E2M3...)
+                    raise _dtype_error(key, f.get_slice(key).get_dtype(), str(path)) from None
+            return state
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise WeightsError(f"weights file '{path}' is not a readable safetensors file ({exc})") from None
+
+
+def _load_torch(path: Path) -> dict[str, Any]:
+    """The state dict of a torch.save file (also unwrapped from {"state_dict": ...} or
+    {"model": ...}), loaded with weights_only so that no pickled code runs."""
     import pickle
     import warnings
 
@@ -57,9 +75,44 @@ def _read_state_dict(path: Path) -> dict[str, np.ndarray]:
             state = state[wrapper]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise WeightsError(f"weights file '{path}' does not hold a state dict of tensors")
-    # Floating tensors become float32 (numpy has no bfloat16); anything else keeps its dtype,
-    # so an integer tensor is refused by the shared check exactly as in an .npz.
-    return {k: (v.detach().float() if v.is_floating_point() else v.detach()).numpy() for k, v in state.items()}
+    return state
+
+
+def to_numpy(state: Mapping[str, Any], source: str) -> dict[str, np.ndarray]:
+    """A state dict's torch tensors as NumPy arrays, on the CPU. Floating tensors become
+    float32 (NumPy has no bfloat16 or fp8); anything else keeps its dtype, so that an integer
+    tensor is refused by the shared check exactly as in an .npz. Tensors that are not plain
+    dense arrays (quantized, sparse, meta) are refused here, naming the key; `source` names
+    where the state dict came from."""
+    import torch
+
+    out = {}
+    for key, value in state.items():
+        if value.is_quantized:
+            problem, fix = f"a quantized tensor ({_dtype_name(value)})", "tensor.dequantize()"
+        elif value.layout != torch.strided:
+            problem, fix = f"a sparse tensor ({str(value.layout).removeprefix('torch.')})", "tensor.to_dense()"
+        elif value.is_meta:
+            problem, fix = "a meta tensor, with no data", "those of a model whose weights are loaded"
+        else:
+            problem = None
+        if problem:
+            raise WeightsError(f"weights in {source}: '{key}' is {problem}; save dense float weights ({fix})")
+        value = value.detach()
+        try:
+            out[key] = (value.float() if value.is_floating_point() else value).cpu().numpy()
+        except (TypeError, RuntimeError):  # float4_e2m1fn_x2 and other packed types torch cannot widen
+            raise _dtype_error(key, _dtype_name(value), source) from None
+    return out
+
+
+def _dtype_name(tensor: Any) -> str:
+    return str(tensor.dtype).removeprefix("torch.")
+
+
+def _dtype_error(key: str, dtype: str, source: str) -> WeightsError:
+    return WeightsError(f"weights in {source}: '{key}' has dtype {dtype}, which cannot be read as float32; "
+                        "save the weights in float32, float16 or bfloat16")
 
 
 def _first_line(exc: BaseException) -> str:
@@ -123,13 +176,11 @@ def canonical(state: dict[str, np.ndarray], path: str) -> dict[str, np.ndarray]:
         name = _canonical_key(key.removeprefix("module."))
         if name is None:
             out[key] = value
-        elif name == "stem/kernel":
-            if value.ndim != 4:
-                raise WeightsError(f"weights in {path}: '{key}' has shape {value.shape}; expected a 4-D conv kernel")
+            continue
+        check_kernel_rank(name, value, path, key)
+        if name == "stem/kernel":
             out[name] = value.transpose(2, 3, 1, 0)  # OIHW -> HWIO
         elif name.endswith("/kernel"):
-            if value.ndim != 2:
-                raise WeightsError(f"weights in {path}: '{key}' has shape {value.shape}; expected a 2-D matrix")
             out[name] = value.T
         else:
             out[name] = value

@@ -25,7 +25,7 @@ import numpy as np
 
 from mixer_compile.errors import SpecError
 from mixer_compile.frontends import InMemoryWeights, read_checkpoint
-from mixer_compile.frontends.timm import canonical
+from mixer_compile.frontends.timm import canonical, to_numpy
 from mixer_compile.model.params import Weights
 from mixer_compile.model.spec import MixerSpec
 
@@ -137,9 +137,8 @@ def read_module(module: Any, image_size: tuple[int, int] | None = None, batch: i
         size = (size, size)
     size = tuple(int(v) for v in size) if size is not None else None
 
-    state = {k: (v.detach().float() if v.is_floating_point() else v.detach()).cpu().numpy()
-             for k, v in module.state_dict().items()}
-    weights = canonical(state, f"the {name} module's state_dict")
+    source = f"the {name} module's state_dict"
+    weights = canonical(to_numpy(module.state_dict(), source), source)
     spec = spec_from_weights(weights, name, size, gelu=flavours.pop(), layer_norm_eps=epsilons.pop(), batch=batch)
     if spec.in_channels != proj.in_channels:
         _refuse("its stem's input channels disagree with its weights", name)
