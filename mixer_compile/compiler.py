@@ -2,7 +2,8 @@
 
 The CLI (`mixer-compile`) and the Python API (`mixer_compile.compile`, api.py) both call
 `compile_model`. Before any work it refuses a batch whose activations, weights and validation
-images would not fit the memory of the machine that runs them (check/memory.py). A batch range
+images would not fit the memory of the machine that runs them (check/memory.py), and an output
+directory the artifact could not be written to (`check_before_work`). A batch range
 (`CompileOptions.batches`) builds one library with an entry function per entry batch
 (artifact/format.py's BatchRange) and validates the range's smallest batch, its largest and
 an odd one between, each run as the runtime runs it (split over the entries).
@@ -75,18 +76,31 @@ class CompileResult:
     artifact: Path | None = None
 
 
-def compile_model(opts: CompileOptions, progress: Progress | None = None) -> CompileResult:
+def check_before_work(opts: CompileOptions) -> BatchRange:
+    """Refuses, in one line, a compile that is bound to fail for a reason known before any work:
+    a batch the memory cannot hold (check/memory.py), an artifact that could not be written to
+    `out_dir`, a temporary directory without room (artifact/write.py's check_writable). Callers
+    with work of their own before `compile_model` (import-onnx draws images and writes the
+    checkpoint beside the artifact) call it first, so that nothing is allocated or written for
+    a compile that would be refused. Returns the batch range it checked."""
     batches = opts.batch_range()
+    check_fits(opts.spec.replace(batch=batches.max), batches, opts.target, opts.dtype)
+    if opts.out_dir is not None:
+        from mixer_compile.artifact.write import check_writable
+
+        check_writable(opts.out_dir)
+    return batches
+
+
+def compile_model(opts: CompileOptions, progress: Progress | None = None) -> CompileResult:
+    batches = check_before_work(opts)
     spec = opts.spec.replace(batch=batches.max)
-    check_fits(spec, batches, opts.target, opts.dtype)  # before any work (even importing TVM): refuse what cannot fit
 
     import tvm
 
-    from mixer_compile.artifact.write import check_writable, write_artifact
+    from mixer_compile.artifact.write import write_artifact
     use_all_cores()  # before validation or form choice runs a kernel (machine.py)
     progress = progress or Progress((6 if opts.out_dir is not None else 5) + int(opts.choose_form))
-    if opts.out_dir is not None:
-        check_writable(opts.out_dir)
     with progress.stage("target", opts.target):
         target = get_target(opts.target)
         backend = backend_for(target)

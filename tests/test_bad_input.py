@@ -29,6 +29,7 @@ import torch
 from safetensors.numpy import save_file
 
 from mixer_compile import runtime
+from mixer_compile.backend.target import TargetInfo, get_target
 from mixer_compile.cli import main
 from mixer_compile.compiler import CompileOptions, compile_model
 from mixer_compile.errors import ArtifactError
@@ -266,6 +267,46 @@ def test_pickle_payload_refused_in_a_fresh_process(tmp_path, tiny_toml):
     line = run_cli_process(["--spec", "tiny.toml", "--weights", "w.pth", "-o", "out"], cwd=tmp_path)
     assert "was refused: it pickles objects, not only tensors" in line
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.toml", "w.pth"]
+
+
+# --- target files -------------------------------------------------------------------------
+
+TARGET_CASES = [
+    # (id, file or directory to make, its contents (None: a directory), --target, the whole error line)
+    ("mtriple-unknown-arch", "t.json", {"kind": "llvm", "num-cores": 2, "mtriple": "x86-64-linux-gnu"}, "t.json",
+     "error: target file 't.json': unknown mtriple 'x86-64-linux-gnu'; did you mean 'x86_64-linux-gnu'? "
+     "(mixer-compile builds for x86_64-linux-gnu and aarch64-linux-gnu)"),
+    ("host-mtriple-unknown-arch", "t.json",
+     {"kind": "cuda", "arch": "sm_90", "host": {"kind": "llvm", "mtriple": "arm-linux-gnueabihf"}}, "t.json",
+     "error: target file 't.json': unknown mtriple 'arm-linux-gnueabihf'; did you mean 'aarch64-linux-gnu'? "
+     "(mixer-compile builds for x86_64-linux-gnu and aarch64-linux-gnu)"),
+    ("target-file-missing", None, None, "nope.json", "error: target file 'nope.json' does not exist"),
+    ("target-file-missing-upper-case", None, None, "nope.JSON", "error: target file 'nope.JSON' does not exist"),
+    ("target-is-a-directory", "somedir", None, "somedir", "error: 'somedir' is a directory, not a target .json file"),
+]
+
+
+@pytest.mark.parametrize("name, config, target, message", [pytest.param(*c[1:], id=c[0]) for c in TARGET_CASES])
+def test_bad_target_file(tmp_path, tiny_toml, name, config, target, message):
+    """In a fresh process: an mtriple LLVM does not know crashed TVM's LLVM queries (SIGSEGV)."""
+    if config is not None:
+        (tmp_path / name).write_text(json.dumps({"target": config}))
+    elif name is not None:
+        (tmp_path / name).mkdir()
+    before = _snapshot(tmp_path)
+    assert run_cli_process(["--spec", "tiny.toml", "--target", target, "-o", "out"], cwd=tmp_path) == message
+    assert_nothing_left(tmp_path, before)
+
+
+def test_target_file_is_read_whatever_the_case_of_its_suffix_and_names_win_over_paths(tmp_path, monkeypatch):
+    """t.JSON is a target file like t.json; a directory named like a target (the -o llvm of an
+    earlier build) does not hide the target."""
+    config = {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "x86-64-v3", "num-cores": 2}
+    (tmp_path / "t.JSON").write_text(json.dumps({"target": config}))
+    (tmp_path / "avx2").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert get_target("t.JSON") == TargetInfo("t", "", config)
+    assert get_target("avx2").name == "avx2"
 
 
 # --- artifacts ----------------------------------------------------------------------------

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -15,6 +17,7 @@ from mixer_compile.check import ort
 from mixer_compile.model import reference
 from mixer_compile.cli import main
 from mixer_compile.errors import MixerCompileError, ValidationError
+from mixer_compile.tools import import_onnx as import_onnx_tool
 from mixer_compile.tools.export_onnx import export_onnx
 from mixer_compile.frontends.onnx_import import import_onnx
 from mixer_compile.model.spec import MixerSpec, load_spec
@@ -22,7 +25,7 @@ from tests.torch_model import torch_mixer
 from mixer_compile.check.validate import random_images
 from mixer_compile.frontends import load_weights
 from mixer_compile.model.params import random_weights
-from tests.helpers import rel_error
+from tests.helpers import error_line, rel_error
 
 # torch's own notices about its exporters, not about our code
 pytestmark = [pytest.mark.filterwarnings("ignore:You are using the legacy TorchScript:DeprecationWarning"),
@@ -221,3 +224,41 @@ def test_cli_import_into_a_foreign_directory_writes_nothing(spec, tmp_path, caps
     assert rc == 2 and err.splitlines()[-1] == (f"error: '{tmp_path / 'notart'}' exists and is not a mixer-compile "
                                                 "artifact; choose another output directory")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notart", "timm.onnx"]
+
+
+@pytest.mark.parametrize("block, message", [
+    ("mount", "error: '{out}' is a mount point, which an artifact cannot be swapped onto; write it into the mount, "
+              "e.g. -o {out}/model"),
+    ("spec-dir", "error: cannot write '{out}.json': it is a directory; choose another -o (the checkpoint and spec "
+                 "are written beside the artifact as art.npz and .json)")])
+def test_import_refused_by_compiles_checks_writes_nothing_beside(spec, tmp_path, capsys, monkeypatch, block, message):
+    """Compile's refusal of the output (-o a mount point), or a directory where the spec goes,
+    comes before the recognition runs and before the checkpoint and spec are written beside the
+    artifact: nothing is left behind."""
+    _torch_onnx(spec, random_weights(spec), tmp_path / "timm.onnx")
+    out = tmp_path.resolve() / "art"
+    if block == "mount":
+        out.mkdir()
+        monkeypatch.setattr(Path, "is_mount", lambda self: self == out)
+    else:
+        (tmp_path / "art.json").mkdir()
+    monkeypatch.setattr(ort, "session", lambda *a: pytest.fail("ran ONNX Runtime before compile's checks"))
+    before = sorted(p.name for p in tmp_path.iterdir())
+    line = error_line(main(["import-onnx", str(tmp_path / "timm.onnx"), "-o", str(out)]), capsys.readouterr().err)
+    assert line == message.format(out=out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_import_of_a_batch_beyond_memory_is_refused_as_compile_refuses_it(spec, tmp_path, capsys, monkeypatch):
+    """--batch 100000000 is refused by compile's memory check, in compile's words, before the
+    recognition draws its images (numpy's MemoryError for 1 TiB of them, otherwise)."""
+    _torch_onnx(spec, random_weights(spec), tmp_path / "timm.onnx")
+    (tmp_path / "timm.json").write_text(json.dumps(spec.replace(name="timm").to_dict()))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(import_onnx_tool, "random_images", lambda *a: pytest.fail("drew images before the memory check"))
+    line = error_line(main(["import-onnx", "timm.onnx", "--batch", "100000000", "-o", "x"]), capsys.readouterr().err)
+    assert re.fullmatch(r"error: batch 100000000 of timm needs about [\d,.]+ GiB of memory \(RAM\) \(weights [\d.]+ "
+                        r"GiB, activations [\d,.]+ GiB, validation [\d,.]+ GiB\) and this machine has [\d,.]+ GiB; the "
+                        r"largest batch that fits is about \d+", line), line
+    assert line == error_line(main(["--spec", "timm.json", "--batch", "100000000", "-o", "y"]), capsys.readouterr().err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["timm.json", "timm.onnx"]

@@ -30,6 +30,11 @@ TARGETS_DIR = Path(files("mixer_compile.targets"))
 PORTABLE_HOSTS = {"x86_64": {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "x86-64-v3"},
                   "aarch64": {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "generic"}}
 
+# LLVM's names (case-sensitive) for the architectures mixer-compile builds for (machine.FEATURES):
+# the first field of an `mtriple`. TVM's LLVM queries crash the process (SIGSEGV) on a triple
+# whose architecture LLVM does not know, so any other is refused before LLVM is asked.
+TRIPLE_ARCHES = ("x86_64", "amd64", "aarch64", "arm64")
+
 
 @dataclass(frozen=True)
 class TargetInfo:
@@ -118,25 +123,31 @@ def known_targets() -> dict[str, dict[str, Any]]:
 
 
 def get_target(name: str) -> TargetInfo:
-    """A target by name or alias, or from a JSON file path."""
-    path = Path(name)
-    if path.suffix == ".json" and path.is_file():
-        data = _read(path)
-        return _checked(path, TargetInfo(path.stem, data.get("description", ""), _resolve_host(data["target"])))
+    """A target by name or alias, or from a JSON file path. A name that is no target's and ends
+    in .json (any case) or names an existing file or directory is taken as a path, so that a
+    missing or wrong one is said as such, not as an unknown target name."""
     targets = known_targets()
     for stem, data in targets.items():
         if name == stem or name in data.get("aliases", []):
             if data["target"].get("arch") == "local":
                 return _local_gpu_target(data)
             return TargetInfo(stem, data.get("description", ""), _resolve_host(data["target"]))
+    path = Path(name)
+    if path.is_dir():
+        raise TargetError(f"'{path}' is a directory, not a target .json file")
+    if path.exists():
+        data = _read(path)
+        return _checked(path, TargetInfo(path.stem, data.get("description", ""), _resolve_host(data["target"])))
+    if path.suffix.lower() == ".json":
+        raise TargetError(f"target file '{path}' does not exist")
     words = [*targets, *(alias for data in targets.values() for alias in data.get("aliases", []))]
     raise TargetError(f"unknown target '{name}'{did_you_mean(name, words)} (known: {', '.join(sorted(targets))}; "
                       "or a path to a target .json file)")
 
 
 def _checked(path: Path, target: TargetInfo) -> TargetInfo:
-    """A user's target file as TVM reads it: a kind, key or host TVM does not know, a CPU name
-    or feature LLVM does not know, or a GPU arch that is no `sm_XY`, is refused here, in one
+    """A user's target file as TVM reads it: a kind, key or host TVM does not know, a triple, CPU
+    name or feature LLVM does not know, or a GPU arch that is no `sm_XY`, is refused here, in one
     line, not as a traceback mid-build."""
     try:
         tvm_target = target.tvm_target()
@@ -158,14 +169,20 @@ def _checked(path: Path, target: TargetInfo) -> TargetInfo:
 def _check_cpu_names(path: Path, tvm_target: Any) -> None:
     """Refuses a CPU name or a `+feature` LLVM does not know, in the target or its host: LLVM
     would build for its generic CPU, or without the feature, with a log line as the only sign,
-    and the code would run without the vector units the file names."""
+    and the code would run without the vector units the file names. First an `mtriple` for an
+    architecture not in TRIPLE_ARCHES: asking LLVM about it would crash the process."""
     import tvm
     from tvm.target import codegen
 
     for config in (tvm_target, tvm_target.host):
         if config is None or config.kind.name != "llvm":
             continue
-        triple = str(config.attrs.get("mtriple") or codegen.llvm_get_system_triple())
+        triple = str(config.attrs.get("mtriple") or "")
+        if triple and triple.split("-")[0] not in TRIPLE_ARCHES:
+            supported = [host["mtriple"] for host in PORTABLE_HOSTS.values()]
+            raise TargetError(f"target file '{path}': unknown mtriple '{triple}'{did_you_mean(triple, supported)} "
+                              f"(mixer-compile builds for {' and '.join(supported)})")
+        triple = triple or str(codegen.llvm_get_system_triple())
         mcpu = str(config.attrs.get("mcpu") or "generic")
         if not codegen.llvm_is_valid_cpu(mcpu, triple):
             known = [str(c) for c in codegen.llvm_get_cpu_archlist(tvm.target.Target({"kind": "llvm", "mtriple": triple}))]

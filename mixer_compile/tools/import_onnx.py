@@ -5,7 +5,10 @@ metadata names a real file and every other command can use it) -> compile_model 
 lowering, build, validation against the float64 reference, artifact) -> the compiled module
 run against ONNX Runtime on the very file it came from. The recognition itself is checked
 first (reference on the recognised weights vs ONNX Runtime), so a misread graph is reported
-as such, before any build time is spent.
+as such, before any build time is spent. Before that, right after the import, compile's own
+refusals run (compiler.check_before_work): a batch whose images would not fit in memory is
+refused before they are drawn, an output compile would refuse before the checkpoint and spec
+are written beside it, so that a refused import leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -14,13 +17,11 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from mixer_compile.artifact.place import refuse_foreign
 from mixer_compile.check import ort
 from mixer_compile.model import reference
 from mixer_compile.util.atomic import write_bytes
-from mixer_compile.compiler import CompileOptions, CompileResult, compile_model
-from mixer_compile.backend.target import get_target
-from mixer_compile.errors import ArtifactError, ValidationError
+from mixer_compile.compiler import CompileOptions, CompileResult, check_before_work, compile_model
+from mixer_compile.errors import ArtifactError, MixerCompileError, ValidationError
 from mixer_compile.frontends.onnx_import import ImportedMixer, import_onnx
 from mixer_compile.util.progress import Progress
 from mixer_compile.check.validate import FP32_TOLERANCE, Validation, compare, random_images
@@ -48,12 +49,21 @@ def _against_onnx(sess, run, imported: ImportedMixer, what: str, seed: int) -> V
 
 def compile_onnx(path: Path, out_dir: Path, target: str = "llvm", form: str = "matmul", batch: int | None = None,
                  seed: int = 1234) -> OnnxCompileResult:
-    refuse_foreign(Path(out_dir))  # before the checkpoint and spec are written beside it
-    get_target(target)  # an unknown target too
+    """Compiles the Mixer in the ONNX file `path` to the artifact `out_dir`, its recognised
+    checkpoint and spec written beside it as `out_dir`.npz and .json."""
+    out_dir = Path(out_dir).resolve()
+    checkpoint, spec_file = (out_dir.with_name(out_dir.name + suffix) for suffix in (".npz", ".json"))
     progress = Progress(3)
     with progress.stage("import", str(path)):
         imported = import_onnx(path, batch)
         spec = imported.spec
+        opts = CompileOptions(spec=spec, target=target, weights=checkpoint, form=form, out_dir=out_dir)
+        check_before_work(opts)  # compile's refusals (target, memory, output, TMPDIR) before images or files
+        for beside in (checkpoint, spec_file):  # the one thing in their way check_before_work does not see
+            if beside.is_dir():
+                raise MixerCompileError(f"cannot write '{beside}': it is a directory; choose another -o (the "
+                                        f"checkpoint and spec are written beside the artifact as {out_dir.name}"
+                                        ".npz and .json)")
         if batch is not None and batch != spec.batch:
             progress.say(f"      the file's batch is fixed at {spec.batch}: building for batch {spec.batch}, "
                          f"not {batch} (export it with a dynamic batch axis to choose)")
@@ -65,12 +75,10 @@ def compile_onnx(path: Path, out_dir: Path, target: str = "llvm", form: str = "m
                                     "the recognised model (reference on the recognised weights)", seed)
         progress.say(f"      recognition vs ONNX Runtime: {recognition.summary()}")
     with progress.stage("save", "recognised checkpoint and spec beside the artifact"):
-        out_dir = Path(out_dir).resolve()
-        checkpoint = write_weights(imported.weights, out_dir.with_name(out_dir.name + ".npz"))
-        spec_file = write_bytes(out_dir.with_name(out_dir.name + ".json"),
-                                (json.dumps(spec.to_dict(), indent=2) + "\n").encode())
+        write_weights(imported.weights, checkpoint)
+        write_bytes(spec_file, (json.dumps(spec.to_dict(), indent=2) + "\n").encode())
         progress.say(f"      {checkpoint}, {spec_file}")
-    compiled = compile_model(CompileOptions(spec=spec, target=target, weights=checkpoint, form=form, out_dir=out_dir))
+    compiled = compile_model(opts)
     with progress.stage("validate", "compiled module vs ONNX Runtime on the file"):
         from mixer_compile import runtime
 
