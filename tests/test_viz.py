@@ -91,3 +91,14 @@ def test_a_scale_too_large_to_draw_is_refused_with_one_that_fits(spec, tmp_path,
     assert main(["viz", "--weights", str(ckpt), "--spec", str(spec_file), "--units", "6", "--columns", "2",
                  "--scale", str(fits + 1), "-o", str(tmp_path / "u.png")]) == 2
     assert not (tmp_path / "u.png").exists()
+
+
+def test_an_output_under_a_file_is_refused_by_name(spec, tmp_path, capsys):
+    ckpt = write_weights(random_weights(spec), tmp_path / "w.npz")
+    spec_file = tmp_path / "viz.json"
+    spec_file.write_text(json.dumps(spec.to_dict()))
+    (tmp_path / "afile").write_text("mine")
+    rc = main(["viz", "--weights", str(ckpt), "--spec", str(spec_file), "-o", str(tmp_path / "afile" / "u.png")])
+    assert rc == 2 and capsys.readouterr().err == (f"error: cannot write '{tmp_path / 'afile' / 'u.png'}': "
+                                                   f"'{tmp_path / 'afile'}' is not a directory\n")
+    assert (tmp_path / "afile").read_text() == "mine"

@@ -43,8 +43,8 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         fd, name = tempfile.mkstemp(prefix=claim_prefix(out.parent, f".{short(out.stem)}."), suffix=out.suffix,
                                     dir=out.parent)
         os.close(fd)
-    except OSError as exc:
-        raise MixerCompileError(f"cannot write '{out}': {exc.strerror or exc}") from None
+    except OSError as exc:  # a file where a folder must be says so, not "File exists"
+        raise MixerCompileError(f"cannot write '{out}': {why_unwritable(out.parent) or exc.strerror or exc}") from None
     tmp = Path(name)
     try:
         yield tmp
