@@ -14,18 +14,18 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from mixer_compile.check import ort
-from mixer_compile.model import reference
+from mixer_compile.check.validate import REFERENCE_IMAGES, random_images
 from mixer_compile.cli import main
 from mixer_compile.errors import MixerCompileError, ValidationError
+from mixer_compile.frontends import load_weights
+from mixer_compile.frontends.onnx_import import import_onnx
+from mixer_compile.model import reference
+from mixer_compile.model.params import random_weights
+from mixer_compile.model.spec import MixerSpec, load_spec
 from mixer_compile.tools import import_onnx as import_onnx_tool
 from mixer_compile.tools.export_onnx import export_onnx
-from mixer_compile.frontends.onnx_import import import_onnx
-from mixer_compile.model.spec import MixerSpec, load_spec
-from tests.torch_model import torch_mixer
-from mixer_compile.check.validate import random_images
-from mixer_compile.frontends import load_weights
-from mixer_compile.model.params import random_weights
 from tests.helpers import error_line, rel_error
+from tests.torch_model import torch_mixer
 
 # torch's own notices about its exporters, not about our code
 pytestmark = [pytest.mark.filterwarnings("ignore:You are using the legacy TorchScript:DeprecationWarning"),
@@ -147,15 +147,18 @@ def test_cli_import_compiles_and_validates_against_onnxruntime(spec, tmp_path, c
     w = random_weights(s, seed=5)
     _torch_onnx(s, w, tmp_path / "timm.onnx")
     art = tmp_path / "art"
-    rc = main(["import-onnx", str(tmp_path / "timm.onnx"), "--batch", "3", "-o", str(art)])
+    rc = main(["import-onnx", str(tmp_path / "timm.onnx"), "--batch", "10", "-o", str(art)])
     text = capsys.readouterr().out
     assert rc == 0, text
     assert "compiled vs onnxruntime:         ok: max |out-ref|/max|ref| = " in text
     meta = json.loads((art / "metadata.json").read_text())
-    assert meta["spec"]["batch"] == 3 and meta["spec"]["gelu"] == "erf"
+    assert meta["spec"]["batch"] == 10 and meta["spec"]["gelu"] == "erf"
     assert meta["validation"]["passed"] and meta["weights"]["file"] == str(tmp_path / "art.npz")
-    assert load_spec(tmp_path / "art.json") == s.replace(name="timm", batch=3)
+    assert load_spec(tmp_path / "art.json") == s.replace(name="timm", batch=10)
     _same_weights(load_weights(tmp_path / "art.npz", s)[0], w)
+    result = import_onnx_tool.compile_onnx(tmp_path / "timm.onnx", tmp_path / "again", batch=10)  # the float64 reference: 8 images
+    assert (result.recognition.batch, result.recognition.checked) == (10, REFERENCE_IMAGES) and REFERENCE_IMAGES < 10
+    assert (result.against_onnx.batch, result.against_onnx.checked) == (10, 10)
 
 
 def _strided_stem(path) -> None:

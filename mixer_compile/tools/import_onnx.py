@@ -13,19 +13,22 @@ are written beside it, so that a refused import leaves nothing behind.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from mixer_compile.check import ort
-from mixer_compile.model import reference
-from mixer_compile.util.atomic import write_bytes
+from mixer_compile.check.validate import FP32_TOLERANCE, REFERENCE_IMAGES, Validation, compare, random_images
 from mixer_compile.compiler import CompileOptions, CompileResult, check_before_work, compile_model
 from mixer_compile.errors import ArtifactError, MixerCompileError, ValidationError
 from mixer_compile.frontends.onnx_import import ImportedMixer, import_onnx
-from mixer_compile.util.progress import Progress
-from mixer_compile.check.validate import FP32_TOLERANCE, Validation, compare, random_images
 from mixer_compile.frontends.write import write_weights
+from mixer_compile.model import reference
+from mixer_compile.util.atomic import write_bytes
+from mixer_compile.util.progress import Progress
 
 
 @dataclass
@@ -39,9 +42,12 @@ class OnnxCompileResult:
 
 
 def _against_onnx(sess, run, imported: ImportedMixer, what: str, seed: int) -> Validation:
+    """`run` on a batch of seeded random images against ONNX Runtime on the file; `run` may
+    answer for the first images only (the float64 reference: REFERENCE_IMAGES)."""
     images = random_images(imported.spec, seed)
-    ref = ort.run(sess, images)
-    result = compare(run(images), ref.astype("float64"), FP32_TOLERANCE, seed)
+    out = run(images)
+    ref = ort.run(sess, images)[: len(out)]
+    result = dataclasses.replace(compare(out, ref.astype("float64"), FP32_TOLERANCE, seed), batch=len(images))
     if not result.passed:
         raise ValidationError(f"{what} disagrees with ONNX Runtime on the file: {result.summary()}")
     return result
@@ -71,7 +77,10 @@ def compile_onnx(path: Path, out_dir: Path, target: str = "llvm", form: str = "m
                      f"D_S {spec.tokens_mlp_dim}, D_C {spec.channels_mlp_dim}, {spec.num_classes} classes, "
                      f"{spec.image_size[0]}x{spec.image_size[1]}, {spec.resolved_gelu} GELU")
         sess = ort.session(path)
-        recognition = _against_onnx(sess, lambda x: reference.forward(spec, imported.weights, x), imported,
+        def recognised(images: np.ndarray) -> np.ndarray:  # the float64 reference, on the first images only
+            return reference.forward(spec, imported.weights, images[:REFERENCE_IMAGES])
+
+        recognition = _against_onnx(sess, recognised, imported,
                                     "the recognised model (reference on the recognised weights)", seed)
         progress.say(f"      recognition vs ONNX Runtime: {recognition.summary()}")
     with progress.stage("save", "recognised checkpoint and spec beside the artifact"):
