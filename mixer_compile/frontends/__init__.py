@@ -13,8 +13,6 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from mixer_compile.errors import WeightsError
 from mixer_compile.model.params import Weights, check_weights, random_weights
 from mixer_compile.model.spec import MixerSpec
@@ -81,16 +79,6 @@ def _is_torchscript(path: Path) -> bool:
             return any(name.rsplit("/", 1)[-1] == "constants.pkl" for name in archive.namelist())
     except (zipfile.BadZipFile, OSError):
         return False  # a truncated zip: the reader says so
-
-
-def check_kernel_rank(name: str, value: np.ndarray, source: str, key: str | None = None) -> None:
-    """Refuses a kernel of the wrong rank as soon as it is read, before a transpose or the
-    spec read off the shapes (spec_from_weights) trips over it: the stem conv kernel is 4-D,
-    every Dense kernel 2-D. `name` is the canonical key; `key` the file's own, when it differs."""
-    rank = 4 if name == "stem/kernel" else 2 if name.endswith("/kernel") else value.ndim
-    if value.ndim != rank:
-        raise WeightsError(f"weights in {source}: '{key or name}' has shape {value.shape}; expected a "
-                           + ("4-D conv kernel" if rank == 4 else "2-D matrix"))
 
 
 def load_weights(path: str | Path, spec: MixerSpec) -> tuple[Weights, str]:

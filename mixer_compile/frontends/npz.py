@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from mixer_compile.errors import WeightsError
-from mixer_compile.frontends import check_kernel_rank
+from mixer_compile.model.params import check_kernel_rank
 
 
 def read(path: Path) -> dict[str, np.ndarray]:

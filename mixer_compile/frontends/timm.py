@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from mixer_compile.errors import WeightsError
-from mixer_compile.frontends import check_kernel_rank
+from mixer_compile.model.params import check_kernel_rank
 
 _BLOCK = re.compile(r"blocks\.(\d+)\.(norm1|norm2|mlp_tokens|mlp_channels)\.(?:(fc1|fc2)\.)?(weight|bias)$")
 _MLP = {"mlp_tokens": "token_mixing", "mlp_channels": "channel_mixing"}

@@ -46,6 +46,16 @@ def _listing(keys: list[str], limit: int = 6) -> str:
     return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
 
 
+def check_kernel_rank(name: str, value: np.ndarray, source: str, key: str | None = None) -> None:
+    """Refuses a kernel of the wrong rank as soon as it is read, before a transpose or the
+    spec read off the shapes (spec_from_weights) trips over it: the stem conv kernel is 4-D,
+    every Dense kernel 2-D. `name` is the canonical key; `key` the file's own, when it differs."""
+    rank = 4 if name == "stem/kernel" else 2 if name.endswith("/kernel") else value.ndim
+    if value.ndim != rank:
+        raise WeightsError(f"weights in {source}: '{key or name}' has shape {value.shape}; expected a "
+                           + ("4-D conv kernel" if rank == 4 else "2-D matrix"))
+
+
 def check_weights(weights: Weights, spec: MixerSpec, source: str) -> Weights:
     """Refuses missing, extra, mis-shaped or non-finite weights; returns float32 copies."""
     shapes = expected_shapes(spec)
