@@ -119,6 +119,10 @@ def test_user_errors_are_one_line(tmp_path, tiny_toml):
         no_cores.write_text(json.dumps({"target": config}))
         with pytest.raises(TargetError, match=re.escape(message)):
             get_target(str(no_cores))
+    # and from the command line, that one line only: not LLVM's own "(ignoring feature)" before it
+    proc = cli("--spec", tiny_toml, "--target", no_cores, "-o", tmp_path / "never")
+    assert proc.returncode == 2 and proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1, proc.stderr
+    assert "LLVM knows no CPU feature 'avx9'" in proc.stderr and not (tmp_path / "never").exists()
 
 
 def test_paths_expand_the_home_directory(tmp_path, tiny_toml):
