@@ -127,7 +127,8 @@ def speed(args: argparse.Namespace) -> int:
               f"{row['fixed']['median_ms']:.1f} ms, onnxruntime {row['onnxruntime']['median_ms']:.1f} ms",
               file=sys.stderr)
     report["load_after"] = list(os.getloadavg())
-    stem = f"serving_{report['machine']['llvm_cpu']}_{spec.name}_{threads_phrase(report['machine']).replace(' ', '')}"
+    threads_tag = threads_phrase(report["machine"]).replace(" ", "")  # '1thread', '8threads'
+    stem = f"serving_{report['machine']['llvm_cpu']}_{spec.name}_{threads_tag}"
     write_report(Path(args.out), stem, report, speed_markdown(report))
     print(f"wrote {Path(args.out) / stem}.json and .md", file=sys.stderr)
     return 0

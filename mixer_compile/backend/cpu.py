@@ -206,8 +206,8 @@ def schedule_kernels(fused: tvm.IRModule, target: TargetInfo, database: Any = No
             sig = gemm_space.signature(sch, gemm, m.lanes)
             own = tvm_ffi.structural_hash(_normalize_mod(func)) if sig in decisions else None
             candidate = None
-            # the kernel's own record first (the best tile can differ with the epilogue: benchmarks/README.md,
-            # "A record of another epilogue"), then one of the same batch, fastest first
+            # the kernel's own record first (the best tile can differ with the epilogue:
+            # benchmarks/README.md, "A record of another epilogue"), then one of the same batch, fastest first
             ranked = sorted(decisions.get(sig, []), key=lambda d: (d.workload != own, d.batch != gemm.batch, d.secs))
             for d in ranked:
                 candidate = gemm_space.with_decision(gemm, d.decision, m.vec, m.cores)

@@ -7,8 +7,8 @@ left with DLight's rules and lowers. Kernels with a record are built with `BUILD
 PassContext they were measured under (tune/search.py).
 
 DLight's default Matmul rule (TVM 0.27) tensorizes fp16 matmuls with WMMA 16x16x16 and
-leaves bf16 ones on CUDA cores (FFMA), an order of magnitude below the tensor cores, because its intrinsic
-table holds fp16 and int8 only. The WMMA intrinsic generators themselves are dtype-generic
+leaves bf16 ones on CUDA cores (FFMA), an order of magnitude below the tensor cores, because
+its intrinsic table holds fp16 and int8 only. The WMMA intrinsic generators themselves are dtype-generic
 and CUDA's `nvcuda::wmma` takes `__nv_bfloat16` fragments on sm_80 and later, so we register
 the bf16 loads and the bf16 x bf16 -> fp32 multiply-accumulate under their own names and run
 the stock rule on bf16 matmuls with those names swapped in (`BF16Matmul`): same tiling, same

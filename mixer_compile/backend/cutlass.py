@@ -1,8 +1,8 @@
 """Library-speed GEMMs for NVIDIA GPUs: CUTLASS kernels generated and compiled at build time.
 
 TVM 0.27 has no schedule that reaches Hopper's wgmma, and DLight's WMMA matmuls left the
-Mixer far below an H100's tensor-core peak (benchmarks/results/gpu_*_mixer_b16.md). So a CUDA build lowers its large GEMMs (patchify,
-channel fc1 and fc2, and token fc1 and fc2 as batched left products; `passes/library_gemms.py`
+Mixer far below an H100's tensor-core peak (benchmarks/results/gpu_*_mixer_b16.md). So a CUDA
+build lowers its large GEMMs (patchify, channel fc1 and fc2, and token fc1 and fc2 as batched left products; `passes/library_gemms.py`
 picks them) to calls of the `mixer_gemm_*` interface (`lower/library.py`), and this module
 instantiates each called symbol from CUTLASS templates with its epilogue fused: bias (float32,
 per output feature), then GELU (erf or tanh, as the spec says) or the residual add, rounded

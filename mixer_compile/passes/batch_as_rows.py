@@ -8,8 +8,8 @@ every row tile, and the parallel loop splits the weight's columns (backend/gemm_
 `parallel_split`). One model lost a little by it (S/16 at batch 8), not in its kernels but
 between them (benchmarks/README.md, "A batch as one GEMM"). Consecutive GEMMs (channel
 fc1 -> fc2) pass rows to each other: a reshape back to images is emitted only where something
-else reads the tensor (the residual path, the next LayerNorm). A batch of one has nothing to fold: the graph is left as it was. Where the
-backend's GEMM kernels take the batch as rows already (`PassContext.batch_rows` False: GPUs,
+else reads the tensor (the residual path, the next LayerNorm). A batch of one has nothing to
+fold: the graph is left as it was. Where the backend's GEMM kernels take the batch as rows already (`PassContext.batch_rows` False: GPUs,
 the ONNX export), nothing changes either.
 """
 

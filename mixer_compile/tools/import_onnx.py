@@ -13,7 +13,6 @@ are written beside it, so that a refused import leaves nothing behind.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,7 +46,7 @@ def _against_onnx(sess, run, imported: ImportedMixer, what: str, seed: int) -> V
     images = random_images(imported.spec, seed)
     out = run(images)
     ref = ort.run(sess, images)[: len(out)]
-    result = dataclasses.replace(compare(out, ref.astype("float64"), FP32_TOLERANCE, seed), batch=len(images))
+    result = compare(out, ref.astype("float64"), FP32_TOLERANCE, seed, batch=len(images))
     if not result.passed:
         raise ValidationError(f"{what} disagrees with ONNX Runtime on the file: {result.summary()}")
     return result

@@ -44,7 +44,8 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
                                     dir=out.parent)
         os.close(fd)
     except OSError as exc:  # a file where a folder must be says so, not "File exists"
-        raise MixerCompileError(f"cannot write '{out}': {why_unwritable(out.parent) or exc.strerror or exc}") from None
+        reason = why_unwritable(out.parent) or exc.strerror or exc
+        raise MixerCompileError(f"cannot write '{out}': {reason}") from None
     tmp = Path(name)
     try:
         yield tmp
