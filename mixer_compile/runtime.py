@@ -201,7 +201,8 @@ class CompiledMixer:
 
     def _check_functions(self) -> None:
         """The library against its metadata (a library of another build that was given this one's
-        hashes, say), here rather than as TVM's error on the first call."""
+        hashes, or a reordered `params` list, say), here rather than as TVM's error on the first
+        call."""
         takes = 1 + (0 if self.metadata.weights["embedded"] else len(self.metadata.params))
         vm = self._vm()
         for name in (self.batches.function(e) for e in self.batches.entries):
@@ -213,6 +214,11 @@ class CompiledMixer:
                 found = "has no function" if arity is None else f"takes {arity} arguments in"
                 raise ArtifactError(f"artifact '{self.path}': {LIBRARY} {found} '{name}', which {METADATA} "
                                     f"says takes {takes}; the files are of different builds, rebuild the artifact")
+            names = [vm._get_function_param_name(name, i) for i in range(1, takes)]
+            if takes > 1 and names != self.metadata.params:  # embedded weights: the library takes the image alone
+                how = "in another order than" if sorted(names) == sorted(self.metadata.params) else "other than those"
+                raise ArtifactError(f"artifact '{self.path}': {LIBRARY}'s '{name}' takes parameters {how} "
+                                    f"{METADATA}'s 'params' lists; the file was edited or damaged, rebuild the artifact")
 
     def _vm(self) -> Any:
         vm = getattr(self._local, "vm", None)

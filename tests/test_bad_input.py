@@ -363,7 +363,7 @@ ARTIFACT_CASES = [
      "input shape [1, 3, 64, 64] does not match the spec's [1, 3, 32, 32]"),
     ("metadata-weights-unlisted", _edit(lambda m: m["files"].pop("weights.params")), "'files' lacks weights.params"),
     ("metadata-param-renamed", _edit(lambda m: m["params"].__setitem__(0, "stem.W")),
-     "does not hold the parameters the module takes"),
+     "'main' takes parameters other than those metadata.json's 'params' lists"),
     ("metadata-cuda-without-arch", _edit(lambda m: m["target"].update(kind="cuda")),
      "a CUDA build without 'target.requires.gpu_arch'"),
     ("metadata-unknown-field", _edit(lambda m: m.update(signed_by="me")),
@@ -381,6 +381,8 @@ ARTIFACT_CASES = [
      "field 'input.dtype' must be 'float32', 'float16' or 'bfloat16'"),
     ("metadata-negative-size", _edit(lambda m: m["file_sizes"].update({"model.so": -1})),
      "field 'file_sizes' must be an object of byte counts"),
+    ("metadata-params-reordered", _edit(lambda m: m["params"].reverse()),
+     "'main' takes parameters in another order than metadata.json's 'params' lists"),
     ("metadata-of-another-build", _edit(lambda m: m["params"].pop()),  # one parameter fewer than the library takes
      "which metadata.json says takes"),
     ("metadata-missing", lambda a: (a / "metadata.json").unlink(), "is not an artifact: metadata.json is missing"),
