@@ -28,7 +28,8 @@ the PyTorch Mixer with timm's module names (`torch.onnx.export`, same weights an
 torch.compile. Nothing is left out because it is slow; `--specs/--batches/--gelus/--peers`
 pick a subset that fits the machine's time; `--dtypes float16 bfloat16` adds our defaults in those
 storage dtypes, `--without PASS...` our defaults built without those passes of the pipeline
-(passes/pipeline.py; an ablation: what each pass is worth, side by side in the same run). Every
+(passes/pipeline.py) or without the CPU lowering's prefetches (`prefetch_next_panel`,
+backend/cpu_prefetch.py): an ablation, what each is worth, side by side in the same run. Every
 output is checked against ONNX Runtime's.
 
     python benchmarks/bench_cpu.py --matrix --specs mixer_s16 mixer_b16 --batches 1 8 --gelus erf \
@@ -352,15 +353,27 @@ def matrix_spec(name: str, batch: int, gelu: str) -> MixerSpec:
     return spec.replace(gelu=gelu)
 
 
+# what `--without` may leave out: the graph passes, and the CPU lowering's prefetches (backend/cpu_prefetch.py)
+ABLATIONS = [*PASSES, "prefetch_next_panel"]
+
+
 @contextlib.contextmanager
 def without_pass(name: str) -> Iterator[None]:
-    """The pipeline with pass `name` left out (it returns the graph unchanged) while inside."""
-    kept = PASSES[name]
-    PASSES[name] = lambda graph, ctx: (graph, [])
+    """The build with pass `name` left out (it returns its input unchanged) while inside."""
+    from mixer_compile.backend import cpu_prefetch
+
+    owner, kept = (cpu_prefetch, cpu_prefetch.prefetch_next_panel) if name not in PASSES else (None, PASSES[name])
+    if owner is None:
+        PASSES[name] = lambda graph, ctx: (graph, [])
+    else:
+        owner.prefetch_next_panel = lambda func: func
     try:
         yield
     finally:
-        PASSES[name] = kept
+        if owner is None:
+            PASSES[name] = kept
+        else:
+            owner.prefetch_next_panel = kept
 
 
 def matrix_case(name: str, batch: int, gelu: str, target: TargetInfo, peer_names: list[str], repeat: int,
@@ -507,6 +520,8 @@ def matrix_main(args: argparse.Namespace) -> int:
     batches = args.batches if args.batches_given else MATRIX_BATCHES
     out = Path(args.out)
     stem = f"cpu_matrix_{report['machine']['llvm_cpu']}" + (f"_{args.tag}" if args.tag else "")
+    if not stem.endswith(threads_suffix(report["machine"])):  # a --tag may say it already (older results)
+        stem += threads_suffix(report["machine"])
     if args.first_compile:
         print("first compile of mixer_b16 batch 1 without records", file=sys.stderr, flush=True)
         report["first_compile"] = first_compile("mixer_b16", 1, args.target)
@@ -532,8 +547,9 @@ def main() -> int:
                     choices=["onnxruntime", "torch_compile"], help="matrix mode: the peers timed")
     ap.add_argument("--dtypes", nargs="*", default=[], choices=["float16", "bfloat16"],
                     help="matrix mode: also our defaults with these storage dtypes")
-    ap.add_argument("--without", nargs="*", default=[], metavar="PASS", choices=list(PASSES),
-                    help="matrix mode: also our defaults built without each PASS (passes/pipeline.py)")
+    ap.add_argument("--without", nargs="*", default=[], metavar="PASS", choices=ABLATIONS,
+                    help="matrix mode: also our defaults built without each PASS (passes/pipeline.py, or "
+                         "prefetch_next_panel: backend/cpu_prefetch.py)")
     ap.add_argument("--tag", default="", help="matrix mode: suffix of the result files' names (one per subset run)")
     ap.add_argument("--first-compile", action="store_true",
                     help="matrix mode: also time a whole first compile of Mixer-B/16 without records")

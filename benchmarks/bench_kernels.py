@@ -11,8 +11,9 @@ evaluator; the two builds of a kernel are timed in turn, `--repeat` rounds, medi
     python benchmarks/bench_kernels.py --spec mixer_s16 --batch 8 --without batch_as_rows
 
 With `--without PASS` the second build is not the shipped records' but the defaults' of the
-model built without that pass (bench_cpu.py's ablation, kernel by kernel): kernels paired in
-order, each timed on inputs of its own shapes; a pass that changes the kernels' number is refused.
+model built without that pass (bench_cpu.py's ablation, kernel by kernel; `prefetch_next_panel`:
+the same kernels lowered without their prefetches): kernels paired in order, each timed on
+inputs of its own shapes; a pass that changes the kernels' number is refused.
 
 With `--cold` the second column is the defaults again, each call timed after the caches are
 flushed of every argument but the first (TVM's `cache_flush_cpu_non_first_arg`: a GEMM's
@@ -26,6 +27,7 @@ call before, hides.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import os
 import statistics
@@ -38,8 +40,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench_cpu import machine, matrix_spec, threads_suffix, tvm_heading, without_pass, write_report  # noqa: E402
-from mixer_compile.passes.pipeline import PASSES  # noqa: E402
+from bench_cpu import ABLATIONS, machine, matrix_spec, threads_suffix, tvm_heading, without_pass, write_report  # noqa: E402
 from mixer_compile.backend.target import get_target  # noqa: E402
 
 
@@ -107,8 +108,10 @@ def kernel_times(spec_name: str, batch: int, gelu: str, target_name: str, repeat
     rows = []
     for names in zip(*kernels.values()):
         name = dict(zip(modules, names))
-        timers = {label: kernel_timer(mod[name[label]], target, cold=label == "cold")
-                  for label, (mod, _) in scheduled.items()}
+        timers = {}
+        for label, (mod, _) in scheduled.items():  # the lowering's own steps (the prefetch) ablated at the build
+            with without_pass(without) if label == "without" else contextlib.nullcontext():
+                timers[label] = kernel_timer(mod[name[label]], target, cold=label == "cold")
         # one set of inputs where both builds are of the same kernel, else each its own shapes
         args = random_args(fused[name["defaults"]]) if without is None else \
             {label: random_args(f[name[label]]) for label, f in modules.items()}
@@ -173,7 +176,7 @@ def main() -> int:
     ap = model_options(__doc__.splitlines()[0], batch=8, repeat=15)
     ap.add_argument("--form", choices=("matmul", "conv"), default="matmul")
     second = ap.add_mutually_exclusive_group()
-    second.add_argument("--without", choices=list(PASSES), metavar="PASS",
+    second.add_argument("--without", choices=ABLATIONS, metavar="PASS",
                         help="against the defaults built without PASS instead of the shipped records")
     second.add_argument("--cold", action="store_true",
                         help="against the defaults timed with the weights flushed from the caches before each call")

@@ -15,8 +15,9 @@ import tvm
 from tvm.s_tir import Schedule
 from tvm.s_tir.meta_schedule.arg_info import ArgInfo
 
-from mixer_compile.backend.gemm_space import (COLUMNS_USED, MAX_CANDIDATES, ROWS_USED, Gemm, Vector, candidates, design_spaces,
-                                               find_gemm, vector_unit)
+from mixer_compile.backend.cpu_schedules import build_kernel
+from mixer_compile.backend.gemm_space import (COLUMNS_USED, MAX_CANDIDATES, ROWS_USED, Gemm, Vector, apply, candidates,
+                                               default_candidate, design_spaces, find_gemm, vector_unit)
 from mixer_compile.backend.target import get_target
 from mixer_compile.compose import model_tasks
 from mixer_compile.machine import physical_cores, use_all_cores
@@ -29,9 +30,10 @@ def _tasks(spec: MixerSpec, target_name: str = "znver4") -> list:
 
 
 def _run(mod: tvm.IRModule, target: tvm.target.Target, inputs: list[np.ndarray]) -> np.ndarray:
+    """The kernel built as a model build lowers it (guards, prefetches), run on `inputs`."""
     out_shape = [int(s) for s in ArgInfo.from_prim_func(mod["main"])[-1].shape]
     args = [tvm.runtime.tensor(x) for x in inputs] + [tvm.runtime.tensor(np.zeros(out_shape, np.float32))]
-    tvm.compile(mod, target=target)["main"](*args)
+    build_kernel(mod, target)["main"](*args)
     return args[-1].numpy()
 
 
@@ -66,6 +68,28 @@ def test_every_candidate_computes_the_kernel(tiny_spec: MixerSpec, target_name: 
             np.testing.assert_allclose(_run(space.mod, target, inputs), expected, rtol=1e-5, atol=1e-5)
             checked += 1
     assert checked >= 8
+
+
+def test_weight_panels_are_prefetched_with_the_accumulators_on_the_stack(tiny_spec: MixerSpec) -> None:
+    """backend/cpu_prefetch.py: a GEMM reading a weight's panels in place prefetches the next
+    column tile's panels in its k loop, its accumulators on the stack, not in a TVM workspace
+    (which kept them in memory across the prefetches: a tile 2x slower); a GEMM whose B is staged
+    (token mixing's activations, copied into a panel) prefetches nothing."""
+    target = get_target("znver4").tvm_target()
+    vec = vector_unit(target)
+    asm = {}
+    for task in _tasks(tiny_spec.replace(hidden_dim=64, channels_mlp_dim=256)):
+        sch = Schedule(task.mod)
+        gemm = find_gemm(sch)
+        if gemm is None or gemm.m <= 8:
+            continue
+        apply(sch, gemm, default_candidate(gemm, vec, 2), vec.lanes)
+        asm[(gemm.m, gemm.n, gemm.k)] = build_kernel(sch.mod, target).inspect_source("asm")
+    weights = [(32, 64, 192), (32, 256, 64), (32, 64, 256)]  # (M, N, K) of the stem, channel fc1 and fc2
+    for shape in weights:
+        assert "prefetcht1" in asm[shape] and "TVMBackendAllocWorkspace" not in asm[shape], shape
+    token_mixing = asm[(16, 64, 16)]  # D_S x C x tokens: B, the activations, copied into a panel first
+    assert "prefetcht1" not in token_mixing
 
 
 def test_candidates_fit_the_registers_and_fill_their_row_tiles() -> None:

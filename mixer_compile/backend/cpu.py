@@ -268,6 +268,7 @@ def build(mod: tvm.IRModule, target: TargetInfo, database: Any = None,
     then lowering; `on_applied` hears how each kernel got its schedule."""
     from tvm.relax.backend.cpu_generic import pipeline as cpu
 
+    from mixer_compile.backend.cpu_prefetch import PIPELINE
     from mixer_compile.backend.cpu_schedules import BUILD_CONFIG
 
     tvm_target = target.tvm_target()
@@ -278,7 +279,7 @@ def build(mod: tvm.IRModule, target: TargetInfo, database: Any = None,
         on_applied(applied)
     with tvm_target, tvm.transform.PassContext(config=BUILD_CONFIG):
         rest = tvm.transform.Sequential(cpu.dataflow_lower_passes(tvm_target) + cpu.finalize_passes(tvm_target))
-        executable = tvm.compile(mod, tvm_target, relax_pipeline=rest)
+        executable = tvm.compile(mod, tvm_target, relax_pipeline=rest, tir_pipeline=PIPELINE)
     return executable if cross is None else CrossLinked(executable, cross)
 
 

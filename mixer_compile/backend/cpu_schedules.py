@@ -38,6 +38,7 @@ from tvm.tirx import IterVar
 from tvm.tirx.analysis import undefined_vars
 
 from mixer_compile.backend import gemm_space
+from mixer_compile.backend.cpu_prefetch import PIPELINE
 
 
 @dataclass(frozen=True)
@@ -326,14 +327,15 @@ def _likely_terms(predicate: Any) -> Any:
 
 
 def build_kernel(mod: tvm.IRModule, target: Any) -> Any:
-    """One scheduled kernel built as the model build lowers it (`likely_guards`, `BUILD_CONFIG`):
+    """One scheduled kernel built as the model build lowers it (`likely_guards`, `BUILD_CONFIG`,
+    the prefetches of cpu_prefetch.py):
     tuning's candidates and the benchmarks' kernels timed alone. Built without them, a tile with
     a predicated last row or column tile kept its guard in every k loop and timed far slower
     than in the model, so tuning ranked it wrongly
     (benchmarks/results/tiles_emeraldrapids_odd_c100_b3_tanh_before.md)."""
     mod = likely_guards(Schedule(mod)).mod
     with tvm.transform.PassContext(config=BUILD_CONFIG):
-        return tvm.tirx.build(mod, target=target)
+        return tvm.tirx.build(mod, target=target, pipeline=PIPELINE)
 
 
 def default_schedule(sch: Schedule, m: Machine) -> tuple[Schedule, str] | None:

@@ -42,6 +42,8 @@ from tvm.s_tir import Schedule
 from tvm.tirx import FloorMod, IntImm, IterVar
 from tvm.tirx.analysis import undefined_vars
 
+from mixer_compile.backend.cpu_prefetch import ROW_TILES
+
 MAX_CANDIDATES = 16
 MAX_NV = 6  # vectors per row of a micro-tile: loads of B per k
 
@@ -476,6 +478,8 @@ def apply(sch: Schedule, gemm: Gemm, c: Candidate, lanes: int) -> None:
         sch.vectorize(sch.get_loops(stage)[-1])
     elif widened:  # converted at each use
         sch.compute_inline(sch.get_sblock(widened))
+    elif staged and ko is None and _in_panels(sch.get(block)):  # a weight's panels, read in place
+        sch.annotate(io, ROW_TILES, c.nv * lanes * gemm.k)  # elements from one column tile's panels to the next
     sch.decompose_reduction(block, ko if ko is not None else k)
 
 
