@@ -218,7 +218,8 @@ class CompiledMixer:
             if takes > 1 and names != self.metadata.params:  # embedded weights: the library takes the image alone
                 how = "in another order than" if sorted(names) == sorted(self.metadata.params) else "other than those"
                 raise ArtifactError(f"artifact '{self.path}': {LIBRARY}'s '{name}' takes parameters {how} "
-                                    f"{METADATA}'s 'params' lists; the file was edited or damaged, rebuild the artifact")
+                                    f"{METADATA}'s 'params' lists; the file was edited or damaged, "
+                                    "rebuild the artifact")
 
     def _vm(self) -> Any:
         vm = getattr(self._local, "vm", None)

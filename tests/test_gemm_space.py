@@ -17,7 +17,7 @@ from tvm.s_tir.meta_schedule.arg_info import ArgInfo
 
 from mixer_compile.backend.cpu_schedules import build_kernel
 from mixer_compile.backend.gemm_space import (COLUMNS_USED, MAX_CANDIDATES, ROWS_USED, Gemm, Vector, apply, candidates,
-                                               default_candidate, design_spaces, find_gemm, vector_unit)
+                                               default_candidate, design_spaces, find_gemm, prefetch_rows, vector_unit)
 from mixer_compile.backend.target import get_target
 from mixer_compile.compose import model_tasks
 from mixer_compile.machine import physical_cores, use_all_cores
@@ -90,6 +90,10 @@ def test_weight_panels_are_prefetched_with_the_accumulators_on_the_stack(tiny_sp
         assert "prefetcht1" in asm[shape] and "TVMBackendAllocWorkspace" not in asm[shape], shape
     token_mixing = asm[(16, 64, 16)]  # D_S x C x tokens: B, the activations, copied into a panel first
     assert "prefetcht1" not in token_mixing
+    # as much of the next panels as 3/4 of a 1 MB L2 holds beside the current ones (7 x 3 tiles on AVX-512)
+    assert prefetch_rows(Gemm("fc1", 1, 196, 3072, 768), 3, 16) == 3  # B/16's channel fc1: 147 KB of panels
+    assert prefetch_rows(Gemm("fc2", 1, 196, 768, 3072), 3, 16) == 1  # its fc2: 590 KB, a third of the next
+    assert prefetch_rows(Gemm("stem", 1, 49, 768, 3072), 4, 16) == 0  # 768 KB: no room beside them
 
 
 def test_candidates_fit_the_registers_and_fill_their_row_tiles() -> None:

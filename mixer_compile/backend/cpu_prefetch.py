@@ -6,15 +6,17 @@ model pays (benchmarks/README.md, "The next panel prefetched"). The micro-kernel
 panel once per row tile, so only the first row tile of each column tile waits on DRAM while
 the others run from cache. Here the row tiles of one column tile fetch the next column tile's
 panels meanwhile, so the stream overlaps the FMAs instead of stalling the first row tile.
-gemm_space.apply marks the loop over row tiles (`ROW_TILES`, with the distance in elements
-from one column tile's panels to the next) where B is a weight read in panels in place;
-`prefetch_next_panel` then rewrites the lowered kernel:
+gemm_space.apply marks the loop over row tiles (`ROW_TILES`: the distance in elements from
+one column tile's panels to the next, and how many row tiles prefetch, `gemm_space.prefetch_rows`:
+as many as it takes to cover the next panels, as far as L2 holds them beside the current ones)
+where B is a weight read in panels in place; `prefetch_next_panel` then rewrites the lowered
+kernel:
 
-- the marked loop in two: its first row tiles, as many as it takes to cover the next panels
-  at one vector of B per k step each, prefetch in their k loop, after the FMAs, the vector a
-  distance and a row tile's share (row tile x K x lanes) past the first one the FMAs read;
-  the other row tiles run as before (a prefetch of a line already in cache still takes a load
-  slot: on B/16's 28 row tiles, every row tile prefetching cost more than it saved);
+- the marked loop in two: its first row tiles prefetch in their k loop, after the FMAs, the
+  vector a distance and a row tile's share (row tile x K x lanes) past the first one the FMAs
+  read, one vector of B per k step; the other row tiles run as before (a prefetch of a line
+  already in cache still takes a load slot: on B/16's 28 row tiles, every row tile
+  prefetching cost more than it saved);
 - the accumulators of that k loop on the stack. TVM places an allocation of 1 KB or more (an
   AVX-512 tile's 20 vectors are 1.25 KB) in a workspace from its allocator; LLVM cannot tell
   that memory from the weights, takes the prefetch (which it models as touching its argument's
@@ -35,7 +37,8 @@ import tvm_ffi
 from tvm import tirx
 from tvm.tirx import stmt as S
 
-ROW_TILES = "mixer_compile.prefetch_next_panel"  # loop annotation: elements from one panel tile to the next
+# loop annotation: [elements from one column tile's panels to the next, row tiles that prefetch them]
+ROW_TILES = "mixer_compile.prefetch_next_panel"
 STACK_BYTES = 4096  # accumulators up to this stay on the stack (a micro-tile holds at most 32 vectors)
 PIPELINE = "mixer_compile.cpu"
 _LOCALITY = 2  # prefetcht1: into L2, where the next panel waits; L1 is the current panel's
@@ -84,8 +87,8 @@ def _with_prefetch(row_tiles: Any, allocated: set[str], accumulators: set[str]) 
     accumulators.update(s.buffer.name for s in _all(k_loop.body, S.BufferStore))
     ramp = load.indices[0]
     step = int(k_loop.extent) * ramp.lanes  # one row tile's share: a vector of B per k step
-    distance = int(row_tiles.annotations[ROW_TILES])
-    first = min(-(-distance // step), int(row_tiles.extent))
+    distance, rows = (int(v) for v in row_tiles.annotations[ROW_TILES])
+    first = min(rows, int(row_tiles.extent))
     row = tirx.Var(row_tiles.loop_var.name + "_ahead", row_tiles.loop_var.ty)
     address = tirx.address_of(tirx.BufferLoad(load.source, [ramp.base + distance + row * step]))
     prefetch = S.Evaluate(tirx.call_llvm_intrin("void", "llvm.prefetch.p0", address, tirx.IntImm("int32", 0),

@@ -285,6 +285,16 @@ def k_block(gemm: Gemm, nv: int, lanes: int) -> int:
     return kc if 2 * kc >= rows else 0
 
 
+def prefetch_rows(gemm: Gemm, nv: int, lanes: int) -> int:
+    """How many row tiles prefetch the next column tile's panels (backend/cpu_prefetch.py), one
+    vector of B per k step each: enough to cover them (nv), as far as 3/4 of L2 holds them
+    beside the current panels, which every row tile re-reads; on the smallest L2 this targets
+    (L2_BYTES), as `k_block`. B/16's channel fc2 (K = 3072, 590 KB of panels in a 7 x 3 tile)
+    prefetches a third of the next panels, its channel fc1 (K = 768) all of them."""
+    row = gemm.k * lanes * 4  # bytes of B one row tile's prefetches cover (float32 panels)
+    return max(0, min(nv, (L2_BYTES * 3 // 4 - nv * row) // row))
+
+
 # rates the register model gives within this share of each other are alike to it: what tells such
 # tiles apart is what it does not see (a 1% row tail against the broadcast unit at its limit)
 MODEL_TOLERANCE = 0.03
@@ -478,8 +488,9 @@ def apply(sch: Schedule, gemm: Gemm, c: Candidate, lanes: int) -> None:
         sch.vectorize(sch.get_loops(stage)[-1])
     elif widened:  # converted at each use
         sch.compute_inline(sch.get_sblock(widened))
-    elif staged and ko is None and _in_panels(sch.get(block)):  # a weight's panels, read in place
-        sch.annotate(io, ROW_TILES, c.nv * lanes * gemm.k)  # elements from one column tile's panels to the next
+    elif staged and ko is None and _in_panels(sch.get(block)) and prefetch_rows(gemm, c.nv, lanes):
+        # a weight's panels, read in place: the distance to the next panels, the row tiles that prefetch them
+        sch.annotate(io, ROW_TILES, [c.nv * lanes * gemm.k, prefetch_rows(gemm, c.nv, lanes)])
     sch.decompose_reduction(block, ko if ko is not None else k)
 
 
