@@ -29,7 +29,9 @@ through a stage that only widens a half-precision weight to float32 (lower/relax
 `_widened`): a B panel is then converted once into cache under its panel loop and read by
 every row tile, a (small) A weight once per call, instead of converting at every use. A B
 read in place (token mixing's activations, (K, N) row-major) is likewise copied into a panel
-under its panel loop, as a BLAS packs B.
+under its panel loop, as a BLAS packs B. A weight read in its panels in place gets its loop
+over row tiles marked for the lowering's prefetch of the next column tile's panels
+(`prefetch_rows`, backend/cpu_prefetch.py).
 """
 
 from __future__ import annotations
