@@ -15,13 +15,18 @@ model built without that pass (bench_cpu.py's ablation, kernel by kernel; `prefe
 the same kernels lowered without their prefetches): kernels paired in order, each timed on
 inputs of its own shapes; a pass that changes the kernels' number is refused.
 
-With `--cold` the second column is the defaults again, each call timed after the caches are
+With `--cold` alone the second column is the defaults again, each call timed after the caches are
 flushed of every argument but the first (TVM's `cache_flush_cpu_non_first_arg`: a GEMM's
 weights come from DRAM, its activations from cache). That is what a model pays at batch 1 when
 its weights exceed the caches, and what a kernel timed warm, its weights left in cache by the
 call before, hides.
 
     python benchmarks/bench_kernels.py --spec mixer_s32 --batch 1 --cold
+
+With both, `--without PASS --cold`, both builds are timed cold: what a pass is worth at batch 1
+(`prefetch_next_panel`, the prefetch of the next weight panels, is for exactly that).
+
+    python benchmarks/bench_kernels.py --spec mixer_s32 --batch 1 --without prefetch_next_panel --cold
 """
 
 from __future__ import annotations
@@ -111,7 +116,7 @@ def kernel_times(spec_name: str, batch: int, gelu: str, target_name: str, repeat
         timers = {}
         for label, (mod, _) in scheduled.items():  # the lowering's own steps (the prefetch) ablated at the build
             with without_pass(without) if label == "without" else contextlib.nullcontext():
-                timers[label] = kernel_timer(mod[name[label]], target, cold=label == "cold")
+                timers[label] = kernel_timer(mod[name[label]], target, cold=cold and (label == "cold" or without is not None))
         # one set of inputs where both builds are of the same kernel, else each its own shapes
         args = random_args(fused[name["defaults"]]) if without is None else \
             {label: random_args(f[name[label]]) for label, f in modules.items()}
@@ -129,12 +134,14 @@ def kernel_times(spec_name: str, batch: int, gelu: str, target_name: str, repeat
 def second_build(without: str | None, cold: bool = False) -> str:
     """The label of a report's second build (its rows' keys): the shipped records', the
     defaults' without a pass, or the defaults' timed with cold caches."""
-    return "cold" if cold else "without" if without else "shipped"
+    return "without" if without else "cold" if cold else "shipped"
 
 
 def markdown(report: dict[str, Any]) -> str:
     rows, other = report["kernels"], second_build(report.get("without"), report.get("cold", False))
     title = {"cold": "cold caches", "without": f"without `{report.get('without')}`"}.get(other, "shipped")
+    if other == "without" and report.get("cold"):
+        title += " (both cold)"
     total = {k: sum(r[f"{k}_ms"] * r["calls"] for r in rows) for k in ("defaults", other)}
     out = tvm_heading(report, f"Kernels of {report['spec']} at batch {report['batch']} ({report['gelu']} GELU)",
                       f"Each kernel built alone from the model build's schedule, defaults and {title} timed in "
@@ -175,11 +182,11 @@ def new_report(args: argparse.Namespace) -> dict[str, Any]:
 def main() -> int:
     ap = model_options(__doc__.splitlines()[0], batch=8, repeat=15)
     ap.add_argument("--form", choices=("matmul", "conv"), default="matmul")
-    second = ap.add_mutually_exclusive_group()
-    second.add_argument("--without", choices=ABLATIONS, metavar="PASS",
-                        help="against the defaults built without PASS instead of the shipped records")
-    second.add_argument("--cold", action="store_true",
-                        help="against the defaults timed with the weights flushed from the caches before each call")
+    ap.add_argument("--without", choices=ABLATIONS, metavar="PASS",
+                    help="against the defaults built without PASS instead of the shipped records")
+    ap.add_argument("--cold", action="store_true",
+                    help="alone: against the defaults timed with the weights flushed from the caches before each "
+                         "call; with --without: both builds timed so")
     args = ap.parse_args()
     report = new_report(args)
     report["without"], report["cold"] = args.without, args.cold
@@ -188,7 +195,7 @@ def main() -> int:
     report["load_after"] = [round(v, 2) for v in os.getloadavg()]
     stem = f"kernels_{report['machine']['llvm_cpu']}_{Path(args.spec).stem}_b{args.batch}_{args.gelu}"
     stem += f"_{args.form}" if args.form != "matmul" else ""
-    stem += f"_without_{args.without}" if args.without else "_cold" if args.cold else ""
+    stem += (f"_without_{args.without}" if args.without else "") + ("_cold" if args.cold else "")
     stem += threads_suffix(report["machine"])
     write_report(Path(args.out), stem, report, markdown(report))
     print(markdown(report))
