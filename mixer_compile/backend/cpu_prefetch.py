@@ -5,7 +5,8 @@ from DRAM once: a kernel timed warm, its weights left in cache by the call befor
 model pays (benchmarks/README.md, "The next panel prefetched"). The micro-kernel re-reads its B
 panel once per row tile, so only the first row tile of each column tile waits on DRAM while
 the others run from cache. Here the row tiles of one column tile fetch the next column tile's
-panels meanwhile, so the stream overlaps the FMAs instead of stalling the first row tile.
+panels meanwhile, so that more of the stream overlaps the FMAs (what it gains, measured:
+benchmarks/README.md).
 gemm_space.apply marks the loop over row tiles (`ROW_TILES`: the distance in elements from
 one column tile's panels to the next, and how many row tiles prefetch, `gemm_space.prefetch_rows`:
 as many as it takes to cover the next panels, as far as L2 holds them beside the current ones)
