@@ -12,19 +12,17 @@ host code cannot be for another architecture, and GH200 and GB200 hosts are AArc
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import re
-import sys
 from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from mixer_compile.machine import (FEATURES, gpu_arch, host_arch, host_cpu_features, local_gpu, normalize_arch,
                                    physical_cores)
 from mixer_compile.errors import TargetError, did_you_mean
+from mixer_compile.util.stderr import LLVM_FEATURE_NOISE, without_stderr_lines
 
 # the top-level targets/, installed as the package data mixer_compile.targets (pyproject.toml)
 TARGETS_DIR = Path(files("mixer_compile.targets"))
@@ -193,28 +191,13 @@ def _check_cpu_names(path: Path, tvm_target: Any) -> None:
                               f"{did_you_mean(mcpu, known)} (give one of `llc -mtriple={triple} "
                               "-mcpu=help`, or \"host\" for this machine's)")
         wanted = [str(f)[1:] for f in config.attrs.get("mattr") or [] if str(f).startswith("+")]
-        with _stderr_silenced():  # LLVM's own "(ignoring feature)" line: the error below says it
+        with without_stderr_lines(LLVM_FEATURE_NOISE):  # LLVM's own line: the error below says it
             have = {str(f) for f in codegen.llvm_get_cpu_features(config)} if wanted else set()
         unknown = [f for f in wanted if f not in have]
         if unknown:
             raise TargetError(f"target file '{path}': LLVM knows no CPU feature '{unknown[0]}' for {triple}"
                               f"{did_you_mean(unknown[0], sorted(have))} (give ones of `llc -mtriple={triple} "
                               "-mattr=help`)")
-
-
-@contextlib.contextmanager
-def _stderr_silenced() -> Iterator[None]:
-    """File descriptor 2 on /dev/null while inside: LLVM writes its warnings from C++, past
-    Python's sys.stderr, and a refusal should be the one `error:` line."""
-    sys.stderr.flush()
-    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, 2)
-    try:
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(devnull)
 
 
 def build_requirements(tvm_target: Any) -> dict[str, Any]:

@@ -1,9 +1,11 @@
-"""TVM 0.27's C++ debug lines, kept off the user's terminal.
+"""TVM's and LLVM's C++ lines, kept off the user's terminal.
 
 TVM 0.27 logs one warning line per constant when it saves or loads a library with embedded
 weights (src/runtime/vm/executable.cc: "Scope Saving:", "Scope Loaded:", debug lines left in):
 thirty lines of noise for a tiny model, thousands for a large one. Shared by the artifact
-writer and the runtime (which imports nothing else of the compiler).
+writer and the runtime (which imports nothing else of the compiler). LLVM prints "'x' is not
+a recognized feature for this target (ignoring feature)" while a target file's features are
+read, before our own one-line refusal of them (backend/target.py).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Iterator
 
 TVM_SAVE_NOISE = "Scope Saving:"
 TVM_LOAD_NOISE = "Scope Loaded:"
+LLVM_FEATURE_NOISE = "(ignoring feature)"
 
 
 @contextlib.contextmanager
