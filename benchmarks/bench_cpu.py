@@ -40,7 +40,6 @@ output is checked against ONNX Runtime's.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import json
 import os
@@ -50,7 +49,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
+from unittest import mock
 
 import numpy as np
 
@@ -357,23 +357,13 @@ def matrix_spec(name: str, batch: int, gelu: str) -> MixerSpec:
 ABLATIONS = [*PASSES, "prefetch_next_panel"]
 
 
-@contextlib.contextmanager
-def without_pass(name: str) -> Iterator[None]:
-    """The build with pass `name` left out (it returns its input unchanged) while inside."""
+def without_pass(name: str) -> Any:
+    """A context in which the build leaves pass `name` out (it returns its input unchanged)."""
     from mixer_compile.backend import cpu_prefetch
 
-    owner, kept = (cpu_prefetch, cpu_prefetch.prefetch_next_panel) if name not in PASSES else (None, PASSES[name])
-    if owner is None:
-        PASSES[name] = lambda graph, ctx: (graph, [])
-    else:
-        owner.prefetch_next_panel = lambda func: func
-    try:
-        yield
-    finally:
-        if owner is None:
-            PASSES[name] = kept
-        else:
-            owner.prefetch_next_panel = kept
+    if name in PASSES:
+        return mock.patch.dict(PASSES, {name: lambda graph, ctx: (graph, [])})
+    return mock.patch.object(cpu_prefetch, "prefetch_next_panel", lambda func: func)
 
 
 def matrix_case(name: str, batch: int, gelu: str, target: TargetInfo, peer_names: list[str], repeat: int,
@@ -520,8 +510,9 @@ def matrix_main(args: argparse.Namespace) -> int:
     batches = args.batches if args.batches_given else MATRIX_BATCHES
     out = Path(args.out)
     stem = f"cpu_matrix_{report['machine']['llvm_cpu']}" + (f"_{args.tag}" if args.tag else "")
-    if not stem.endswith(threads_suffix(report["machine"])):  # a --tag may say it already (older results)
-        stem += threads_suffix(report["machine"])
+    threads = threads_suffix(report["machine"])
+    if not stem.endswith(threads):  # a --tag may say it already (older results)
+        stem += threads
     if args.first_compile:
         print("first compile of mixer_b16 batch 1 without records", file=sys.stderr, flush=True)
         report["first_compile"] = first_compile("mixer_b16", 1, args.target)

@@ -31,6 +31,7 @@ alone (tuning's candidates, the benchmarks) go through it.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import tvm
@@ -52,10 +53,6 @@ def _all(node: Any, kind: Any) -> list[Any]:
     return found
 
 
-def _is_ramp(index: Any) -> bool:
-    return isinstance(index, tvm.ir.prim.expr.Ramp)
-
-
 def _panel_load(k_loop: Any, allocated: set[str]) -> Any | None:
     """The first vector load of B in a micro-kernel's k loop: the innermost loop that stores
     only to buffers the kernel allocates (its accumulators; an epilogue stores to the output)
@@ -64,13 +61,9 @@ def _panel_load(k_loop: Any, allocated: set[str]) -> Any | None:
     if _all(k_loop.body, S.For) or not stores or any(s.buffer.name not in allocated for s in stores):
         return None
     loads = [x for x in _all(k_loop.body, tvm.ir.TensorLoad)
-             if len(x.indices) == 1 and _is_ramp(x.indices[0]) and x.source.name not in allocated]
+             if len(x.indices) == 1 and isinstance(x.indices[0], tvm.ir.prim.expr.Ramp)
+             and x.source.name not in allocated]
     return loads[0] if loads else None
-
-
-def _bytes(dtype: Any) -> int:
-    d = tvm.runtime.DataType(str(dtype))
-    return d.bits // 8 * d.lanes
 
 
 def _with_prefetch(row_tiles: Any, allocated: set[str], accumulators: set[str]) -> Any:
@@ -79,12 +72,11 @@ def _with_prefetch(row_tiles: Any, allocated: set[str], accumulators: set[str]) 
     plain = {k: v for k, v in row_tiles.annotations.items() if k != ROW_TILES}
     loop = S.For(row_tiles.loop_var, row_tiles.min, row_tiles.extent, row_tiles.kind, row_tiles.body,
                  row_tiles.thread_binding, plain)
-    k_loops = [f for f in _all(row_tiles.body, S.For) if _panel_load(f, allocated) is not None]
+    k_loops = [(f, load) for f in _all(row_tiles.body, S.For) if (load := _panel_load(f, allocated)) is not None]
     starts = isinstance(row_tiles.min, tirx.IntImm) and int(row_tiles.min) == 0  # not a tile LoopPartition peeled off
     if len(k_loops) != 1 or not starts or not isinstance(row_tiles.extent, tirx.IntImm):
         return loop
-    k_loop = k_loops[0]
-    load = _panel_load(k_loop, allocated)
+    (k_loop, load), = k_loops
     accumulators.update(s.buffer.name for s in _all(k_loop.body, S.BufferStore))
     ramp = load.indices[0]
     step = int(k_loop.extent) * ramp.lanes  # one row tile's share: a vector of B per k step
@@ -113,13 +105,9 @@ def _with_prefetch(row_tiles: Any, allocated: set[str], accumulators: set[str]) 
 def _on_stack(alloc: Any, accumulators: set[str]) -> Any:
     """An accumulator allocation kept on the stack (module docstring)."""
     buffer = alloc.buffer
-    shape = [d for d in buffer.shape]
-    if buffer.name not in accumulators or not all(isinstance(d, tirx.IntImm) for d in shape):
+    if buffer.name not in accumulators or not all(isinstance(d, tirx.IntImm) for d in buffer.shape):
         return alloc
-    size = _bytes(buffer.dtype)
-    for d in shape:
-        size *= int(d)
-    if size > STACK_BYTES:
+    if tvm.runtime.DataType(str(buffer.dtype)).itemsize * math.prod(int(d) for d in buffer.shape) > STACK_BYTES:
         return alloc
     return S.AllocBuffer(buffer, {**dict(alloc.annotations), _DISABLE_LOWER_BUILTIN: tirx.IntImm("int32", 1)})
 

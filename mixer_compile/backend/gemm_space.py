@@ -490,9 +490,9 @@ def apply(sch: Schedule, gemm: Gemm, c: Candidate, lanes: int) -> None:
         sch.vectorize(sch.get_loops(stage)[-1])
     elif widened:  # converted at each use
         sch.compute_inline(sch.get_sblock(widened))
-    elif staged and ko is None and _in_panels(sch.get(block)) and prefetch_rows(gemm, c.nv, lanes):
+    elif staged and ko is None and _in_panels(sch.get(block)) and (rows := prefetch_rows(gemm, c.nv, lanes)):
         # a weight's panels, read in place: the distance to the next panels, the row tiles that prefetch them
-        sch.annotate(io, ROW_TILES, [c.nv * lanes * gemm.k, prefetch_rows(gemm, c.nv, lanes)])
+        sch.annotate(io, ROW_TILES, [c.nv * lanes * gemm.k, rows])
     sch.decompose_reduction(block, ko if ko is not None else k)
 
 
