@@ -12,6 +12,7 @@ import json
 import re
 import shutil
 import subprocess
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -159,10 +160,11 @@ ARCHS = [pytest.param("sm_90", marks=pytest.mark.slow), "sm_80"]
 FAMILY = {"sm_90": "sm_90a", "sm_80": "sm_80", "sm_100": "sm_100", "sm_120": "sm_120"}
 
 
-def _mid_residual(arch: str) -> GemmKernel:
-    """MID's channel fc2 as its build will call it (the artifact test below then finds it cached)."""
-    kernel = GemmKernel("bfloat16", "residual")
-    shape = GemmShape(2 * 64, 128, 512)
+def _mid(arch: str, epilogue: str = "residual") -> GemmKernel:
+    """MID's channel fc1 (`gelu_erf`: 128 x 512 x 128 at batch 2) or fc2 (`residual`: 128 x 128
+    x 512) as its build will call it (the artifact test below then finds both cached)."""
+    kernel = GemmKernel("bfloat16", epilogue)
+    shape = GemmShape(2 * 64, 512, 128) if epilogue == "gelu_erf" else GemmShape(2 * 64, 128, 512)
     return kernel.with_variant(gemm_choice.default_config(kernel, shape, FAMILY[arch]).variant)
 
 
@@ -195,23 +197,40 @@ def test_gpus_before_ampere_keep_tvms_kernels():
 SM80_LEFT = (GemmKernel("float16", "gelu_erf", "wtx", "t128x128x32_w64x64_s4"),
              GemmKernel("bfloat16", "residual", "wx", "t64x128x32_w32x64_s4"))
 
+# float32 (3xTF32) on both families: mma.sync m16n8k8 on tf32, three per product (big x big,
+# big x small, small x big), fed by cp.async; no wgmma on Hopper (its tf32 would keep 10 bits)
+F32 = (("sm_80", GemmKernel("float32", "gelu_erf", "xw", "t128x128x16_w32x64_s4")),
+       ("sm_90", GemmKernel("float32", "residual", "wx", "t64x64x16_w32x32_s3")))
+
+
+@pytest.fixture(scope="module")
+def compiled(kernel_cache: Path) -> Path:
+    """The kernel cache, with the kernels of this module's default run compiled into it as a
+    build compiles its own, as many at once as `cutlass.compile_jobs` allows: nvcc is
+    single-threaded, and compiled test by test they would leave every other core idle."""
+    kernels = [("sm_80", _mid("sm_80", "gelu_erf")), ("sm_80", _mid("sm_80")), ("sm_80", SM80_LEFT[0]), *F32]
+    with pytest.MonkeyPatch.context() as env, ThreadPoolExecutor(cutlass.compile_jobs()) as pool:
+        env.setenv("MIXER_COMPILE_CACHE", str(kernel_cache))
+        list(pool.map(lambda pair: cutlass.gpu_object(pair[1], pair[0]), kernels))
+    return kernel_cache
+
 
 @needs_nvcc
 @needs_cuobjdump
 @pytest.mark.parametrize("arch, kernel",
-                         [pytest.param("sm_90", _mid_residual("sm_90"), marks=pytest.mark.slow, id="sm_90"),
-                          pytest.param("sm_80", _mid_residual("sm_80"), id="sm_80"),
-                          pytest.param("sm_100", _mid_residual("sm_100"), marks=pytest.mark.slow, id="sm_100"),
+                         [pytest.param("sm_90", _mid("sm_90"), marks=pytest.mark.slow, id="sm_90"),
+                          pytest.param("sm_80", _mid("sm_80"), id="sm_80"),
+                          pytest.param("sm_100", _mid("sm_100"), marks=pytest.mark.slow, id="sm_100"),
                           # sm_120 builds sm_80's code (test_each_gpu_generation_has_its_family_and_arch_code)
-                          pytest.param("sm_120", _mid_residual("sm_120"), marks=pytest.mark.slow, id="sm_120"),
+                          pytest.param("sm_120", _mid("sm_120"), marks=pytest.mark.slow, id="sm_120"),
                           pytest.param("sm_80", SM80_LEFT[0], id="sm_80-wtx"),
                           # the other kernel layout of the same template: ~25 s more of nvcc
                           pytest.param("sm_80", SM80_LEFT[1], marks=pytest.mark.slow, id="sm_80-wx")])
-def test_cutlass_kernels_compile_to_tensor_core_code(kernel_cache, monkeypatch, arch, kernel):
+def test_cutlass_kernels_compile_to_tensor_core_code(compiled, monkeypatch, arch, kernel):
     """sm_90a: wgmma (HGMMA) fed by TMA (UTMALDG), no mma.sync; sm_100: tcgen05 (UTCHMMA) fed by
     TMA; sm_80, right and left products: mma.sync m16n8k16 (HMMA.16816) fed by cp.async
     (LDGSTS), and the same on sm_120; each exports its tvm-ffi symbol; compiled once."""
-    monkeypatch.setenv("MIXER_COMPILE_CACHE", str(kernel_cache))
+    monkeypatch.setenv("MIXER_COMPILE_CACHE", str(compiled))
     obj = cutlass.gpu_object(kernel, arch)
     code = _sass(obj)
     assert all(instruction in code for instruction in TENSOR_CORE_CODE[arch])
@@ -222,17 +241,11 @@ def test_cutlass_kernels_compile_to_tensor_core_code(kernel_cache, monkeypatch, 
     assert cutlass.gpu_object(kernel, arch) == obj  # cached: the next build compiles nothing
 
 
-# float32 (3xTF32) on both families: mma.sync m16n8k8 on tf32, three per product (big x big,
-# big x small, small x big), fed by cp.async; no wgmma on Hopper (its tf32 would keep 10 bits)
-F32 = (("sm_80", GemmKernel("float32", "gelu_erf", "xw", "t128x128x16_w32x64_s4")),
-       ("sm_90", GemmKernel("float32", "residual", "wx", "t64x64x16_w32x32_s3")))
-
-
 @needs_nvcc
 @needs_cuobjdump
 @pytest.mark.parametrize("arch, kernel", F32, ids=lambda v: getattr(v, "form", v))
-def test_float32_kernels_run_3xtf32_on_tensor_cores(kernel_cache, monkeypatch, arch, kernel):
-    monkeypatch.setenv("MIXER_COMPILE_CACHE", str(kernel_cache))
+def test_float32_kernels_run_3xtf32_on_tensor_cores(compiled, monkeypatch, arch, kernel):
+    monkeypatch.setenv("MIXER_COMPILE_CACHE", str(compiled))
     code = _sass(cutlass.gpu_object(kernel, arch))
     warp_m, warp_n = Config.parse(kernel.variant).warp
     per_k_tile = 3 * (warp_m // 16) * (warp_n // 8) * (16 // 8)  # m16n8k8 over a warp tile, K tile 16
@@ -240,18 +253,18 @@ def test_float32_kernels_run_3xtf32_on_tensor_cores(kernel_cache, monkeypatch, a
 
 
 # (kernel, a problem it runs, one it refuses): the contiguous axes must be multiples of 8
-IMPLEMENTABLE = [(_mid_residual("sm_80"), GemmShape(128, 128, 512), GemmShape(128, 128, 196)),
+IMPLEMENTABLE = [(_mid("sm_80"), GemmShape(128, 128, 512), GemmShape(128, 128, 196)),
                  (SM80_LEFT[0], GemmShape(64, 256, 196, 2), GemmShape(196, 256, 64, 2))]
 
 
 @needs_nvcc
 @pytest.mark.parametrize("kernel, runs, refused", IMPLEMENTABLE, ids=lambda v: getattr(v, "form", ""))
-def test_a_kernel_says_on_the_cpu_which_problems_it_can_run(tmp_path, kernel_cache, monkeypatch, kernel, runs,
+def test_a_kernel_says_on_the_cpu_which_problems_it_can_run(tmp_path, compiled, monkeypatch, kernel, runs,
                                                             refused):
     """CUTLASS's can_implement, exported beside each kernel and asked on this CPU (no GPU): a
     build refuses a choice its kernel would reject at the first call on the GPU."""
-    monkeypatch.setenv("MIXER_COMPILE_CACHE", str(kernel_cache))
-    obj = cutlass.gpu_object(kernel, "sm_80")  # compiled by the test above
+    monkeypatch.setenv("MIXER_COMPILE_CACHE", str(compiled))
+    obj = cutlass.gpu_object(kernel, "sm_80")
     lib = cutlass.load_on_host([obj], cutlass.link_options(), tmp_path)
     implementable = lib[f"{kernel.symbol}_implementable"]
     assert implementable(runs.m, runs.n, runs.k, runs.l) and not implementable(refused.m, refused.n, refused.k, refused.l)
@@ -264,15 +277,14 @@ def test_a_kernel_says_on_the_cpu_which_problems_it_can_run(tmp_path, kernel_cac
 @needs_nvcc
 @needs_cuobjdump
 @pytest.mark.parametrize("arch", ARCHS)
-def test_cuda_artifact_links_the_library_gemms_and_validates_on_host(tmp_path, kernel_cache, monkeypatch, arch):
-    """A CUDA build links its CUTLASS kernels into model.so (the residual one compiled by the
-    test above, from the cache) and validates the same program on this CPU."""
-    monkeypatch.setenv("MIXER_COMPILE_CACHE", str(kernel_cache))
+def test_cuda_artifact_links_the_library_gemms_and_validates_on_host(tmp_path, compiled, monkeypatch, arch):
+    """A CUDA build links its CUTLASS kernels into model.so (on sm_80 from the cache `compiled`
+    filled) and validates the same program on this CPU."""
+    monkeypatch.setenv("MIXER_COMPILE_CACHE", str(compiled))
     result = compile_model(CompileOptions(spec=MID, target=arch, dtype="bfloat16", out_dir=tmp_path / "a"))
     meta = json.loads((tmp_path / "a" / "metadata.json").read_text())
     linked = [from_symbol(s) for s in meta["gpu_code"]["library_gemms"]]
-    assert [(k.form, k.epilogue) for k in linked] == [("xw", "gelu_erf"), ("xw", "residual")]
-    assert _mid_residual(arch) in linked
+    assert linked == [_mid(arch, "gelu_erf"), _mid(arch)]
     assert [c["from"] for c in meta["gpu_code"]["gemm_choices"]] == ["default"] * 4
     gpu = local_gpu()
     on_gpu = gpu is not None and gpu_arch(gpu)[:4] == arch[:4]  # same major version: it runs there
