@@ -3,8 +3,10 @@
     compiled = mixer_compile.compile(model, target="llvm", batch="1-16")   # api.py
     compiled(images); compiled.save(dir); mixer_compile.load(dir)          # runtime.py
 
-Importing the package (as `import mixer_compile.runtime` does in a serving process) loads the
-runtime side only; the compiler's entry points load on first use (PEP 562 `__getattr__`).
+Importing the package loads nothing but the standard library: the runtime (`load`) and the
+compiler's entry points load on first use (PEP 562 `__getattr__`), so a serving process that
+imports `mixer_compile.runtime` gets the runtime side only, and the command line has its
+Ctrl-C handler in place before NumPy or TVM start loading.
 """
 
 import os
@@ -29,13 +31,16 @@ def _cache_home_without_a_home() -> None:
 _cache_home_without_a_home()
 
 from mixer_compile.errors import MixerCompileError  # noqa: E402 (after the cache home is settled)
-from mixer_compile.runtime import CompiledMixer, load  # noqa: E402
 from mixer_compile.version import __version__  # noqa: E402
 
 __all__ = ["CompiledMixer", "MixerCompileError", "MixerSpec", "__version__", "compile", "load", "load_spec"]
 
 
 def __getattr__(name: str) -> Any:
+    if name in ("CompiledMixer", "load"):
+        from mixer_compile import runtime
+
+        return getattr(runtime, name)
     if name == "compile":
         from mixer_compile.api import compile
 

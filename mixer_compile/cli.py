@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import difflib
+import errno
 import os
 import signal
 import sys
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, NoReturn
 
 from mixer_compile.errors import MixerCompileError
+from mixer_compile.util.interrupt import SIGNALS
 
 DEFAULT_SPEC = "mixer_b16"
 SUBCOMMANDS = ("compile", "specs", "show", "targets", "export-onnx", "import-onnx", "resize-weights", "viz", "report", "tune")
@@ -57,7 +59,12 @@ def _path(text: str) -> str:
     shell variable would otherwise mean the default, or the current directory)."""
     if not text.strip():
         raise argparse.ArgumentTypeError("an empty path (an unset shell variable?)")
-    return os.path.expanduser(text)
+    path = os.path.expanduser(text)
+    try:
+        Path(path).resolve()
+    except RuntimeError as exc:  # a symlink loop (Python before 3.13; an OSError after, which main reports)
+        raise argparse.ArgumentTypeError(f"{exc}; fix the link") from None
+    return path
 
 
 def _at_least(low: int) -> Callable[[str], int]:
@@ -431,6 +438,32 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    with _noting_interrupts() as interrupts:  # from the first instant: a Ctrl-C while modules load is one line too
+        try:
+            return _run(argv)
+        except MixerCompileError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        except BrokenPipeError:  # the reader went away (`mixer-compile specs | head -1`): stop quietly, as cat does
+            _stdout_to_devnull()
+            return 141
+        except KeyboardInterrupt:
+            return _interrupted(interrupts)
+        except OSError as exc:
+            if exc.errno not in _MACHINE_FIXES:
+                raise
+            print(f"error: {exc.filename or 'writing the output'}: {exc.strerror}; {_MACHINE_FIXES[exc.errno]}",
+                  file=sys.stderr)
+            _stdout_to_devnull()  # stdout may be what failed: nothing more to flush at exit
+            return 2
+        except Exception:
+            # a Ctrl-C inside TVM's C++ (a build) comes out as a TVM error, not a KeyboardInterrupt
+            if interrupts:
+                return _interrupted(interrupts)
+            raise
+
+
+def _run(argv: list[str]) -> int:
     if argv and not argv[0].startswith("-") and argv[0] not in SUBCOMMANDS:
         # compile, the default command, takes no positional argument: a word here is a mistyped command
         near = difflib.get_close_matches(argv[0], SUBCOMMANDS, n=1)
@@ -441,30 +474,33 @@ def main(argv: list[str] | None = None) -> int:
         argv.insert(0, "compile")
     args = parser().parse_args(argv)
     warnings.formatwarning = lambda message, *_, **__: f"warning: {message}\n"
-    with _noting_interrupts() as interrupts:
-        try:
-            return args.fn(args)
-        except MixerCompileError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
-        except BrokenPipeError:  # the reader went away (`mixer-compile specs | head -1`): stop quietly, as cat does
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more to flush at exit
-            return 141
-        except KeyboardInterrupt:
-            print("interrupted", file=sys.stderr)
-            return 130
-        except Exception:
-            # a Ctrl-C inside TVM's C++ (a build) comes out as a TVM error, not a KeyboardInterrupt
-            if interrupts:
-                print("interrupted", file=sys.stderr)
-                return 130
-            raise
+    return args.fn(args)
+
+
+# what the machine, not our code, gets wrong (any path we are given can meet these), and the fix
+_MACHINE_FIXES = {errno.ENOSPC: "free some space there or write elsewhere", errno.EDQUOT: "free some space "
+                  "there or write elsewhere", errno.ENAMETOOLONG: "use a shorter path", errno.ELOOP: "fix the "
+                  "symbolic link", errno.EACCES: "choose a path you may use", errno.EPERM: "choose a path you may "
+                  "use", errno.EROFS: "write to a file system that is not read-only"}
+
+
+def _stdout_to_devnull() -> None:
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
+def _interrupted(signals: list[int]) -> int:
+    """The exit of a run stopped by a signal: one line, and 128 + its number, as a shell reports it."""
+    last = signals[-1] if signals else signal.SIGINT
+    print("interrupted" + ("" if last == signal.SIGINT else f" ({signal.Signals(last).name})"), file=sys.stderr)
+    return 128 + last
 
 
 @contextlib.contextmanager
 def _noting_interrupts() -> Iterator[list[int]]:
-    """Keeps Python's Ctrl-C behaviour (KeyboardInterrupt) and notes each Ctrl-C in the list it
-    yields, so that main can tell the error a Ctrl-C became inside TVM from a real failure."""
+    """Ctrl-C, and SIGTERM (what `timeout`, `kill` and CI runners send), raise KeyboardInterrupt,
+    so that every `finally` runs (no staging directory left beside `-o`), and are noted in the
+    list it yields, so that main can tell the error a signal became inside TVM from a real
+    failure. (The tuner takes both over while it searches: util/interrupt.py.)"""
     seen: list[int] = []
     if threading.current_thread() is not threading.main_thread():
         yield seen
@@ -472,13 +508,14 @@ def _noting_interrupts() -> Iterator[list[int]]:
 
     def note(signum: int, frame: Any) -> None:
         seen.append(signum)
-        signal.default_int_handler(signum, frame)
+        raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGINT, note)
+    previous = {s: signal.signal(s, note) for s in SIGNALS}
     try:
         yield seen
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 if __name__ == "__main__":

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mixer_compile.errors import ArtifactError
+from mixer_compile.errors import ArtifactError, MixerCompileError
 
 
 def physical_cores() -> int:
@@ -56,12 +56,19 @@ def physical_cores() -> int:
     return max(1, len(cores))
 
 
+MAX_THREADS = 1024  # TVM starts every thread it is told to: 100000 aborted the process or hung it
+
+
 def use_all_cores() -> int:
     """The number of threads TVM will use: TVM_NUM_THREADS (or OMP_NUM_THREADS) when the
     user set one, else all physical cores, which this sets for the pool and child processes."""
     for name in ("TVM_NUM_THREADS", "OMP_NUM_THREADS"):
         if os.environ.get(name, "").strip().isdigit():
-            return int(os.environ[name])
+            threads = int(os.environ[name])
+            if not 1 <= threads <= MAX_THREADS:
+                raise MixerCompileError(f"{name}={threads} asks TVM for {threads} threads; set it to 1 to "
+                                        f"{MAX_THREADS} (this machine has {physical_cores()} cores) or unset it")
+            return threads
     cores = physical_cores()
     os.environ["TVM_NUM_THREADS"] = str(cores)
     return cores

@@ -129,7 +129,10 @@ class CompiledMixer:
         from tvm.runtime.vm import VirtualMachine
 
         threads = use_all_cores()  # before the pool starts: TVM alone would use half the cores on x86
-        self.path = Path(artifact_dir).resolve()
+        try:
+            self.path = Path(artifact_dir).resolve()
+        except RuntimeError as exc:  # a symlink loop (Python before 3.13; an OSError after, met below)
+            raise ArtifactError(f"artifact directory '{artifact_dir}': {exc}; fix the link") from None
         self._read_checked()
         _warn_split_for_fewer_cores(self.metadata, f"artifact '{self.path}'", threads)
         self.input_shape = tuple(self.metadata.input["shape"])  # at the largest batch served
@@ -259,6 +262,8 @@ class CompiledMixer:
         if torch is not None and isinstance(images, torch.Tensor):
             if images.is_meta:
                 raise InputError("input is a meta tensor, which holds no data; pass images in memory")
+            if images.layout != torch.strided:
+                raise InputError(f"input is a {images.layout} tensor; pass a dense one (e.g. .to_dense())")
             self._check(tuple(images.shape), str(images.dtype).removeprefix("torch."))
             x = images.detach().contiguous()
             return self._pieces(x.shape[0], lambda at, b: torch.from_dlpack(

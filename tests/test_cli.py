@@ -92,8 +92,12 @@ def test_user_errors_are_one_line(tmp_path, tiny_toml):
                           "pass 'tokens_major' is not in the conv pipeline")
     assert_one_line_error(["--spec", tiny_toml, "-o", ""], "argument -o/--output: an empty path (an unset shell "
                                                            "variable?)")
+    # what the file system refuses, for any path given: a name over its limit, a symbolic link loop
+    assert_one_line_error(["--spec", tiny_toml, "-o", tmp_path / ("x" * 300)], ": File name too long; use a shorter path")
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    assert_one_line_error(["--spec", tiny_toml, "-o", tmp_path / "loop"], f"Symlink loop from '{tmp_path / 'loop'}'")
     no_cores = tmp_path / "mine.json"
-    no_cores.write_text('{"target": {"kind": "llvm", "mcpu": "znver3"}}')
+    no_cores.write_text('{"target": {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "znver3"}}')
     assert_one_line_error(["--spec", tiny_toml, "--target", no_cores], "'num-cores' must be the number of cores")
     # a CPU name LLVM does not know would build for its generic CPU: refused, for a GPU target's host too
     gpu = tmp_path / "gpu.json"

@@ -308,10 +308,21 @@ def test_ctrl_c_inside_tvm_is_interrupted_not_a_traceback(monkeypatch, capsys):
             raise RuntimeError("TVM's error for the KeyboardInterrupt of a callback") from None
 
     monkeypatch.setattr(cli_module, "cmd_targets", build_interrupted)
-    before = signal.getsignal(signal.SIGINT)
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     assert cli_module.main(["targets"]) == 130
     assert capsys.readouterr().err == "interrupted\n"
-    assert signal.getsignal(signal.SIGINT) is before  # main leaves the process's handler as it found it
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before  # left as main found them
+
+    def build_terminated(args):  # SIGTERM (timeout, kill, CI) unwinds the same way: every `finally` runs
+        try:
+            signal.raise_signal(signal.SIGTERM)
+        finally:
+            cleaned.append(True)
+
+    cleaned = []
+    monkeypatch.setattr(cli_module, "cmd_targets", build_terminated)
+    assert cli_module.main(["targets"]) == 128 + signal.SIGTERM and cleaned == [True]
+    assert capsys.readouterr().err == "interrupted (SIGTERM)\n"
 
     def build_failed(args):
         raise RuntimeError("a real failure")

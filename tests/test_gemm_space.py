@@ -20,6 +20,7 @@ from mixer_compile.backend.gemm_space import (COLUMNS_USED, MAX_CANDIDATES, ROWS
                                                default_candidate, design_spaces, find_gemm, prefetch_rows, vector_unit)
 from mixer_compile.backend.target import get_target
 from mixer_compile.compose import model_tasks
+from mixer_compile.errors import MixerCompileError
 from mixer_compile.machine import physical_cores, use_all_cores
 from mixer_compile.model.spec import MixerSpec
 from tests.helpers import cannot_run
@@ -128,3 +129,7 @@ def test_tvm_threads_default_to_physical_cores(monkeypatch) -> None:
     assert os.environ["TVM_NUM_THREADS"] == str(physical_cores())
     monkeypatch.setenv("TVM_NUM_THREADS", "1")  # the user's choice wins
     assert use_all_cores() == 1
+    monkeypatch.setenv("TVM_NUM_THREADS", "100000")  # TVM would start them all: aborted, or hung
+    with pytest.raises(MixerCompileError, match=r"^TVM_NUM_THREADS=100000 asks TVM for 100000 threads; set it to 1 "
+                                                r"to 1024 \(this machine has \d+ cores\) or unset it$"):
+        use_all_cores()

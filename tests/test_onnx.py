@@ -156,6 +156,14 @@ def test_cli_import_compiles_and_validates_against_onnxruntime(spec, tmp_path, c
     assert meta["validation"]["passed"] and meta["weights"]["file"] == str(tmp_path / "art.npz")
     assert load_spec(tmp_path / "art.json") == s.replace(name="timm", batch=10)
     _same_weights(load_weights(tmp_path / "art.npz", s)[0], w)
+    # beside the artifact: what an earlier import of this model wrote is replaced, a file of the user's is not
+    assert main(["import-onnx", str(tmp_path / "timm.onnx"), "--batch", "10", "-o", str(art)]) == 0
+    (tmp_path / "mine.npz").write_text("keep me\n")
+    assert main(["import-onnx", str(tmp_path / "timm.onnx"), "-o", str(tmp_path / "mine")]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"error: cannot write '{tmp_path / 'mine.npz'}': a file that this import did not write is there; move it or "
+        "choose another -o (the checkpoint and spec are written beside the artifact as mine.npz and .json)")
+    assert (tmp_path / "mine.npz").read_text() == "keep me\n" and not (tmp_path / "mine").exists()
     # the float64 reference recognises the model on the first REFERENCE_IMAGES only
     result = import_onnx_tool.compile_onnx(tmp_path / "timm.onnx", tmp_path / "again", batch=10)
     assert (result.recognition.batch, result.recognition.checked) == (10, REFERENCE_IMAGES) and REFERENCE_IMAGES < 10

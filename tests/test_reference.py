@@ -65,3 +65,19 @@ def test_validation_runs_the_whole_batch_and_checks_its_first_images(tiny_spec):
     assert (result.batch, result.checked) == (spec.batch, REFERENCE_IMAGES)
     with pytest.raises(ValidationError, match="disagrees with the reference"):
         validate(lambda x: run(x, corrupt=REFERENCE_IMAGES - 1), spec, weights)
+
+
+def test_weights_beyond_float32_are_blamed_not_the_build(tiny_spec):
+    """A checkpoint whose activations overflow float32 (damaged, or scaled by mistake): no float32
+    build can agree with the float64 reference, and the error says the weights are at fault. The
+    reference in float32 stays in float32 (a NumPy float64 constant would widen it)."""
+    from mixer_compile.check.validate import validate
+    from mixer_compile.errors import WeightsError
+
+    weights = random_weights(tiny_spec, 0)
+    images = np.ones((1, 3, *tiny_spec.image_size), np.float32)
+    assert reference.forward(tiny_spec, weights, images, np.float32).dtype == np.float32
+    weights["stem/bias"] = np.full_like(weights["stem/bias"], 3e38)
+    with pytest.raises(WeightsError, match=r"^these weights overflow float32 \(the reference forward pass overflows "
+                                           r"in float32; the largest \|weight\| is 3e\+38\): the checkpoint is damaged"):
+        validate(lambda x: np.zeros((len(x), tiny_spec.num_classes), np.float32), tiny_spec, weights)

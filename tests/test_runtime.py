@@ -138,6 +138,8 @@ def test_bad_inputs_are_refused_by_message(artifact):
             model(bad)
     with pytest.raises(ValueError, match="^input is a meta tensor, which holds no data"):  # InputError is one
         model(torch.empty(2, 3, 32, 32, device="meta"))
+    with pytest.raises(InputError, match=r"^input is a torch.sparse_coo tensor; pass a dense one \(e.g. .to_dense\(\)\)"):
+        model(torch.zeros(2, 3, 32, 32).to_sparse())
 
 
 def test_threads_calling_at_once_match_single_threaded(artifact):

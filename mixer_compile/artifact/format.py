@@ -136,7 +136,11 @@ def sha256(path: Path) -> str:
 def read_metadata(artifact_dir: str | Path) -> Metadata:
     """The artifact's metadata, checked field by field (see `_check_fields`)."""
     directory = Path(artifact_dir)
-    if not directory.is_dir():
+    try:
+        is_dir = directory.is_dir()
+    except OSError as exc:  # a name longer than the file system takes
+        raise ArtifactError(f"artifact directory '{artifact_dir}': {exc.strerror}") from None
+    if not is_dir:
         raise ArtifactError(f"artifact directory '{artifact_dir}' "
                             + ("is not a directory" if directory.exists() else "does not exist"))
     path = directory / METADATA

@@ -19,8 +19,8 @@ from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
-from mixer_compile.machine import (FEATURES, gpu_arch, host_arch, host_cpu_features, local_gpu, normalize_arch,
-                                   physical_cores)
+from mixer_compile.machine import (FEATURES, MAX_THREADS, gpu_arch, host_arch, host_cpu_features, local_gpu,
+                                   normalize_arch, physical_cores)
 from mixer_compile.errors import TargetError, did_you_mean
 from mixer_compile.util.stderr import LLVM_FEATURE_NOISE, without_stderr_lines
 
@@ -35,6 +35,10 @@ PORTABLE_HOSTS = {"x86_64": {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcp
 # the first field of an `mtriple`. TVM's LLVM queries crash the process (SIGSEGV) on a triple
 # whose architecture LLVM does not know, so any other is refused before LLVM is asked.
 TRIPLE_ARCHES = ("x86_64", "amd64", "aarch64", "arm64")
+
+# at most machine.MAX_THREADS: above the largest servers' core counts (a file may describe another
+# machine than this one), below what makes TVM abort or hang spawning threads
+CORES_RULE = f"'num-cores' must be the number of cores to run on (1 to {MAX_THREADS}, or \"host\" for this machine's)"
 
 
 @dataclass(frozen=True)
@@ -104,18 +108,38 @@ def _local_gpu_target(data: dict[str, Any]) -> TargetInfo:
 
 def _read(path: Path) -> dict[str, Any]:
     try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise TargetError(f"target file '{path}' is not valid JSON: {exc}") from None
+        data = json.loads(path.read_text(encoding="utf-8"))  # JSON is UTF-8 whatever the locale
+    except OSError as exc:
+        raise TargetError(f"cannot read target file '{path}': {exc.strerror or exc}") from None
+    except ValueError as exc:  # bad syntax, bad UTF-8, an integer of thousands of digits
+        raise TargetError(f"target file '{path}' is not valid JSON: "
+                          f"{str(exc).splitlines()[0].split(';')[0]}") from None  # not Python's advice after ';'
+    except RecursionError:  # the parser recurses per nesting level
+        raise TargetError(f"target file '{path}' is nested too deeply to be a target") from None
     if not isinstance(data, dict) or not isinstance(data.get("target"), dict):
         raise TargetError(f"target file '{path}' must hold an object with a 'target' object")
-    target = data["target"]
-    cores = target.get("num-cores")
-    if target.get("kind") == "llvm" and cores != "host" and (
-            not isinstance(cores, int) or isinstance(cores, bool) or cores < 1):
-        raise TargetError(f"target file '{path}': 'num-cores' must be the number of cores to run on (1 or more, "
-                          f"or \"host\" for this machine's), got {cores!r}")
+    _settle(path, data["target"])
     return data
+
+
+def _settle(path: Path, config: dict[str, Any]) -> None:
+    """Puts `mattr` in TVM's form before TVM or _resolve_host sees it: LLVM's own comma-separated
+    string becomes a list (`mcpu: host` adds to that list, and would split a string into letters),
+    and anything else that is no list of strings is refused. A `num-cores` given is checked here:
+    TVM says a wrong type in its own terms and takes 100000, then aborts or hangs spawning the
+    threads. A missing one is said last (_checked), so that it hides no other error."""
+    mattr = config.get("mattr")
+    if isinstance(mattr, str):
+        config["mattr"] = [feature.strip() for feature in mattr.split(",") if feature.strip()]
+    elif mattr is not None and not (isinstance(mattr, list) and all(isinstance(f, str) for f in mattr)):
+        raise TargetError(f"target file '{path}': 'mattr' must be a list of CPU features such as "
+                          f"[\"+avx2\", \"-avx512f\"] (or LLVM's \"+avx2,-avx512f\"), got {mattr!r}")
+    cores = config.get("num-cores")
+    if config.get("kind") == "llvm" and cores not in (None, "host") and (
+            not isinstance(cores, int) or isinstance(cores, bool) or not 1 <= cores <= MAX_THREADS):
+        raise TargetError(f"target file '{path}': {CORES_RULE}, got {cores!r}")
+    if isinstance(config.get("host"), dict):
+        _settle(path, config["host"])
 
 
 def known_targets() -> dict[str, dict[str, Any]]:
@@ -127,6 +151,8 @@ def get_target(name: str) -> TargetInfo:
     """A target by name or alias, or from a JSON file path. A name that is no target's and ends
     in .json (any case) or names an existing file or directory is taken as a path, so that a
     missing or wrong one is said as such, not as an unknown target name."""
+    if not name.strip():  # as Path(""), the current directory, it would be refused as a directory
+        raise TargetError("an empty target name or path (an unset shell variable?)")
     targets = known_targets()
     for stem, data in targets.items():
         if name == stem or name in data.get("aliases", []):
@@ -148,13 +174,15 @@ def get_target(name: str) -> TargetInfo:
 
 def _checked(path: Path, target: TargetInfo) -> TargetInfo:
     """A user's target file as TVM reads it: a kind, key or host TVM does not know, a triple, CPU
-    name or feature LLVM does not know, or a GPU arch that is no `sm_XY`, is refused here, in one
-    line, not as a traceback mid-build."""
+    name or feature LLVM does not know, a CPU target without `num-cores`, or a GPU arch that is no
+    `sm_XY`, is refused here, in one line, not as a traceback mid-build."""
     try:
         tvm_target = target.tvm_target()
     except (ValueError, RuntimeError) as exc:  # TVM's errors: an unknown kind, key or value type
         raise TargetError(f"target file '{path}' is no target TVM can build: {str(exc).splitlines()[0]}") from None
     _check_cpu_names(path, tvm_target)
+    if tvm_target.kind.name == "llvm" and target.config.get("num-cores") is None:
+        raise TargetError(f"target file '{path}': 'num-cores' is missing; {CORES_RULE}")
     if tvm_target.kind.name != "cuda":
         return target
     if "arch" not in target.config and "tag" not in target.config:  # TVM would guess: the GPU here, else sm_50
@@ -171,7 +199,8 @@ def _check_cpu_names(path: Path, tvm_target: Any) -> None:
     """Refuses a CPU name or a `+feature` LLVM does not know, in the target or its host: LLVM
     would build for its generic CPU, or without the feature, with a log line as the only sign,
     and the code would run without the vector units the file names. First an `mtriple` for an
-    architecture not in TRIPLE_ARCHES: asking LLVM about it would crash the process."""
+    architecture not in TRIPLE_ARCHES: asking LLVM about it would crash the process. An `mattr`
+    entry with no '+' or '-' fails LLVM's module verification only at the end of the build."""
     import tvm
     from tvm.target import codegen
 
@@ -190,7 +219,12 @@ def _check_cpu_names(path: Path, tvm_target: Any) -> None:
             raise TargetError(f"target file '{path}': LLVM knows no CPU '{mcpu}' for {triple}"
                               f"{did_you_mean(mcpu, known)} (give one of `llc -mtriple={triple} "
                               "-mcpu=help`, or \"host\" for this machine's)")
-        wanted = [str(f)[1:] for f in config.attrs.get("mattr") or [] if str(f).startswith("+")]
+        mattr = [str(f) for f in config.attrs.get("mattr") or []]
+        bare = next((f for f in mattr if not f.startswith(("+", "-"))), None)
+        if bare is not None:
+            raise TargetError(f"target file '{path}': 'mattr' entry '{bare}' lacks its '+' or '-': write "
+                              f"\"+{bare}\" to use the feature, \"-{bare}\" not to")
+        wanted = [f[1:] for f in mattr if f.startswith("+")]
         with without_stderr_lines(LLVM_FEATURE_NOISE):  # LLVM's own line: the error below says it
             have = {str(f) for f in codegen.llvm_get_cpu_features(config)} if wanted else set()
         unknown = [f for f in wanted if f not in have]

@@ -22,7 +22,7 @@ from typing import Callable
 import numpy as np
 
 from mixer_compile.model import reference
-from mixer_compile.errors import ValidationError
+from mixer_compile.errors import ValidationError, WeightsError
 from mixer_compile.model.spec import MixerSpec
 
 FP32_TOLERANCE = 1e-4
@@ -79,8 +79,17 @@ def validate(run: Callable[[np.ndarray], np.ndarray], spec: MixerSpec, weights: 
     images = random_images(spec, seed)
     checked = images[:REFERENCE_IMAGES]
     out = np.asarray(run(images))[:len(checked)]
-    result = compare(out, reference.forward(spec, weights, checked), tolerance, seed, where, batch=len(images))
+    ref = reference.forward(spec, weights, checked)
+    result = compare(out, ref, tolerance, seed, where, batch=len(images))
     if not result.passed:
+        try:  # weights beyond float32's range: no float32 build can follow them
+            with np.errstate(over="raise", invalid="raise"):
+                reference.forward(spec, weights, checked, np.float32)
+        except FloatingPointError:
+            largest = max(float(np.abs(np.asarray(v, np.float64)).max(initial=0)) for v in weights.values())
+            raise WeightsError(f"these weights overflow float32 (the reference forward pass overflows in float32; "
+                               f"the largest |weight| is {largest:.3g}): the checkpoint is damaged or was scaled, "
+                               "use a trained model's weights") from None
         raise ValidationError(f"compiled module disagrees with the reference: {result.summary()}; "
                               "no artifact was marked good")
     return result

@@ -6,6 +6,8 @@ checked against it, so a bug in our lowering cannot hide by being repeated here.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from scipy.special import erf
 
@@ -13,9 +15,10 @@ from mixer_compile.model.spec import MixerSpec
 
 
 def gelu(x: np.ndarray, flavour: str) -> np.ndarray:
+    # Python floats for the constants: a NumPy float64 scalar would widen a float32 `x`
     if flavour == "erf":
-        return 0.5 * x * (1.0 + erf(x / np.sqrt(2.0)))
-    return 0.5 * x * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (x + 0.044715 * x**3)))
+        return 0.5 * x * (1.0 + erf(x / math.sqrt(2.0)))
+    return 0.5 * x * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
 
 
 def layer_norm(x: np.ndarray, scale: np.ndarray, bias: np.ndarray, eps: float) -> np.ndarray:
@@ -24,10 +27,13 @@ def layer_norm(x: np.ndarray, scale: np.ndarray, bias: np.ndarray, eps: float) -
     return (x - mean) / np.sqrt(var + eps) * scale + bias
 
 
-def forward(spec: MixerSpec, weights: dict[str, np.ndarray], images: np.ndarray) -> np.ndarray:
-    """Logits (B, classes) for NCHW images, computed in float64."""
-    w = {k: np.asarray(v, dtype=np.float64) for k, v in weights.items()}
-    x = np.asarray(images, dtype=np.float64)
+def forward(spec: MixerSpec, weights: dict[str, np.ndarray], images: np.ndarray,
+            dtype: type = np.float64) -> np.ndarray:
+    """Logits (B, classes) for NCHW images, computed in float64: the check of every build. In
+    float32 (under np.errstate(over="raise")) it tells weights beyond float32's range, which no
+    float32 build can follow, from a wrong build."""
+    w = {k: np.asarray(v, dtype=dtype) for k, v in weights.items()}
+    x = np.asarray(images, dtype=dtype)
     b, _, h, wd = x.shape
     p, (gh, gw) = spec.patch_size, spec.grid
     # Stem: non-overlapping PxP patches in raster order, each flattened as (row, col, channel).

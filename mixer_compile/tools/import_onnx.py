@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -52,6 +53,19 @@ def _against_onnx(sess, run, imported: ImportedMixer, what: str, seed: int) -> V
     return result
 
 
+def _same_weights(path: Path, weights: dict[str, np.ndarray]) -> bool:
+    with np.load(path, allow_pickle=False) as held:
+        return set(held.files) == set(weights) and all(np.array_equal(held[k], weights[k]) for k in weights)
+
+
+def _quietly(check: Callable[[], bool]) -> bool:
+    """`check()`, False where it cannot even read the file (not ours, then)."""
+    try:
+        return check()
+    except Exception:
+        return False
+
+
 def compile_onnx(path: Path, out_dir: Path, target: str = "llvm", form: str = "matmul", batch: int | None = None,
                  seed: int = 1234) -> OnnxCompileResult:
     """Compiles the Mixer in the ONNX file `path` to the artifact `out_dir`, its recognised
@@ -64,11 +78,16 @@ def compile_onnx(path: Path, out_dir: Path, target: str = "llvm", form: str = "m
         spec = imported.spec
         opts = CompileOptions(spec=spec, target=target, weights=checkpoint, form=form, out_dir=out_dir)
         check_before_work(opts)  # compile's refusals (target, memory, output, TMPDIR) before images or files
-        for beside in (checkpoint, spec_file):  # the one thing in their way check_before_work does not see
-            if beside.is_dir():
-                raise MixerCompileError(f"cannot write '{beside}': it is a directory; choose another -o (the "
-                                        f"checkpoint and spec are written beside the artifact as {out_dir.name}"
-                                        ".npz and .json)")
+        spec_text = json.dumps(spec.to_dict(), indent=2) + "\n"
+        for beside, ours in ((checkpoint, lambda: _same_weights(checkpoint, imported.weights)),
+                             (spec_file, lambda: json.loads(spec_file.read_text()) == json.loads(spec_text))):
+            # what check_before_work does not see: a file of the user's where these go (an earlier
+            # import of this model wrote the same content, and is replaced)
+            if beside.is_dir() or (beside.exists() and not _quietly(ours)):
+                raise MixerCompileError(f"cannot write '{beside}': " + ("it is a directory" if beside.is_dir() else
+                                        "a file that this import did not write is there") + "; move it or choose "
+                                        f"another -o (the checkpoint and spec are written beside the artifact as "
+                                        f"{out_dir.name}.npz and .json)")
         if batch is not None and batch != spec.batch:
             progress.say(f"      the file's batch is fixed at {spec.batch}: building for batch {spec.batch}, "
                          f"not {batch} (export it with a dynamic batch axis to choose)")
@@ -84,7 +103,7 @@ def compile_onnx(path: Path, out_dir: Path, target: str = "llvm", form: str = "m
         progress.say(f"      recognition vs ONNX Runtime: {recognition.summary()}")
     with progress.stage("save", "recognised checkpoint and spec beside the artifact"):
         write_weights(imported.weights, checkpoint)
-        write_bytes(spec_file, (json.dumps(spec.to_dict(), indent=2) + "\n").encode())
+        write_bytes(spec_file, spec_text.encode())
         progress.say(f"      {checkpoint}, {spec_file}")
     compiled = compile_model(opts)
     with progress.stage("validate", "compiled module vs ONNX Runtime on the file"):
