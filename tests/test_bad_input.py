@@ -131,6 +131,17 @@ def test_bad_spec_file(tmp_path, name, contents, extra, message):
     assert_nothing_left(tmp_path, before)
 
 
+@pytest.mark.parametrize("name, text", [("s.toml", TINY_TOML), ("s.json", json.dumps({"base": "mixer_s16"}))])
+def test_spec_file_starting_with_a_bom_is_read(tmp_path, name, text):
+    """Editors on Windows start UTF-8 files with a byte order mark: no syntax error at line 1, column 1."""
+    from mixer_compile.model.spec import load_spec
+
+    (tmp_path / "bom").mkdir()
+    (tmp_path / "bom" / name).write_bytes(b"\xef\xbb\xbf" + text.encode())
+    (tmp_path / name).write_text(text)
+    assert load_spec(tmp_path / "bom" / name) == load_spec(tmp_path / name)
+
+
 # --- checkpoints --------------------------------------------------------------------------
 
 def _state(key: str | None = None, edit: Callable[[np.ndarray], np.ndarray] | None = None) -> dict[str, np.ndarray]:
@@ -191,6 +202,44 @@ class _Payload:
         return (os.system, ("touch PWNED",))
 
 
+def _deflate_damaged(path: Path) -> None:
+    """A compressed .npz whose first member's deflate data is overwritten with garbage."""
+    np.savez_compressed(path, **random_weights(TINY))
+    data = bytearray(path.read_bytes())
+    data[50:90] = b"\xff" * 40
+    path.write_bytes(bytes(data))
+
+
+def _npz_member(npy: bytes) -> Callable[[Path], None]:
+    """An .npz of one member, x.npy, holding these bytes."""
+    import zipfile
+
+    def write(path: Path) -> None:
+        with zipfile.ZipFile(path, "w") as archive:
+            archive.writestr("x.npy", npy)
+    return write
+
+
+def _npy_header(shape: str) -> bytes:
+    """A version 1.0 .npy header of float64s of this shape (written as is, valid or not)."""
+    text = f"{{'descr': '<f8', 'fortran_order': False, 'shape': {shape}, }}".ljust(117) + "\n"
+    return b"\x93NUMPY\x01\x00" + struct.pack("<H", len(text)) + text.encode()
+
+
+def _tensor_bytes_damaged(path: Path) -> None:
+    """A torch.save zip with 8 bytes of its first tensor overwritten, its CRC-32 left as it was."""
+    import zipfile
+
+    _torch_save(path, _state())
+    data = bytearray(path.read_bytes())
+    with zipfile.ZipFile(path) as archive:
+        offset = archive.getinfo(f"{path.stem}/data/0").header_offset
+    name_len, extra_len = struct.unpack_from("<HH", data, offset + 26)  # the local header's, not the directory's
+    start = offset + 30 + name_len + extra_len
+    data[start:start + 8] = b"\x7f" * 8
+    path.write_bytes(bytes(data))
+
+
 def _with_nan(w: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     w["MixerBlock_1/channel_mixing/Dense_0/kernel"][3, 4] = np.nan
     return w
@@ -212,6 +261,15 @@ WEIGHTS_CASES = [
      lambda p: np.savez(p, **{**random_weights(TINY), "head/kernel": np.zeros((32, 11), np.float32)}),
      "wrong shape head/kernel (32, 11) (expected (32, 10))"),
     ("npz-empty-archive", "w.npz", lambda p: np.savez(p), "missing stem/kernel, stem/bias"),
+    ("npz-compressed-damaged", "w.npz", _deflate_damaged,
+     "is not a readable .npz archive (Bad compressed data for file 'stem/kernel.npy': Error -3 while decompressing"),
+    ("npz-header-claims-huge", "w.npz", _npz_member(_npy_header(f"({10**12},)") + bytes(64)),
+     "weights file 'w.npz' is damaged: its member 'x.npy' claims a float64 array of shape (1000000000000,) "
+     "(8,000,000,000,000 bytes) but holds 64 bytes of data; save the weights again with np.savez"),
+    ("npz-header-cut", "w.npz", _npz_member(_npy_header("(4,")), "weights file 'w.npz' is damaged: its member "
+     "'x.npy' has no readable .npy header ("),
+    ("pth-tensor-bytes-damaged", "w.pth", _tensor_bytes_damaged,
+     "weights file 'w.pth' is damaged (Bad CRC-32 for file 'w/data/0'); download or save it again"),
     ("pth-truncated", "w.pth", _truncated(lambda p: _torch_save(p, _state())), "is not a readable torch checkpoint: truncated, or not written by torch.save ("),
     ("pth-empty-file", "w.pth", lambda p: p.write_bytes(b""), "is not a readable torch checkpoint: truncated, or not written by torch.save (EOFError)"),
     ("pth-pickle-payload", "w.pth", lambda p: torch.save({"stem.proj.weight": _Payload()}, p),
@@ -261,6 +319,20 @@ def test_bad_checkpoint(tmp_path, tiny_toml, capfd, monkeypatch, name, write, me
     assert_nothing_left(tmp_path, before)
 
 
+@pytest.mark.parametrize("command", [[], ["resize-weights", "--image-size", "64"]])
+@pytest.mark.parametrize("key, shape", [("stem/kernel", (0, 0, 3, 32)),
+                                        ("MixerBlock_0/token_mixing/Dense_0/kernel", (0, 16))])
+def test_empty_kernel_without_a_spec_is_named(tmp_path, capfd, monkeypatch, command, key, shape):
+    """The spec read off the shapes: an empty kernel is named, not divided by (a patch of 0) nor
+    reported as an image size the user never gave (0 tokens)."""
+    np.savez(tmp_path / "w.npz", **{**random_weights(TINY), key: np.zeros(shape, np.float32)})
+    before = _snapshot(tmp_path)
+    line = run_cli_here([*command, "--weights", "w.npz", "-o", "out.npz"], tmp_path, capfd, monkeypatch)
+    assert line == (f"error: cannot read a Mixer configuration off w: its '{key}' has shape {shape}, with no "
+                    "elements; save the weights of a trained model")
+    assert_nothing_left(tmp_path, before)
+
+
 def test_pickle_payload_refused_in_a_fresh_process(tmp_path, tiny_toml):
     """The same refusal through a real process: the payload must not run before the error."""
     torch.save({"stem.proj.weight": _Payload(), "head.bias": torch.zeros(10)}, tmp_path / "w.pth")
@@ -272,7 +344,8 @@ def test_pickle_payload_refused_in_a_fresh_process(tmp_path, tiny_toml):
 # --- target files -------------------------------------------------------------------------
 
 TARGET_CASES = [
-    # (id, file or directory to make, its contents (None: a directory), --target, the whole error line)
+    # (id, file or directory to make, its "target" (bytes: the whole file; None: a directory), --target, the
+    # whole error line)
     ("mtriple-unknown-arch", "t.json", {"kind": "llvm", "num-cores": 2, "mtriple": "x86-64-linux-gnu"}, "t.json",
      "error: target file 't.json': unknown mtriple 'x86-64-linux-gnu'; did you mean 'x86_64-linux-gnu'? "
      "(mixer-compile builds for x86_64-linux-gnu and aarch64-linux-gnu)"),
@@ -283,13 +356,45 @@ TARGET_CASES = [
     ("target-file-missing", None, None, "nope.json", "error: target file 'nope.json' does not exist"),
     ("target-file-missing-upper-case", None, None, "nope.JSON", "error: target file 'nope.JSON' does not exist"),
     ("target-is-a-directory", "somedir", None, "somedir", "error: 'somedir' is a directory, not a target .json file"),
+    ("target-empty", None, None, "", "error: an empty target name or path (an unset shell variable?)"),
+    ("target-file-not-utf8", "bin.json", b"\x00\xff", "bin.json", "error: target file 'bin.json' is not valid JSON: "
+     "'utf-8' codec can't decode byte 0xff in position 1: invalid start byte"),
+    ("target-file-nested-too-deeply", "t.json", b'{"target": ' + b"[" * 100_000, "t.json",
+     "error: target file 't.json' is nested too deeply to be a target"),
+    ("mattr-entry-without-sign", "t.json",
+     {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "znver3", "num-cores": 2, "mattr": ["+fma", "avx2"]},
+     "t.json", "error: target file 't.json': 'mattr' entry 'avx2' lacks its '+' or '-': write \"+avx2\" to use the "
+     "feature, \"-avx2\" not to"),
+    # LLVM's comma-separated string is taken as the list; with "mcpu": "host" too, which adds to that list
+    ("mattr-string-is-split-on-commas", "t.json",
+     {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "znver3", "num-cores": 2, "mattr": "+avx2,+avx9"},
+     "t.json", "error: target file 't.json': LLVM knows no CPU feature 'avx9' for x86_64-linux-gnu; did you mean "
+     "'avx'? (give ones of `llc -mtriple=x86_64-linux-gnu -mattr=help`)"),
+    ("mattr-string-with-mcpu-host", "t.json", {"kind": "llvm", "mcpu": "host", "num-cores": 2, "mattr": "avx2"},
+     "t.json", "error: target file 't.json': 'mattr' entry 'avx2' lacks its '+' or '-': write \"+avx2\" to use the "
+     "feature, \"-avx2\" not to"),
+    ("mattr-not-a-list", "t.json", {"kind": "llvm", "num-cores": 2, "mattr": 5}, "t.json",
+     "error: target file 't.json': 'mattr' must be a list of CPU features such as [\"+avx2\", \"-avx512f\"] (or "
+     "LLVM's \"+avx2,-avx512f\"), got 5"),
+    ("num-cores-missing", "t.json", {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "znver3"}, "t.json",
+     "error: target file 't.json': 'num-cores' is missing; 'num-cores' must be the number of cores to run on (1 to "
+     "1024, or \"host\" for this machine's)"),
+    ("num-cores-missing-hides-no-bad-mcpu", "t.json", {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "znver9"},
+     "t.json", "error: target file 't.json': LLVM knows no CPU 'znver9' for x86_64-linux-gnu; did you mean 'znver5'? "
+     "(give one of `llc -mtriple=x86_64-linux-gnu -mcpu=help`, or \"host\" for this machine's)"),
+    ("num-cores-too-many", "t.json",
+     {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "znver3", "num-cores": 100_000}, "t.json",
+     "error: target file 't.json': 'num-cores' must be the number of cores to run on (1 to 1024, or \"host\" for "
+     "this machine's), got 100000"),
 ]
 
 
 @pytest.mark.parametrize("name, config, target, message", [pytest.param(*c[1:], id=c[0]) for c in TARGET_CASES])
 def test_bad_target_file(tmp_path, tiny_toml, name, config, target, message):
     """In a fresh process: an mtriple LLVM does not know crashed TVM's LLVM queries (SIGSEGV)."""
-    if config is not None:
+    if isinstance(config, bytes):
+        (tmp_path / name).write_bytes(config)
+    elif config is not None:
         (tmp_path / name).write_text(json.dumps({"target": config}))
     elif name is not None:
         (tmp_path / name).mkdir()

@@ -12,7 +12,6 @@ host code cannot be for another architecture, and GH200 and GB200 hosts are AArc
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from importlib.resources import files
@@ -22,6 +21,7 @@ from typing import Any
 from mixer_compile.machine import (FEATURES, MAX_THREADS, gpu_arch, host_arch, host_cpu_features, local_gpu,
                                    normalize_arch, physical_cores)
 from mixer_compile.errors import TargetError, did_you_mean
+from mixer_compile.util.config_file import read_config
 from mixer_compile.util.stderr import LLVM_FEATURE_NOISE, without_stderr_lines
 
 # the top-level targets/, installed as the package data mixer_compile.targets (pyproject.toml)
@@ -107,15 +107,7 @@ def _local_gpu_target(data: dict[str, Any]) -> TargetInfo:
 
 
 def _read(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))  # JSON is UTF-8 whatever the locale
-    except OSError as exc:
-        raise TargetError(f"cannot read target file '{path}': {exc.strerror or exc}") from None
-    except ValueError as exc:  # bad syntax, bad UTF-8, an integer of thousands of digits
-        raise TargetError(f"target file '{path}' is not valid JSON: "
-                          f"{str(exc).splitlines()[0].split(';')[0]}") from None  # not Python's advice after ';'
-    except RecursionError:  # the parser recurses per nesting level
-        raise TargetError(f"target file '{path}' is nested too deeply to be a target") from None
+    data = read_config(path, "target", TargetError)
     if not isinstance(data, dict) or not isinstance(data.get("target"), dict):
         raise TargetError(f"target file '{path}' must hold an object with a 'target' object")
     _settle(path, data["target"])

@@ -7,6 +7,7 @@ JAX one, so every Dense kernel is transposed and the conv kernel permuted to HWI
 from __future__ import annotations
 
 import re
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from mixer_compile.errors import WeightsError
+from mixer_compile.frontends.archive import first_line, zip_member
 from mixer_compile.model.params import check_kernel_rank
 
 _BLOCK = re.compile(r"blocks\.(\d+)\.(norm1|norm2|mlp_tokens|mlp_channels)\.(?:(fc1|fc2)\.)?(weight|bias)$")
@@ -57,6 +59,7 @@ def _load_torch(path: Path) -> dict[str, Any]:
 
     import torch
 
+    _check_crcs(path)
     try:
         with warnings.catch_warnings():  # torch warns about the pickle protocol of files it then refuses
             warnings.simplefilter("ignore", UserWarning)
@@ -69,13 +72,28 @@ def _load_torch(path: Path) -> dict[str, Any]:
                            "or a .safetensors file") from None
     except (RuntimeError, EOFError, OSError, ValueError) as exc:
         raise WeightsError(f"weights file '{path}' is not a readable torch checkpoint: truncated, or not written "
-                           f"by torch.save ({_first_line(exc)})") from None
+                           f"by torch.save ({first_line(exc)})") from None
     for wrapper in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
             state = state[wrapper]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise WeightsError(f"weights file '{path}' does not hold a state dict of tensors")
     return state
+
+
+def _check_crcs(path: Path) -> None:
+    """Refuses a torch.save zip whose members fail their CRC-32, naming the damaged one: torch.load
+    checks none, so damaged tensor bytes would load as wrong weights. One sequential read."""
+    if not zipfile.is_zipfile(path):
+        return  # the legacy format (a bare pickle, no CRCs), or a truncated zip: torch.load says which
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for info in archive.infolist():
+                with zip_member(info.filename), archive.open(info) as member:
+                    while member.read(1 << 24):  # reading to the end checks the CRC-32
+                        pass
+    except (zipfile.BadZipFile, EOFError, OSError) as exc:
+        raise WeightsError(f"weights file '{path}' is damaged ({exc}); download or save it again") from None
 
 
 def to_numpy(state: Mapping[str, Any], source: str) -> dict[str, np.ndarray]:
@@ -113,14 +131,6 @@ def _dtype_name(tensor: Any) -> str:
 def _dtype_error(key: str, dtype: str, source: str) -> WeightsError:
     return WeightsError(f"weights in {source}: '{key}' has dtype {dtype}, which cannot be read as float32; "
                         "save the weights in float32, float16 or bfloat16")
-
-
-def _first_line(exc: BaseException) -> str:
-    """The first line of a library's error, without terminal colour codes or torch's
-    "(Could this error message be improved? ...)" request."""
-    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()
-    text = text.split("(Could this error message be improved?")[0].strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _canonical_key(key: str) -> str | None:

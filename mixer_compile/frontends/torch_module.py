@@ -44,7 +44,11 @@ def spec_from_weights(weights: Weights, name: str = "checkpoint", image_size: tu
         if key not in weights:
             raise SpecError(f"cannot read a Mixer configuration off {name}: it has no '{key}' "
                             f"(found {', '.join(sorted(weights)[:6])}...)")
-        return tuple(weights[key].shape)
+        dims = tuple(weights[key].shape)
+        if 0 in dims:  # a width of 0 would be a division by zero, or a spec error about fields not given
+            raise SpecError(f"cannot read a Mixer configuration off {name}: its '{key}' has shape {dims}, with "
+                            "no elements; save the weights of a trained model")
+        return dims
 
     p, _, in_channels, c = shape("stem/kernel")
     tokens, ds = shape("MixerBlock_0/token_mixing/Dense_0/kernel")

@@ -8,14 +8,13 @@ once, here, so later stages can trust it. The field names follow the official JA
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from mixer_compile.errors import SpecError, did_you_mean
+from mixer_compile.util.config_file import read_config
 
 GELU_FLAVOURS = ("tanh", "erf")
 
@@ -219,16 +218,7 @@ def load_spec(name_or_path: str | Path, **overrides: Any) -> MixerSpec:
     else:
         if not path.is_file():
             raise SpecError(f"spec file '{path}' " + ("is not a file" if path.exists() else "does not exist"))
-        try:
-            raw = path.read_text()
-            data = tomllib.loads(raw) if path.suffix.lower() == ".toml" else json.loads(raw)
-        except OSError as exc:
-            raise SpecError(f"cannot read spec file '{path}': {exc.strerror or exc}") from None
-        except ValueError as exc:  # bad syntax, bad UTF-8, an integer of thousands of digits
-            raise SpecError(f"spec file '{path}' is not valid {path.suffix[1:].upper()}: "
-                            f"{str(exc).splitlines()[0].split(';')[0]}") from None  # not Python's advice after ';'
-        except RecursionError:  # both parsers recurse per nesting level
-            raise SpecError(f"spec file '{path}' is nested too deeply to be a spec") from None
+        data = read_config(path, "spec", SpecError, toml=path.suffix.lower() == ".toml")
         if not isinstance(data, dict):
             raise SpecError(f"spec file '{path}' must hold a table/object of spec fields")
         spec = spec_from_dict(data, name=path.stem)
