@@ -207,7 +207,11 @@ class CompiledMixer:
         hashes, or a reordered `params` list, say), here rather than as TVM's error on the first
         call."""
         takes = 1 + (0 if self.metadata.weights["embedded"] else len(self.metadata.params))
-        vm = self._vm()
+        try:
+            vm = self._vm()
+        except AttributeError as exc:  # TVM's word for a library that holds no Relax VM executable
+            raise ArtifactError(f"artifact '{self.path}': {LIBRARY} is no compiled model ({exc}); the files are "
+                                "of different builds, rebuild the artifact") from None
         for name in (self.batches.function(e) for e in self.batches.entries):
             try:
                 arity = vm._get_function_arity(name)

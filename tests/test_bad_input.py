@@ -14,6 +14,7 @@ and fails the test with its traceback. Artifact cases damage copies of one tiny 
 
 from __future__ import annotations
 
+import _ctypes
 import hashlib
 import json
 import pickle
@@ -451,6 +452,9 @@ ARTIFACT_CASES = [
     ("library-truncated", _truncate("model.so"), "model.so is truncated"),
     ("library-missing", lambda a: (a / "model.so").unlink(), "is incomplete: model.so is missing"),
     ("library-garbage-rehashed", _replace_and_rehash("model.so", b"\x7fELF" + b"\0" * 60), "cannot load"),
+    # a real shared library, not TVM's (Python's own _ctypes), given the metadata's hashes
+    ("library-foreign-rehashed", _replace_and_rehash("model.so", Path(_ctypes.__file__).read_bytes()),
+     "model.so is no compiled model"),
     ("weights-garbage-rehashed", _replace_and_rehash("weights.params", b"not a param dict" * 4),
      "cannot load '"),
     ("metadata-truncated", lambda a: (a / "metadata.json").write_text((a / "metadata.json").read_text()[:200]),
@@ -466,6 +470,9 @@ ARTIFACT_CASES = [
     ("metadata-sizes-strings", _edit(lambda m: m["file_sizes"].update({"model.so": "big"})), "field 'file_sizes'"),
     ("metadata-input-shape-edited", _edit(lambda m: m["input"].update(shape=[1, 3, 64, 64])),
      "input shape [1, 3, 64, 64] does not match the spec's [1, 3, 32, 32]"),
+    ("metadata-output-shape-edited", _edit(lambda m: m["output"].update(shape=[1, 1000])),
+     "output shape [1, 1000] does not match the spec's [1, 10]"),
+    ("metadata-no-output", _edit(lambda m: m.pop("output")), "field 'output' must be an object, got None"),
     ("metadata-weights-unlisted", _edit(lambda m: m["files"].pop("weights.params")), "'files' lacks weights.params"),
     ("metadata-param-renamed", _edit(lambda m: m["params"].__setitem__(0, "stem.W")),
      "'main' takes parameters other than those metadata.json's 'params' lists"),

@@ -93,7 +93,11 @@ def test_user_errors_are_one_line(tmp_path, tiny_toml):
     assert_one_line_error(["--spec", tiny_toml, "-o", ""], "argument -o/--output: an empty path (an unset shell "
                                                            "variable?)")
     # what the file system refuses, for any path given: a name over its limit, a symbolic link loop
-    assert_one_line_error(["--spec", tiny_toml, "-o", tmp_path / ("x" * 300)], ": File name too long; use a shorter path")
+    assert_one_line_error(["--spec", tmp_path / ("x" * 300 + ".toml")], ": File name too long; use a shorter path")
+    long_name = tmp_path / "long.toml"  # the default -o, out/<name>-..., below a directory not made yet
+    long_name.write_text(TINY_TOML.replace('name = "tiny"', f'name = "{"n" * 300}"'))
+    assert_one_line_error(["--spec", long_name], "bytes, over the file system's limit of 255; give a shorter -o (or "
+                                                 "spec name)")
     (tmp_path / "loop").symlink_to(tmp_path / "loop")
     assert_one_line_error(["--spec", tiny_toml, "-o", tmp_path / "loop"], f"Symlink loop from '{tmp_path / 'loop'}'")
     no_cores = tmp_path / "mine.json"

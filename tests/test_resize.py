@@ -108,18 +108,22 @@ def test_cli_refuses_to_write_over_its_input(small, tmp_path, capsys):
 
 
 def test_cli_refuses_what_would_clobber_an_input_or_leave_half_an_output(small, tmp_path, capsys):
-    """The resized spec over the --spec it was given, a directory where the spec goes, the model's
-    own size: each refused before anything is written."""
+    """The resized spec over the --spec it was given, a directory where the spec goes, a file of
+    the user's there (beside no checkpoint of that name), the model's own size: each refused
+    before anything is written."""
     src = write_weights(random_weights(small), tmp_path / "ckpt.npz")
     spec_file = tmp_path / "mine.json"
     spec_file.write_text(json.dumps(small.to_dict()))
     (tmp_path / "x.json").mkdir()
+    (tmp_path / "notes.json").write_text("keep me\n")  # the user's, beside no checkpoint 'notes.npz'
     for out, size, message in (
             ("mine.npz", "32x48", "the resized spec would be written over the input spec"),
             ("x.npz", "32x48", "x.json' is a directory; -o names the checkpoint to write"),
+            ("notes.npz", "32x48", "notes.json' exists, and is no spec of a checkpoint 'notes.npz'; move it"),
             ("same.npz", "x".join(map(str, small.image_size)), "is the model's own; give a larger one")):
         rc = main(["resize-weights", "--weights", str(src), "--spec", str(spec_file), "--image-size", size,
                    "-o", str(tmp_path / out)])
         assert rc == 2 and message in capsys.readouterr().err, out
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.npz", "mine.json", "x.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.npz", "mine.json", "notes.json", "x.json"]
+    assert (tmp_path / "notes.json").read_text() == "keep me\n"
     assert json.loads(spec_file.read_text()) == small.to_dict()

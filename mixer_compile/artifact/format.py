@@ -197,6 +197,8 @@ _FIELDS: dict[str, tuple[Any, str]] = {
     "input": (lambda v: isinstance(v, dict), "an object"),
     "input.shape": (lambda v: _is_list_of(int)(v) and len(v) == 4 and min(v) > 0, "4 positive integers (NCHW)"),
     "input.dtype": (lambda v: v in ("float32", "float16", "bfloat16"), "'float32', 'float16' or 'bfloat16'"),
+    "output": (lambda v: isinstance(v, dict), "an object"),
+    "output.shape": (lambda v: _is_list_of(int)(v) and len(v) == 2 and min(v) > 0, "2 positive integers (batch, classes)"),
     "params": (_is_list_of(str), "a list of parameter names"),
     "weights": (lambda v: isinstance(v, dict) and isinstance(v.get("embedded"), bool), "an object with 'embedded'"),
     "spec": (lambda v: isinstance(v, dict), "an object"),
@@ -232,6 +234,9 @@ def _check_fields(meta: dict[str, Any], path: Path) -> None:
     expected = [spec.get("batch"), spec.get("in_channels"), *(size if isinstance(size, list) else [size])]
     if meta["input"]["shape"] != expected:
         refuse(f"input shape {meta['input']['shape']} does not match the spec's {expected}")
+    if meta["output"]["shape"] != [spec.get("batch"), spec.get("num_classes")]:
+        refuse(f"output shape {meta['output']['shape']} does not match the spec's "
+               f"{[spec.get('batch'), spec.get('num_classes')]}")
     if meta.get("batch") is not None:
         _check_batch(meta["batch"], meta["input"]["shape"][0], refuse)
     if meta["target"]["kind"] == "cuda" and "gpu_arch" not in (meta["target"].get("requires") or {}):

@@ -58,6 +58,10 @@ def check_writable(out_dir: str | Path) -> None:
     a mount point, a read-only artifact there, a temporary directory without room). Creates
     nothing that outlives the check, not even the missing parent directories."""
     out = Path(out_dir).resolve()
+    limit = os.pathconf(next(p for p in out.parents if p.exists()), "PC_NAME_MAX")
+    if len(os.fsencode(out.name)) > limit:  # below a missing directory, nothing says so before the write
+        raise ArtifactError(f"the artifact's name '{out.name[:32]}...' is {len(os.fsencode(out.name))} bytes, over "
+                            f"the file system's limit of {limit}; give a shorter -o (or spec name)")
     refuse_foreign(out)
     if out.is_mount():  # a bind mount (docker -v): renaming onto it fails after the whole build
         raise ArtifactError(f"'{out}' is a mount point, which an artifact cannot be swapped onto; "

@@ -97,6 +97,11 @@ def resize_checkpoint(path: Path, spec: MixerSpec, image_size: tuple[int, int], 
                            f"name it e.g. '{out.with_suffix(path.suffix)}'")
     weights, _ = load_weights(path, spec)
     big, large = resize_weights(weights, spec, image_size)
+    text = (json.dumps(large.to_dict(), indent=2) + "\n").encode()
+    # a .json beside a checkpoint `out` replaced is that checkpoint's spec; one alone may be the user's
+    if spec_path.is_file() and not out.exists() and spec_path.read_bytes() != text:
+        raise WeightsError(f"'{spec_path}' exists, and is no spec of a checkpoint '{out.name}'; move it or name the "
+                           f"output otherwise (the spec goes beside the checkpoint as {spec_path.name})")
     write_weights(big, out)
-    write_bytes(spec_path, (json.dumps(large.to_dict(), indent=2) + "\n").encode())
+    write_bytes(spec_path, text)
     return large, spec_path
