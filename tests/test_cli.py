@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from mixer_compile.backend.target import get_target
+from mixer_compile.cli import main
 from mixer_compile.errors import TargetError
 from mixer_compile.model.params import random_weights
 from mixer_compile.model.spec import PRESETS
@@ -19,9 +20,16 @@ def run(*args):
     return proc.returncode, proc.stdout, proc.stderr
 
 
-def assert_one_line_error(args, message):
-    proc = cli(*args)
-    assert message in error_line(proc.returncode, proc.stderr), proc.stderr
+def assert_one_line_error(capfd, args, message):
+    """The CLI's `main` run here (a process costs ~2 s; test_compile_default_command_end_to_end and
+    others run it in one), its stderr read at the file descriptor: LLVM's own lines count too."""
+    capfd.readouterr()
+    try:
+        code = main([str(a) for a in args])
+    except SystemExit as exc:  # argparse's refusals
+        code = exc.code
+    err = capfd.readouterr().err
+    assert message in error_line(code, err), err
 
 
 def test_compile_default_command_end_to_end(tmp_path, tiny_toml):
@@ -69,44 +77,45 @@ def test_a_closed_pipe_ends_quietly():
     assert proc.wait(timeout=120) == 141 and err == "", err
 
 
-def test_user_errors_are_one_line(tmp_path, tiny_toml):
-    assert_one_line_error(["resize", "x"], "error: unknown command 'resize'; did you mean 'resize-weights'?")
-    assert_one_line_error(["frobnicate"], "error: unknown command 'frobnicate'; the commands are compile, specs,")
-    assert_one_line_error(["--spec", "mixer_b17"], "unknown preset 'mixer_b17'; did you mean 'mixer_b16'?")
+def test_user_errors_are_one_line(tmp_path, tiny_toml, capfd, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the default -o, out/..., is made below the current directory
+    assert_one_line_error(capfd, ["resize", "x"], "error: unknown command 'resize'; did you mean 'resize-weights'?")
+    assert_one_line_error(capfd, ["frobnicate"], "error: unknown command 'frobnicate'; the commands are compile, specs,")
+    assert_one_line_error(capfd, ["--spec", "mixer_b17"], "unknown preset 'mixer_b17'; did you mean 'mixer_b16'?")
     bad = tmp_path / "bad.toml"
     bad.write_text(TINY_TOML.replace("image_size = 32", "image_size = 36"))
-    assert_one_line_error(["--spec", bad], "image size 36x36 is not divisible by patch size 8")
+    assert_one_line_error(capfd, ["--spec", bad], "image size 36x36 is not divisible by patch size 8")
     typo = tmp_path / "typo.toml"
     typo.write_text(TINY_TOML + "num_block = 3\n")
-    assert_one_line_error(["--spec", typo], "unknown spec key 'num_block'; did you mean 'num_blocks'?")
-    assert_one_line_error(["--spec", tiny_toml, "--target", "sm90"], "unknown target 'sm90'; did you mean 'sm_90'? "
+    assert_one_line_error(capfd, ["--spec", typo], "unknown spec key 'num_block'; did you mean 'num_blocks'?")
+    assert_one_line_error(capfd, ["--spec", tiny_toml, "--target", "sm90"], "unknown target 'sm90'; did you mean 'sm_90'? "
                                                                       "(known: ")
-    assert_one_line_error(["--spec", tiny_toml, "--weights", tmp_path / "none.npz"], "does not exist")
+    assert_one_line_error(capfd, ["--spec", tiny_toml, "--weights", tmp_path / "none.npz"], "does not exist")
     wrong = random_weights(PRESETS["mixer_s32"].replace(
         image_size=(64, 64), hidden_dim=8, channels_mlp_dim=8, tokens_mlp_dim=4, num_blocks=1))
     np.savez(tmp_path / "wrong.npz", **wrong)
-    assert_one_line_error(["--spec", tiny_toml, "--weights", tmp_path / "wrong.npz", "-o", tmp_path / "out"],
+    assert_one_line_error(capfd, ["--spec", tiny_toml, "--weights", tmp_path / "wrong.npz", "-o", tmp_path / "out"],
                           "do not fit spec 'tiny'")
     assert not (tmp_path / "out").exists()
-    assert_one_line_error(["show", "--spec", "mixer_s32", "--form", "conv", "--after", "tokens_major"],
+    assert_one_line_error(capfd, ["show", "--spec", "mixer_s32", "--form", "conv", "--after", "tokens_major"],
                           "pass 'tokens_major' is not in the conv pipeline")
-    assert_one_line_error(["--spec", tiny_toml, "-o", ""], "argument -o/--output: an empty path (an unset shell "
+    assert_one_line_error(capfd, ["--spec", tiny_toml, "-o", ""], "argument -o/--output: an empty path (an unset shell "
                                                            "variable?)")
     # what the file system refuses, for any path given: a name over its limit, a symbolic link loop
-    assert_one_line_error(["--spec", tmp_path / ("x" * 300 + ".toml")], ": File name too long; use a shorter path")
+    assert_one_line_error(capfd, ["--spec", tmp_path / ("x" * 300 + ".toml")], ": File name too long; use a shorter path")
     long_name = tmp_path / "long.toml"  # the default -o, out/<name>-..., below a directory not made yet
     long_name.write_text(TINY_TOML.replace('name = "tiny"', f'name = "{"n" * 300}"'))
-    assert_one_line_error(["--spec", long_name], "bytes, over the file system's limit of 255; give a shorter -o (or "
+    assert_one_line_error(capfd, ["--spec", long_name], "bytes, over the file system's limit of 255; give a shorter -o (or "
                                                  "spec name)")
     (tmp_path / "loop").symlink_to(tmp_path / "loop")
-    assert_one_line_error(["--spec", tiny_toml, "-o", tmp_path / "loop"], f"Symlink loop from '{tmp_path / 'loop'}'")
+    assert_one_line_error(capfd, ["--spec", tiny_toml, "-o", tmp_path / "loop"], f"Symlink loop from '{tmp_path / 'loop'}'")
     no_cores = tmp_path / "mine.json"
     no_cores.write_text('{"target": {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "znver3"}}')
-    assert_one_line_error(["--spec", tiny_toml, "--target", no_cores], "'num-cores' must be the number of cores")
+    assert_one_line_error(capfd, ["--spec", tiny_toml, "--target", no_cores], "'num-cores' must be the number of cores")
     # a CPU name LLVM does not know would build for its generic CPU: refused, for a GPU target's host too
     gpu = tmp_path / "gpu.json"
     gpu.write_text('{"target": {"kind": "cuda", "arch": "sm_90", "host": {"kind": "llvm", "mcpu": "znver9"}}}')
-    assert_one_line_error(["--spec", tiny_toml, "--target", gpu], f"target file '{gpu}': LLVM knows no CPU 'znver9'")
+    assert_one_line_error(capfd, ["--spec", tiny_toml, "--target", gpu], f"target file '{gpu}': LLVM knows no CPU 'znver9'")
     no_cores.write_text('{"target": {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "skylake-avx52", '
                         '"num-cores": 2}}')
     with pytest.raises(TargetError, match="LLVM knows no CPU 'skylake-avx52' for x86_64-linux-gnu; did you mean "

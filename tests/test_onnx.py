@@ -241,8 +241,8 @@ def test_cli_import_into_a_foreign_directory_writes_nothing(spec, tmp_path, caps
 @pytest.mark.parametrize("block, message", [
     ("mount", "error: '{out}' is a mount point, which an artifact cannot be swapped onto; write it into the mount, "
               "e.g. -o {out}/model"),
-    ("spec-dir", "error: cannot write '{out}.json': it is a directory; choose another -o (the checkpoint and spec "
-                 "are written beside the artifact as art.npz and .json)")])
+    ("spec-dir", "error: cannot write '{out}.json': it is a directory; move it or choose another -o (the checkpoint "
+                 "and spec are written beside the artifact as art.npz and .json)")])
 def test_import_refused_by_compiles_checks_writes_nothing_beside(spec, tmp_path, capsys, monkeypatch, block, message):
     """Compile's refusal of the output (-o a mount point), or a directory where the spec goes,
     comes before the recognition runs and before the checkpoint and spec are written beside the
