@@ -74,6 +74,20 @@ def test_full_disk_for_real(tmp_path, tiny_toml):
         assert list(small.iterdir()) == []
 
 
+def test_a_full_disk_under_a_lock_leaves_no_lock_file(tmp_path):
+    """The tuning database's or kernel cache's lock on a full file system: one error, and the
+    empty lock file it could not write its holder into is gone."""
+    with tmpfs(tmp_path / "small", "size=64k") as small:
+        with open(small / "filler", "wb", buffering=0) as f, pytest.raises(OSError):
+            while True:
+                f.write(b"\0" * 4096)
+        with pytest.raises(MixerCompileError, match=f"^cannot write lock file '{lock_path(small / 'db')}': No space "
+                                                    "left on device; free some space there or write elsewhere$"):
+            with exclusive(small / "db"):
+                pass
+        assert sorted(p.name for p in small.iterdir()) == ["filler"]
+
+
 def test_a_mount_point_or_a_small_temporary_directory_is_refused_before_the_build(tmp_path, tiny_toml):
     """`docker run -v out:/out ... -o /out`: a mount point cannot be renamed onto, which failed
     after the whole build; a temporary directory too small for the build's objects exited 1

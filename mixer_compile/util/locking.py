@@ -66,8 +66,14 @@ def _acquire(path: Path, say: Callable[[str], None] | None) -> int:
             os.close(fd)
             raise
         if _same_file(fd, path):
-            os.ftruncate(fd, 0)
-            os.write(fd, f"{os.getpid()}\n".encode())
+            try:
+                os.ftruncate(fd, 0)
+                os.write(fd, f"{os.getpid()}\n".encode())
+            except OSError as exc:  # a full disk: the lock file goes, as a release would remove it
+                os.unlink(path)
+                os.close(fd)
+                raise MixerCompileError(f"cannot write lock file '{path}': {exc.strerror or exc}; free some space "
+                                        "there or write elsewhere") from None
             return fd
         os.close(fd)  # the holder removed the file after we opened it: lock the new one
 
