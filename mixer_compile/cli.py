@@ -478,10 +478,10 @@ def _run(argv: list[str]) -> int:
 
 
 # what the machine, not our code, gets wrong (any path we are given can meet these), and the fix
-_MACHINE_FIXES = {errno.ENOSPC: "free some space there or write elsewhere", errno.EDQUOT: "free some space "
-                  "there or write elsewhere", errno.ENAMETOOLONG: "use a shorter path", errno.ELOOP: "fix the "
-                  "symbolic link", errno.EACCES: "choose a path you may use", errno.EPERM: "choose a path you may "
-                  "use", errno.EROFS: "write to a file system that is not read-only"}
+_NO_SPACE, _NO_ACCESS = "free some space there or write elsewhere", "choose a path you may use"
+_MACHINE_FIXES = {errno.ENOSPC: _NO_SPACE, errno.EDQUOT: _NO_SPACE, errno.EACCES: _NO_ACCESS, errno.EPERM: _NO_ACCESS,
+                  errno.ENAMETOOLONG: "use a shorter path", errno.ELOOP: "fix the symbolic link",
+                  errno.EROFS: "write to a file system that is not read-only"}
 
 
 def _stdout_to_devnull() -> None:

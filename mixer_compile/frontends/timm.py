@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 import zipfile
+import zlib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from mixer_compile.errors import WeightsError
-from mixer_compile.frontends.archive import first_line, zip_member
+from mixer_compile.frontends.archive import first_line
 from mixer_compile.model.params import check_kernel_rank
 
 _BLOCK = re.compile(r"blocks\.(\d+)\.(norm1|norm2|mlp_tokens|mlp_channels)\.(?:(fc1|fc2)\.)?(weight|bias)$")
@@ -88,12 +89,12 @@ def _check_crcs(path: Path) -> None:
         return  # the legacy format (a bare pickle, no CRCs), or a truncated zip: torch.load says which
     try:
         with zipfile.ZipFile(path) as archive:
-            for info in archive.infolist():
-                with zip_member(info.filename), archive.open(info) as member:
-                    while member.read(1 << 24):  # reading to the end checks the CRC-32
-                        pass
-    except (zipfile.BadZipFile, EOFError, OSError) as exc:
+            damaged = archive.testzip()  # reads every member to its end, which checks its CRC-32
+    except (zipfile.BadZipFile, EOFError, OSError, zlib.error) as exc:
         raise WeightsError(f"weights file '{path}' is damaged ({exc}); download or save it again") from None
+    if damaged is not None:
+        raise WeightsError(f"weights file '{path}' is damaged (Bad CRC-32 for file {damaged!r}); download or save "
+                           "it again")
 
 
 def to_numpy(state: Mapping[str, Any], source: str) -> dict[str, np.ndarray]:
