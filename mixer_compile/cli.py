@@ -62,8 +62,8 @@ def _path(text: str) -> str:
     path = os.path.expanduser(text)
     try:
         Path(path).resolve()
-    except RuntimeError as exc:  # a symlink loop (Python before 3.13; an OSError after, which main reports)
-        raise argparse.ArgumentTypeError(f"{exc}; fix the link") from None
+    except RuntimeError:  # a symlink loop before Python 3.13: raised as 3.13 does, for main to say
+        raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), path) from None
     return path
 
 

@@ -15,7 +15,6 @@ import argparse
 import os
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -55,9 +54,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{len(wanted)} kernels for {family}, {jobs} at once, into {args.cache}", flush=True)
     start = time.time()
     kernels = sorted(wanted, key=lambda k: k.symbol)
-    with ThreadPoolExecutor(max_workers=jobs) as pool:
-        for kernel, obj in zip(kernels, pool.map(lambda k: gemm_choice.gpu_object(k, arch), kernels)):
-            print(f"  {kernel.symbol}: {obj.name} ({time.time() - start:.0f} s)", flush=True)
+    for kernel, obj in gemm_choice.gpu_objects(kernels, arch, jobs).items():
+        print(f"  {kernel.symbol}: {obj.name}", flush=True)
+    print(f"done in {time.time() - start:.0f} s", flush=True)
     return 0
 
 

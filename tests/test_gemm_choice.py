@@ -227,3 +227,21 @@ def test_tune_for_a_gpu_measures_the_library_gemms_first_and_refuses_without_a_g
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and err[-1].startswith("error: tuning the GEMMs of a sm_90a build measures on a sm_90a GPU")
     assert not (tmp_path / "db").exists() and not any(tmp_path.glob("**/*.o"))
+
+
+def test_gpu_objects_raise_or_hand_over_a_kernel_that_cannot_be_built(monkeypatch, tmp_path):
+    broken = FC1.with_variant("t128x128x64_c1x1_sk")
+    fine = [FC1.with_variant("t128x256x64_c2x1_coop"), TOKEN_FC1.with_variant("t64x128x64_c1x1_pp")]
+
+    def gpu_object(kernel, arch):
+        if kernel == broken:
+            raise TargetError(f"compiling the CUTLASS kernel {kernel.symbol} failed:\nerror: no")
+        return tmp_path / f"{kernel.symbol}.{arch}.o"
+
+    monkeypatch.setattr(gemm_choice, "gpu_object", gpu_object)
+    with pytest.raises(TargetError, match=f"{broken.symbol} failed"):
+        gemm_choice.gpu_objects([*fine, broken], "sm_90", jobs=2)
+    handed = []
+    objects = gemm_choice.gpu_objects([broken, *fine], "sm_90", jobs=2, on_error=lambda k, e: handed.append((k, e)))
+    assert objects == {k: tmp_path / f"{k.symbol}.sm_90.o" for k in fine}
+    assert [k for k, _ in handed] == [broken] and "failed" in str(handed[0][1])

@@ -12,7 +12,6 @@ import json
 import re
 import shutil
 import subprocess
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -208,10 +207,11 @@ def compiled(kernel_cache: Path) -> Path:
     """The kernel cache, with the kernels of this module's default run compiled into it as a
     build compiles its own, as many at once as `cutlass.compile_jobs` allows: nvcc is
     single-threaded, and compiled test by test they would leave every other core idle."""
-    kernels = [("sm_80", _mid("sm_80", "gelu_erf")), ("sm_80", _mid("sm_80")), ("sm_80", SM80_LEFT[0]), *F32]
-    with pytest.MonkeyPatch.context() as env, ThreadPoolExecutor(cutlass.compile_jobs()) as pool:
+    kernels = [_mid("sm_80", "gelu_erf"), _mid("sm_80"), SM80_LEFT[0], F32[0][1]]
+    with pytest.MonkeyPatch.context() as env:
         env.setenv("MIXER_COMPILE_CACHE", str(kernel_cache))
-        list(pool.map(lambda pair: cutlass.gpu_object(pair[1], pair[0]), kernels))
+        gemm_choice.gpu_objects(kernels, "sm_80")
+        cutlass.gpu_object(F32[1][1], F32[1][0])
     return kernel_cache
 
 

@@ -24,7 +24,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
 
@@ -227,9 +226,9 @@ def build_cuda_library(mod: Any, target: TargetInfo) -> CudaLibrary:
     mod, choices = gemm_choice.apply_choices(mod, family) if family else (mod, [])
     module_json.write_text(tvm.ir.save_json(mod))
     kernels = gemm_choice.kernels_called(mod)
-    with ThreadPoolExecutor(max_workers=cutlass.compile_jobs()) as pool:
-        objects = list(pool.map(lambda k: gemm_choice.gpu_object(k, _arch(target)), kernels))
-    gemm_choice.check_implementable(gemm_choice.call_sites(mod), dict(zip(kernels, objects)))
+    built = gemm_choice.gpu_objects(kernels, _arch(target))
+    objects = [built[k] for k in kernels]
+    gemm_choice.check_implementable(gemm_choice.call_sites(mod), built)
     target_json.write_text(json.dumps({"name": target.name, "description": target.description,
                                        "config": target.config, "addons": [str(o) for o in objects],
                                        "options": gemm_choice.link_options(kernels) if objects else []}))

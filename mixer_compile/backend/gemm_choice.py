@@ -165,6 +165,30 @@ def gpu_object(kernel: GemmKernel, arch: str) -> Path:
     return cublaslt.gpu_object(kernel, arch) if kernel.variant == cublaslt.VARIANT else cutlass.gpu_object(kernel, arch)
 
 
+def gpu_objects(kernels: Iterable[GemmKernel], arch: str, jobs: int = 0,
+                on_error: Callable[[GemmKernel, TargetError], None] | None = None) -> dict[GemmKernel, Path]:
+    """The compiled objects of `kernels`, `jobs` at once (0: as many as cores and memory allow,
+    `cutlass.compile_jobs`): nvcc is single-threaded, so one at a time would leave every other
+    core idle. A kernel that cannot be built here raises its TargetError, or, given `on_error`,
+    is handed to it and left out (a tuning candidate that does not compile, say)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from mixer_compile.backend import cutlass
+
+    def build(kernel: GemmKernel) -> Path | None:
+        try:
+            return gpu_object(kernel, arch)
+        except TargetError as exc:
+            if on_error is None:
+                raise
+            on_error(kernel, exc)
+            return None
+
+    kernels = list(kernels)
+    with ThreadPoolExecutor(max_workers=jobs or cutlass.compile_jobs()) as pool:
+        return {k: obj for k, obj in zip(kernels, pool.map(build, kernels)) if obj is not None}
+
+
 def link_options(kernels: list[GemmKernel]) -> list[str]:
     """Linker options for a library holding `kernels`' objects (the CUDA runtime; cuBLASLt if called)."""
     from mixer_compile.backend import cublaslt, cutlass

@@ -13,7 +13,6 @@ already measured on this GPU is skipped: an interrupted run resumes where it sto
 from __future__ import annotations
 
 import tempfile
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
 
@@ -21,7 +20,7 @@ import numpy as np
 
 from mixer_compile.backend import cutlass, gemm_choice
 from mixer_compile.backend.gemm_choice import Record
-from mixer_compile.errors import TargetError, TuningError
+from mixer_compile.errors import TuningError
 from mixer_compile.lower.library import GemmKernel, GemmShape
 
 Say = Callable[[str], None]
@@ -57,22 +56,6 @@ def _arrays(kernel: GemmKernel, shape: GemmShape, dev: Any) -> list[Any]:
     if kernel.residual:
         args.append(tensor(d))
     return args + [tensor(d)]
-
-
-def _objects(kernels: list[GemmKernel], arch: str, jobs: int, say: Say) -> dict[GemmKernel, Path]:
-    """The compiled object of each chosen kernel, `jobs` at once (all problems' candidates in one
-    pool: a many-core machine compiles them side by side); one that cannot be built here (a
-    candidate that does not compile, cuBLASLt not installed) is dropped, and said."""
-
-    def build(kernel: GemmKernel) -> tuple[GemmKernel, Path | None]:
-        try:
-            return kernel, gemm_choice.gpu_object(kernel, arch)
-        except TargetError as exc:
-            say(f"    {kernel.symbol}: skipped ({str(exc).splitlines()[0]})")
-            return kernel, None
-
-    with ThreadPoolExecutor(max_workers=jobs) as pool:
-        return {k: obj for k, obj in pool.map(build, kernels) if obj is not None}
 
 
 def _time(lib: Any, symbol: str, args: list[Any], dev: Any) -> float:
@@ -117,7 +100,10 @@ def tune_gemms(mod: Any, arch: str, say: Say, jobs: int = 0) -> list[Record]:
     jobs = jobs or cutlass.compile_jobs()
     if chosen:
         say(f"  compiling {len(chosen)} candidate kernels ({jobs} at once; cached)")
-    objects = _objects(chosen, arch, jobs, say)
+    # all problems' candidates in one pool (a many-core machine compiles them side by side); one
+    # that cannot be built here (a candidate that does not compile, cuBLASLt not installed) is said
+    objects = gemm_choice.gpu_objects(chosen, arch, jobs, on_error=lambda kernel, exc: say(
+        f"    {kernel.symbol}: skipped ({str(exc).splitlines()[0]})"))
     for i, (kernel, shape) in enumerate(todo, 1):
         built = {k.variant: obj for k, obj in objects.items() if k.with_variant("") == kernel}
         if not built:
