@@ -6,10 +6,14 @@ on PATH) before the build starts, or the build is refused naming what to install
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import platform
+import re
 import shutil
 import stat
+import subprocess
+import sys
 
 import pytest
 
@@ -17,6 +21,7 @@ from mixer_compile import runtime
 from mixer_compile.compiler import CompileOptions, compile_model
 from mixer_compile.errors import ArtifactError, TargetError
 from mixer_compile.util.progress import Progress
+from tests.helpers import REPO
 
 ARM = {"target": {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "neoverse-v1", "num-cores": 4}}
 EM_AARCH64 = 183  # the ELF header's e_machine of an aarch64 object
@@ -70,3 +75,28 @@ def test_a_cross_toolchain_on_path_links_an_aarch64_library(tmp_path, tiny_spec,
     assert header[:4] == b"\x7fELF" and int.from_bytes(header[18:20], "little") == EM_AARCH64
     with pytest.raises(ArtifactError, match="was built for aarch64 CPUs and this machine is x86_64"):
         runtime.load(out)
+
+
+def _check_aarch64():
+    """scripts/check_aarch64.py as a module: where it keeps the aarch64 TVM runtime."""
+    spec = importlib.util.spec_from_file_location("check_aarch64", REPO / "scripts" / "check_aarch64.py")
+    module = sys.modules["check_aarch64"] = importlib.util.module_from_spec(spec)  # as an import would
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.skipif(shutil.which("aarch64-linux-gnu-g++") is None or shutil.which("qemu-aarch64") is None,
+                    reason="needs an aarch64 cross toolchain and qemu-user (apt install g++-aarch64-linux-gnu "
+                           "qemu-user)")
+def test_an_aarch64_build_of_a_timm_checkpoint_runs_under_qemu_as_timm_does():
+    """The NEON build itself, run (emulated) by the C++ example against the aarch64 TVM runtime
+    that scripts/check_aarch64.py keeps, gives timm's logits: what a compile for another
+    architecture only validates as the same lowering built for this CPU."""
+    check = _check_aarch64()
+    if not (check.runtime_dir() / "tvm/lib/libtvm_runtime.so").is_file():
+        pytest.skip(f"no aarch64 TVM runtime in {check.runtime_dir()}: run scripts/check_aarch64.py once")
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "check_aarch64.py"), "--only", "timm"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert re.search(r"^ok +timm checkpoint \(tiny_square.pth\) \(neoverse-v1\): max rel. error \S+, ",
+                     proc.stdout, re.M), proc.stdout
