@@ -18,7 +18,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator, NoReturn
 
-from mixer_compile.errors import MixerCompileError
+from mixer_compile.errors import MACHINE_FIXES, MixerCompileError
 from mixer_compile.util.interrupt import SIGNALS
 
 DEFAULT_SPEC = "mixer_b16"
@@ -450,9 +450,9 @@ def main(argv: list[str] | None = None) -> int:
         except KeyboardInterrupt:
             return _interrupted(interrupts)
         except OSError as exc:
-            if exc.errno not in _MACHINE_FIXES:
+            if exc.errno not in MACHINE_FIXES:
                 raise
-            print(f"error: {exc.filename or 'writing the output'}: {exc.strerror}; {_MACHINE_FIXES[exc.errno]}",
+            print(f"error: {exc.filename or 'writing the output'}: {exc.strerror}; {MACHINE_FIXES[exc.errno]}",
                   file=sys.stderr)
             _stdout_to_devnull()  # stdout may be what failed: nothing more to flush at exit
             return 2
@@ -476,12 +476,6 @@ def _run(argv: list[str]) -> int:
     warnings.formatwarning = lambda message, *_, **__: f"warning: {message}\n"
     return args.fn(args)
 
-
-# what the machine, not our code, gets wrong (any path we are given can meet these), and the fix
-_NO_SPACE, _NO_ACCESS = "free some space there or write elsewhere", "choose a path you may use"
-_MACHINE_FIXES = {errno.ENOSPC: _NO_SPACE, errno.EDQUOT: _NO_SPACE, errno.EACCES: _NO_ACCESS, errno.EPERM: _NO_ACCESS,
-                  errno.ENAMETOOLONG: "use a shorter path", errno.ELOOP: "fix the symbolic link",
-                  errno.EROFS: "write to a file system that is not read-only"}
 
 
 def _stdout_to_devnull() -> None:

@@ -6,6 +6,13 @@ escapes is a bug in mixer-compile and keeps its traceback.
 """
 
 import difflib
+import errno
+
+# what the machine, not our code, gets wrong (any path we are given can meet these), and the fix
+_NO_SPACE, _NO_ACCESS = "free some space there or write elsewhere", "choose a path you may use"
+MACHINE_FIXES = {errno.ENOSPC: _NO_SPACE, errno.EDQUOT: _NO_SPACE, errno.EACCES: _NO_ACCESS, errno.EPERM: _NO_ACCESS,
+                 errno.ENAMETOOLONG: "use a shorter path", errno.ELOOP: "fix the symbolic link",
+                 errno.EROFS: "write to a file system that is not read-only"}
 
 
 class MixerCompileError(Exception):

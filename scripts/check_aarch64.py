@@ -34,10 +34,10 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO), str(REPO / "benchmarks")]
 
 from bench_cpu import machine  # noqa: E402
-from mixer_compile.check.validate import TOLERANCES  # noqa: E402
+from mixer_compile.check.validate import TOLERANCES, random_images  # noqa: E402
 from mixer_compile.model import reference  # noqa: E402
 from mixer_compile.model.params import random_weights  # noqa: E402
-from mixer_compile.model.spec import MixerSpec  # noqa: E402
+from mixer_compile.model.spec import spec_from_dict  # noqa: E402
 from mixer_compile.tune.database import cache_root  # noqa: E402
 
 TRIPLE = "aarch64-linux-gnu"
@@ -92,14 +92,14 @@ def runtime_dir() -> Path:
 def aarch64_runtime() -> Path:
     """A directory with the aarch64 TVM runtime and tvm-ffi of the versions installed here,
     laid out as their packages are (what examples/cpp/build.sh looks for)."""
-    site, pins = runtime_dir(), PINS
+    site = runtime_dir()
     if (site / "tvm/lib/libtvm_runtime.so").is_file():
         return site
     with tempfile.TemporaryDirectory() as tmp:
-        print(f"downloading the aarch64 wheels of {', '.join(pins)} (~100 MB, once)", flush=True)
+        print(f"downloading the aarch64 wheels of {', '.join(PINS)} (~100 MB, once)", flush=True)
         subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
                         "--python-version", "3.11", *(a for p in ("manylinux_2_28_aarch64", "manylinux2014_aarch64")
-                                                      for a in ("--platform", p)), "-d", tmp, *pins], check=True)
+                                                      for a in ("--platform", p)), "-d", tmp, *PINS], check=True)
         partial = site.with_name(site.name + ".partial")
         shutil.rmtree(partial, ignore_errors=True)
         for wheel in Path(tmp).glob("*.whl"):
@@ -132,12 +132,11 @@ def top5(stdout: str) -> list[list[tuple[int, float]]]:
 def expected(meta: dict, batch: int, images_seed: int) -> tuple[np.ndarray, np.ndarray, str]:
     """The images, the logits they should give and where those come from: timm's own for the
     shared checkpoint (its images), else the float64 reference on the build's random weights."""
-    spec = MixerSpec(**{**meta["spec"], "image_size": tuple(meta["spec"]["image_size"]), "batch": batch})
     if meta["weights"]["origin"] != "random":
         return (np.load(TESTDATA / "tiny_square_input.npy"), np.load(TESTDATA / "tiny_square_logits_erf.npy"),
                 "timm")
-    images = np.random.default_rng(images_seed).standard_normal(
-        (batch, spec.in_channels, *spec.image_size), dtype=np.float32)
+    spec = spec_from_dict(meta["spec"]).replace(batch=batch)
+    images = random_images(spec, images_seed)
     return images, reference.forward(spec, random_weights(spec, meta["weights"]["seed"]), images), "reference"
 
 

@@ -14,13 +14,14 @@ dies holding the lock releases it with its file descriptor, so a crash never wed
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
-from mixer_compile.errors import MixerCompileError
+from mixer_compile.errors import MACHINE_FIXES, MixerCompileError
 from mixer_compile.util.temps import short
 
 
@@ -72,8 +73,8 @@ def _acquire(path: Path, say: Callable[[str], None] | None) -> int:
             except OSError as exc:  # a full disk: the lock file goes, as a release would remove it
                 os.unlink(path)
                 os.close(fd)
-                raise MixerCompileError(f"cannot write lock file '{path}': {exc.strerror or exc}; free some space "
-                                        "there or write elsewhere") from None
+                raise MixerCompileError(f"cannot write lock file '{path}': {exc.strerror or exc}; "
+                                        f"{MACHINE_FIXES.get(exc.errno, MACHINE_FIXES[errno.ENOSPC])}") from None
             return fd
         os.close(fd)  # the holder removed the file after we opened it: lock the new one
 
